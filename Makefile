@@ -1,0 +1,31 @@
+# Two entry points for a fresh machine: `make demo` and `make test`. Both create .venv and install.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+# CPU-only machines take the local CPU wheel; anything else would pull a multi-GB CUDA build.
+CPU_TORCH := torch==2.13.0
+
+.PHONY: install test demo bench clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+
+.make-install.stamp: $(BIN)/python pyproject.toml
+	@if ! command -v nvidia-smi >/dev/null 2>&1 && ! $(BIN)/python -c "import torch" 2>/dev/null; then \
+		echo "no GPU found: installing the CPU build of PyTorch ($(CPU_TORCH))"; \
+		$(BIN)/pip install --quiet "$(CPU_TORCH)"; \
+	fi
+	$(BIN)/pip install --quiet -e ".[test]"
+	@touch $@
+
+install: .make-install.stamp
+
+test: install
+	HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false $(BIN)/python -m pytest -q tests
+
+demo: install
+	HF_HUB_OFFLINE=1 $(BIN)/video-infinity generate --config examples/cpu_demo.json
+
+clean:
+	rm -rf $(VENV) .make-install.stamp build dist src/*.egg-info

@@ -1,0 +1,145 @@
+"""Dual-scope temporal attention: the math as a pure function, and the diffusers attention processor.
+
+Query frame g (global index) attends to
+  * local keys: every frame j of the video with |g - j| <= padding (clipped at the video ends), and
+  * global keys: ``top_k`` frames at fixed global indices, the same for every rank.
+Phase biases are added to the local and global logits; ``token_num_scale`` multiplies the softmax
+scale of each query by log(number of keys it attends)/log(16).
+
+Memory is linear in frames: queries are processed in chunks, and a chunk only ever sees the key
+span its window can reach, so no frames x frames matrix is built.
+"""
+
+from __future__ import annotations
+
+import math
+import torch
+import torch.nn.functional as F
+from diffusers.models.attention_processor import Attention
+
+from .config import AttentionConfig
+from .context import ClipContext, DenoiseState
+from .frames import global_frame_indices, intersect
+from .halo import exchange_halo, gather_frames
+
+
+def dual_scope_attention(
+    q: torch.Tensor,
+    k_local: torch.Tensor,
+    v_local: torch.Tensor,
+    k_global: torch.Tensor,
+    v_global: torch.Tensor,
+    *,
+    query_frames: range,
+    key_frames: range,
+    padding: int,
+    scale: float,
+    local_bias: float = 0.0,
+    global_bias: float = 0.0,
+    token_num_scale: bool = False,
+    chunk_size: int = 64,
+) -> torch.Tensor:
+    """Windowed softmax attention over local keys plus global keys.
+
+    Shapes: ``q`` (..., Fq, d) for the frames ``query_frames``; ``k_local``/``v_local`` (..., Fk, d)
+    for the frames ``key_frames`` (must contain every query's window, clipped to the video);
+    ``k_global``/``v_global`` (..., G, d). Returns (..., Fq, dv).
+    """
+    if len(query_frames) != q.shape[-2] or len(key_frames) != k_local.shape[-2]:
+        raise ValueError("query_frames/key_frames do not match the tensors' frame counts")
+    num_global = k_global.shape[-2]
+    outputs = []
+    for c0 in range(0, len(query_frames), chunk_size):
+        chunk = query_frames[c0 : c0 + chunk_size]
+        span = intersect(range(chunk.start - padding, chunk[-1] + padding + 1), key_frames)
+        k0 = span.start - key_frames.start
+        q_idx = torch.arange(chunk.start, chunk.stop, device=q.device)
+        k_idx = torch.arange(span.start, span.stop, device=q.device)
+        in_window = (q_idx[:, None] - k_idx[None, :]).abs() <= padding
+        mask = torch.full(in_window.shape, float("-inf"), dtype=q.dtype, device=q.device)
+        mask.masked_fill_(in_window, local_bias)
+        if num_global:
+            mask = torch.cat([mask, mask.new_full((len(chunk), num_global), global_bias)], dim=-1)
+        keys = torch.cat([k_local[..., k0 : k0 + len(span), :], k_global], dim=-2)
+        values = torch.cat([v_local[..., k0 : k0 + len(span), :], v_global], dim=-2)
+        q_chunk = q[..., c0 : c0 + len(chunk), :]
+        if token_num_scale:
+            num_keys = in_window.sum(-1).to(torch.float32) + num_global
+            factor = (torch.log(num_keys) / math.log(16.0)).to(q.dtype)
+            q_chunk = q_chunk * factor[:, None]
+        outputs.append(F.scaled_dot_product_attention(q_chunk, keys, values, attn_mask=mask, scale=scale))
+    return torch.cat(outputs, dim=-2)
+
+
+class DualScopeAttnProcessor:
+    """Attention processor for temporal self-attention (sequence axis = frames) over a clip of the video."""
+
+    def __init__(self, config: AttentionConfig, ctx: ClipContext, state: DenoiseState) -> None:
+        self.config = config
+        self.ctx = ctx
+        self.state = state
+
+    def __call__(
+        self,
+        attn: Attention,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        temb: torch.Tensor | None = None,
+        **kwargs,
+    ) -> torch.Tensor:
+        if encoder_hidden_states is not None or attention_mask is not None:
+            raise NotImplementedError(
+                "dual-scope attention handles temporal self-attention only (no encoder states, no mask)"
+            )
+        if attn.spatial_norm is not None or attn.group_norm is not None or hidden_states.dim() != 3:
+            raise NotImplementedError("dual-scope attention expects (batch, frames, channels) inputs without norms")
+        layout = self.state.layout
+        config = self.config
+        timestep = self.state.timestep
+        residual = hidden_states
+
+        padding = min(config.padding, layout.total_frames - 1)
+        context, context_frames = exchange_halo(hidden_states, 1, layout, padding, padding, self.ctx, kind="attn_halo")
+        global_frames = global_frame_indices(layout.total_frames, config.global_frame_count(timestep))
+        global_states = gather_frames(hidden_states, 1, layout, global_frames, self.ctx)
+        key_source = torch.cat([context, global_states], dim=1)
+
+        batch = hidden_states.shape[0]
+        query = attn.to_q(hidden_states)
+        key = attn.to_k(key_source)
+        value = attn.to_v(key_source)
+        head_dim = key.shape[-1] // attn.heads
+
+        def heads(t: torch.Tensor) -> torch.Tensor:
+            return t.view(batch, -1, attn.heads, head_dim).transpose(1, 2)
+
+        query, key, value = heads(query), heads(key), heads(value)
+        if attn.norm_q is not None:
+            query = attn.norm_q(query)
+        if attn.norm_k is not None:
+            key = attn.norm_k(key)
+
+        local_bias, global_bias = config.phase_biases(timestep)
+        n_local = len(context_frames)
+        out = dual_scope_attention(
+            query,
+            key[:, :, :n_local],
+            value[:, :, :n_local],
+            key[:, :, n_local:],
+            value[:, :, n_local:],
+            query_frames=layout.owned,
+            key_frames=context_frames,
+            padding=padding,
+            scale=attn.scale * config.attn_scale,
+            local_bias=local_bias,
+            global_bias=global_bias,
+            token_num_scale=config.token_num_scale,
+            chunk_size=config.query_chunk_size,
+        )
+        out = out.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim).to(query.dtype)
+        out = attn.to_out[0](out)
+        out = attn.to_out[1](out)
+        if attn.residual_connection:
+            out = out + residual
+        return out / attn.rescale_output_factor

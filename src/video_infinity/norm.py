@@ -1,0 +1,75 @@
+"""GroupNorm whose statistics cover the whole video although each rank holds one clip.
+
+Each rank computes per-(sample, group) count, mean and sum of squared deviations over the frames it
+owns; one all-gather and Chan's parallel combination give the statistics of the whole video. This is
+exact up to floating-point rounding, unlike averaging per-rank means (wrong for uneven clips).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from .context import ClipContext
+
+
+def group_moments(x: torch.Tensor, num_groups: int) -> torch.Tensor:
+    """Per (sample, group): stacked (count, mean, M2) in float64, shape (3, N, G). ``x`` is (N, C, ...)."""
+    n = x.shape[0]
+    flat = x.reshape(n, num_groups, -1).to(torch.float32)
+    count = flat.shape[-1]
+    var, mean = torch.var_mean(flat, dim=-1, correction=0)
+    mean = mean.double()
+    m2 = var.double() * count
+    return torch.stack([torch.full_like(mean, float(count)), mean, m2])
+
+
+def combine_moments(moments: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Combine per-part (count, mean, M2) stacks into the whole's (mean, biased variance)."""
+    count, mean, m2 = moments[0].unbind(0)
+    for part in moments[1:]:
+        n_b, mean_b, m2_b = part.unbind(0)
+        total = count + n_b
+        delta = mean_b - mean
+        safe_total = total.clamp_min(1.0)
+        mean = mean + delta * (n_b / safe_total)
+        m2 = m2 + m2_b + delta * delta * (count * n_b / safe_total)
+        count = total
+    return mean, m2 / count.clamp_min(1.0)
+
+
+def video_group_norm(
+    x: torch.Tensor,
+    norm: nn.GroupNorm,
+    ctx: ClipContext,
+    scope: str = "video",
+    owned: slice | None = None,
+    frame_dim: int = 2,
+) -> torch.Tensor:
+    """Apply ``norm`` to ``x`` (N, C, F, ...) with statistics over the owned frames of every rank.
+
+    ``owned`` selects this rank's own frames along ``frame_dim`` when ``x`` also carries halo
+    frames: those are normalised too, but never counted. ``scope="clip"`` uses this rank's
+    frames only, as the original method did.
+    """
+    own = x if owned is None else x[(slice(None),) * frame_dim + (owned,)]
+    moments = group_moments(own, norm.num_groups)
+    if scope == "video" and ctx.distributed:
+        parts = [torch.empty_like(moments) for _ in range(ctx.world_size)]
+        dist.all_gather(parts, moments, group=ctx.group)
+        ctx.stats.add("norm", moments.numel() * moments.element_size() * (ctx.world_size - 1))
+        mean, var = combine_moments(parts)
+    else:
+        mean, var = combine_moments([moments])
+    n, c = x.shape[:2]
+    g = norm.num_groups
+    inv_std = torch.rsqrt(var + norm.eps)
+    # Fold mean, std and the affine weights into one per-(sample, channel) scale and shift.
+    scale = inv_std.repeat_interleave(c // g, dim=1)
+    shift = -mean.repeat_interleave(c // g, dim=1) * scale
+    if norm.affine:
+        scale = scale * norm.weight.double()
+        shift = shift * norm.weight.double() + norm.bias.double()
+    view = (n, c) + (1,) * (x.dim() - 2)
+    return torch.addcmul(shift.view(view).to(x.dtype), x, scale.view(view).to(x.dtype))

@@ -1,0 +1,183 @@
+"""Attach the clip-parallel engine to a diffusers UNet3D-family model, and take it off again.
+
+Behaviour is attached only through diffusers' own extension points: ``ModelHook``s (registered in
+each module's ``HookRegistry``) on the modules that own the temporal axis, and attention processors
+on the temporal attention modules. Modules are chosen by type, never by name.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import torch
+from diffusers.hooks import HookRegistry, ModelHook
+from diffusers.models.attention_processor import Attention
+from diffusers.models.embeddings import SinusoidalPositionalEmbedding
+from diffusers.models.resnet import TemporalConvLayer
+from diffusers.models.transformers.transformer_temporal import TransformerTemporalModel
+from torch import nn
+
+from .attention import DualScopeAttnProcessor
+from .config import EngineConfig
+from .context import ClipContext, DenoiseState
+from .halo import exchange_halo
+from .norm import video_group_norm
+
+logger = logging.getLogger(__name__)
+
+_HOOK = "video_infinity"
+
+
+class _TrackDenoiseStep(ModelHook):
+    """On the UNet: record this call's frame layout and timestep for the temporal hooks."""
+
+    def __init__(self, ctx: ClipContext, state: DenoiseState) -> None:
+        super().__init__()
+        self.ctx, self.state = ctx, state
+
+    def pre_forward(self, module: nn.Module, *args, **kwargs):
+        sample = args[0] if args else kwargs["sample"]
+        timestep = args[1] if len(args) > 1 else kwargs["timestep"]
+        self.state.layout = self.ctx.layout_for(sample.shape[2])
+        self.state.timestep = _scalar_timestep(timestep)
+        return args, kwargs
+
+
+def _scalar_timestep(timestep: torch.Tensor | float | int) -> float:
+    if not torch.is_tensor(timestep):
+        return float(timestep)
+    values = timestep.detach().flatten().float().cpu()
+    if values.numel() > 1 and not torch.all(values == values[0]):
+        raise ValueError("the engine needs one timestep per UNet call (phase biases); got different per-sample values")
+    return float(values[0])
+
+
+class _ClipParallelTemporalConv(ModelHook):
+    """On ``TemporalConvLayer``: run its convolutions over the clip plus halo frames from neighbours.
+
+    Its stacked kernel-3 convolutions each widen the receptive field by one frame per side, so a
+    halo of (number of convolutions) frames makes every owned output exact. Frames outside the video
+    are not fetched, so the module's own zero padding applies at the true ends.
+    """
+
+    def __init__(self, config: EngineConfig, ctx: ClipContext, state: DenoiseState, module: TemporalConvLayer) -> None:
+        super().__init__()
+        self.config, self.ctx, self.state = config, ctx, state
+        self.blocks = [module.conv1, module.conv2, module.conv3, module.conv4]
+        reach = 0
+        for block in self.blocks:
+            if not isinstance(block, nn.Sequential) or not isinstance(block[0], nn.GroupNorm):
+                raise TypeError("unsupported TemporalConvLayer: each convN must be a Sequential starting with GroupNorm")
+            convs = [m for m in block if isinstance(m, nn.Conv3d)]
+            reach += sum((c.kernel_size[0] - 1) // 2 * c.dilation[0] for c in convs)
+        self.halo = reach if config.conv_layer.enabled else 0
+
+    def new_forward(self, module: TemporalConvLayer, hidden_states: torch.Tensor, num_frames: int = 1) -> torch.Tensor:
+        # Same layout handling as TemporalConvLayer.forward: (batch*frames, C, H, W) -> (batch, C, frames, H, W).
+        x = hidden_states[None, :].reshape((-1, num_frames) + hidden_states.shape[1:]).permute(0, 2, 1, 3, 4)
+        layout = self.state.layout
+        h, span = exchange_halo(x, 2, layout, self.halo, self.halo, self.ctx, kind="conv_halo")
+        own = slice(layout.owned.start - span.start, layout.owned.stop - span.start)
+        for block in self.blocks:
+            h = video_group_norm(h, block[0], self.ctx, self.config.norm_scope, owned=own)
+            h = block[1:](h)
+        x = x + h[:, :, own]
+        return x.permute(0, 2, 1, 3, 4).reshape((x.shape[0] * x.shape[2], -1) + x.shape[3:])
+
+
+class _VideoGroupNorm(ModelHook):
+    """On a temporal transformer's input GroupNorm (input (batch, C, frames, H, W)): whole-video statistics."""
+
+    def __init__(self, config: EngineConfig, ctx: ClipContext) -> None:
+        super().__init__()
+        self.config, self.ctx = config, ctx
+
+    def new_forward(self, module: nn.GroupNorm, x: torch.Tensor) -> torch.Tensor:
+        return video_group_norm(x, module, self.ctx, self.config.norm_scope)
+
+
+class _GlobalFramePositions(ModelHook):
+    """On a temporal block's sinusoidal position embedding: positions are global frame indices."""
+
+    def __init__(self, state: DenoiseState) -> None:
+        super().__init__()
+        self.state = state
+
+    def new_forward(self, module: SinusoidalPositionalEmbedding, x: torch.Tensor) -> torch.Tensor:
+        layout = self.state.layout
+        if layout.total_frames > module.pe.shape[1]:
+            raise ValueError(
+                f"the model's temporal position embedding covers {module.pe.shape[1]} frames, "
+                f"the video has {layout.total_frames}"
+            )
+        return x + module.pe[:, layout.owned.start : layout.owned.stop]
+
+
+@dataclass
+class ParallelHandle:
+    """What ``parallelize`` changed; ``remove()`` undoes it."""
+
+    unet: nn.Module
+    config: EngineConfig
+    context: ClipContext
+    state: DenoiseState
+    hooked: list[nn.Module] = field(default_factory=list)
+    processors: list[tuple[Attention, object]] = field(default_factory=list)
+    active: bool = True
+
+    def remove(self) -> None:
+        """Restore the model's original behaviour (hooks off, original attention processors back)."""
+        if not self.active:
+            return
+        for module in self.hooked:
+            HookRegistry.check_if_exists_or_initialize(module).remove_hook(_HOOK, recurse=False)
+        for attn, processor in self.processors:
+            attn.set_processor(processor)
+        self.hooked.clear()
+        self.processors.clear()
+        self.active = False
+
+
+def parallelize(unet: nn.Module, config: EngineConfig | dict | None = None, context: ClipContext | None = None) -> ParallelHandle:
+    """Make ``unet`` compute its slice of one long video with Video-Infinity's communication.
+
+    ``context`` says which frames this process owns; ``None`` means one process owning all frames
+    of each input. Returns a handle whose ``remove()`` restores the original model.
+    """
+    config = EngineConfig.model_validate(config or {}) if not isinstance(config, EngineConfig) else config
+    context = context or ClipContext()
+    if HookRegistry.check_if_exists_or_initialize(unet).get_hook(_HOOK) is not None:
+        raise ValueError("this model is already parallelized; call remove() on the existing handle first")
+    temporal_convs = [m for m in unet.modules() if isinstance(m, TemporalConvLayer)]
+    temporal_transformers = [m for m in unet.modules() if isinstance(m, TransformerTemporalModel)]
+    if not temporal_convs and not temporal_transformers:
+        raise TypeError(
+            f"{type(unet).__name__} has no TemporalConvLayer or TransformerTemporalModel: "
+            "video_infinity supports UNet3DConditionModel-family text-to-video UNets"
+        )
+    state = DenoiseState()
+    handle = ParallelHandle(unet, config, context, state)
+
+    def hook(module: nn.Module, model_hook: ModelHook) -> None:
+        HookRegistry.check_if_exists_or_initialize(module).register_hook(model_hook, _HOOK)
+        handle.hooked.append(module)
+
+    hook(unet, _TrackDenoiseStep(context, state))
+    for conv in temporal_convs:
+        hook(conv, _ClipParallelTemporalConv(config, context, state, conv))
+    for transformer in temporal_transformers:
+        hook(transformer.norm, _VideoGroupNorm(config, context))
+        for module in transformer.modules():
+            if isinstance(module, Attention):
+                handle.processors.append((module, module.processor))
+                module.set_processor(DualScopeAttnProcessor(config.attn, context, state))
+            elif isinstance(module, SinusoidalPositionalEmbedding):
+                hook(module, _GlobalFramePositions(state))
+    logger.debug(
+        "parallelized %d temporal convolutions, %d temporal transformers, %d temporal attentions",
+        len(temporal_convs),
+        len(temporal_transformers),
+        len(handle.processors),
+    )
+    return handle
