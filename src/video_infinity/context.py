@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import torch
 import torch.distributed as dist
 
 from .frames import partition_frames
@@ -123,3 +124,5 @@ class DenoiseState:
 
     layout: FrameLayout | None = None
     timestep: float = 0.0
+    frame_text: torch.Tensor | None = None
+    """Per-frame text embeddings (batch*frames, seq, dim) for cross-attention, or None."""

@@ -17,7 +17,10 @@ from .context import ClipContext
 def group_moments(x: torch.Tensor, num_groups: int) -> torch.Tensor:
     """Per (sample, group): stacked (count, mean, M2) in float64, shape (3, N, G). ``x`` is (N, C, ...)."""
     n = x.shape[0]
-    flat = x.reshape(n, num_groups, -1).to(torch.float32)
+    # Half-precision inputs get float32 statistics; float64 keeps its precision.
+    flat = x.reshape(n, num_groups, -1)
+    if flat.dtype not in (torch.float32, torch.float64):
+        flat = flat.float()
     count = flat.shape[-1]
     var, mean = torch.var_mean(flat, dim=-1, correction=0)
     mean = mean.double()

@@ -41,7 +41,26 @@ class _TrackDenoiseStep(ModelHook):
         timestep = args[1] if len(args) > 1 else kwargs["timestep"]
         self.state.layout = self.ctx.layout_for(sample.shape[2])
         self.state.timestep = _scalar_timestep(timestep)
+        self.state.frame_text = None
+        text = args[2] if len(args) > 2 else kwargs.get("encoder_hidden_states")
+        if text is not None and text.dim() == 4:
+            # (batch, frames, seq, dim): one embedding per frame. The UNet itself repeats one
+            # embedding per sample over frames, so hand it frame 0 and let the cross-attention
+            # processors swap in each frame's own embedding (batch-major, as the UNet flattens).
+            if text.shape[1] != sample.shape[2]:
+                raise ValueError(f"per-frame text embeddings cover {text.shape[1]} frames, the sample has {sample.shape[2]}")
+            self.state.frame_text = text.flatten(0, 1)
+            args, kwargs = list(args), dict(kwargs)
+            if len(args) > 2:
+                args[2] = text[:, 0]
+            else:
+                kwargs["encoder_hidden_states"] = text[:, 0]
+            args = tuple(args)
         return args, kwargs
+
+    def post_forward(self, module: nn.Module, output):
+        self.state.frame_text = None  # do not keep the call's embeddings alive
+        return output
 
 
 def _scalar_timestep(timestep: torch.Tensor | float | int) -> float:
@@ -114,6 +133,21 @@ class _GlobalFramePositions(ModelHook):
         return x + module.pe[:, layout.owned.start : layout.owned.stop]
 
 
+class _PerFrameTextProcessor:
+    """Wraps a cross-attention processor: uses each frame's own text embedding when one is given."""
+
+    def __init__(self, inner: object, state: DenoiseState) -> None:
+        self.inner, self.state = inner, state
+
+    def __call__(self, attn: Attention, hidden_states: torch.Tensor, encoder_hidden_states=None, *args, **kwargs):
+        frame_text = self.state.frame_text
+        if frame_text is not None and encoder_hidden_states is not None:
+            if frame_text.shape[0] != hidden_states.shape[0]:
+                raise ValueError("per-frame text embeddings do not match the cross-attention batch")
+            encoder_hidden_states = frame_text.to(encoder_hidden_states.dtype)
+        return self.inner(attn, hidden_states, encoder_hidden_states, *args, **kwargs)
+
+
 @dataclass
 class ParallelHandle:
     """What ``parallelize`` changed; ``remove()`` undoes it."""
@@ -166,14 +200,20 @@ def parallelize(unet: nn.Module, config: EngineConfig | dict | None = None, cont
     hook(unet, _TrackDenoiseStep(context, state))
     for conv in temporal_convs:
         hook(conv, _ClipParallelTemporalConv(config, context, state, conv))
+    temporal_modules = set()
     for transformer in temporal_transformers:
         hook(transformer.norm, _VideoGroupNorm(config, context))
         for module in transformer.modules():
+            temporal_modules.add(module)
             if isinstance(module, Attention):
                 handle.processors.append((module, module.processor))
                 module.set_processor(DualScopeAttnProcessor(config.attn, context, state))
             elif isinstance(module, SinusoidalPositionalEmbedding):
                 hook(module, _GlobalFramePositions(state))
+    for module in unet.modules():
+        if isinstance(module, Attention) and module.is_cross_attention and module not in temporal_modules:
+            handle.processors.append((module, module.processor))
+            module.set_processor(_PerFrameTextProcessor(module.processor, state))
     logger.debug(
         "parallelized %d temporal convolutions, %d temporal transformers, %d temporal attentions",
         len(temporal_convs),

@@ -1,0 +1,73 @@
+"""Shared helpers for engine tests: a tiny random UNet3D saved to disk, and real multi-process runs."""
+
+from __future__ import annotations
+
+import os
+import socket
+import traceback
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from diffusers import UNet3DConditionModel
+
+
+def build_tiny_unet(path: Path, seed: int = 0) -> Path:
+    """Random tiny UNet3DConditionModel saved with save_pretrained. Every weight is random (the
+    zero-initialised last temporal conv included), so every temporal path changes the output."""
+    torch.manual_seed(seed)
+    unet = UNet3DConditionModel(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("CrossAttnDownBlock3D", "DownBlock3D"),
+        up_block_types=("UpBlock3D", "CrossAttnUpBlock3D"),
+        block_out_channels=(16, 32),
+        layers_per_block=1,
+        norm_num_groups=4,
+        cross_attention_dim=16,
+        attention_head_dim=8,
+    )
+    with torch.no_grad():
+        for p in unet.parameters():
+            p.copy_(torch.randn_like(p) * 0.2)
+    unet.save_pretrained(path)
+    return path
+
+
+def load_unet(path: Path) -> UNet3DConditionModel:
+    return UNet3DConditionModel.from_pretrained(path).eval()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank: int, world_size: int, port: int, fn: Callable, args: tuple, out_dir: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    try:
+        result = fn(rank, world_size, *args)
+        torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
+    except BaseException:
+        Path(out_dir, f"rank{rank}.err").write_text(traceback.format_exc())
+        raise
+    finally:
+        dist.destroy_process_group()
+
+
+def run_distributed(fn: Callable, world_size: int, *args: Any, tmp_dir: Path) -> list[Any]:
+    """Run ``fn(rank, world_size, *args)`` in ``world_size`` real gloo processes; return each rank's result."""
+    out_dir = Path(tmp_dir) / f"world{world_size}"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        mp.start_processes(_worker, args=(world_size, free_port(), fn, args, str(out_dir)), nprocs=world_size, start_method="spawn")
+    except Exception as exc:  # surface the worker's own traceback
+        errors = "\n".join(p.read_text() for p in sorted(out_dir.glob("*.err")))
+        raise AssertionError(f"distributed run failed:\n{errors}") from exc
+    return [torch.load(out_dir / f"rank{r}.pt") for r in range(world_size)]

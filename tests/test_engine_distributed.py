@@ -1,0 +1,140 @@
+"""The clip-parallel engine in real gloo processes equals a single-process computation on the whole video."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from diffusers import DPMSolverMultistepScheduler
+
+from video_infinity import ClipContext, EngineConfig, parallelize
+from video_infinity.denoise import denoise, initial_latents
+
+from engine_utils import build_tiny_unet, load_unet, run_distributed
+
+TIMESTEP = 500
+FRAME_COUNTS = (11, 13)
+
+SETTINGS = {
+    # A window covering the whole video, no global frames, no bias: must equal plain diffusers.
+    "whole_window": {"attn": {"padding": 64, "top_k": 0, "local_phase": None, "global_phase": None}},
+    # Non-trivial dual-scope settings; t=500 makes both phases active.
+    "dual_scope": {
+        "attn": {
+            "padding": 2,
+            "top_k": 3,
+            "local_phase": {"t": 600, "local_biase": 1.5, "global_biase": -0.5},
+            "global_phase": {"t": 400, "local_biase": -0.3, "global_biase": 2.0},
+            "token_num_scale": False,
+        }
+    },
+    "dual_scope_token_scale": {
+        "attn": {
+            "padding": 2,
+            "top_k": 3,
+            "local_phase": {"t": 600, "local_biase": 1.5, "global_biase": -0.5},
+            "global_phase": {"t": 400, "local_biase": -0.3, "global_biase": 2.0},
+            "token_num_scale": True,
+        }
+    },
+}
+
+LOOP_FRAMES = 13
+LOOP_STEPS = 4
+
+
+def _scheduler() -> DPMSolverMultistepScheduler:
+    # VideoCrafter2's sampler: stochastic DPM-Solver++ with Karras sigmas.
+    return DPMSolverMultistepScheduler(
+        beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+        algorithm_type="sde-dpmsolver++", use_karras_sigmas=True,
+    )
+
+
+def _engine_outputs(rank: int, world_size: int, unet_dir: Path, inputs: dict) -> dict:
+    unet = load_unet(unet_dir)
+    results = {}
+    with torch.no_grad():
+        for total in FRAME_COUNTS:
+            ctx = ClipContext(rank=rank, world_size=world_size, total_frames=total)
+            x = inputs[f"x{total}"][:, :, ctx.frames.start : ctx.frames.stop]
+            for name, settings in SETTINGS.items():
+                handle = parallelize(unet, EngineConfig.model_validate(settings), ctx)
+                results[(name, total)] = unet(x, TIMESTEP, inputs["text"]).sample
+                handle.remove()
+    return results
+
+
+def _sampling_loop(rank: int, world_size: int, unet_dir: Path, inputs: dict) -> torch.Tensor:
+    # float64: over several steps float32 rounding (which differs with the split) grows to ~1e-5;
+    # in float64 any real difference between splits would stand out far above rounding.
+    unet = load_unet(unet_dir).double()
+    ctx = ClipContext(rank=rank, world_size=world_size, total_frames=LOOP_FRAMES)
+    parallelize(unet, EngineConfig(), ctx)  # the published defaults: padding 8, top_k 16, phases at t=800
+    scheduler = _scheduler()
+    latents = initial_latents(7, ctx.frames, (1, 4, 8, 8), scheduler.init_noise_sigma, torch.float64, "cpu")
+    with torch.no_grad():
+        return denoise(
+            unet, scheduler, latents, inputs["text"][:1].double(), negative_embeds=inputs["text"][1:].double(),
+            seed=7, frames=ctx.frames, num_steps=LOOP_STEPS, guidance_scale=4.0,
+        )
+
+
+def _worker(rank: int, world_size: int, unet_dir: Path, inputs: dict, with_loop: bool) -> dict:
+    result = {"outputs": _engine_outputs(rank, world_size, unet_dir, inputs)}
+    if with_loop:
+        result["loop"] = _sampling_loop(rank, world_size, unet_dir, inputs)
+    return result
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("engine")
+    unet_dir = build_tiny_unet(root / "unet")
+    gen = torch.Generator().manual_seed(1)
+    inputs = {f"x{t}": torch.randn(2, 4, t, 8, 8, generator=gen) for t in FRAME_COUNTS}
+    inputs["text"] = torch.randn(2, 5, 16, generator=gen)
+    unet = load_unet(unet_dir)
+    with torch.no_grad():
+        plain = {t: unet(inputs[f"x{t}"], TIMESTEP, inputs["text"]).sample for t in FRAME_COUNTS}
+    single = _worker(0, 1, unet_dir, inputs, with_loop=True)
+    return {"root": root, "unet_dir": unet_dir, "inputs": inputs, "plain": plain, "single": single}
+
+
+def _gathered(results: list[dict], key) -> torch.Tensor:
+    return torch.cat([r["outputs"][key] for r in results], dim=2)
+
+
+def test_single_process_whole_window_equals_diffusers(setup):
+    for total in FRAME_COUNTS:
+        torch.testing.assert_close(setup["single"]["outputs"][("whole_window", total)], setup["plain"][total], atol=1e-5, rtol=0)
+
+
+def test_dual_scope_settings_change_the_output(setup):
+    # Guards against a test that cannot fail: the non-trivial settings really differ from plain diffusers,
+    # and token_num_scale really changes the result.
+    out = setup["single"]["outputs"]
+    for total in FRAME_COUNTS:
+        assert (out[("dual_scope", total)] - setup["plain"][total]).abs().max() > 1e-2
+        assert (out[("dual_scope", total)] - out[("dual_scope_token_scale", total)]).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("world_size", [2, 3, 4])
+def test_distributed_equals_single_process(setup, world_size):
+    with_loop = world_size == 3
+    results = run_distributed(_worker, world_size, setup["unet_dir"], setup["inputs"], with_loop, tmp_dir=setup["root"])
+    for total in FRAME_COUNTS:
+        if world_size <= 3:
+            torch.testing.assert_close(_gathered(results, ("whole_window", total)), setup["plain"][total], atol=1e-5, rtol=0)
+        for name in ("dual_scope", "dual_scope_token_scale"):
+            torch.testing.assert_close(
+                _gathered(results, (name, total)), setup["single"]["outputs"][(name, total)], atol=1e-5, rtol=0,
+                msg=lambda m: f"{name}, {total} frames, world {world_size}: {m}",
+            )
+    if with_loop:
+        final = torch.cat([r["loop"] for r in results], dim=2)
+        reference = setup["single"]["loop"]
+        assert reference.shape == (1, 4, LOOP_FRAMES, 8, 8)
+        assert reference.abs().max() > 0.1
+        torch.testing.assert_close(final, reference, atol=1e-9, rtol=0)
