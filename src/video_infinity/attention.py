@@ -64,7 +64,7 @@ def dual_scope_attention(
         values = torch.cat([v_local[..., k0 : k0 + len(span), :], v_global], dim=-2)
         q_chunk = q[..., c0 : c0 + len(chunk), :]
         if token_num_scale:
-            num_keys = in_window.sum(-1).to(torch.float32) + num_global
+            num_keys = in_window.sum(-1).to(torch.float64) + num_global
             factor = (torch.log(num_keys) / math.log(16.0)).to(q.dtype)
             q_chunk = q_chunk * factor[:, None]
         outputs.append(F.scaled_dot_product_attention(q_chunk, keys, values, attn_mask=mask, scale=scale))

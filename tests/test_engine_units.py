@@ -1,0 +1,224 @@
+"""Single-process tests of the engine's pure pieces: frame rules, attention math, GroupNorm, noise, hooks."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from video_infinity import ClipContext, EngineConfig, parallelize
+from video_infinity.attention import dual_scope_attention
+from video_infinity.config import AttentionConfig
+from video_infinity.frames import global_frame_indices, partition_frames, window, window_transfer_plan
+from video_infinity.noise import frame_noise
+from video_infinity.norm import combine_moments, group_moments, video_group_norm
+
+from engine_utils import build_tiny_unet, load_unet
+
+
+# ---------------------------------------------------------------- frames
+@pytest.mark.parametrize("total,world", [(11, 4), (13, 4), (7, 7), (100, 8), (24, 1)])
+def test_partition_is_contiguous_and_balanced(total, world):
+    clips = partition_frames(total, world)
+    assert [f for c in clips for f in c] == list(range(total))
+    assert max(map(len, clips)) - min(map(len, clips)) <= 1
+
+
+def test_partition_refuses_fewer_frames_than_ranks():
+    with pytest.raises(ValueError, match="total_frames"):
+        partition_frames(3, 4)
+
+
+@pytest.mark.parametrize("total", [1, 5, 16, 2300])
+@pytest.mark.parametrize("count", [0, 1, 3, 16, 40])
+def test_global_frames_are_distinct_spread_and_rank_free(total, count):
+    frames = global_frame_indices(total, count)
+    assert len(frames) == min(count, total) == len(set(frames))
+    assert all(0 <= f < total for f in frames) and frames == sorted(frames)
+    if len(frames) > 1:  # evenly spread: gaps differ by at most one frame
+        gaps = [b - a for a, b in zip(frames, frames[1:])]
+        assert max(gaps) - min(gaps) <= 1
+
+
+@pytest.mark.parametrize("total,world,halo", [(11, 4, 4), (13, 4, 4), (9, 9, 4), (20, 3, 2), (10, 2, 0)])
+def test_transfer_plans_deliver_exactly_each_window(total, world, halo):
+    clips = partition_frames(total, world)
+    plans = [window_transfer_plan(clips, r, halo, halo) for r in range(world)]
+    for rank, clip in enumerate(clips):
+        held = set(clip) | {f for t in plans[rank].recvs for f in t.frames}
+        assert held == set(window(clip, halo, halo, total))
+        # every receive is matched by the owner's send, frame for frame
+        for recv in plans[rank].recvs:
+            assert any(s.peer == rank and s.frames == recv.frames for s in plans[recv.peer].sends)
+    assert sum(len(p.sends) for p in plans) == sum(len(p.recvs) for p in plans)
+
+
+# ---------------------------------------------------------------- attention math
+def naive_dual_scope(q, k, v, gidx, padding, scale, local_bias, global_bias, token_num_scale):
+    """Dense reference: every frame as a key under a frames x frames band mask, global keys appended."""
+    total = q.shape[-2]
+    i = torch.arange(total)
+    band = (i[:, None] - i[None, :]).abs() <= padding
+    keys = torch.cat([k, k[..., gidx, :]], dim=-2)
+    values = torch.cat([v, v[..., gidx, :]], dim=-2)
+    allowed = torch.cat([band, torch.ones(total, len(gidx), dtype=torch.bool)], dim=-1)
+    bias = torch.cat([torch.full((total, total), local_bias, dtype=q.dtype),
+                      torch.full((total, len(gidx)), global_bias, dtype=q.dtype)], dim=-1)
+    factor = torch.ones(total, 1, dtype=q.dtype)
+    if token_num_scale:
+        factor = (torch.log(allowed.sum(-1, keepdim=True).double()) / math.log(16)).to(q.dtype)
+    logits = (q @ keys.transpose(-1, -2)) * scale * factor + bias
+    weights = torch.softmax(logits.masked_fill(~allowed, float("-inf")), dim=-1)
+    return weights @ values
+
+
+@pytest.mark.parametrize("padding,top_k,token_num_scale,chunk", [(2, 3, False, 4), (2, 3, True, 5), (0, 0, False, 64),
+                                                                  (40, 5, True, 7), (5, 0, True, 1), (1, 17, False, 3)])
+def test_dual_scope_attention_matches_dense_masked_softmax(padding, top_k, token_num_scale, chunk):
+    torch.manual_seed(0)
+    total = 17
+    q, k, v = (torch.randn(3, 2, total, 8, dtype=torch.float64) for _ in range(3))
+    gidx = global_frame_indices(total, top_k)
+    # scale exactly representable in float32: SDPA rounds its scale to float32
+    kwargs = dict(padding=padding, scale=0.375, local_bias=0.7, global_bias=-1.2)
+    expected = naive_dual_scope(q, k, v, gidx, token_num_scale=token_num_scale, **kwargs)
+    # whole video in one call, and the same queries split into clips with only their window of keys
+    got = dual_scope_attention(q, k, v, k[..., gidx, :], v[..., gidx, :], query_frames=range(total),
+                               key_frames=range(total), token_num_scale=token_num_scale, chunk_size=chunk, **kwargs)
+    torch.testing.assert_close(got, expected, atol=1e-10, rtol=0)
+    for clip in partition_frames(total, 3):
+        keys = window(clip, padding, padding, total)
+        part = dual_scope_attention(q[..., clip.start:clip.stop, :], k[..., keys.start:keys.stop, :],
+                                    v[..., keys.start:keys.stop, :], k[..., gidx, :], v[..., gidx, :],
+                                    query_frames=clip, key_frames=keys, token_num_scale=token_num_scale,
+                                    chunk_size=chunk, **kwargs)
+        torch.testing.assert_close(part, expected[..., clip.start:clip.stop, :], atol=1e-10, rtol=0)
+
+
+def test_phase_biases_follow_the_timestep():
+    cfg = AttentionConfig(local_phase={"t": 800, "local_biase": 10, "global_biase": 1},
+                          global_phase={"t": 700, "local_biase": 2, "global_biase": 10})
+    assert cfg.phase_biases(900) == (2, 10)  # only the global phase (t >= 700)
+    assert cfg.phase_biases(750) == (12, 11)  # both
+    assert cfg.phase_biases(100) == (10, 1)  # only the local phase (t < 800)
+    assert AttentionConfig(dynamic_scale=False).phase_biases(100) == (0, 0)
+
+
+# ---------------------------------------------------------------- GroupNorm
+def test_moments_combine_to_whole_video_statistics():
+    torch.manual_seed(0)
+    x = torch.randn(2, 8, 13, 3, 3, dtype=torch.float64) * 3 + 1
+    parts = [group_moments(x[:, :, c.start:c.stop], 4) for c in partition_frames(13, 4)]
+    mean, var = combine_moments(parts)
+    flat = x.reshape(2, 4, -1)
+    torch.testing.assert_close(mean, flat.mean(-1))
+    torch.testing.assert_close(var, flat.var(-1, correction=0))
+
+
+def test_video_group_norm_equals_torch_group_norm_and_ignores_halo_frames():
+    torch.manual_seed(0)
+    norm = nn.GroupNorm(4, 8)
+    nn.init.normal_(norm.weight)
+    nn.init.normal_(norm.bias)
+    x = torch.randn(2, 8, 10, 4, 4)
+    torch.testing.assert_close(video_group_norm(x, norm, ClipContext()), norm(x), atol=1e-5, rtol=0)
+    padded = torch.cat([torch.full((2, 8, 3, 4, 4), 100.0), x], dim=2)  # halo frames must not count
+    out = video_group_norm(padded, norm, ClipContext(), owned=slice(3, 13))
+    torch.testing.assert_close(out[:, :, 3:], norm(x), atol=1e-5, rtol=0)
+
+
+# ---------------------------------------------------------------- noise
+def test_frame_noise_depends_only_on_seed_stream_and_frame():
+    whole = frame_noise(5, range(0, 10), (1, 4, 6, 6))
+    parts = torch.cat([frame_noise(5, range(0, 3), (1, 4, 6, 6)), frame_noise(5, range(3, 10), (1, 4, 6, 6))], dim=2)
+    assert torch.equal(whole, parts)
+    assert not torch.equal(frame_noise(5, range(1), (1, 4, 6, 6), stream=1), whole[:, :, :1])
+    assert not torch.equal(frame_noise(6, range(1), (1, 4, 6, 6)), whole[:, :, :1])
+    assert abs(whole.std().item() - 1) < 0.1
+
+
+# ---------------------------------------------------------------- parallelize on one process
+@pytest.fixture(scope="module")
+def unet(tmp_path_factory):
+    return load_unet(build_tiny_unet(tmp_path_factory.mktemp("unet") / "unet"))
+
+
+def test_remove_restores_bit_identical_outputs(unet):
+    x, text = torch.randn(1, 4, 9, 8, 8), torch.randn(1, 5, 16)
+    with torch.no_grad():
+        before = unet(x, 300, text).sample
+        handle = parallelize(unet, {"attn": {"padding": 2, "top_k": 3}}, ClipContext())
+        during = unet(x, 300, text).sample
+        handle.remove()
+        after = unet(x, 300, text).sample
+    assert not torch.allclose(during, before, atol=1e-3)
+    assert torch.equal(after, before)
+    handle.remove()  # idempotent
+
+
+def test_parallelize_twice_is_refused_and_non_video_models_are_refused(unet):
+    handle = parallelize(unet, {"attn": {"padding": 4}})
+    try:
+        with pytest.raises(ValueError, match="already parallelized"):
+            parallelize(unet, {})
+    finally:
+        handle.remove()
+    with pytest.raises(TypeError, match="UNet3DConditionModel"):
+        parallelize(nn.Linear(2, 2), {})
+
+
+def test_per_frame_text_embeddings_match_per_frame_runs(unet):
+    """Each frame's cross-attention uses its own embedding. With the temporal layers switched off
+    (their output projections zeroed, so frames are independent), frames given embedding A equal a
+    run where every frame has A."""
+    import copy
+
+    from diffusers.models.resnet import TemporalConvLayer
+    from diffusers.models.transformers.transformer_temporal import TransformerTemporalModel
+
+    frozen = copy.deepcopy(unet)
+    with torch.no_grad():
+        for m in frozen.modules():
+            last = m.conv4[-1] if isinstance(m, TemporalConvLayer) else m.proj_out if isinstance(m, TransformerTemporalModel) else None
+            if last is not None:
+                last.weight.zero_()
+                last.bias.zero_()
+    torch.manual_seed(0)
+    x = torch.randn(1, 4, 4, 8, 8)
+    a, b = torch.randn(1, 5, 16), torch.randn(1, 5, 16)
+    handle = parallelize(frozen, {})
+    with torch.no_grad():
+        mixed = frozen(x, 300, torch.stack([a, a, b, b], dim=1)).sample
+        only_a = frozen(x, 300, a).sample
+        only_b = frozen(x, 300, b).sample
+        same = frozen(x, 300, torch.stack([a] * 4, dim=1)).sample
+    handle.remove()
+    torch.testing.assert_close(mixed[:, :, :2], only_a[:, :, :2], atol=1e-5, rtol=0)
+    torch.testing.assert_close(mixed[:, :, 2:], only_b[:, :, 2:], atol=1e-5, rtol=0)
+    torch.testing.assert_close(same, only_a, atol=1e-5, rtol=0)
+    assert (only_a - only_b).abs().max() > 1e-3
+
+
+def test_input_frames_must_match_the_context(unet):
+    handle = parallelize(unet, {}, ClipContext(total_frames=6))
+    try:
+        with pytest.raises(ValueError, match="owns frames 0..5"):
+            unet(torch.randn(1, 4, 5, 8, 8), 10, torch.randn(1, 5, 16))
+    finally:
+        handle.remove()
+
+
+def test_original_plugin_configs_validate():
+    original = {
+        "attn": {"padding": 8, "top_k": 16, "top_k_chunk_size": 24, "attn_scale": 1.0, "token_num_scale": False,
+                 "dynamic_scale": True, "local_phase": {"t": 800, "local_biase": 10, "global_biase": 0},
+                 "global_phase": {"t": 800, "local_biase": 0, "global_biase": 10}},
+        "conv_3d": {"padding": 1},
+        "conv_layer": {},
+    }
+    cfg = EngineConfig.model_validate(original)
+    assert cfg.attn.padding == 8 and cfg.attn.local_phase.local_biase == 10 and cfg.norm_scope == "video"
+    with pytest.raises(ValueError, match="padding"):
+        EngineConfig.model_validate({"attn": {"padding": -1}})
