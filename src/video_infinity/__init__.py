@@ -1,17 +1,31 @@
 """video-infinity: training-free distributed long video generation (Video-Infinity)."""
 
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from .config import AttentionConfig, EngineConfig, PhaseConfig
-from .context import ClipContext, FrameLayout
-from .parallelize import ParallelHandle, parallelize
+
+if TYPE_CHECKING:
+    from .context import ClipContext, FrameLayout
+    from .parallelize import ParallelHandle, parallelize
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "AttentionConfig",
-    "ClipContext",
-    "EngineConfig",
-    "FrameLayout",
-    "ParallelHandle",
-    "PhaseConfig",
-    "parallelize",
-]
+# Lazy: the CLI must reject a bad config without paying for importing torch and diffusers.
+_LAZY = {
+    "ClipContext": "context",
+    "FrameLayout": "context",
+    "ParallelHandle": "parallelize",
+    "parallelize": "parallelize",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__ = ["AttentionConfig", "ClipContext", "EngineConfig", "FrameLayout", "ParallelHandle", "PhaseConfig", "parallelize"]
