@@ -1,0 +1,249 @@
+"""One rank's part of a long video: text -> clip latents (with the engine) -> frames -> rank 0's MP4.
+
+Every rank runs ``generate_on_rank`` with the same config; each owns one contiguous clip of the
+whole video. Rank 0 also writes the outputs, receiving the other ranks' frames one rank at a time, so
+it never holds the whole video.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import platform
+import resource
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from tqdm.auto import tqdm
+
+from . import __version__
+from .config import RunConfig
+from .context import ClipContext
+from .denoise import denoise, initial_latents
+from .models import ModelComponents, load_model
+from .parallelize import parallelize
+from .prompts import frame_embeddings, frame_prompt_mix, unique_prompts
+from .video_io import VideoWriter, write_json_atomic
+
+logger = logging.getLogger(__name__)
+
+DECODE_CHUNK_FRAMES = 8
+"""Frames decoded by the VAE at once: bounds decode memory whatever the clip length."""
+
+
+class StageTimer:
+    """Wall-clock seconds per pipeline stage."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        start = time.perf_counter()
+        yield
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
+
+
+def make_scheduler(name: str, scheduler_config: dict[str, Any]) -> Any:
+    """The scheduler named in ``pipe_configs.scheduler``, on the model's own noise schedule."""
+    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
+
+    if name == "ddim":
+        return DDIMScheduler.from_config(scheduler_config)
+    algorithm = name.removesuffix("-karras")
+    return DPMSolverMultistepScheduler.from_config(
+        scheduler_config, algorithm_type=algorithm, use_karras_sigmas=name.endswith("-karras")
+    )
+
+
+def encode_prompts(components: ModelComponents, prompts: list[str], device: torch.device) -> torch.Tensor:
+    """CLIP text embeddings (len(prompts), seq, dim); too-long prompts are truncated with a warning."""
+    tokenizer = components.tokenizer
+    max_length = tokenizer.model_max_length
+    for prompt in prompts:
+        length = len(tokenizer(prompt).input_ids)
+        if length > max_length:
+            logger.warning("prompt truncated to the tokenizer's %d tokens (it has %d): %.60s...", max_length, length, prompt)
+    tokens = tokenizer(prompts, padding="max_length", max_length=max_length, truncation=True, return_tensors="pt")
+    with torch.no_grad():
+        return components.text_encoder(tokens.input_ids.to(device))[0]
+
+
+def decode_frames(components: ModelComponents, latents: torch.Tensor) -> Iterator[torch.Tensor]:
+    """Decode (1, C, F, h, w) latents to uint8 frames (n, H, W, 3) in chunks of frames."""
+    vae = components.vae
+    frames = latents[0].permute(1, 0, 2, 3) / vae.config.scaling_factor
+    for start in range(0, frames.shape[0], DECODE_CHUNK_FRAMES):
+        with torch.no_grad():
+            images = vae.decode(frames[start : start + DECODE_CHUNK_FRAMES].to(vae.dtype)).sample
+        yield ((images.float() / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).contiguous()
+
+
+def _peak_memory_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+
+
+def _comm_device(ctx: ClipContext, device: torch.device) -> torch.device:
+    # NCCL moves CUDA tensors only; gloo moves CPU tensors.
+    return device if ctx.distributed and dist.get_backend(ctx.group) == "nccl" else torch.device("cpu")
+
+
+def output_paths(config: RunConfig) -> dict[str, Path]:
+    base = Path(config.base_path)
+    name = config.pipe_configs.resolved_file_name()
+    return {
+        "video": base / f"{name}.mp4",
+        "sidecar": base / f"{name}.json",
+        "latents": base / f"{name}.latents.npy",
+    }
+
+
+def generate_on_rank(
+    config: RunConfig, model: str, ctx: ClipContext, device: torch.device, paths: dict[str, Path]
+) -> dict[str, Any] | None:
+    """Generate this rank's clip; rank 0 writes the MP4, the sidecar and (optionally) the latents.
+
+    Returns the sidecar's content on rank 0, None elsewhere.
+    """
+    pipe = config.pipe_configs
+    is_writer = ctx.rank == 0
+    timer = StageTimer(device)
+    dtype = config.torch_dtype
+    if device.type == "cpu" and dtype != torch.float32:
+        logger.warning("%s is slow or unsupported on CPU: running in float32", config.dtype)
+        dtype = torch.float32
+    total_frames = ctx.total_frames
+    started = time.perf_counter()
+
+    with timer.stage("load"):
+        components = load_model(model, config.base_model, torch_dtype=dtype, device=device)
+    with timer.stage("text"):
+        distinct, index = unique_prompts(list(pipe.prompts))
+        embeddings = encode_prompts(components, distinct, device)
+        negative = encode_prompts(components, [""], device)
+        mixes = [frame_prompt_mix(total_frames, len(pipe.prompts), pipe.transition_frames)[f] for f in ctx.frames]
+        mixes = [type(m)(index[m.first], index[m.second], m.weight) for m in mixes]
+        per_frame = frame_embeddings(embeddings, mixes)
+        # One embedding for the whole clip takes the UNet's ordinary path; otherwise one per frame.
+        text = per_frame[:1] if all(torch.equal(per_frame[0], e) for e in per_frame[1:]) else per_frame[None]
+
+    unet = components.unet
+    vae_scale = 2 ** (len(components.vae.config.block_out_channels) - 1)
+    latent_shape = (1, unet.config.in_channels, pipe.height // vae_scale, pipe.width // vae_scale)
+    scheduler = make_scheduler(pipe.scheduler, components.scheduler_config)
+    handle = parallelize(unet, config.plugin_configs, ctx)
+    ctx.stats.reset()
+    progress = tqdm(total=pipe.steps, desc="denoising", unit="step", disable=not is_writer, leave=False)
+    with timer.stage("denoise"):
+        latents = initial_latents(config.seed, ctx.frames, latent_shape, scheduler.init_noise_sigma, dtype, device)
+        with torch.no_grad():
+            latents = denoise(
+                unet, scheduler, latents, text,
+                negative_embeds=negative, guidance_scale=pipe.guidance_scale, eta=pipe.eta,
+                seed=config.seed, frames=ctx.frames, num_steps=pipe.steps,
+                unet_kwargs={"fps": pipe.fps} if components.fps_conditioned else None,
+                on_step=lambda i, n: progress.update(1),
+            )
+    progress.close()
+    handle.remove()
+    comm_bytes = ctx.stats.total
+
+    comm_device = _comm_device(ctx, device)
+    if pipe.save_latents:
+        with timer.stage("save_latents"):
+            _gather_latents(latents, ctx, comm_device, paths["latents"] if is_writer else None)
+
+    with timer.stage("decode_and_write"):
+        chunks = decode_frames(components, latents)
+        if is_writer:
+            with VideoWriter(paths["video"], pipe.width, pipe.height, pipe.export_fps) as writer:
+                for chunk in chunks:
+                    writer.write(chunk.cpu().numpy())
+                for rank in range(1, ctx.world_size):
+                    for shape in _chunk_shapes(len(ctx.layout.partition[rank]), pipe.height, pipe.width):
+                        buffer = torch.empty(shape, dtype=torch.uint8, device=comm_device)
+                        dist.recv(buffer, src=ctx.global_rank(rank), group=ctx.group)
+                        writer.write(buffer.cpu().numpy())
+        else:
+            for chunk in chunks:
+                dist.send(chunk.to(comm_device), dst=ctx.global_rank(0), group=ctx.group)
+
+    elapsed = time.perf_counter() - started
+    report = {"rank": ctx.rank, "seconds": timer.seconds, "peak_memory_bytes": _peak_memory_bytes(device),
+              "bytes_sent": comm_bytes, "bytes_sent_by_kind": dict(ctx.stats.sent_bytes), "device": str(device)}
+    reports = [report]
+    if ctx.distributed:
+        reports = [None] * ctx.world_size if is_writer else None
+        dist.gather_object(report, reports, dst=ctx.global_rank(0), group=ctx.group)
+    if not is_writer:
+        return None
+    sidecar = _sidecar(config, model, components, ctx, reports, elapsed, paths)
+    write_json_atomic(paths["sidecar"], sidecar)
+    logger.info(
+        "wrote %s: %d frames %dx%d at %d fps in %.1f s (%.2f frames/s) on %d rank(s)",
+        paths["video"], total_frames, pipe.width, pipe.height, pipe.export_fps, elapsed, total_frames / elapsed, ctx.world_size,
+    )
+    return sidecar
+
+
+def _chunk_shapes(frames: int, height: int, width: int) -> Iterator[tuple[int, int, int, int]]:
+    for start in range(0, frames, DECODE_CHUNK_FRAMES):
+        yield (min(DECODE_CHUNK_FRAMES, frames - start), height, width, 3)
+
+
+def _gather_latents(latents: torch.Tensor, ctx: ClipContext, comm_device: torch.device, path: Path | None) -> None:
+    """Rank 0 saves the whole video's final latents, float32 (channels, frames, h, w)."""
+    local = latents[0].float().to(comm_device)
+    if ctx.rank != 0:
+        dist.send(local.contiguous(), dst=ctx.global_rank(0), group=ctx.group)
+        return
+    parts = [local]
+    for rank in range(1, ctx.world_size):
+        buffer = torch.empty((local.shape[0], len(ctx.layout.partition[rank])) + local.shape[2:], device=comm_device)
+        dist.recv(buffer, src=ctx.global_rank(rank), group=ctx.group)
+        parts.append(buffer)
+    whole = torch.cat(parts, dim=1).cpu().numpy()
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as fh:
+            np.save(fh, whole)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _sidecar(config: RunConfig, model: str, components: ModelComponents, ctx: ClipContext,
+             reports: list[dict], elapsed: float, paths: dict[str, Path]) -> dict[str, Any]:
+    import diffusers
+
+    total = ctx.total_frames
+    return {
+        "video": paths["video"].name,
+        "config": config.model_dump(mode="json"),
+        "seed": config.seed,
+        "model": components.source,
+        "model_path": model,
+        "fps_conditioned": components.fps_conditioned,
+        "total_frames": total,
+        "world_size": ctx.world_size,
+        "frames_per_rank": [len(c) for c in ctx.layout.partition],
+        "versions": {"video_infinity": __version__, "torch": torch.__version__, "diffusers": diffusers.__version__,
+                     "python": platform.python_version()},
+        "seconds": {"total": elapsed, **reports[0]["seconds"]},
+        "frames_per_second": total / elapsed,
+        "peak_memory_bytes": [r["peak_memory_bytes"] for r in reports],
+        "bytes_sent": [r["bytes_sent"] for r in reports],
+        "bytes_sent_by_kind": [r["bytes_sent_by_kind"] for r in reports],
+        "devices": [r["device"] for r in reports],
+        "latents": paths["latents"].name if config.pipe_configs.save_latents else None,
+    }
