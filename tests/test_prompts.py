@@ -1,0 +1,85 @@
+"""Multi-prompt: segments over the whole video, linear blends at borders, and in-process generation checks."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from video_infinity.config import RunConfig
+from video_infinity.demo.random_model import build_random_model
+from video_infinity.launch import launch
+from video_infinity.prompts import FrameMix, frame_embeddings, frame_prompt_mix, unique_prompts
+
+
+def _weights(mixes: list[FrameMix], num_prompts: int) -> np.ndarray:
+    table = np.zeros((len(mixes), num_prompts))
+    for row, mix in zip(table, mixes):
+        row[mix.first] += 1 - mix.weight
+        row[mix.second] += mix.weight
+    return table
+
+
+def test_segments_are_consecutive_nearly_equal_and_rank_free():
+    mixes = frame_prompt_mix(10, 3, transition_frames=0)
+    assert [m.first for m in mixes] == [0, 0, 0, 0, 1, 1, 1, 2, 2, 2]
+    assert all(m.first == m.second and m.weight == 0 for m in mixes)
+
+
+def test_transition_blends_linearly_across_each_border():
+    weights = _weights(frame_prompt_mix(24, 2, transition_frames=4), 2)
+    np.testing.assert_allclose(weights.sum(1), 1)
+    # border at frame 12: frames 10..13 ramp from prompt 0 to prompt 1, symmetric around the border
+    np.testing.assert_allclose(weights[8:16, 1], [0, 0, 0.125, 0.375, 0.625, 0.875, 1, 1])
+    assert (weights[:10, 0] == 1).all() and (weights[14:, 1] == 1).all()
+
+
+def test_transition_never_exceeds_the_shortest_segment():
+    weights = _weights(frame_prompt_mix(9, 3, transition_frames=50), 3)
+    np.testing.assert_allclose(weights.sum(1), 1)
+    assert np.all(np.diff(weights[:, 2]) >= 0)  # later prompts only gain weight
+
+
+def test_identical_prompts_give_bit_identical_embeddings():
+    distinct, index = unique_prompts(["a cat", "a dog", "a cat"])
+    assert distinct == ["a cat", "a dog"] and index == [0, 1, 0]
+    embeddings = torch.randn(1, 5, 8)
+    mixes = [FrameMix(0, 0, w) for w in (0.0, 0.3, 0.5, 0.9)]
+    assert torch.equal(frame_embeddings(embeddings, mixes), embeddings.expand(4, 5, 8))
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("prompt_models")
+    return {"plain": build_random_model(root / "plain", seed=1), "fps": build_random_model(root / "fps", seed=2, fps_cond=True)}
+
+
+def _latents(tmp_path, model, name, **pipe) -> np.ndarray:
+    config = RunConfig.model_validate({
+        "dtype": "float32", "devices": ["cpu"], "seed": 4, "base_path": str(tmp_path), "model": str(model),
+        "pipe_configs": {"prompts": ["a red circle moving right"], "steps": 2, "guidance_scale": 3.0, "total_frames": 6,
+                         "height": 32, "width": 32, "file_name": name, "save_latents": True, "scheduler": "ddim", **pipe},
+        "plugin_configs": {"attn": {"padding": 2, "top_k": 2}},
+    })
+    assert launch(config) == 0
+    assert json.loads((tmp_path / f"{name}.json").read_text())["world_size"] == 1
+    return np.load(tmp_path / f"{name}.latents.npy")
+
+
+def test_two_identical_prompts_give_the_same_video_as_one(tmp_path, models):
+    one = _latents(tmp_path, models["plain"], "one")
+    two = _latents(tmp_path, models["plain"], "two", prompts=["a red circle moving right"] * 2, transition_frames=2)
+    other = _latents(tmp_path, models["plain"], "other", prompts=["a red circle moving right", "a blue square moving up"],
+                     transition_frames=2)
+    np.testing.assert_array_equal(two, one)
+    assert np.abs(other - one).max() > 1e-3
+
+
+def test_fps_conditioned_unet_output_depends_on_fps(tmp_path, models):
+    at8 = _latents(tmp_path, models["fps"], "fps8", fps=8)
+    again = _latents(tmp_path, models["fps"], "fps8_again", fps=8)
+    at24 = _latents(tmp_path, models["fps"], "fps24", fps=24)
+    np.testing.assert_array_equal(at8, again)
+    assert np.abs(at8 - at24).max() > 1e-3
