@@ -9,7 +9,7 @@ from .config import AttentionConfig, EngineConfig, PhaseConfig
 
 if TYPE_CHECKING:
     from .context import ClipContext, FrameLayout
-    from .parallelize import ParallelHandle, parallelize
+    from .engine import ParallelHandle, parallelize
 
 __version__ = "0.1.0"
 
@@ -17,14 +17,16 @@ __version__ = "0.1.0"
 _LAZY = {
     "ClipContext": "context",
     "FrameLayout": "context",
-    "ParallelHandle": "parallelize",
-    "parallelize": "parallelize",
+    "ParallelHandle": "engine",
+    "parallelize": "engine",
 }
 
 
 def __getattr__(name: str) -> Any:
     if name in _LAZY:
-        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+        value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+        globals()[name] = value  # resolve once
+        return value
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 

@@ -53,6 +53,19 @@ def dual_scope_attention(
         chunk = query_frames[c0 : c0 + chunk_size]
         span = intersect(range(chunk.start - padding, chunk[-1] + padding + 1), key_frames)
         k0 = span.start - key_frames.start
+        keys, values = k_local[..., k0 : k0 + len(span), :], v_local[..., k0 : k0 + len(span), :]
+        if num_global:
+            keys, values = torch.cat([keys, k_global], dim=-2), torch.cat([values, v_global], dim=-2)
+        q_chunk = q[..., c0 : c0 + len(chunk), :]
+        if max(chunk[-1] - span.start, span[-1] - chunk.start) <= padding:
+            # Every query of the chunk sees every key of the span: the mask is constant per key
+            # column, and a bias shared by all keys cancels in the softmax.
+            mask = None
+            if num_global and local_bias != global_bias:
+                mask = torch.cat([q.new_full((1, len(span)), local_bias), q.new_full((1, num_global), global_bias)], -1)
+            chunk_scale = scale * (math.log(len(span) + num_global) / math.log(16.0) if token_num_scale else 1.0)
+            outputs.append(F.scaled_dot_product_attention(q_chunk, keys, values, attn_mask=mask, scale=chunk_scale))
+            continue
         q_idx = torch.arange(chunk.start, chunk.stop, device=q.device)
         k_idx = torch.arange(span.start, span.stop, device=q.device)
         in_window = (q_idx[:, None] - k_idx[None, :]).abs() <= padding
@@ -60,15 +73,12 @@ def dual_scope_attention(
         mask.masked_fill_(in_window, local_bias)
         if num_global:
             mask = torch.cat([mask, mask.new_full((len(chunk), num_global), global_bias)], dim=-1)
-        keys = torch.cat([k_local[..., k0 : k0 + len(span), :], k_global], dim=-2)
-        values = torch.cat([v_local[..., k0 : k0 + len(span), :], v_global], dim=-2)
-        q_chunk = q[..., c0 : c0 + len(chunk), :]
         if token_num_scale:
             num_keys = in_window.sum(-1).to(torch.float64) + num_global
             factor = (torch.log(num_keys) / math.log(16.0)).to(q.dtype)
             q_chunk = q_chunk * factor[:, None]
         outputs.append(F.scaled_dot_product_attention(q_chunk, keys, values, attn_mask=mask, scale=scale))
-    return torch.cat(outputs, dim=-2)
+    return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=-2)
 
 
 class DualScopeAttnProcessor:
@@ -103,7 +113,7 @@ class DualScopeAttnProcessor:
         context, context_frames = exchange_halo(hidden_states, 1, layout, padding, padding, self.ctx, kind="attn_halo")
         global_frames = global_frame_indices(layout.total_frames, config.global_frame_count(timestep))
         global_states = gather_frames(hidden_states, 1, layout, global_frames, self.ctx)
-        key_source = torch.cat([context, global_states], dim=1)
+        key_source = torch.cat([context, global_states], dim=1) if global_states.shape[1] else context
 
         batch = hidden_states.shape[0]
         query = attn.to_q(hidden_states)

@@ -26,7 +26,7 @@ from .config import RunConfig
 from .context import ClipContext
 from .denoise import denoise, initial_latents
 from .models import ModelComponents, load_model
-from .parallelize import parallelize
+from .engine import parallelize
 from .prompts import frame_embeddings, frame_prompt_mix, unique_prompts
 from .video_io import VideoWriter, write_json_atomic
 

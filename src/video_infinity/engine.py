@@ -83,11 +83,13 @@ class _ClipParallelTemporalConv(ModelHook):
     def __init__(self, config: EngineConfig, ctx: ClipContext, state: DenoiseState, module: TemporalConvLayer) -> None:
         super().__init__()
         self.config, self.ctx, self.state = config, ctx, state
-        self.blocks = [module.conv1, module.conv2, module.conv3, module.conv4]
+        # (GroupNorm, the layers after it) for conv1..conv4
+        self.blocks: list[tuple[nn.GroupNorm, list[nn.Module]]] = []
         reach = 0
-        for block in self.blocks:
+        for block in (module.conv1, module.conv2, module.conv3, module.conv4):
             if not isinstance(block, nn.Sequential) or not isinstance(block[0], nn.GroupNorm):
                 raise TypeError("unsupported TemporalConvLayer: each convN must be a Sequential starting with GroupNorm")
+            self.blocks.append((block[0], list(block)[1:]))
             convs = [m for m in block if isinstance(m, nn.Conv3d)]
             reach += sum((c.kernel_size[0] - 1) // 2 * c.dilation[0] for c in convs)
         self.halo = reach if config.conv_layer.enabled else 0
@@ -97,11 +99,12 @@ class _ClipParallelTemporalConv(ModelHook):
         x = hidden_states[None, :].reshape((-1, num_frames) + hidden_states.shape[1:]).permute(0, 2, 1, 3, 4)
         layout = self.state.layout
         h, span = exchange_halo(x, 2, layout, self.halo, self.halo, self.ctx, kind="conv_halo")
-        own = slice(layout.owned.start - span.start, layout.owned.stop - span.start)
-        for block in self.blocks:
-            h = video_group_norm(h, block[0], self.ctx, self.config.norm_scope, owned=own)
-            h = block[1:](h)
-        x = x + h[:, :, own]
+        own = None if span == layout.owned else slice(layout.owned.start - span.start, layout.owned.stop - span.start)
+        for norm, layers in self.blocks:
+            h = video_group_norm(h, norm, self.ctx, self.config.norm_scope, owned=own)
+            for layer in layers:
+                h = layer(h)
+        x = x + (h if own is None else h[:, :, own])
         return x.permute(0, 2, 1, 3, 4).reshape((x.shape[0] * x.shape[2], -1) + x.shape[3:])
 
 
