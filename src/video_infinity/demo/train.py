@@ -1,0 +1,577 @@
+"""Train the tiny demo text-to-video model on procedural videos (:mod:`video_infinity.demo.data`).
+
+    python -m video_infinity.demo.train --out .demo_work/run [--resume] [--minutes 90]
+
+Stages, each skipped when its output already exists in ``--out``:
+
+1. ``vae``: a small AutoencoderKL (x4 downsampling, 4 latent channels), the shape's pixels weighted
+   ~10x in the reconstruction loss (else it learns only the background); its ``scaling_factor`` is set
+   to 1 / (std of the latents) afterwards.
+2. ``latents``: a fixed set of 16-frame training clips, encoded once by the VAE.
+3. ``unet``: a small UNet3DConditionModel and a small CLIP text encoder trained jointly, v-prediction
+   on a zero-terminal-SNR schedule, min-SNR loss weighting, EMA, 10% caption dropout (for
+   classifier-free guidance), time-reversal augmentation (reversed clip, opposite direction). Atomic,
+   resumable checkpoints every few minutes; the loss curve goes to ``loss.csv``; a few samples are
+   probed for colour and direction every ``--eval-minutes``.
+4. ``export``: the EMA weights as a diffusers pipeline folder (``--export DIR``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import csv
+import json
+import logging
+import math
+import os
+import shutil
+import signal
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from . import data
+
+logger = logging.getLogger("video_infinity.demo.train")
+
+MAX_LENGTH = 16
+"""Tokens per prompt (captions have ~7); a shorter context makes cross-attention cheaper."""
+SCHEDULER_CONFIG: dict[str, Any] = {
+    "_class_name": "DDIMScheduler",
+    "num_train_timesteps": 1000,
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "prediction_type": "v_prediction",
+    "rescale_betas_zero_snr": True,
+    "timestep_spacing": "trailing",
+    "clip_sample": False,
+    "set_alpha_to_one": False,
+    "steps_offset": 0,
+    "trained_betas": None,
+}
+UNET_CONFIG: dict[str, Any] = dict(
+    sample_size=data.SIZE // 4,
+    in_channels=4,
+    out_channels=4,
+    down_block_types=("DownBlock3D", "CrossAttnDownBlock3D"),
+    up_block_types=("CrossAttnUpBlock3D", "UpBlock3D"),
+    block_out_channels=(32, 64),
+    layers_per_block=1,
+    norm_num_groups=8,
+    cross_attention_dim=64,
+    attention_head_dim=16,
+)
+VAE_CONFIG: dict[str, Any] = dict(
+    in_channels=3,
+    out_channels=3,
+    down_block_types=("DownEncoderBlock2D",) * 3,
+    up_block_types=("UpDecoderBlock2D",) * 3,
+    block_out_channels=(16, 32, 64),
+    layers_per_block=1,
+    latent_channels=4,
+    norm_num_groups=8,
+    sample_size=data.SIZE,
+)
+TEXT_CONFIG: dict[str, Any] = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    max_position_embeddings=MAX_LENGTH,
+    projection_dim=64,
+)
+EVAL_PROMPTS = [  # every colour, shape and direction
+    ("red", "circle", "right"), ("green", "square", "left"), ("blue", "triangle", "up"), ("yellow", "circle", "down"),
+    ("red", "square", "up"), ("green", "triangle", "down"), ("blue", "circle", "left"), ("yellow", "triangle", "right"),
+]
+OPPOSITE = {"right": "left", "left": "right", "up": "down", "down": "up"}
+
+
+# --------------------------------------------------------------------------------------------------
+# Building blocks
+
+
+def write_tokenizer(folder: Path) -> None:
+    """CLIP tokenizer files (random_model's vocabulary: every caption word is one token)."""
+    from .random_model import _write_tokenizer, build_vocab
+
+    vocab, merges = build_vocab()
+    missing = [w for w in data.caption_words() if f"{w}</w>" not in vocab]
+    if missing:
+        raise RuntimeError(f"caption words missing from the vocabulary: {missing}")
+    _write_tokenizer(folder, vocab, merges)
+    config_path = folder / "tokenizer_config.json"
+    config = json.loads(config_path.read_text(encoding="utf-8"))
+    config["model_max_length"] = MAX_LENGTH
+    config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+def load_tokenizer(folder: Path) -> Any:
+    from transformers import CLIPTokenizer
+
+    if not (folder / "vocab.json").exists():
+        write_tokenizer(folder)
+    return CLIPTokenizer.from_pretrained(folder)
+
+
+def new_text_encoder(tokenizer: Any, seed: int) -> torch.nn.Module:
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(seed)
+    config = CLIPTextConfig(
+        vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id, **TEXT_CONFIG,
+    )
+    return CLIPTextModel(config)
+
+
+def new_unet(seed: int) -> torch.nn.Module:
+    from diffusers import UNet3DConditionModel
+
+    torch.manual_seed(seed)
+    return UNet3DConditionModel(**UNET_CONFIG)
+
+
+def new_vae(seed: int) -> torch.nn.Module:
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    return AutoencoderKL(**VAE_CONFIG)
+
+
+def train_scheduler() -> Any:
+    from diffusers import DDPMScheduler
+
+    config = {k: v for k, v in SCHEDULER_CONFIG.items() if k not in ("_class_name", "set_alpha_to_one", "steps_offset")}
+    return DDPMScheduler.from_config(config)
+
+
+def to_pixels(frames: np.ndarray) -> torch.Tensor:
+    """uint8 (..., H, W, 3) -> float (..., 3, H, W) in [-1, 1]."""
+    x = torch.from_numpy(frames).float().div(127.5).sub(1.0)
+    return x.movedim(-1, -3)
+
+
+def tokenize(tokenizer: Any, prompts: list[str]) -> torch.Tensor:
+    return tokenizer(prompts, padding="max_length", max_length=MAX_LENGTH, truncation=True,
+                     return_tensors="pt").input_ids
+
+
+def save_atomic(obj: Any, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+# --------------------------------------------------------------------------------------------------
+# Stage 1: VAE
+
+
+def train_vae(out: Path, minutes: float, seed: int, batch: int = 16, shape_weight: float = 10.0) -> None:
+    path = out / "vae"
+    if (path / "config.json").exists():
+        logger.info("vae: %s exists, skipping", path)
+        return
+    vae = new_vae(seed).train()
+    logger.info("vae: %.2f M parameters, training %.1f min", sum(p.numel() for p in vae.parameters()) / 1e6, minutes)
+    opt = torch.optim.AdamW(vae.parameters(), lr=1e-3, weight_decay=0.0)
+    rng = np.random.default_rng(seed)
+    torch.manual_seed(seed)
+    start = time.perf_counter()
+    step, running = 0, None
+    rows = []
+    while time.perf_counter() - start < minutes * 60:
+        specs = [data.random_spec(rng) for _ in range(batch)]
+        starts = rng.integers(0, 16, size=batch)
+        frames = np.stack([data.render(s, 1, int(t))[0] for s, t in zip(specs, starts)])
+        masks = np.stack([data.shape_mask(s, 1, int(t))[0] for s, t in zip(specs, starts)])
+        x = to_pixels(frames)
+        weight = 1.0 + (shape_weight - 1.0) * F.max_pool2d(torch.from_numpy(masks)[:, None], 3, 1, 1)
+        posterior = vae.encode(x).latent_dist
+        recon = vae.decode(posterior.sample()).sample
+        rec = (weight * (recon - x) ** 2).mean()
+        kl = posterior.kl().mean() / (x.shape[-1] * x.shape[-2])
+        loss = rec + 1e-4 * kl
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        step += 1
+        running = loss.item() if running is None else 0.95 * running + 0.05 * loss.item()
+        if step % 50 == 0:
+            logger.info("vae step %d  loss %.5f (rec %.5f, kl %.2f)  %.0f s", step, running, rec.item(), kl.item(),
+                        time.perf_counter() - start)
+            rows.append((step, round(time.perf_counter() - start, 1), running))
+    vae.eval()
+    with torch.no_grad():
+        frames, _ = data.batch(np.random.default_rng(seed + 1), 64, 8)
+        latents = vae.encode(to_pixels(frames.reshape(-1, data.SIZE, data.SIZE, 3))).latent_dist.mode()
+        std = float(latents.std())
+        recon = vae.decode(latents).sample
+        err = float((recon - to_pixels(frames.reshape(-1, data.SIZE, data.SIZE, 3))).abs().mean())
+    vae.register_to_config(scaling_factor=1.0 / std)
+    logger.info("vae: %d steps, latent std %.4f -> scaling_factor %.4f, mean abs error %.4f", step, std, 1 / std, err)
+    tmp = out / ".vae.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    vae.save_pretrained(tmp)
+    with open(out / "vae_loss.csv", "w", newline="") as fh:
+        csv.writer(fh).writerows([("step", "seconds", "loss"), *rows])
+    os.replace(tmp, path)
+
+
+def load_vae(out: Path) -> Any:
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL.from_pretrained(out / "vae").eval()
+
+
+# --------------------------------------------------------------------------------------------------
+# Stage 2: training clips as latents
+
+
+def encode_clips(out: Path, clips_per_class: int, seed: int, frames: int = 16) -> None:
+    path = out / "latents.pt"
+    if path.exists():
+        logger.info("latents: %s exists, skipping", path)
+        return
+    vae = load_vae(out)
+    rng = np.random.default_rng(seed + 2)
+    classes = data.all_classes()
+    latents, labels = [], []
+    start = time.perf_counter()
+    with torch.no_grad():
+        for k in range(clips_per_class):
+            for first in range(0, len(classes), 4):
+                chunk = list(range(first, min(first + 4, len(classes))))
+                specs = [data.random_spec(rng, [classes[i]]) for i in chunk]
+                x = to_pixels(np.concatenate([data.render(spec, frames) for spec in specs]))
+                z = vae.encode(x).latent_dist.mode() * vae.config.scaling_factor  # (n * F, C, h, w)
+                z = z.reshape(len(chunk), frames, *z.shape[1:]).permute(0, 2, 1, 3, 4)  # (n, C, F, h, w)
+                latents.extend(z.to(torch.float16))
+                labels.extend(chunk)
+            if k % 10 == 0:
+                logger.info("latents: %d/%d clips per class, %.0f s", k + 1, clips_per_class, time.perf_counter() - start)
+    save_atomic({"latents": torch.stack(latents), "labels": torch.tensor(labels), "classes": classes}, path)
+    logger.info("latents: %d clips in %.0f s", len(labels), time.perf_counter() - start)
+
+
+# --------------------------------------------------------------------------------------------------
+# Stage 3: UNet + text encoder
+
+
+def snr_weights(scheduler: Any, timesteps: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Min-SNR-gamma weights for a v-prediction loss: the x0 loss weighted by min(SNR + 1, gamma)
+    (SNR + 1 is the weight plain v-prediction gives; truncating it keeps the near-clean steps from
+    dominating, and the zero-SNR step keeps a weight of 1)."""
+    alphas = scheduler.alphas_cumprod[timesteps]
+    snr = alphas / (1 - alphas).clamp(min=1e-8)
+    return torch.clamp(snr + 1, max=gamma) / (snr + 1)
+
+
+class Ema:
+    def __init__(self, modules: dict[str, torch.nn.Module], decay: float) -> None:
+        self.decay = decay
+        self.shadow = {name: copy.deepcopy(m).eval().requires_grad_(False) for name, m in modules.items()}
+
+    @torch.no_grad()
+    def update(self, modules: dict[str, torch.nn.Module], step: int) -> None:
+        decay = min(self.decay, (1 + step) / (10 + step))
+        for name, module in modules.items():
+            for ema_p, p in zip(self.shadow[name].parameters(), module.parameters()):
+                ema_p.lerp_(p.detach(), 1 - decay)
+
+
+@torch.no_grad()
+def sample(unet: Any, text_encoder: Any, tokenizer: Any, vae: Any, prompts: list[str], frames: int = 16,
+           steps: int = 20, guidance: float = 5.0, seed: int = 0, scheduler_name: str = "ddim") -> np.ndarray:
+    """Plain (single-process) sampling for evaluation during training: uint8 (len(prompts), F, H, W, 3)."""
+    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
+
+    cls = DDIMScheduler if scheduler_name == "ddim" else DPMSolverMultistepScheduler
+    scheduler = cls.from_config(SCHEDULER_CONFIG)
+    cond = text_encoder(tokenize(tokenizer, prompts))[0]
+    uncond = text_encoder(tokenize(tokenizer, [""] * len(prompts)))[0]
+    generator = torch.Generator().manual_seed(seed)
+    size = UNET_CONFIG["sample_size"]
+    latents = torch.randn((len(prompts), 4, frames, size, size), generator=generator) * scheduler.init_noise_sigma
+    scheduler.set_timesteps(steps)
+    for t in scheduler.timesteps:
+        model_in = scheduler.scale_model_input(torch.cat([latents, latents]), t)
+        pred = unet(model_in, t, encoder_hidden_states=torch.cat([uncond, cond])).sample
+        u, c = pred.chunk(2)
+        latents = scheduler.step(u + guidance * (c - u), t, latents).prev_sample
+    z = latents.permute(0, 2, 1, 3, 4).reshape(-1, 4, size, size) / vae.config.scaling_factor
+    images = vae.decode(z).sample
+    pixels = ((images / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1)
+    return pixels.reshape(len(prompts), frames, data.SIZE, data.SIZE, 3).numpy()
+
+
+def evaluate_quick(unet: Any, text_encoder: Any, tokenizer: Any, vae: Any, seed: int) -> dict[str, Any]:
+    from .probe import analyse
+
+    prompts = [data.caption(*c) for c in EVAL_PROMPTS]
+    videos = sample(unet, text_encoder, tokenizer, vae, prompts, seed=seed)
+    colour = direction = 0
+    found = []
+    for (c, _s, d), video in zip(EVAL_PROMPTS, videos):
+        report = analyse(video)
+        colour += report.colour == c
+        direction += report.direction == d
+        found.append(f"{report.colour}/{report.direction}")
+    return {"colour": colour / len(prompts), "direction": direction / len(prompts), "found": found, "videos": videos}
+
+
+def _checkpoint(out: Path) -> Path:
+    return out / "checkpoint.pt"
+
+
+def train_unet(out: Path, minutes: float, seed: int, resume: bool, batch: int = 4, lr: float = 5e-4,
+               gamma: float = 5.0, ema_decay: float = 0.999, checkpoint_minutes: float = 5.0,
+               eval_minutes: float = 15.0, max_steps: int | None = None) -> None:
+    tokenizer = load_tokenizer(out / "tokenizer")
+    vae = load_vae(out)
+    clips = torch.load(out / "latents.pt")
+    latents_all, labels_all = clips["latents"], clips["labels"]
+    classes = [tuple(c) for c in clips["classes"]]
+    class_index = {c: i for i, c in enumerate(classes)}
+    # Token ids per class, and per class with the opposite direction (for time-reversed clips).
+    prompts = [data.caption(*c) for c in classes]
+    ids = tokenize(tokenizer, prompts)
+    reverse = torch.tensor([class_index[(c, s, OPPOSITE[d])] for c, s, d in classes])
+    empty = tokenize(tokenizer, [""])[0]
+
+    unet = new_unet(seed).train()
+    text_encoder = new_text_encoder(tokenizer, seed + 3).train()
+    modules = {"unet": unet, "text_encoder": text_encoder}
+    params = [p for m in modules.values() for p in m.parameters()]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-2)
+    ema = Ema(modules, ema_decay)
+    scheduler = train_scheduler()
+    step, trained_seconds = 0, 0.0
+    gen = torch.Generator().manual_seed(seed + 4)
+    ckpt_path = _checkpoint(out)
+    if resume and ckpt_path.exists():
+        state = torch.load(ckpt_path, weights_only=False)
+        for name, m in modules.items():
+            m.load_state_dict(state[name])
+            ema.shadow[name].load_state_dict(state["ema_" + name])
+        opt.load_state_dict(state["opt"])
+        step, trained_seconds = state["step"], state["seconds"]
+        gen.set_state(state["generator"])
+        logger.info("unet: resumed from %s at step %d (%.1f min trained)", ckpt_path, step, trained_seconds / 60)
+    elif ckpt_path.exists():
+        raise SystemExit(f"{ckpt_path} exists: pass --resume, or remove it to start over")
+    n_unet = sum(p.numel() for p in unet.parameters()) / 1e6
+    n_text = sum(p.numel() for p in text_encoder.parameters()) / 1e6
+    logger.info("unet: %.2f M parameters, text encoder %.2f M; %d clips; batch %d; lr %g; min-SNR gamma %g",
+                n_unet, n_text, len(labels_all), batch, lr, gamma)
+
+    def save() -> None:
+        state = {name: m.state_dict() for name, m in modules.items()}
+        state.update({"ema_" + name: m.state_dict() for name, m in ema.shadow.items()})
+        state.update(opt=opt.state_dict(), step=step, seconds=trained_seconds, generator=gen.get_state(),
+                     config={"unet": UNET_CONFIG, "text": TEXT_CONFIG, "scheduler": SCHEDULER_CONFIG})
+        save_atomic(state, ckpt_path)
+        save_atomic({k: v for k, v in state.items() if k.startswith("ema_")} | {"step": step},
+                    out / "ema" / f"ema_{step:06d}.pt")
+        logger.info("unet: checkpoint at step %d (%.1f min trained)", step, trained_seconds / 60)
+
+    loss_csv = out / "loss.csv"
+    new_csv = not loss_csv.exists()
+    csv_file = open(loss_csv, "a", newline="")
+    writer = csv.writer(csv_file)
+    if new_csv:
+        writer.writerow(("step", "trained_seconds", "loss", "lr"))
+    eval_csv = out / "eval.csv"
+    if not eval_csv.exists():
+        eval_csv.write_text("step,trained_seconds,colour,direction,found\n")
+
+    session_start = time.perf_counter()
+    last_ckpt = last_eval = time.perf_counter()
+    running = None
+    log_every = 25
+    window_loss = []
+    try:
+        while time.perf_counter() - session_start < minutes * 60 and (max_steps is None or step < max_steps):
+            if (out / "STOP").exists():
+                logger.info("unet: %s found, stopping", out / "STOP")
+                break
+            t0 = time.perf_counter()
+            idx = torch.randint(len(labels_all), (batch,), generator=gen)
+            x0 = latents_all[idx].float()
+            label = labels_all[idx]
+            flip = torch.rand(batch, generator=gen) < 0.5
+            x0 = torch.where(flip[:, None, None, None, None], x0.flip(2), x0)
+            # Random whole-latent-pixel shifts (the VAE is shift-equivariant up to its borders).
+            shifts = torch.randint(0, x0.shape[-1], (batch, 2), generator=gen)
+            x0 = torch.stack([torch.roll(x, (int(a), int(b)), dims=(-2, -1)) for x, (a, b) in zip(x0, shifts)])
+            label = torch.where(flip, reverse[label], label)
+            tokens = ids[label]
+            drop = torch.rand(batch, generator=gen) < 0.1
+            tokens = torch.where(drop[:, None], empty[None], tokens)
+            noise = torch.randn(x0.shape, generator=gen)
+            t = torch.randint(0, scheduler.config.num_train_timesteps, (batch,), generator=gen)
+            noisy = scheduler.add_noise(x0, noise, t)
+            target = scheduler.get_velocity(x0, noise, t)
+            text = text_encoder(tokens)[0]
+            pred = unet(noisy, t, encoder_hidden_states=text).sample
+            per_sample = ((pred - target) ** 2).mean(dim=(1, 2, 3, 4))
+            loss = (per_sample * snr_weights(scheduler, t, gamma)).mean()
+            current_lr = lr * min(1.0, (step + 1) / 200)
+            for group in opt.param_groups:
+                group["lr"] = current_lr
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            step += 1
+            ema.update(modules, step)
+            trained_seconds += time.perf_counter() - t0
+            window_loss.append(loss.item())
+            running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
+            if step % log_every == 0:
+                mean = float(np.mean(window_loss))
+                window_loss.clear()
+                writer.writerow((step, round(trained_seconds, 1), f"{mean:.5f}", f"{current_lr:.2e}"))
+                csv_file.flush()
+                logger.info("unet step %d  loss %.4f (ema %.4f)  %.2f s/step  %.1f min trained", step, mean, running,
+                            time.perf_counter() - t0, trained_seconds / 60)
+            now = time.perf_counter()
+            if now - last_ckpt > checkpoint_minutes * 60:
+                save()
+                last_ckpt = now
+            if eval_minutes > 0 and now - last_eval > eval_minutes * 60:
+                result = evaluate_quick(ema.shadow["unet"], ema.shadow["text_encoder"], tokenizer, vae, seed)
+                _save_eval_sheet(out, step, result["videos"])
+                logger.info("unet eval at step %d: colour %.0f%%, direction %.0f%%: %s", step,
+                            100 * result["colour"], 100 * result["direction"], " ".join(result["found"]))
+                with open(eval_csv, "a") as fh:
+                    fh.write(f"{step},{trained_seconds:.0f},{result['colour']},{result['direction']},"
+                             f"{' '.join(result['found'])}\n")
+                last_eval = time.perf_counter()
+    finally:
+        save()
+        csv_file.close()
+
+
+def _save_eval_sheet(out: Path, step: int, videos: np.ndarray) -> None:
+    from ..video_io import write_png
+
+    rows = [np.concatenate(list(v[::2]), axis=1) for v in videos]  # every other frame, one row per prompt
+    write_png(out / "samples" / f"step_{step:06d}.png", np.concatenate(rows, axis=0))
+
+
+# --------------------------------------------------------------------------------------------------
+# Stage 4: export
+
+
+def export(out: Path, target: Path, ema_file: Path | None = None) -> Path:
+    """Write the EMA weights as a diffusers pipeline folder at ``target`` (replaced atomically)."""
+    import diffusers
+
+    tokenizer = load_tokenizer(out / "tokenizer")
+    state = torch.load(ema_file or _checkpoint(out), weights_only=False)
+    unet = new_unet(0)
+    unet.load_state_dict(state["ema_unet"])
+    text_encoder = new_text_encoder(tokenizer, 0)
+    text_encoder.load_state_dict(state["ema_text_encoder"])
+    vae = load_vae(out)
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        unet.save_pretrained(tmp / "unet")
+        vae.save_pretrained(tmp / "vae")
+        text_encoder.save_pretrained(tmp / "text_encoder")
+        write_tokenizer(tmp / "tokenizer")
+        (tmp / "scheduler").mkdir()
+        (tmp / "scheduler" / "scheduler_config.json").write_text(
+            json.dumps({**SCHEDULER_CONFIG, "_diffusers_version": diffusers.__version__}, indent=2, sort_keys=True) + "\n")
+        (tmp / "model_index.json").write_text(json.dumps({
+            "_class_name": "TextToVideoSDPipeline",
+            "_diffusers_version": diffusers.__version__,
+            "unet": ["diffusers", "UNet3DConditionModel"],
+            "vae": ["diffusers", "AutoencoderKL"],
+            "text_encoder": ["transformers", "CLIPTextModel"],
+            "tokenizer": ["transformers", "CLIPTokenizer"],
+            "scheduler": ["diffusers", "DDIMScheduler"],
+        }, indent=2, sort_keys=True) + "\n")
+        (tmp / "README.md").write_text(
+            "Tiny demo text-to-video model trained by `python -m video_infinity.demo.train` on procedural videos "
+            "(one coloured circle, square or triangle moving right, left, up or down on a grey background; "
+            f"prompts like \"a red circle moving right\"). EMA weights after {state.get('step', '?')} steps.\n")
+        for stale in tmp.rglob("*"):
+            if stale.is_file() and stale.suffix in (".bin",):
+                stale.unlink()
+        if target.exists():
+            old = target.with_name(f".{target.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(target, old)
+            os.replace(tmp, target)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    size = sum(f.stat().st_size for f in target.rglob("*") if f.is_file())
+    logger.info("exported step %s to %s (%.1f MB)", state.get("step"), target, size / 1e6)
+    return target
+
+
+# --------------------------------------------------------------------------------------------------
+
+
+def _terminate(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m video_infinity.demo.train", description=__doc__.split("\n")[0])
+    parser.add_argument("--out", required=True, type=Path, help="work folder (checkpoints, logs, samples)")
+    parser.add_argument("--stage", choices=("all", "vae", "latents", "unet", "export"), default="all")
+    parser.add_argument("--resume", action="store_true", help="continue the UNet from out/checkpoint.pt")
+    parser.add_argument("--minutes", type=float, default=90.0, help="UNet training time for this run")
+    parser.add_argument("--max-steps", type=int, default=None)
+    parser.add_argument("--vae-minutes", type=float, default=6.0)
+    parser.add_argument("--clips-per-class", type=int, default=40)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--lr", type=float, default=5e-4)
+    parser.add_argument("--checkpoint-minutes", type=float, default=5.0)
+    parser.add_argument("--eval-minutes", type=float, default=15.0)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--export", type=Path, default=None, help="write the EMA model as a pipeline folder here")
+    parser.add_argument("--ema-file", type=Path, default=None, help="export this EMA snapshot instead of the checkpoint")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    torch.set_num_threads(args.threads)
+    torch.set_flush_denormal(True)
+    signal.signal(signal.SIGTERM, _terminate)  # checkpoint on `kill PID` too
+    args.out.mkdir(parents=True, exist_ok=True)
+    write_tokenizer(args.out / "tokenizer")
+    if args.stage in ("all", "vae"):
+        train_vae(args.out, args.vae_minutes, args.seed)
+    if args.stage in ("all", "latents"):
+        encode_clips(args.out, args.clips_per_class, args.seed)
+    if args.stage in ("all", "unet"):
+        train_unet(args.out, args.minutes, args.seed, args.resume, batch=args.batch, lr=args.lr,
+                   checkpoint_minutes=args.checkpoint_minutes, eval_minutes=args.eval_minutes, max_steps=args.max_steps)
+    if args.export is not None and args.stage in ("all", "export"):
+        export(args.out, args.export, args.ema_file)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
