@@ -16,28 +16,18 @@ from engine_utils import build_tiny_unet, load_unet, run_distributed
 TIMESTEP = 500
 FRAME_COUNTS = (11, 13)
 
+# Non-trivial dual-scope settings; at t=500 both phases are active.
+DUAL_SCOPE = {
+    "padding": 2,
+    "top_k": 3,
+    "local_phase": {"t": 600, "local_biase": 1.5, "global_biase": -0.5},
+    "global_phase": {"t": 400, "local_biase": -0.3, "global_biase": 2.0},
+}
 SETTINGS = {
     # A window covering the whole video, no global frames, no bias: must equal plain diffusers.
     "whole_window": {"attn": {"padding": 64, "top_k": 0, "local_phase": None, "global_phase": None}},
-    # Non-trivial dual-scope settings; t=500 makes both phases active.
-    "dual_scope": {
-        "attn": {
-            "padding": 2,
-            "top_k": 3,
-            "local_phase": {"t": 600, "local_biase": 1.5, "global_biase": -0.5},
-            "global_phase": {"t": 400, "local_biase": -0.3, "global_biase": 2.0},
-            "token_num_scale": False,
-        }
-    },
-    "dual_scope_token_scale": {
-        "attn": {
-            "padding": 2,
-            "top_k": 3,
-            "local_phase": {"t": 600, "local_biase": 1.5, "global_biase": -0.5},
-            "global_phase": {"t": 400, "local_biase": -0.3, "global_biase": 2.0},
-            "token_num_scale": True,
-        }
-    },
+    "dual_scope": {"attn": {**DUAL_SCOPE, "token_num_scale": False}},
+    "dual_scope_token_scale": {"attn": {**DUAL_SCOPE, "token_num_scale": True}},
 }
 
 LOOP_FRAMES = 13
