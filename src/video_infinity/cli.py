@@ -17,7 +17,7 @@ PROG = "video-infinity"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The argument parser (subcommand ``generate``)."""
+    """The argument parser (subcommands ``generate`` and ``inspect``)."""
     parser = argparse.ArgumentParser(
         prog=PROG,
         description="Training-free distributed long video generation (Video-Infinity): "
@@ -41,7 +41,28 @@ def build_parser() -> argparse.ArgumentParser:
     )
     generate.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     generate.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    inspect = commands.add_parser(
+        "inspect",
+        help="probe a demo video: object colour, motion, jumps at clip borders",
+        description="Track the coloured object of a demo video (wrap-around aware) and report its colour, "
+        "direction of motion, the median step inside clips and the position jump at each clip border.",
+    )
+    inspect.add_argument("video", metavar="VIDEO", help="the MP4 to probe")
+    borders = inspect.add_mutually_exclusive_group()
+    borders.add_argument("--clip-frames", type=int, metavar="N", help="clip borders every N frames")
+    borders.add_argument("--ranks", type=int, metavar="N", help="clip borders as the frames split over N ranks")
+    inspect.add_argument("--json", action="store_true", help="print the report as JSON")
     return parser
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    from .demo.probe import inspect_video  # numpy and PyAV only
+
+    try:
+        print(inspect_video(args.video, clip_frames=args.clip_frames, ranks=args.ranks, as_json=args.json))
+    except (OSError, ValueError) as exc:
+        return _error(f"{args.video}: {exc}")
+    return 0
 
 
 def _error(message: str) -> int:
@@ -55,6 +76,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
     except SystemExit as exc:  # argparse exits on --help and usage errors; return its status instead
         return exc.code if isinstance(exc.code, int) else 2
+    if args.command == "inspect":
+        return _inspect(args)
     try:
         config = load_run_config(args.config, args.overrides)
         check_devices_available(config)
