@@ -20,7 +20,7 @@ from diffusers.models.attention_processor import Attention
 from .config import AttentionConfig
 from .context import ClipContext, DenoiseState
 from .frames import global_frame_indices, intersect
-from .halo import exchange_halo, gather_frames
+from .halo import start_exchange
 
 
 def dual_scope_attention(
@@ -110,13 +110,13 @@ class DualScopeAttnProcessor:
         residual = hidden_states
 
         padding = min(config.padding, layout.total_frames - 1)
-        context, context_frames = exchange_halo(hidden_states, 1, layout, padding, padding, self.ctx, kind="attn_halo")
         global_frames = global_frame_indices(layout.total_frames, config.global_frame_count(timestep))
-        global_states = gather_frames(hidden_states, 1, layout, global_frames, self.ctx)
+        pending = start_exchange(hidden_states, 1, layout, padding, padding, self.ctx, global_frames, kind="attn_halo")
+        query = attn.to_q(hidden_states)  # while the neighbours' frames are in flight
+        context, context_frames, global_states = pending.wait()
         key_source = torch.cat([context, global_states], dim=1) if global_states.shape[1] else context
 
         batch = hidden_states.shape[0]
-        query = attn.to_q(hidden_states)
         key = attn.to_k(key_source)
         value = attn.to_v(key_source)
         head_dim = key.shape[-1] // attn.heads

@@ -21,8 +21,8 @@ from torch import nn
 from .attention import DualScopeAttnProcessor
 from .config import EngineConfig
 from .context import ClipContext, DenoiseState
-from .halo import exchange_halo
-from .norm import video_group_norm
+from .halo import start_exchange
+from .norm import apply_group_norm, video_group_norm, video_group_statistics
 
 logger = logging.getLogger(__name__)
 
@@ -98,10 +98,19 @@ class _ClipParallelTemporalConv(ModelHook):
         # Same layout handling as TemporalConvLayer.forward: (batch*frames, C, H, W) -> (batch, C, frames, H, W).
         x = hidden_states[None, :].reshape((-1, num_frames) + hidden_states.shape[1:]).permute(0, 2, 1, 3, 4)
         layout = self.state.layout
-        h, span = exchange_halo(x, 2, layout, self.halo, self.halo, self.ctx, kind="conv_halo")
-        own = None if span == layout.owned else slice(layout.owned.start - span.start, layout.owned.stop - span.start)
-        for norm, layers in self.blocks:
-            h = video_group_norm(h, norm, self.ctx, self.config.norm_scope, owned=own)
+        pending = start_exchange(x, 2, layout, self.halo, self.halo, self.ctx, kind="conv_halo")
+        if pending.span == layout.owned:  # nothing to fetch (one rank, or halos switched off)
+            h, own = x, None
+        else:
+            # The first norm's statistics need only the owned frames: compute them while the halo travels.
+            first_stats = video_group_statistics(x, self.blocks[0][0], self.ctx, self.config.norm_scope)
+            h, span, _ = pending.wait()
+            own = slice(layout.owned.start - span.start, layout.owned.stop - span.start)
+        for index, (norm, layers) in enumerate(self.blocks):
+            if index == 0 and own is not None:
+                h = apply_group_norm(h, norm, *first_stats)
+            else:
+                h = video_group_norm(h, norm, self.ctx, self.config.norm_scope, owned=own)
             for layer in layers:
                 h = layer(h)
         x = x + (h if own is None else h[:, :, own])

@@ -6,78 +6,121 @@ the same code.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.distributed as dist
 
 from .context import ClipContext, FrameLayout
 from .frames import global_frame_indices, owners, window, window_transfer_plan
 
-__all__ = ["exchange_halo", "gather_frames", "global_frame_indices"]
+__all__ = ["PendingFrames", "exchange_halo", "global_frame_indices", "start_exchange"]
 
 
 def _frames(x: torch.Tensor, dim: int, frames: range, offset: int) -> torch.Tensor:
     return x.narrow(dim, frames.start - offset, len(frames))
 
 
-def exchange_halo(
-    x: torch.Tensor, dim: int, layout: FrameLayout, left: int, right: int, ctx: ClipContext, kind: str = "halo"
-) -> tuple[torch.Tensor, range]:
-    """Return this rank's frames widened by up to ``left``/``right`` neighbour frames, and their global range.
+@dataclass
+class PendingFrames:
+    """Frames in flight from ``start_exchange``; ``wait()`` returns them once they have arrived.
 
-    ``x`` holds the owned frames along ``dim``. The window is clipped at the true ends of the video,
-    so the caller sees exactly the frames that exist. Frames come by point-to-point messages from
-    whichever ranks own them (several ranks when clips are shorter than the halo).
+    The caller computes something useful (e.g. the query projection) between the two.
+    """
+
+    x: torch.Tensor
+    dim: int
+    layout: FrameLayout
+    span: range
+    global_frames: list[int]
+    requests: list
+    window_parts: list[tuple[int, torch.Tensor]]
+    global_parts: dict[int, torch.Tensor]
+    global_positions: list[list[int]]
+
+    def wait(self) -> tuple[torch.Tensor, range, torch.Tensor]:
+        """(frames of ``span`` along ``dim``, ``span``, the global frames in the requested order)."""
+        for request in self.requests:
+            request.wait()
+        owned = self.layout.owned
+        pieces = sorted(self.window_parts + [(owned.start, self.x)], key=lambda item: item[0])
+        window_frames = pieces[0][1] if len(pieces) == 1 else torch.cat([p for _, p in pieces], dim=self.dim)
+        by_position: list[torch.Tensor | None] = [None] * len(self.global_frames)
+        for rank, positions in enumerate(self.global_positions):
+            source = self.global_parts.get(rank)
+            for slot, position in enumerate(positions):
+                by_position[position] = source.narrow(self.dim, slot, 1)
+        if by_position:
+            global_frames = torch.cat(by_position, dim=self.dim)
+        else:
+            shape = list(self.x.shape)
+            shape[self.dim] = 0
+            global_frames = self.x.new_empty(shape)
+        return window_frames, self.span, global_frames
+
+
+def start_exchange(
+    x: torch.Tensor,
+    dim: int,
+    layout: FrameLayout,
+    left: int,
+    right: int,
+    ctx: ClipContext,
+    global_frames: list[int] = (),
+    kind: str = "halo",
+) -> PendingFrames:
+    """Start moving this rank's halo window and the ``global_frames`` in one point-to-point round.
+
+    ``x`` holds the owned frames along ``dim``. The window ``[start-left, stop+right)`` is clipped
+    at the true ends of the video, so the caller gets exactly the frames that exist; they come from
+    whichever ranks own them (several ranks when clips are shorter than the halo). Each global frame
+    goes from its owner to every other rank. Every rank must call this with the same arguments
+    (but ``x``), so that all of them post matching messages in the same order.
     """
     owned = layout.owned
     span = window(owned, left, right, layout.total_frames)
-    if len(span) == len(owned):
-        return x, span
-    plan = window_transfer_plan(list(layout.partition), layout.rank, left, right)
-    ops, received = [], []
-    for send in plan.sends:
-        payload = _frames(x, dim, send.frames, owned.start).contiguous()
-        ops.append(dist.P2POp(dist.isend, payload, ctx.global_rank(send.peer), ctx.group))
-        ctx.stats.add(kind, payload.numel() * payload.element_size())
-    for recv in plan.recvs:
+    global_frames = list(global_frames)
+    positions = owners(list(layout.partition), global_frames) if global_frames else []
+    ops: list[dist.P2POp] = []
+    window_parts: list[tuple[int, torch.Tensor]] = []
+    global_parts: dict[int, torch.Tensor] = {}
+
+    def buffer(frames: int) -> torch.Tensor:
         shape = list(x.shape)
-        shape[dim] = len(recv.frames)
-        buffer = torch.empty(shape, dtype=x.dtype, device=x.device)
-        ops.append(dist.P2POp(dist.irecv, buffer, ctx.global_rank(recv.peer), ctx.group))
-        received.append((recv.frames.start, buffer))
-    for request in dist.batch_isend_irecv(ops):
-        request.wait()
-    pieces = sorted(received + [(owned.start, x)], key=lambda item: item[0])
-    return torch.cat([piece for _, piece in pieces], dim=dim), span
+        shape[dim] = frames
+        return torch.empty(shape, dtype=x.dtype, device=x.device)
+
+    def send(payload: torch.Tensor, peer: int, stat: str) -> None:
+        ops.append(dist.P2POp(dist.isend, payload, ctx.global_rank(peer), ctx.group))
+        ctx.stats.add(stat, payload.numel() * payload.element_size())
+
+    if len(span) != len(owned):
+        # Messages between one pair of ranks match in posting order: window first, then globals.
+        plan = window_transfer_plan(list(layout.partition), layout.rank, left, right)
+        for transfer in plan.sends:
+            send(_frames(x, dim, transfer.frames, owned.start).contiguous(), transfer.peer, kind)
+        for transfer in plan.recvs:
+            window_parts.append((transfer.frames.start, buffer(len(transfer.frames))))
+            ops.append(dist.P2POp(dist.irecv, window_parts[-1][1], ctx.global_rank(transfer.peer), ctx.group))
+    if positions and positions[layout.rank]:
+        index = torch.tensor([global_frames[p] - owned.start for p in positions[layout.rank]], device=x.device)
+        global_parts[layout.rank] = x.index_select(dim, index)
+    if ctx.distributed:
+        for peer, peer_positions in enumerate(positions):
+            if peer == layout.rank:
+                continue
+            if positions[layout.rank]:
+                send(global_parts[layout.rank], peer, "global")
+            if peer_positions:
+                global_parts[peer] = buffer(len(peer_positions))
+                ops.append(dist.P2POp(dist.irecv, global_parts[peer], ctx.global_rank(peer), ctx.group))
+    requests = dist.batch_isend_irecv(ops) if ops else []
+    return PendingFrames(x, dim, layout, span, global_frames, requests, window_parts, global_parts, positions)
 
 
-def gather_frames(x: torch.Tensor, dim: int, layout: FrameLayout, frames: list[int], ctx: ClipContext) -> torch.Tensor:
-    """Frames at global indices ``frames`` (in that order) on every rank, gathered from their owners.
-
-    One all-gather; each rank contributes the frames it owns, padded to the largest contribution
-    because all-gather needs equal sizes.
-    """
-    owned = layout.owned
-    if not frames:
-        shape = list(x.shape)
-        shape[dim] = 0
-        return x.new_empty(shape)
-    if not ctx.distributed:
-        index = torch.tensor([f - owned.start for f in frames], device=x.device)
-        return x.index_select(dim, index)
-    positions = owners(list(layout.partition), frames)
-    width = max(len(p) for p in positions)
-    mine = positions[layout.rank]
-    shape = list(x.shape)
-    shape[dim] = width
-    contribution = x.new_zeros(shape)
-    if mine:
-        index = torch.tensor([frames[p] - owned.start for p in mine], device=x.device)
-        contribution.narrow(dim, 0, len(mine)).copy_(x.index_select(dim, index))
-    ctx.stats.add("global", contribution.numel() * contribution.element_size() * (ctx.world_size - 1))
-    gathered = [torch.empty_like(contribution) for _ in range(ctx.world_size)]
-    dist.all_gather(gathered, contribution, group=ctx.group)
-    result = [None] * len(frames)
-    for rank, pos_list in enumerate(positions):
-        for slot, pos in enumerate(pos_list):
-            result[pos] = gathered[rank].narrow(dim, slot, 1)
-    return torch.cat(result, dim=dim)
+def exchange_halo(
+    x: torch.Tensor, dim: int, layout: FrameLayout, left: int, right: int, ctx: ClipContext, kind: str = "halo"
+) -> tuple[torch.Tensor, range]:
+    """This rank's frames widened by up to ``left``/``right`` neighbour frames, and their global range."""
+    frames, span, _ = start_exchange(x, dim, layout, left, right, ctx, kind=kind).wait()
+    return frames, span

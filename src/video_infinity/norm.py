@@ -43,6 +43,35 @@ def combine_moments(moments: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Te
     return mean, m2 / count.clamp_min(1.0)
 
 
+def video_group_statistics(
+    own: torch.Tensor, norm: nn.GroupNorm, ctx: ClipContext, scope: str = "video"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per (sample, group) mean and biased variance, float64, of the whole video (``scope="video"``)
+    or of this rank's clip (``"clip"``); ``own`` holds only this rank's frames."""
+    moments = group_moments(own, norm.num_groups)
+    if scope == "video" and ctx.distributed:
+        parts = [torch.empty_like(moments) for _ in range(ctx.world_size)]
+        dist.all_gather(parts, moments, group=ctx.group)
+        ctx.stats.add("norm", moments.numel() * moments.element_size() * (ctx.world_size - 1))
+        return combine_moments(parts)
+    return combine_moments([moments])
+
+
+def apply_group_norm(x: torch.Tensor, norm: nn.GroupNorm, mean: torch.Tensor, var: torch.Tensor) -> torch.Tensor:
+    """Normalise ``x`` (N, C, ...) with the given per-(sample, group) statistics and ``norm``'s affine."""
+    n, c = x.shape[:2]
+    g = norm.num_groups
+    inv_std = torch.rsqrt(var + norm.eps)
+    # Fold mean, std and the affine weights into one per-(sample, channel) scale and shift.
+    scale = inv_std.repeat_interleave(c // g, dim=1)
+    shift = -mean.repeat_interleave(c // g, dim=1) * scale
+    if norm.affine:
+        scale = scale * norm.weight.double()
+        shift = shift * norm.weight.double() + norm.bias.double()
+    view = (n, c) + (1,) * (x.dim() - 2)
+    return torch.addcmul(shift.view(view).to(x.dtype), x, scale.view(view).to(x.dtype))
+
+
 def video_group_norm(
     x: torch.Tensor,
     norm: nn.GroupNorm,
@@ -61,22 +90,4 @@ def video_group_norm(
         # Nothing crosses a clip: the native kernel gives exactly the unmodified model's result.
         return F.group_norm(x, norm.num_groups, norm.weight, norm.bias, norm.eps)
     own = x if owned is None else x[(slice(None),) * frame_dim + (owned,)]
-    moments = group_moments(own, norm.num_groups)
-    if scope == "video" and ctx.distributed:
-        parts = [torch.empty_like(moments) for _ in range(ctx.world_size)]
-        dist.all_gather(parts, moments, group=ctx.group)
-        ctx.stats.add("norm", moments.numel() * moments.element_size() * (ctx.world_size - 1))
-        mean, var = combine_moments(parts)
-    else:
-        mean, var = combine_moments([moments])
-    n, c = x.shape[:2]
-    g = norm.num_groups
-    inv_std = torch.rsqrt(var + norm.eps)
-    # Fold mean, std and the affine weights into one per-(sample, channel) scale and shift.
-    scale = inv_std.repeat_interleave(c // g, dim=1)
-    shift = -mean.repeat_interleave(c // g, dim=1) * scale
-    if norm.affine:
-        scale = scale * norm.weight.double()
-        shift = shift * norm.weight.double() + norm.bias.double()
-    view = (n, c) + (1,) * (x.dim() - 2)
-    return torch.addcmul(shift.view(view).to(x.dtype), x, scale.view(view).to(x.dtype))
+    return apply_group_norm(x, norm, *video_group_statistics(own, norm, ctx, scope))
