@@ -52,7 +52,7 @@ SCHEDULER_CONFIG: dict[str, Any] = {
     "rescale_betas_zero_snr": True,
     "timestep_spacing": "trailing",
     "clip_sample": False,
-    "set_alpha_to_one": False,
+    "set_alpha_to_one": True,
     "steps_offset": 0,
     "trained_betas": None,
 }

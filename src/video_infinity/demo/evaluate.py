@@ -1,0 +1,142 @@
+"""Evaluate the demo model: colour and direction accuracy over every colour x shape x direction prompt.
+
+    python -m video_infinity.demo.evaluate [--model DIR] [--scheduler ddim dpmsolver++] \\
+        [--steps 20] [--guidance 5 7.5] [--frames 16] [--seeds 1] [--json FILE] [--sheet FILE.png]
+
+Samples go through the package's real code: :func:`video_infinity.models.load_model`, the engine
+(:func:`video_infinity.parallelize`, single process) and :func:`video_infinity.denoise.denoise`,
+with the pipeline's own prompt encoding, scheduler construction and VAE decoding. Each video is
+judged by the quality probe (:mod:`video_infinity.demo.probe`). Several schedulers, step counts and
+guidance scales may be given: every combination is evaluated on the same seeds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from . import data
+
+logger = logging.getLogger("video_infinity.demo.evaluate")
+
+
+def generate(components: Any, prompts: list[str], seeds: list[int], frames: int, steps: int, guidance: float,
+             scheduler_name: str, batch: int = 8) -> np.ndarray:
+    """uint8 videos (len(prompts), frames, H, W, 3); prompt i starts from the noise of ``seeds[i]``."""
+    from ..context import ClipContext
+    from ..denoise import denoise, initial_latents
+    from .. import parallelize  # the package-level export (engine module)
+    from ..pipeline import decode_frames, encode_prompts, make_scheduler
+
+    unet, vae = components.unet, components.vae
+    scale = 2 ** (len(vae.config.block_out_channels) - 1)
+    shape = (1, unet.config.in_channels, data.SIZE // scale, data.SIZE // scale)
+    negative = encode_prompts(components, [""], torch.device("cpu"))
+    videos = []
+    handle = parallelize(unet, {}, ClipContext())
+    try:
+        for first in range(0, len(prompts), batch):
+            chunk = prompts[first:first + batch]
+            scheduler = make_scheduler(scheduler_name, components.scheduler_config)
+            text = encode_prompts(components, chunk, torch.device("cpu"))
+            latents = torch.cat([
+                initial_latents(seed, range(frames), shape, scheduler.init_noise_sigma, torch.float32, "cpu")
+                for seed in seeds[first:first + batch]
+            ])
+            with torch.no_grad():
+                latents = denoise(unet, scheduler, latents, text, negative_embeds=negative.expand(len(chunk), -1, -1),
+                                  guidance_scale=guidance, seed=seeds[first], frames=range(frames), num_steps=steps)
+            for i in range(len(chunk)):
+                videos.append(torch.cat(list(decode_frames(components, latents[i:i + 1]))).numpy())
+    finally:
+        handle.remove()
+    return np.stack(videos)
+
+
+def evaluate(components: Any, scheduler: str, steps: int, guidance: float, frames: int = 16, seeds: int = 1,
+             base_seed: int = 1000) -> dict[str, Any]:
+    """Probe one sample per prompt and seed; accuracy figures and per-sample rows."""
+    from .probe import analyse
+
+    classes = [c for c in data.all_classes() for _ in range(seeds)]
+    prompts = [data.caption(*c) for c in classes]
+    seed_list = [base_seed + i for i in range(len(prompts))]
+    start = time.perf_counter()
+    videos = generate(components, prompts, seed_list, frames, steps, guidance, scheduler)
+    seconds = time.perf_counter() - start
+    rows = []
+    for (colour, shape, direction), prompt, seed, video in zip(classes, prompts, seed_list, videos):
+        report = analyse(video)
+        rows.append({
+            "prompt": prompt, "seed": seed, "colour": report.colour, "direction": report.direction,
+            "colour_ok": report.colour == colour, "direction_ok": report.direction == direction,
+            "velocity": report.velocity, "found_frames": report.found_frames,
+        })
+    n = len(rows)
+    per_direction = {d: float(np.mean([r["direction_ok"] for r, c in zip(rows, classes) if c[2] == d]))
+                     for d in data.DIRECTIONS}
+    return {
+        "scheduler": scheduler, "steps": steps, "guidance": guidance, "frames": frames, "samples": n,
+        "colour_accuracy": float(np.mean([r["colour_ok"] for r in rows])),
+        "direction_accuracy": float(np.mean([r["direction_ok"] for r in rows])),
+        "direction_accuracy_by_direction": per_direction,
+        "seconds": seconds, "rows": rows, "videos": videos,
+    }
+
+
+def _sheet(videos: np.ndarray, path: Path) -> None:
+    from ..video_io import write_png
+
+    rows = [np.concatenate(list(v[:: max(1, len(v) // 8)][:8]), axis=1) for v in videos]
+    write_png(path, np.concatenate(rows, axis=0))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m video_infinity.demo.evaluate", description=__doc__.split("\n")[0])
+    parser.add_argument("--model", default=None, help="model folder (default: the demo model)")
+    parser.add_argument("--scheduler", nargs="+", default=["ddim"])
+    parser.add_argument("--steps", nargs="+", type=int, default=[20])
+    parser.add_argument("--guidance", nargs="+", type=float, default=[5.0])
+    parser.add_argument("--frames", type=int, default=16)
+    parser.add_argument("--seeds", type=int, default=1, help="samples per prompt")
+    parser.add_argument("--base-seed", type=int, default=1000)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--json", type=Path, default=None, help="write the results (without videos) here")
+    parser.add_argument("--sheet", type=Path, default=None, help="contact sheet PNG of the last setting's samples")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    torch.set_num_threads(args.threads)
+    from ..models import load_model
+
+    if args.model is None:
+        from . import default_model_path
+
+        args.model = str(default_model_path())
+    components = load_model(args.model)
+    results = []
+    for scheduler, steps, guidance in itertools.product(args.scheduler, args.steps, args.guidance):
+        result = evaluate(components, scheduler, steps, guidance, args.frames, args.seeds, args.base_seed)
+        results.append(result)
+        print(f"{scheduler:>18} steps {steps:3d} guidance {guidance:5.2f}: colour {result['colour_accuracy']:6.1%}  "
+              f"direction {result['direction_accuracy']:6.1%}  over {result['samples']} samples "
+              f"({result['seconds']:.0f} s)  by direction "
+              + " ".join(f"{d} {a:.0%}" for d, a in result["direction_accuracy_by_direction"].items()), flush=True)
+    if args.sheet is not None:
+        _sheet(results[-1]["videos"], args.sheet)
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"model": args.model, "results": [
+            {k: v for k, v in r.items() if k != "videos"} for r in results]}, indent=2, default=str) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
