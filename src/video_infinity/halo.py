@@ -1,6 +1,6 @@
-"""Thin collectives that move frames between ranks. The rules (who sends what) live in ``frames``.
+"""Point-to-point messages that move frames between ranks. The rules (who sends what) live in ``frames``.
 
-At world size 1 nothing is sent and the functions reduce to slicing, so the single-process path runs
+At world size 1 nothing is sent and the exchange reduces to slicing, so the single-process path runs
 the same code.
 """
 
@@ -12,9 +12,9 @@ import torch
 import torch.distributed as dist
 
 from .context import ClipContext, FrameLayout
-from .frames import global_frame_indices, owners, window, window_transfer_plan
+from .frames import owners, window, window_transfer_plan
 
-__all__ = ["PendingFrames", "exchange_halo", "global_frame_indices", "start_exchange"]
+__all__ = ["PendingFrames", "start_exchange"]
 
 
 def _frames(x: torch.Tensor, dim: int, frames: range, offset: int) -> torch.Tensor:
@@ -117,10 +117,3 @@ def start_exchange(
     requests = dist.batch_isend_irecv(ops) if ops else []
     return PendingFrames(x, dim, layout, span, global_frames, requests, window_parts, global_parts, positions)
 
-
-def exchange_halo(
-    x: torch.Tensor, dim: int, layout: FrameLayout, left: int, right: int, ctx: ClipContext, kind: str = "halo"
-) -> tuple[torch.Tensor, range]:
-    """This rank's frames widened by up to ``left``/``right`` neighbour frames, and their global range."""
-    frames, span, _ = start_exchange(x, dim, layout, left, right, ctx, kind=kind).wait()
-    return frames, span
