@@ -222,3 +222,14 @@ def test_original_plugin_configs_validate():
     assert cfg.attn.padding == 8 and cfg.attn.local_phase.local_biase == 10 and cfg.norm_scope == "video"
     with pytest.raises(ValueError, match="padding"):
         EngineConfig.model_validate({"attn": {"padding": -1}})
+
+
+def test_single_process_exchange_returns_own_frames_and_globals_in_order():
+    from video_infinity.halo import start_exchange
+
+    ctx = ClipContext()
+    x = torch.arange(2 * 7 * 3, dtype=torch.float32).view(2, 7, 3)
+    frames, span, globals_ = start_exchange(x, 1, ctx.layout_for(7), 2, 2, ctx, [5, 1, 3]).wait()
+    assert frames is x and span == range(7)
+    assert torch.equal(globals_, x[:, [5, 1, 3]])
+    assert ctx.stats.total == 0  # nothing sent on one process
