@@ -25,7 +25,7 @@ test: install
 	HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false $(BIN)/python -m pytest -q tests
 
 demo: install
-	HF_HUB_OFFLINE=1 $(BIN)/video-infinity generate --config examples/cpu_demo.json
+	HF_HUB_OFFLINE=1 $(BIN)/video-infinity generate --config examples/cpu_demo.json --overwrite
 
 clean:
 	rm -rf $(VENV) .make-install.stamp build dist src/*.egg-info
