@@ -39,7 +39,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="override a config value by dotted path, e.g. pipe_configs.steps=10 or plugin_configs.attn.padding=4 "
         "(VALUE is parsed as JSON when it parses, else taken as a string); repeatable",
     )
-    generate.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    generate.add_argument("--overwrite", action="store_true",
+                          help="replace an existing output file (or start over despite an unfinished run's checkpoint)")
+    generate.add_argument(
+        "--resume",
+        metavar="CHECKPOINT",
+        help="continue an interrupted run from its checkpoint (<base_path>/<file_name>.ckpt, written every "
+        "pipe_configs.checkpoint_every steps); the config must be the one it was made with, the devices may differ",
+    )
     generate.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     inspect = commands.add_parser(
         "inspect",
@@ -88,13 +95,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    from .launch import launch  # lazily: pulls in torch, diffusers and the models
+    from .launch import launch  # lazily: the ranks pull in torch, diffusers and the models
+
+    from .checkpoint import CheckpointError
+    from .launch import RunError, RunInterrupted
 
     try:
-        return launch(config, overwrite=args.overwrite)
-    except ConfigError as exc:  # found later, e.g. a model folder that lacks a component
+        return launch(config, overwrite=args.overwrite, resume=args.resume)
+    except (ConfigError, CheckpointError) as exc:  # found in the pre-flight checks: outputs, disk, model, checkpoint
         return _error(str(exc))
-    except KeyboardInterrupt:
+    except RunError as exc:  # a rank failed (the launcher stopped the others), or Ctrl-C
+        # On a line of its own: a rank's progress bar may have been cut off mid-line.
+        start = "\r\x1b[K" if sys.stderr.isatty() else "\n"
+        what = "" if isinstance(exc, RunInterrupted) else "error: "
+        print(f"{start}{PROG}: {what}{exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:  # before the ranks started
+        print(f"{PROG}: interrupted", file=sys.stderr)
         return 130
 
 

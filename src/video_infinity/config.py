@@ -186,6 +186,9 @@ class PipeConfig(_StrictRun):
     """Also write the final latents as ``<base_path>/<file_name>.latents.npy`` (float32)."""
     eta: float = Field(default=0.0, ge=0, allow_inf_nan=False)
     """DDIM's eta (0: deterministic); only used by the ``ddim`` scheduler."""
+    checkpoint_every: int | None = Field(default=None, ge=1)
+    """Save a checkpoint (``<base_path>/<file_name>.ckpt``) every this many denoising steps, to
+    continue an interrupted run with ``generate --resume``; None: no checkpoints."""
 
     @model_validator(mode="before")
     @classmethod
@@ -273,6 +276,9 @@ class RunConfig(_StrictRun):
     """Random seed; the same seed gives the same video whatever the number of devices."""
     master_port: int = Field(default=29516, ge=1, le=65535)
     """Rendezvous port of the built-in launcher (replaced by a free one when taken)."""
+    collective_timeout_s: float = Field(default=1800.0, gt=0, allow_inf_nan=False)
+    """Seconds a rank waits on its peers in one collective (rendezvous included) before giving up;
+    covers rank 0's VAE decode while the others wait. A dead rank is detected at once regardless."""
     base_path: str = Field(default="./exp", min_length=1)
     """Output folder."""
     model: str | None = None

@@ -56,6 +56,9 @@ def denoise(
     eta: float = 0.0,
     unet_kwargs: dict[str, Any] | None = None,
     on_step: Callable[[int, int], None] | None = None,
+    start_step: int = 0,
+    restore_scheduler: Callable[[Any], None] | None = None,
+    after_step: Callable[[int, torch.Tensor, Any], None] | None = None,
 ) -> torch.Tensor:
     """Denoise ``latents`` (batch, C, frames, H, W) holding global frames ``frames``.
 
@@ -63,7 +66,14 @@ def denoise(
     (needs a UNet prepared by ``parallelize``). With ``guidance_scale > 1`` the unconditional and
     conditional passes run as one batch. Noise that a stochastic scheduler adds at step i is drawn
     per frame from (seed, i + 1, frame), so the result does not depend on how frames are split.
+
+    Resuming: ``latents`` are those after ``start_step`` steps, and ``restore_scheduler(scheduler)``,
+    called right after ``set_timesteps``, puts back the scheduler's state at that point; steps
+    before ``start_step`` are skipped. ``after_step(i, latents, scheduler)`` runs after each step
+    (e.g. to save a checkpoint).
     """
+    if not 0 <= start_step <= num_steps:
+        raise ValueError(f"start_step must be in [0, {num_steps}], got {start_step}")
     guided = guidance_scale > 1.0
     if guided:
         if negative_embeds is None:
@@ -74,10 +84,14 @@ def denoise(
     else:
         text = prompt_embeds
     scheduler.set_timesteps(num_steps, device=latents.device)
+    if restore_scheduler is not None:
+        restore_scheduler(scheduler)
     batch, channels, _, height, width = latents.shape
     adds_noise = _adds_noise(scheduler, eta)
     takes_eta = _step_accepts(scheduler, "eta")
     for index, t in enumerate(scheduler.timesteps):
+        if index < start_step:
+            continue
         model_input = torch.cat([latents] * 2) if guided else latents
         model_input = scheduler.scale_model_input(model_input, t)
         noise_pred = unet(model_input, t, encoder_hidden_states=text, **(unet_kwargs or {})).sample
@@ -94,4 +108,6 @@ def denoise(
         latents = scheduler.step(noise_pred, t, latents, **step_kwargs).prev_sample
         if on_step is not None:
             on_step(index, num_steps)
+        if after_step is not None:
+            after_step(index, latents, scheduler)
     return latents

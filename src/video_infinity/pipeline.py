@@ -7,6 +7,7 @@ it never holds the whole video.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import platform
@@ -22,15 +23,24 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from . import __version__
+from .checkpoint import CheckpointPlan, load_checkpoint, restore_scheduler_state, save_checkpoint, split_scheduler_state
 from .config import RunConfig
 from .context import ClipContext
 from .denoise import denoise, initial_latents
 from .models import ModelComponents, load_model
 from .engine import parallelize
+from .launch import output_paths
 from .prompts import frame_embeddings, frame_prompt_mix, unique_prompts
 from .video_io import VideoWriter, write_json_atomic
 
 logger = logging.getLogger(__name__)
+
+__all__ = ["generate_on_rank", "output_paths", "make_scheduler", "encode_prompts", "decode_frames"]
+
+PROGRESS_ENV = "VIDEO_INFINITY_TEST_PROGRESS"
+"""Test hook: a folder where every rank records ``rank<r>.json`` ({"pid", "step"}) after each step."""
+STEP_SLEEP_ENV = "VIDEO_INFINITY_TEST_STEP_SLEEP"
+"""Test hook: seconds each rank sleeps after each denoising step (to make room for a kill)."""
 
 DECODE_CHUNK_FRAMES = 8
 """Frames decoded by the VAE at once: bounds decode memory whatever the clip length."""
@@ -98,22 +108,16 @@ def _comm_device(ctx: ClipContext, device: torch.device) -> torch.device:
     return device if ctx.distributed and dist.get_backend(ctx.group) == "nccl" else torch.device("cpu")
 
 
-def output_paths(config: RunConfig) -> dict[str, Path]:
-    base = Path(config.base_path)
-    name = config.pipe_configs.resolved_file_name()
-    return {
-        "video": base / f"{name}.mp4",
-        "sidecar": base / f"{name}.json",
-        "latents": base / f"{name}.latents.npy",
-    }
-
-
 def generate_on_rank(
-    config: RunConfig, model: str, ctx: ClipContext, device: torch.device, paths: dict[str, Path]
+    config: RunConfig, model: str, ctx: ClipContext, device: torch.device, paths: dict[str, Path],
+    checkpoint: CheckpointPlan | None = None,
 ) -> dict[str, Any] | None:
     """Generate this rank's clip; rank 0 writes the MP4, the sidecar and (optionally) the latents.
 
-    Returns the sidecar's content on rank 0, None elsewhere.
+    With ``checkpoint``, rank 0 saves a checkpoint every ``checkpoint.every`` steps (the others send
+    it their frames), and the run continues from ``checkpoint.resume`` when set; the checkpoint of
+    this run is removed once the video is written. Returns the sidecar's content on rank 0, None
+    elsewhere.
     """
     pipe = config.pipe_configs
     is_writer = ctx.rank == 0
@@ -141,24 +145,41 @@ def generate_on_rank(
     vae_scale = 2 ** (len(components.vae.config.block_out_channels) - 1)
     latent_shape = (1, unet.config.in_channels, pipe.height // vae_scale, pipe.width // vae_scale)
     scheduler = make_scheduler(pipe.scheduler, components.scheduler_config)
+    comm_device = _comm_device(ctx, device)
+    resume = _Resume.load(checkpoint, ctx, device, dtype) if checkpoint is not None and checkpoint.resume else None
+    after_step = _checkpointer(checkpoint, ctx, comm_device, paths, pipe.steps) if checkpoint is not None else None
+    hooks = _TestHooks(ctx.rank)
     handle = parallelize(unet, config.plugin_configs, ctx)
     ctx.stats.reset()
-    progress = tqdm(total=pipe.steps, desc="denoising", unit="step", disable=not is_writer, leave=False)
+    start_step = resume.step if resume is not None else 0
+    progress = tqdm(total=pipe.steps, initial=start_step, desc="denoising", unit="step", disable=not is_writer,
+                    leave=False)
+
+    def on_step(index: int, latents: torch.Tensor, scheduler: Any) -> None:
+        progress.update(1)
+        if after_step is not None:
+            after_step(index, latents, scheduler)
+        hooks.step_done(index)
+
     with timer.stage("denoise"):
-        latents = initial_latents(config.seed, ctx.frames, latent_shape, scheduler.init_noise_sigma, dtype, device)
+        if resume is not None:
+            latents = resume.latents
+            logger.info("resuming from %s at step %d of %d", checkpoint.resume, resume.step, pipe.steps)
+        else:
+            latents = initial_latents(config.seed, ctx.frames, latent_shape, scheduler.init_noise_sigma, dtype, device)
         with torch.no_grad():
             latents = denoise(
                 unet, scheduler, latents, text,
                 negative_embeds=negative, guidance_scale=pipe.guidance_scale, eta=pipe.eta,
                 seed=config.seed, frames=ctx.frames, num_steps=pipe.steps,
                 unet_kwargs={"fps": pipe.fps} if components.fps_conditioned else None,
-                on_step=lambda i, n: progress.update(1),
+                start_step=start_step, restore_scheduler=resume.restore if resume is not None else None,
+                after_step=on_step,
             )
     progress.close()
     handle.remove()
     comm_bytes = ctx.stats.total
 
-    comm_device = _comm_device(ctx, device)
     if pipe.save_latents:
         with timer.stage("save_latents"):
             _gather_latents(latents, ctx, comm_device, paths["latents"] if is_writer else None)
@@ -188,7 +209,13 @@ def generate_on_rank(
     if not is_writer:
         return None
     sidecar = _sidecar(config, model, components, ctx, reports, elapsed, paths)
+    sidecar["resumed_from"] = (
+        {"checkpoint": str(checkpoint.resume), "step": start_step} if checkpoint is not None and checkpoint.resume else None
+    )
     write_json_atomic(paths["sidecar"], sidecar)
+    if checkpoint is not None and checkpoint.path.exists():
+        checkpoint.path.unlink()  # the video is complete: its checkpoint is no longer needed
+        logger.info("removed the checkpoint %s (the video is complete)", checkpoint.path)
     logger.info(
         "wrote %s: %d frames %dx%d at %d fps in %.1f s (%.2f frames/s) on %d rank(s)",
         paths["video"], total_frames, pipe.width, pipe.height, pipe.export_fps, elapsed, total_frames / elapsed, ctx.world_size,
@@ -201,25 +228,102 @@ def _chunk_shapes(frames: int, height: int, width: int) -> Iterator[tuple[int, i
         yield (min(DECODE_CHUNK_FRAMES, frames - start), height, width, 3)
 
 
-def _gather_latents(latents: torch.Tensor, ctx: ClipContext, comm_device: torch.device, path: Path | None) -> None:
-    """Rank 0 saves the whole video's final latents, float32 (channels, frames, h, w)."""
-    local = latents[0].float().to(comm_device)
+def _gather_frames(tensor: torch.Tensor, ctx: ClipContext, comm_device: torch.device) -> torch.Tensor | None:
+    """The whole video's ``tensor`` (batch, C, frames, ...) on rank 0 (CPU); None on the other ranks."""
+    local = tensor.to(comm_device).contiguous()
+    if not ctx.distributed:
+        return local.cpu()
     if ctx.rank != 0:
-        dist.send(local.contiguous(), dst=ctx.global_rank(0), group=ctx.group)
-        return
+        dist.send(local, dst=ctx.global_rank(0), group=ctx.group)
+        return None
     parts = [local]
     for rank in range(1, ctx.world_size):
-        buffer = torch.empty((local.shape[0], len(ctx.layout.partition[rank])) + local.shape[2:], device=comm_device)
+        shape = local.shape[:2] + (len(ctx.layout.partition[rank]),) + local.shape[3:]
+        buffer = torch.empty(shape, dtype=local.dtype, device=comm_device)
         dist.recv(buffer, src=ctx.global_rank(rank), group=ctx.group)
         parts.append(buffer)
-    whole = torch.cat(parts, dim=1).cpu().numpy()
+    return torch.cat(parts, dim=2).cpu()
+
+
+def _gather_latents(latents: torch.Tensor, ctx: ClipContext, comm_device: torch.device, path: Path | None) -> None:
+    """Rank 0 saves the whole video's final latents, float32 (channels, frames, h, w)."""
+    whole = _gather_frames(latents.float(), ctx, comm_device)
+    if whole is None:
+        return
+    assert path is not None
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         with open(tmp, "wb") as fh:
-            np.save(fh, whole)
+            np.save(fh, whole[0].numpy())
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+class _Resume:
+    """This rank's part of a checkpoint: latents after ``step`` steps and the scheduler's state."""
+
+    def __init__(self, step: int, latents: torch.Tensor, state: dict[str, Any], tensors: list[torch.Tensor],
+                 device: torch.device) -> None:
+        self.step, self.latents, self.state, self.tensors, self.device = step, latents, state, tensors, device
+
+    @classmethod
+    def load(cls, plan: CheckpointPlan, ctx: ClipContext, device: torch.device, dtype: torch.dtype) -> _Resume:
+        assert plan.resume is not None
+        data = load_checkpoint(plan.resume)
+        frames = ctx.frames
+        own = slice(frames.start, frames.stop)
+        latents = data["latents"][:, :, own].to(device=device, dtype=dtype).clone()
+        tensors = [t[:, :, own].clone() for t in data["scheduler_tensors"]]
+        return cls(int(data["step"]), latents, data["scheduler"], tensors, device)
+
+    def restore(self, scheduler: Any) -> None:
+        restore_scheduler_state(scheduler, self.state, self.tensors, self.device)
+
+
+def _checkpointer(plan: CheckpointPlan, ctx: ClipContext, comm_device: torch.device, paths: dict[str, Path],
+                  num_steps: int) -> Any:
+    """The after-step callback that saves a checkpoint every ``plan.every`` steps (None: never)."""
+    if plan.every is None:
+        return None
+    stem = paths["video"].stem
+
+    def after_step(index: int, latents: torch.Tensor, scheduler: Any) -> None:
+        done = index + 1
+        if done % plan.every:
+            return
+        state, tensors = split_scheduler_state(scheduler, tuple(latents.shape))
+        whole_latents = _gather_frames(latents, ctx, comm_device)
+        whole_tensors = [_gather_frames(t, ctx, comm_device) for t in tensors]
+        if ctx.rank != 0:
+            return
+        assert whole_latents is not None
+        started = time.perf_counter()
+        save_checkpoint(plan.path, latents=whole_latents, scheduler_state=state,
+                        scheduler_tensors=whole_tensors, step=done, num_steps=num_steps, plan=plan,  # type: ignore[arg-type]
+                        file_stem=stem, world_size=ctx.world_size)
+        logger.debug("checkpoint at step %d saved to %s in %.2f s", done, plan.path, time.perf_counter() - started)
+
+    return after_step
+
+
+class _TestHooks:
+    """Test-only hooks, off unless their environment variables are set (see PROGRESS_ENV)."""
+
+    def __init__(self, rank: int) -> None:
+        self.rank = rank
+        folder = os.environ.get(PROGRESS_ENV)
+        self.folder = Path(folder) if folder else None
+        self.sleep = float(os.environ.get(STEP_SLEEP_ENV) or 0)
+
+    def step_done(self, index: int) -> None:
+        if self.folder is not None:
+            target = self.folder / f"rank{self.rank}.json"
+            tmp = self.folder / f".rank{self.rank}.tmp"
+            tmp.write_text(json.dumps({"pid": os.getpid(), "step": index + 1}))
+            os.replace(tmp, target)
+        if self.sleep:
+            time.sleep(self.sleep)
 
 
 def _sidecar(config: RunConfig, model: str, components: ModelComponents, ctx: ClipContext,
