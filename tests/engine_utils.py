@@ -71,3 +71,27 @@ def run_distributed(fn: Callable, world_size: int, *args: Any, tmp_dir: Path) ->
         errors = "\n".join(p.read_text() for p in sorted(out_dir.glob("*.err")))
         raise AssertionError(f"distributed run failed:\n{errors}") from exc
     return [torch.load(out_dir / f"rank{r}.pt") for r in range(world_size)]
+
+
+class TemporalStack(torch.nn.Module):
+    """A UNet-shaped wrapper around one TransformerTemporalModel with sinusoidal frame positions
+    (as AnimateDiff-style motion modules have): checks that positions are global frame indices."""
+
+    def __init__(self, channels: int = 8, seed: int = 0) -> None:
+        super().__init__()
+        from diffusers.models.transformers.transformer_temporal import TransformerTemporalModel
+
+        torch.manual_seed(seed)
+        self.temporal = TransformerTemporalModel(
+            num_attention_heads=2, attention_head_dim=4, in_channels=channels, norm_num_groups=4,
+            positional_embeddings="sinusoidal", num_positional_embeddings=64,
+        ).eval()
+        with torch.no_grad():
+            for p in self.temporal.parameters():
+                p.copy_(torch.randn_like(p) * 0.3)
+
+    def forward(self, sample: torch.Tensor, timestep, encoder_hidden_states=None):
+        batch, channels, frames, height, width = sample.shape
+        flat = sample.permute(0, 2, 1, 3, 4).reshape(batch * frames, channels, height, width)
+        out = self.temporal(flat, num_frames=frames, return_dict=False)[0]
+        return type("Output", (), {"sample": out.reshape(batch, frames, channels, height, width).permute(0, 2, 1, 3, 4)})

@@ -11,7 +11,7 @@ from diffusers import DPMSolverMultistepScheduler
 from video_infinity import ClipContext, EngineConfig, parallelize
 from video_infinity.denoise import denoise, initial_latents
 
-from engine_utils import build_tiny_unet, load_unet, run_distributed
+from engine_utils import TemporalStack, build_tiny_unet, load_unet, run_distributed
 
 TIMESTEP = 500
 FRAME_COUNTS = (11, 13)
@@ -53,6 +53,10 @@ def _engine_outputs(rank: int, world_size: int, unet_dir: Path, inputs: dict) ->
                 handle = parallelize(unet, EngineConfig.model_validate(settings), ctx)
                 results[(name, total)] = unet(x, TIMESTEP, inputs["text"]).sample
                 handle.remove()
+            stack = TemporalStack()
+            handle = parallelize(stack, EngineConfig.model_validate(SETTINGS["dual_scope"]), ctx)
+            results[("positions", total)] = stack(inputs[f"p{total}"][:, :, ctx.frames.start : ctx.frames.stop], TIMESTEP).sample
+            handle.remove()
     return results
 
 
@@ -85,6 +89,7 @@ def setup(tmp_path_factory):
     gen = torch.Generator().manual_seed(1)
     inputs = {f"x{t}": torch.randn(2, 4, t, 8, 8, generator=gen) for t in FRAME_COUNTS}
     inputs["text"] = torch.randn(2, 5, 16, generator=gen)
+    inputs.update({f"p{t}": torch.randn(1, 8, t, 2, 2, generator=gen) for t in FRAME_COUNTS})
     unet = load_unet(unet_dir)
     with torch.no_grad():
         plain = {t: unet(inputs[f"x{t}"], TIMESTEP, inputs["text"]).sample for t in FRAME_COUNTS}
@@ -100,6 +105,17 @@ def test_single_process_whole_window_equals_diffusers(setup):
     # One process and nothing crossing a clip takes the native kernels: bit-identical, not just close.
     for total in FRAME_COUNTS:
         assert torch.equal(setup["single"]["outputs"][("whole_window", total)], setup["plain"][total])
+
+
+def test_frame_positions_are_global_indices(setup):
+    # On one process the engine adds the same position embedding as diffusers for frames 0..T-1.
+    stack = TemporalStack()
+    with torch.no_grad():
+        plain = stack(setup["inputs"]["p11"], TIMESTEP).sample
+        handle = parallelize(stack, {"attn": {"padding": 64, "top_k": 0, "local_phase": None, "global_phase": None}})
+        engine = stack(setup["inputs"]["p11"], TIMESTEP).sample
+        handle.remove()
+    torch.testing.assert_close(engine, plain, atol=1e-5, rtol=0)
 
 
 def test_dual_scope_settings_change_the_output(setup):
@@ -118,7 +134,7 @@ def test_distributed_equals_single_process(setup, world_size):
     for total in FRAME_COUNTS:
         if world_size <= 3:
             torch.testing.assert_close(_gathered(results, ("whole_window", total)), setup["plain"][total], atol=1e-5, rtol=0)
-        for name in ("dual_scope", "dual_scope_token_scale"):
+        for name in ("dual_scope", "dual_scope_token_scale", "positions"):
             torch.testing.assert_close(
                 _gathered(results, (name, total)), setup["single"]["outputs"][(name, total)], atol=1e-5, rtol=0,
                 msg=lambda m: f"{name}, {total} frames, world {world_size}: {m}",
