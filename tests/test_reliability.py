@@ -155,12 +155,14 @@ class Interrupted:
             self.signalled = time.monotonic()
             if target == "group":  # as Ctrl-C in a terminal: the whole foreground process group
                 os.killpg(proc.pid, sig)
+            elif target == "launcher":
+                os.kill(proc.pid, sig)
             else:
                 os.kill(self.ranks[int(target)], sig)
             _, self.stderr = proc.communicate(timeout=60)
             self.seconds = time.monotonic() - self.signalled
             self.returncode = proc.returncode
-            self.left_behind = _still_running(self.processes)
+            self.left_behind = _still_running(self.processes, within=5.0)
             out = self.stem.parent
             self.video_written = self.stem.with_suffix(".mp4").exists()
             self.temporary = [p.name for p in out.iterdir() if p.name.startswith(".")]
@@ -224,6 +226,7 @@ def _outputs(stem: Path) -> tuple[np.ndarray, np.ndarray]:
 
 
 def test_killed_rank_stops_the_run_with_one_line(killed):
+    print(f"kill -9 of rank 1 of 3: the launcher exited {killed.seconds:.2f} s later")
     assert killed.seconds < 30
     message = _one_line_error(killed.result(), 1, "rank 1 was killed (SIGKILL)", "--resume")
     assert message.startswith("video-infinity: error: ")
@@ -231,12 +234,21 @@ def test_killed_rank_stops_the_run_with_one_line(killed):
 
 
 def test_ctrl_c_stops_every_rank_and_keeps_the_checkpoint(interrupted):
+    print(f"Ctrl-C of 2 ranks: the launcher exited {interrupted.seconds:.2f} s later")
     assert interrupted.seconds < 10
     _one_line_error(interrupted.result(), 130, "interrupted", "--resume")
     interrupted.assert_clean()
     checkpoint = load_checkpoint(interrupted.copy)
     assert checkpoint["step"] % EVERY == 0 and 0 < checkpoint["step"] < STEPS
     assert checkpoint["latents"].shape[2] == FRAMES and checkpoint["world_size"] == 2
+
+
+def test_killed_launcher_leaves_no_rank_behind(root, env):
+    run = Interrupted(root, env, "launcher-killed", world=2, sig=signal.SIGKILL, target="launcher")
+    print(f"launcher killed: its {len(run.processes)} descendants gone within 5 s")
+    assert run.returncode == -signal.SIGKILL
+    assert not run.left_behind, run.left_behind
+    assert not run.video_written
 
 
 def test_resume_after_a_kill_is_bit_identical(root, env, killed, reference3):
@@ -389,3 +401,26 @@ def test_out_of_memory_names_the_knobs_to_lower(root):
     assert kind == "oom" and code == 1 and "\n" not in message
     for knob in ("GPU memory on cuda:1", "frames per device", "num_frames", "total_frames", "height", "width", "dtype"):
         assert knob in message, message
+
+
+def test_the_root_cause_is_reported_not_its_echoes(tmp_path, root):
+    """A rank's own error beats a rank killed by a signal, which beats ranks that lost their peers."""
+    from types import SimpleNamespace
+
+    from video_infinity.launch import _root_cause
+
+    def report(rank, kind, message, at, code=1):
+        (tmp_path / f"rank{rank}.json").write_text(json.dumps({"kind": kind, "message": message, "time": at, "code": code}))
+
+    procs = [SimpleNamespace(exitcode=code) for code in (1, 1, -signal.SIGTERM, 1)]
+    report(0, "peer", "lost contact with the other ranks (Connection closed by peer)", 1.0)
+    report(1, "error", "ValueError: boom", 2.0)
+    report(3, "peer", "lost contact with the other ranks", 0.5)
+    assert _root_cause(procs, {2}, tmp_path) == ("rank 1 failed: ValueError: boom", 1)
+    (tmp_path / "rank1.json").unlink()
+    procs[1] = SimpleNamespace(exitcode=-signal.SIGKILL)
+    assert _root_cause(procs, {2}, tmp_path) == ("rank 1 was killed (SIGKILL)", 1)
+    procs[1] = SimpleNamespace(exitcode=-signal.SIGTERM)
+    assert _root_cause(procs, {1, 2}, tmp_path)[0].startswith("rank 3 failed: lost contact")
+    report(2, "user", "cannot load unet from 'x': shapes differ", 3.0, code=2)
+    assert _root_cause(procs, {1}, tmp_path) == ("cannot load unet from 'x': shapes differ", 2)

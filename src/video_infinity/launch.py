@@ -421,17 +421,36 @@ def _run_rank(rank: int, world_size: int, local_rank: int, config: RunConfig, mo
         dist.destroy_process_group()
 
 
-def _die_with_parent() -> None:
-    """Linux: SIGKILL this process when its parent dies (the launcher killed with -9 leaves no rank behind)."""
-    if not sys.platform.startswith("linux"):
-        return
-    try:
-        import ctypes
+def _exit_with_launcher(launcher: int) -> None:
+    """Kill this rank as soon as the launcher process is gone (e.g. killed with -9).
 
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
+    The ranks are children of the fork server, which itself lives as long as any rank does, so
+    neither a parent-death signal nor the fork server would stop them: a thread watches the
+    launcher (a pidfd on Linux, else polling).
+    """
+    import select
+    import threading
+
+    try:
+        pidfd: int | None = os.pidfd_open(launcher)  # type: ignore[attr-defined]
+    except (AttributeError, OSError):
+        pidfd = None
+
+    def watch() -> None:
+        if pidfd is not None:
+            select.select([pidfd], [], [])  # readable once the launcher has exited
+        else:
+            while True:
+                time.sleep(0.5)
+                try:
+                    os.kill(launcher, 0)
+                except ProcessLookupError:
+                    break
+                except OSError:
+                    continue
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    threading.Thread(target=watch, name="launcher-watch", daemon=True).start()
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
@@ -441,9 +460,9 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
 
 
 def _spawned_rank(rank: int, world_size: int, port: int, config: RunConfig, model: str, paths: dict[str, Path],
-                  plan: CheckpointPlan, log_level: int, report_dir: str) -> None:
+                  plan: CheckpointPlan, log_level: int, report_dir: str, launcher: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group: the launcher stops us
-    _die_with_parent()
+    _exit_with_launcher(launcher)
     import threading
 
     import tqdm
@@ -529,11 +548,15 @@ def _stop(procs: list[Any]) -> set[int]:
 
 
 def _stop_forkserver() -> None:
-    """End the fork server now (it would linger a moment after this process exits)."""
+    """End the fork server now: left alone, it lingers after this process exits (its interpreter
+    teardown, with torch and diffusers loaded, takes about a second)."""
     from multiprocessing import forkserver
 
+    server = forkserver._forkserver  # type: ignore[attr-defined]
     with contextlib.suppress(Exception):
-        forkserver._forkserver._stop()  # type: ignore[attr-defined]
+        if server._forkserver_pid is not None:
+            os.kill(server._forkserver_pid, signal.SIGKILL)  # it holds nothing worth a clean exit
+        server._stop()
 
 
 def _watch(procs: list[Any]) -> bool:
@@ -571,17 +594,21 @@ def _run_spawned(config: RunConfig, model: str, paths: dict[str, Path], plan: Ch
             proc = context.Process(
                 target=_spawned_rank, name=f"video-infinity-rank{rank}",
                 args=(rank, world_size, port, config, model, paths, plan, logging.getLogger().level or logging.INFO,
-                      str(report_dir)),
+                      str(report_dir), os.getpid()),
             )
             proc.start()
             procs.append(proc)
         ok = _watch(procs)
     finally:
         with _signals_deferred():
+            started = time.monotonic()
             stopped = _stop(procs)
             message, code = ("", 0) if ok else _root_cause(procs, stopped, report_dir)
             shutil.rmtree(report_dir, ignore_errors=True)
+            stopped_at = time.monotonic()
             _stop_forkserver()
+            logger.debug("ranks stopped in %.2f s, fork server in %.2f s", stopped_at - started,
+                         time.monotonic() - stopped_at)
     if not ok:
         raise RunError(message, code)
 
