@@ -92,6 +92,68 @@ def evaluate(components: Any, scheduler: str, steps: int, guidance: float, frame
     }
 
 
+def long_video(components: Any, prompt: str, total_frames: int, clips: list[range] | None, seed: int, steps: int,
+               guidance: float, scheduler_name: str, engine: dict | None = None) -> np.ndarray:
+    """One long video, uint8 (total_frames, H, W, 3), in this process: every frame at once
+    (``clips=None``), or each clip of ``clips`` generated on its own from the same per-frame noise
+    as a multi-rank run would use, with no communication between clips."""
+    from .. import parallelize
+    from ..context import ClipContext
+    from ..denoise import denoise, initial_latents
+    from ..pipeline import decode_frames, encode_prompts, make_scheduler
+
+    unet, vae = components.unet, components.vae
+    scale = 2 ** (len(vae.config.block_out_channels) - 1)
+    shape = (1, unet.config.in_channels, data.SIZE // scale, data.SIZE // scale)
+    text = encode_prompts(components, [prompt], torch.device("cpu"))
+    negative = encode_prompts(components, [""], torch.device("cpu"))
+    parts = []
+    for frames in clips or [range(total_frames)]:
+        scheduler = make_scheduler(scheduler_name, components.scheduler_config)
+        latents = initial_latents(seed, frames, shape, scheduler.init_noise_sigma, torch.float32, "cpu")
+        handle = parallelize(unet, engine or {}, ClipContext())
+        try:
+            with torch.no_grad():
+                latents = denoise(unet, scheduler, latents, text, negative_embeds=negative, guidance_scale=guidance,
+                                  seed=seed, frames=frames, num_steps=steps)
+        finally:
+            handle.remove()
+        parts.extend(chunk.numpy() for chunk in decode_frames(components, latents))
+    return np.concatenate(parts)
+
+
+def continuity(components: Any, model: str, config_file: Path, prompt: str, total_frames: int, ranks: int, seed: int,
+               steps: int, guidance: float, scheduler_name: str, out_dir: Path) -> dict[str, Any]:
+    """Probe the clip borders of a long video made by ``video-infinity generate`` on ``ranks`` CPU processes
+    (the engine: clips talk to each other) and of the same clips made independently, each from the same
+    per-frame noise with no communication. Both MP4s are written to ``out_dir``."""
+    import subprocess
+    import sys
+
+    from ..frames import partition_frames
+    from ..video_io import VideoWriter, read_video
+    from .probe import analyse
+
+    config = json.loads(Path(config_file).read_text())
+    config.update(devices=["cpu"] * ranks, seed=seed, base_path=str(out_dir), model=model)
+    config["pipe_configs"].update(prompts=[prompt], total_frames=total_frames, steps=steps, guidance_scale=guidance,
+                                  scheduler=scheduler_name, file_name="joint", height=data.SIZE, width=data.SIZE)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "joint_config.json").write_text(json.dumps(config, indent=2))
+    start = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "video_infinity.cli", "generate", "--config", str(out_dir / "joint_config.json"),
+                    "--overwrite"], check=True)
+    joint_seconds = time.perf_counter() - start
+    joint, _ = read_video(out_dir / "joint.mp4")
+    engine = config.get("plugin_configs")
+    independent = long_video(components, prompt, total_frames, partition_frames(total_frames, ranks), seed, steps,
+                             guidance, scheduler_name, engine)
+    with VideoWriter(out_dir / "independent.mp4", data.SIZE, data.SIZE, 8) as writer:
+        writer.write(independent)
+    return {"joint": {**analyse(joint, ranks=ranks).to_dict(), "seconds": joint_seconds},
+            "independent": analyse(independent, ranks=ranks).to_dict()}
+
+
 def _sheet(videos: np.ndarray, path: Path) -> None:
     from ..video_io import write_png
 
@@ -111,6 +173,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", type=Path, default=None, help="write the results (without videos) here")
     parser.add_argument("--sheet", type=Path, default=None, help="contact sheet PNG of the last setting's samples")
+    parser.add_argument("--continuity", metavar="PROMPT", default=None,
+                        help="instead: border jumps of one long video made jointly vs clip by clip")
+    parser.add_argument("--total-frames", type=int, default=128)
+    parser.add_argument("--ranks", type=int, default=2)
+    parser.add_argument("--config", type=Path, default=Path("examples/cpu_demo.json"),
+                        help="with --continuity: run config for the joint video (prompt, frames, sampler replaced)")
+    parser.add_argument("--out-dir", type=Path, default=Path("outputs/continuity"),
+                        help="with --continuity: where both videos go")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     torch.set_num_threads(args.threads)
@@ -121,6 +191,16 @@ def main(argv: list[str] | None = None) -> int:
 
         args.model = str(default_model_path())
     components = load_model(args.model)
+    if args.continuity is not None:
+        result = continuity(components, args.model, args.config, args.continuity, args.total_frames, args.ranks,
+                            args.base_seed, args.steps[0], args.guidance[0], args.scheduler[0], args.out_dir)
+        for name, report in result.items():
+            print(f"{name:>12}: colour {report['colour']} direction {report['direction']} median step "
+                  f"{report['median_step']:.2f} px, border jumps {[round(j, 2) for j in report['border_jumps']]} "
+                  f"(max / median step {report['border_ratio']:.2f})", flush=True)
+        if args.json is not None:
+            args.json.write_text(json.dumps(result, indent=2, default=str) + "\n")
+        return 0
     results = []
     for scheduler, steps, guidance in itertools.product(args.scheduler, args.steps, args.guidance):
         result = evaluate(components, scheduler, steps, guidance, args.frames, args.seeds, args.base_seed)
