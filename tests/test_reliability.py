@@ -297,10 +297,13 @@ def test_unfinished_checkpoint_is_not_overwritten_by_a_new_run(root, env, killed
     assert checkpoint.read_bytes() == killed.copy.read_bytes()
 
 
-def test_broken_checkpoint_file_is_refused(root, env, tmp_path):
+def test_broken_checkpoint_file_is_refused(root, env, tmp_path, killed):
     broken = tmp_path / "broken.ckpt"
     broken.write_bytes(b"PK\x03\x04 not really a zip")
-    _one_line_error(_run(root, env, "--resume", str(broken)), 2, "not a readable checkpoint")
+    _one_line_error(_run(root, env, "--resume", str(broken)), 2, "not a video-infinity checkpoint")
+    truncated = tmp_path / "truncated.ckpt"
+    truncated.write_bytes(killed.copy.read_bytes()[:-100])
+    _one_line_error(_run(root, env, "--resume", str(truncated)), 2, "checkpoint")
 
 
 # --------------------------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -226,6 +227,9 @@ def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"--resume {path}: no such checkpoint file")
+    if not zipfile.is_zipfile(path):  # torch.save archives are zip files
+        raise CheckpointError(f"--resume {path}: not a video-infinity checkpoint (not a torch.save archive; "
+                              "truncated or another kind of file)")
     try:
         data = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as exc:  # noqa: BLE001 - truncated, not a zip, not ours: one line

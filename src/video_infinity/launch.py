@@ -709,7 +709,8 @@ def launch(config: RunConfig, overwrite: bool = False, resume: str | os.PathLike
             with _signals_deferred():
                 _remove_new_temp_files(paths, before)
                 what = "terminated (SIGTERM)" if isinstance(exc, _Terminated) else "interrupted"
-                raise RunInterrupted(f"{what}: all {world_size} rank(s) stopped; {_checkpoint_note(plan)}",
+                stopped = f"all {world_size} ranks stopped" if world_size > 1 else "stopped"
+                raise RunInterrupted(f"{what}: {stopped}; {_checkpoint_note(plan)}",
                                      143 if isinstance(exc, _Terminated) else 130) from None
         except RunError as exc:
             _remove_new_temp_files(paths, before)
