@@ -427,3 +427,21 @@ def test_the_root_cause_is_reported_not_its_echoes(tmp_path, root):
     assert _root_cause(procs, {1, 2}, tmp_path)[0].startswith("rank 3 failed: lost contact")
     report(2, "user", "cannot load unet from 'x': shapes differ", 3.0, code=2)
     assert _root_cause(procs, {1}, tmp_path) == ("cannot load unet from 'x': shapes differ", 2)
+
+
+def test_only_the_runs_own_new_temporary_files_are_removed(tmp_path, root):
+    from video_infinity.config import load_run_config
+    from video_infinity.launch import _remove_new_temp_files, _temp_files, output_paths
+
+    config = load_run_config(root / "config.json", [f"base_path={json.dumps(str(tmp_path))}"])
+    paths = output_paths(config)
+    older = tmp_path / ".video.mp4.abc.part.mp4"  # another run's: there before this one started
+    older.touch()
+    before = _temp_files(paths)
+    new = [tmp_path / ".video.mp4.xyz.part.mp4", tmp_path / ".video.ckpt.123.tmp", tmp_path / ".video.json.q.part"]
+    for path in new:
+        path.touch()
+    unrelated = tmp_path / ".other.mp4.xyz.part.mp4"
+    unrelated.touch()
+    _remove_new_temp_files(paths, before)
+    assert older.exists() and unrelated.exists() and not any(path.exists() for path in new)
