@@ -339,7 +339,8 @@ def _checkpoint(out: Path) -> Path:
 
 def train_unet(out: Path, minutes: float, seed: int, resume: bool, batch: int = 4, lr: float = 5e-4,
                gamma: float = 5.0, ema_decay: float = 0.999, checkpoint_minutes: float = 5.0,
-               eval_minutes: float = 15.0, max_steps: int | None = None) -> None:
+               eval_minutes: float = 15.0, max_steps: int | None = None, window: int = 16,
+               high_noise: float = 0.0) -> None:
     tokenizer = load_tokenizer(out / "tokenizer")
     vae = load_vae(out)
     clips = torch.load(out / "latents.pt")
@@ -411,6 +412,9 @@ def train_unet(out: Path, minutes: float, seed: int, resume: bool, batch: int = 
             t0 = time.perf_counter()
             idx = torch.randint(len(labels_all), (batch,), generator=gen)
             x0 = latents_all[idx].float()
+            if window < x0.shape[2]:  # a random window of each clip
+                first = int(torch.randint(0, x0.shape[2] - window + 1, (1,), generator=gen))
+                x0 = x0[:, :, first:first + window]
             label = labels_all[idx]
             flip = torch.rand(batch, generator=gen) < 0.5
             x0 = torch.where(flip[:, None, None, None, None], x0.flip(2), x0)
@@ -423,6 +427,10 @@ def train_unet(out: Path, minutes: float, seed: int, resume: bool, batch: int = 
             tokens = torch.where(drop[:, None], empty[None], tokens)
             noise = torch.randn(x0.shape, generator=gen)
             t = torch.randint(0, scheduler.config.num_train_timesteps, (batch,), generator=gen)
+            if high_noise > 0:  # a share of the batch at high noise, where the prompt decides the motion
+                n_train = scheduler.config.num_train_timesteps
+                high = torch.randint(int(0.6 * n_train), n_train, (batch,), generator=gen)
+                t = torch.where(torch.rand(batch, generator=gen) < high_noise, high, t)
             noisy = scheduler.add_noise(x0, noise, t)
             target = scheduler.get_velocity(x0, noise, t)
             text = text_encoder(tokens)[0]
@@ -548,6 +556,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--clips-per-class", type=int, default=40)
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--lr", type=float, default=5e-4)
+    parser.add_argument("--ema-decay", type=float, default=0.999)
+    parser.add_argument("--window", type=int, default=16, help="frames per training window (clips have 16)")
+    parser.add_argument("--high-noise", type=float, default=0.0,
+                        help="share of samples drawn from the noisiest 40%% of timesteps")
     parser.add_argument("--checkpoint-minutes", type=float, default=5.0)
     parser.add_argument("--eval-minutes", type=float, default=15.0)
     parser.add_argument("--seed", type=int, default=0)
@@ -567,7 +579,8 @@ def main(argv: list[str] | None = None) -> int:
         encode_clips(args.out, args.clips_per_class, args.seed)
     if args.stage in ("all", "unet"):
         train_unet(args.out, args.minutes, args.seed, args.resume, batch=args.batch, lr=args.lr,
-                   checkpoint_minutes=args.checkpoint_minutes, eval_minutes=args.eval_minutes, max_steps=args.max_steps)
+                   checkpoint_minutes=args.checkpoint_minutes, eval_minutes=args.eval_minutes, max_steps=args.max_steps,
+                   ema_decay=args.ema_decay, window=args.window, high_noise=args.high_noise)
     if args.export is not None and args.stage in ("all", "export"):
         export(args.out, args.export, args.ema_file)
     return 0
