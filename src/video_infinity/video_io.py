@@ -111,7 +111,7 @@ class VideoWriter:
         if frames.dtype != np.uint8:
             raise ValueError(f"expected uint8 frames, got {frames.dtype}")
         for frame in frames:
-            video_frame = _yuv420p_frame(frame)
+            video_frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")
             video_frame.pts = self.frames_written
             for packet in self._stream.encode(video_frame):
                 self._container.mux(packet)
@@ -148,24 +148,6 @@ class VideoWriter:
         if self._tmp is not None:
             _unlink(self._tmp)
             self._tmp = None
-
-
-def _yuv420p_frame(rgb: np.ndarray) -> Any:
-    """A yuv420p frame of an RGB image whose row padding is zero.
-
-    x264 reads the padding at the end of each row (present when a row is not a multiple of the
-    buffer alignment, e.g. 48 pixels wide); frames from PyAV leave it uninitialised, so the same
-    images gave different bytes from run to run.
-    """
-    yuv = av.VideoFrame.from_ndarray(np.ascontiguousarray(rgb), format="rgb24").reformat(format="yuv420p")
-    frame = av.VideoFrame(yuv.width, yuv.height, "yuv420p")
-    for src, dst in zip(yuv.planes, frame.planes):
-        rows = dst.height
-        pixels = np.frombuffer(memoryview(src), np.uint8)[: rows * src.line_size].reshape(rows, src.line_size)
-        padded = np.zeros((rows, dst.line_size), np.uint8)
-        padded[:, : src.width] = pixels[:, : src.width]
-        dst.update(padded)
-    return frame
 
 
 def read_video(path: str | os.PathLike[str]) -> tuple[np.ndarray, float]:
