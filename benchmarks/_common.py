@@ -1,0 +1,280 @@
+"""Helpers shared by the benchmark scripts (not a benchmark itself).
+
+Benchmarks import the library and never copy it; what lives here is only benchmark plumbing: the
+UNet configurations the benchmarks time, the machine description that goes into every result, peak
+memory probes, real multi-process gloo runs, and a helper for interleaved timings.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import socket
+import statistics
+import time
+import traceback
+from pathlib import Path
+from typing import Any, Callable
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+ENGINE_WHOLE_WINDOW = {"attn": {"padding": 64, "top_k": 0, "local_phase": None, "global_phase": None}}
+"""Engine settings whose window covers any clip of <= 65 frames: no global frames, no phase biases.
+On one process this is the same computation as the unmodified model (the overhead target's case)."""
+
+ENGINE_DEFAULT: dict[str, Any] = {}
+"""The published dual-scope defaults (padding 8, top_k 16, phase biases +10 at t 800)."""
+
+BENCH_UNET = dict(
+    down_block_types=("CrossAttnDownBlock3D", "DownBlock3D"),
+    up_block_types=("UpBlock3D", "CrossAttnUpBlock3D"),
+    block_out_channels=(64, 128),
+    layers_per_block=1,
+    norm_num_groups=32,
+    cross_attention_dim=64,
+    attention_head_dim=32,
+    in_channels=4,
+    out_channels=4,
+)
+"""A moderate UNet3DConditionModel (6.3 M parameters, 2 levels) whose CPU timings mean something."""
+
+VIDEOCRAFTER2_UNET = dict(
+    down_block_types=("CrossAttnDownBlock3D", "CrossAttnDownBlock3D", "CrossAttnDownBlock3D", "DownBlock3D"),
+    up_block_types=("UpBlock3D", "CrossAttnUpBlock3D", "CrossAttnUpBlock3D", "CrossAttnUpBlock3D"),
+    block_out_channels=(320, 640, 1280, 1280),
+    layers_per_block=2,
+    cross_attention_dim=1024,
+    attention_head_dim=64,
+    norm_num_groups=32,
+    in_channels=4,
+    out_channels=4,
+)
+"""VideoCrafter2's UNet (``adamdad/videocrafterv2_diffusers``), without the fps MLP (FpsUNet3DConditionModel adds it)."""
+
+TEXT_TOKENS = 77
+"""Text sequence length of the random prompt embeddings (CLIP's)."""
+
+logger = logging.getLogger("benchmarks")
+
+
+def setup_logging() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    for noisy in ("diffusers", "video_infinity"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def build_unet(config: dict[str, Any], sample_size: int, seed: int = 0, fps: bool = False, device: str = "cpu",
+               dtype: Any = None) -> Any:
+    """A UNet3DConditionModel (or the fps-conditioned VideoCrafter2 class) with random weights, in eval mode."""
+    import torch
+    from diffusers import UNet3DConditionModel
+
+    torch.manual_seed(seed)
+    if fps:
+        from video_infinity.models import FpsUNet3DConditionModel
+
+        cls, extra = FpsUNet3DConditionModel, {"fps_cond": True}
+    else:
+        cls, extra = UNet3DConditionModel, {}
+    default = torch.get_default_dtype()
+    try:
+        # Created directly in ``dtype`` on ``device``: no full-precision copy, no cast afterwards.
+        torch.set_default_dtype(dtype or default)
+        with torch.device(device):
+            unet = cls(sample_size=sample_size, **config, **extra)
+    finally:
+        torch.set_default_dtype(default)
+    return unet.eval().requires_grad_(False)
+
+
+def machine() -> dict[str, Any]:
+    """What the figures were measured on."""
+    import torch
+
+    info: dict[str, Any] = {
+        "host_cpus": os.cpu_count(),
+        "cpu": _cpu_model(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
+        "cuda": torch.cuda.is_available(),
+    }
+    try:
+        import diffusers
+
+        info["diffusers"] = diffusers.__version__
+    except ImportError:  # pragma: no cover
+        pass
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+        info["gpu_memory_gib"] = round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1)
+    return info
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:  # pragma: no cover
+        pass
+    return platform.processor() or "unknown"
+
+
+def write_result(name: str, payload: dict[str, Any]) -> Path:
+    """Write ``results/<name>.json`` atomically; returns the path."""
+    RESULTS.mkdir(exist_ok=True)
+    payload = {**payload, "load_average_at_end": [round(x, 2) for x in os.getloadavg()],
+               "written": time.strftime("%Y-%m-%d %H:%M:%S")}
+    path = RESULTS / f"{name}.json"
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(payload, indent=2, default=str) + "\n")
+    tmp.replace(path)
+    logger.info("wrote %s", path.relative_to(RESULTS.parent.parent))
+    return path
+
+
+# ------------------------------------------------------------------------------------------------
+# Peak memory
+# ------------------------------------------------------------------------------------------------
+
+
+def _status_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+class PeakMemory:
+    """Peak memory of a region above its start: CUDA ``max_memory_allocated``, or on CPU the
+    process's RSS high-water mark (reset through ``/proc/self/clear_refs``) minus the RSS at start.
+
+    CPU figures are only meaningful in a fresh process whose allocator holds no freed memory of an
+    earlier, larger computation: run each variant in its own subprocess.
+    """
+
+    def __init__(self, device: str) -> None:
+        self.device = device
+        self.base = 0
+        self.peak = 0
+
+    def __enter__(self) -> "PeakMemory":
+        import torch
+
+        if self.device == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self.base = torch.cuda.memory_allocated()
+        else:
+            Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
+            self.base = _status_kib("VmRSS") * 1024
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        import torch
+
+        if self.device == "cuda":
+            torch.cuda.synchronize()
+            self.peak = torch.cuda.max_memory_allocated()
+        else:
+            self.peak = _status_kib("VmHWM") * 1024
+
+    @property
+    def delta(self) -> int:
+        return self.peak - self.base
+
+
+# ------------------------------------------------------------------------------------------------
+# Timing
+# ------------------------------------------------------------------------------------------------
+
+
+def timed(fn: Callable[[], Any], device: str = "cpu") -> float:
+    """Wall-clock seconds of ``fn()`` (synchronising CUDA before and after)."""
+    import torch
+
+    if device == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    fn()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def interleaved(variants: dict[str, Callable[[], Any]], repeats: int, warmup: int = 1, device: str = "cpu",
+                on_round: Callable[[int], None] | None = None) -> dict[str, list[float]]:
+    """Time every variant once per round, ``repeats`` rounds (after ``warmup`` untimed rounds), rotating
+    the order each round so that no variant always runs first or after the same neighbour."""
+    names = list(variants)
+    for _ in range(warmup):
+        for name in names:
+            variants[name]()
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(repeats):
+        order = names[r % len(names):] + names[: r % len(names)]
+        for name in order:
+            times[name].append(timed(variants[name], device))
+        if on_round is not None:
+            on_round(r)
+    return times
+
+
+def paired_ratio(numerator: list[float], denominator: list[float]) -> float:
+    """Median over rounds of the per-round ratio (robust to slow phases of a shared machine)."""
+    return statistics.median(a / b for a, b in zip(numerator, denominator))
+
+
+# ------------------------------------------------------------------------------------------------
+# Real multi-process runs (gloo on CPU)
+# ------------------------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _rank_main(rank: int, world_size: int, port: int, threads: int, fn: Callable, args: tuple, out_dir: str) -> None:
+    import torch
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    torch.set_num_threads(threads)
+    logging.getLogger("diffusers").setLevel(logging.ERROR)
+    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    try:
+        result = fn(rank, world_size, *args)
+        Path(out_dir, f"rank{rank}.json").write_text(json.dumps(result, default=str))
+    except BaseException:
+        Path(out_dir, f"rank{rank}.err").write_text(traceback.format_exc())
+        raise
+    finally:
+        dist.destroy_process_group()
+
+
+def run_ranks(fn: Callable, world_size: int, *args: Any, threads: int = 1) -> list[Any]:
+    """Run ``fn(rank, world_size, *args)`` in ``world_size`` spawned gloo processes (``threads`` torch
+    threads each); returns each rank's JSON-serialisable result. ``fn`` must be a module-level function."""
+    import tempfile
+
+    import torch.multiprocessing as mp
+
+    with tempfile.TemporaryDirectory(prefix="vi-bench-") as out_dir:
+        try:
+            mp.start_processes(_rank_main, args=(world_size, free_port(), threads, fn, args, out_dir),
+                               nprocs=world_size, start_method="spawn")
+        except Exception as exc:
+            errors = "\n".join(p.read_text() for p in sorted(Path(out_dir).glob("*.err")))
+            raise RuntimeError(f"distributed run failed:\n{errors}") from exc
+        return [json.loads(Path(out_dir, f"rank{r}.json").read_text()) for r in range(world_size)]
+
+
+def mib(nbytes: float) -> float:
+    return nbytes / 2**20
