@@ -7,6 +7,9 @@ torch.cuda.max_memory_allocated. Inputs are excluded; the processor's own workin
 measured (projections, halo/global buffers, scores, output).
 
     python benchmarks/attention_memory.py [--frames 64 128 256 512] [--spatial 256] [--channels 64]
+
+Writes benchmarks/results/attention_memory.json; ``memory.py`` runs this script with its defaults and
+includes that JSON (and a plot of it) in its own result.
 """
 
 from __future__ import annotations
