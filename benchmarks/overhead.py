@@ -10,7 +10,7 @@ Variants, all on the same weights and inputs (one UNet call = one denoising step
 
 Timing: the variants run interleaved in one process (the order rotates every round), after warm-up;
 the ratio is the median over rounds of the per-round ratio, so slow phases of a shared machine hit
-both sides. Memory: each (variant, frames) runs once in a fresh subprocess; the peak is the RSS
+both sides. Memory: each (variant, frames) runs in fresh subprocesses (median of 3); the peak is the RSS
 high-water mark above the RSS before the call (CPU) or ``max_memory_allocated`` above the allocated
 memory before the call (CUDA).
 
@@ -79,6 +79,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=2, help="UNet batch (2: CFG's conditional + unconditional)")
     parser.add_argument("--repeats", type=int, default=9, help="timed rounds (each runs every variant once)")
     parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--memory-repeats", type=int, default=3, help="fresh subprocesses per (variant, frames); median")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads; 1 by default: on a small shared machine a busy core stalls every "
                              "multi-threaded kernel and makes timings several times slower and far noisier")
@@ -120,18 +121,20 @@ def main() -> None:
         times = interleaved({name: call(name) for name in VARIANTS}, args.repeats, args.warmup, args.device,
                             on_round=lambda r: logger.info("  %d frames: round %d/%d done", frames, r + 1, args.repeats))
         same = (outputs["engine_whole_window"] - outputs["diffusers"]).abs().max().item()
-        memory = {}
-        for name in VARIANTS:
-            cmd = [sys.executable, __file__, "--child", name, str(frames), "--latent", str(args.latent), "--batch",
-                   str(args.batch), "--device", args.device] + (["--threads", str(args.threads)] if args.threads else [])
-            done = subprocess.run(cmd, check=True, capture_output=True, text=True)
-            memory[name] = json.loads(done.stdout.strip().splitlines()[-1])["peak_bytes"]
+        peaks: dict[str, list[int]] = {name: [] for name in VARIANTS}
+        for _ in range(args.memory_repeats):
+            for name in VARIANTS:
+                cmd = [sys.executable, __file__, "--child", name, str(frames), "--latent", str(args.latent), "--batch",
+                       str(args.batch), "--device", args.device, "--threads", str(args.threads)]
+                done = subprocess.run(cmd, check=True, capture_output=True, text=True)
+                peaks[name].append(json.loads(done.stdout.strip().splitlines()[-1])["peak_bytes"])
+        memory = {name: statistics.median(values) for name, values in peaks.items()}
         for name in VARIANTS:
             rows.append({
                 "frames": frames, "variant": name,
                 "seconds_median": statistics.median(times[name]), "seconds": times[name],
                 "time_ratio": paired_ratio(times[name], times["diffusers"]),
-                "peak_bytes": memory[name], "memory_ratio": memory[name] / memory["diffusers"],
+                "peak_bytes": memory[name], "peak_bytes_all": peaks[name], "memory_ratio": memory[name] / memory["diffusers"],
                 "max_abs_diff_vs_diffusers": same if name == "engine_whole_window" else None,
             })
 
@@ -150,7 +153,7 @@ def main() -> None:
                 "met" if memory_ok else "NOT met", ", ".join(f"{r['max_abs_diff_vs_diffusers']:.2e}" for r in target_rows))
     write_result("overhead", {
         "machine": info, "device": args.device, "unet": BENCH_UNET, "latent": args.latent, "batch": args.batch,
-        "timestep": TIMESTEP, "repeats": args.repeats, "warmup": args.warmup, "variants": VARIANTS,
+        "timestep": TIMESTEP, "repeats": args.repeats, "warmup": args.warmup, "memory_repeats": args.memory_repeats, "variants": VARIANTS,
         "targets": {"time_ratio": TIME_TARGET, "memory_ratio": MEMORY_TARGET},
         "time_target_met": time_ok, "memory_target_met": memory_ok, "rows": rows,
     })
