@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # CPU-only machines take the local CPU wheel; anything else would pull a multi-GB CUDA build.
 CPU_TORCH := torch==2.13.0
 
-.PHONY: install test demo bench clean
+.PHONY: install test demo clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
