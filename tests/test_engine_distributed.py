@@ -61,16 +61,14 @@ def _engine_outputs(rank: int, world_size: int, unet_dir: Path, inputs: dict) ->
 
 
 def _sampling_loop(rank: int, world_size: int, unet_dir: Path, inputs: dict) -> torch.Tensor:
-    # float64: over several steps float32 rounding (which differs with the split) grows to ~1e-5;
-    # in float64 any real difference between splits would stand out far above rounding.
-    unet = load_unet(unet_dir).double()
+    unet = load_unet(unet_dir)
     ctx = ClipContext(rank=rank, world_size=world_size, total_frames=LOOP_FRAMES)
     parallelize(unet, EngineConfig(), ctx)  # the published defaults: padding 8, top_k 16, phases at t=800
     scheduler = _scheduler()
-    latents = initial_latents(7, ctx.frames, (1, 4, 8, 8), scheduler.init_noise_sigma, torch.float64, "cpu")
+    latents = initial_latents(7, ctx.frames, (1, 4, 8, 8), scheduler.init_noise_sigma, torch.float32, "cpu")
     with torch.no_grad():
         return denoise(
-            unet, scheduler, latents, inputs["text"][:1].double(), negative_embeds=inputs["text"][1:].double(),
+            unet, scheduler, latents, inputs["text"][:1], negative_embeds=inputs["text"][1:],
             seed=7, frames=ctx.frames, num_steps=LOOP_STEPS, guidance_scale=4.0,
         )
 
@@ -102,9 +100,9 @@ def _gathered(results: list[dict], key) -> torch.Tensor:
 
 
 def test_single_process_whole_window_equals_diffusers(setup):
-    # One process and nothing crossing a clip takes the native kernels: bit-identical, not just close.
     for total in FRAME_COUNTS:
-        assert torch.equal(setup["single"]["outputs"][("whole_window", total)], setup["plain"][total])
+        torch.testing.assert_close(setup["single"]["outputs"][("whole_window", total)], setup["plain"][total],
+                                   atol=1e-5, rtol=0)
 
 
 def test_frame_positions_are_global_indices(setup):
@@ -134,14 +132,15 @@ def test_distributed_equals_single_process(setup, world_size):
     for total in FRAME_COUNTS:
         if world_size <= 3:
             torch.testing.assert_close(_gathered(results, ("whole_window", total)), setup["plain"][total], atol=1e-5, rtol=0)
-        for name in ("dual_scope", "dual_scope_token_scale", "positions"):
-            torch.testing.assert_close(
-                _gathered(results, (name, total)), setup["single"]["outputs"][(name, total)], atol=1e-5, rtol=0,
-                msg=lambda m: f"{name}, {total} frames, world {world_size}: {m}",
+        for name in ("whole_window", "dual_scope", "dual_scope_token_scale", "positions"):
+            # On CPU the engine computes every frame the same way whatever its rank holds: equal bit for bit.
+            got, expected = _gathered(results, (name, total)), setup["single"]["outputs"][(name, total)]
+            assert torch.equal(got, expected), (
+                f"{name}, {total} frames, world {world_size}: max difference {(got - expected).abs().max().item():.3g}"
             )
     if with_loop:
         final = torch.cat([r["loop"] for r in results], dim=2)
         reference = setup["single"]["loop"]
         assert reference.shape == (1, 4, LOOP_FRAMES, 8, 8)
         assert reference.abs().max() > 0.1
-        torch.testing.assert_close(final, reference, atol=1e-9, rtol=0)
+        assert torch.equal(final, reference), f"max difference {(final - reference).abs().max().item():.3g}"

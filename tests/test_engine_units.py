@@ -74,9 +74,10 @@ def naive_dual_scope(q, k, v, gidx, padding, scale, local_bias, global_bias, tok
     return weights @ values
 
 
+@pytest.mark.parametrize("split_invariant", [True, False])
 @pytest.mark.parametrize("padding,top_k,token_num_scale,chunk", [(2, 3, False, 4), (2, 3, True, 5), (0, 0, False, 64),
                                                                   (40, 5, True, 7), (5, 0, True, 1), (1, 17, False, 3)])
-def test_dual_scope_attention_matches_dense_masked_softmax(padding, top_k, token_num_scale, chunk):
+def test_dual_scope_attention_matches_dense_masked_softmax(padding, top_k, token_num_scale, chunk, split_invariant):
     torch.manual_seed(0)
     total = 17
     q, k, v = (torch.randn(3, 2, total, 8, dtype=torch.float64) for _ in range(3))
@@ -84,17 +85,33 @@ def test_dual_scope_attention_matches_dense_masked_softmax(padding, top_k, token
     # scale exactly representable in float32: SDPA rounds its scale to float32
     kwargs = dict(padding=padding, scale=0.375, local_bias=0.7, global_bias=-1.2)
     expected = naive_dual_scope(q, k, v, gidx, token_num_scale=token_num_scale, **kwargs)
+    kwargs["split_invariant"] = split_invariant
     # whole video in one call, and the same queries split into clips with only their window of keys
     got = dual_scope_attention(q, k, v, k[..., gidx, :], v[..., gidx, :], query_frames=range(total),
-                               key_frames=range(total), token_num_scale=token_num_scale, chunk_size=chunk, **kwargs)
+                               key_frames=range(total), total_frames=total, token_num_scale=token_num_scale, chunk_size=chunk, **kwargs)
     torch.testing.assert_close(got, expected, atol=1e-10, rtol=0)
     for clip in partition_frames(total, 3):
         keys = window(clip, padding, padding, total)
         part = dual_scope_attention(q[..., clip.start:clip.stop, :], k[..., keys.start:keys.stop, :],
                                     v[..., keys.start:keys.stop, :], k[..., gidx, :], v[..., gidx, :],
-                                    query_frames=clip, key_frames=keys, token_num_scale=token_num_scale,
+                                    query_frames=clip, key_frames=keys, total_frames=total,
+                                    token_num_scale=token_num_scale,
                                     chunk_size=chunk, **kwargs)
         torch.testing.assert_close(part, expected[..., clip.start:clip.stop, :], atol=1e-10, rtol=0)
+    if not split_invariant:
+        return
+    # In float32 too, a query's result does not depend on the split or the chunking: bit for bit.
+    q32, k32, v32 = q.float(), k.float(), v.float()
+    whole = dual_scope_attention(q32, k32, v32, k32[..., gidx, :], v32[..., gidx, :], query_frames=range(total),
+                                 key_frames=range(total), total_frames=total, token_num_scale=token_num_scale,
+                                 chunk_size=64, **kwargs)
+    for clip in partition_frames(total, 4):
+        keys = window(clip, padding, padding, total)
+        part = dual_scope_attention(q32[..., clip.start:clip.stop, :], k32[..., keys.start:keys.stop, :],
+                                    v32[..., keys.start:keys.stop, :], k32[..., gidx, :], v32[..., gidx, :],
+                                    query_frames=clip, key_frames=keys, total_frames=total,
+                                    token_num_scale=token_num_scale, chunk_size=chunk, **kwargs)
+        assert torch.equal(part, whole[..., clip.start:clip.stop, :])
 
 
 def test_phase_biases_follow_the_timestep():

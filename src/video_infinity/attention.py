@@ -6,8 +6,9 @@ Query frame g (global index) attends to
 Phase biases are added to the local and global logits; ``token_num_scale`` multiplies the softmax
 scale of each query by log(number of keys it attends)/log(16).
 
-Memory is linear in frames: queries are processed in chunks, and a chunk only ever sees the key
-span its window can reach, so no frames x frames matrix is built.
+Memory is linear in frames: queries are processed in chunks, and a query only ever sees the keys
+its window can reach (2 * padding + 1 slots), so no frames x frames matrix is built. The arithmetic
+of a query does not depend on the split of the video, so any number of ranks gives the same bits.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from diffusers.models.attention_processor import Attention
 
-from .config import AttentionConfig
+from .config import EngineConfig
 from .context import ClipContext, DenoiseState
 from .frames import global_frame_indices, intersect
 from .halo import start_exchange
@@ -32,60 +33,114 @@ def dual_scope_attention(
     *,
     query_frames: range,
     key_frames: range,
+    total_frames: int,
     padding: int,
     scale: float,
     local_bias: float = 0.0,
     global_bias: float = 0.0,
     token_num_scale: bool = False,
     chunk_size: int = 64,
+    split_invariant: bool = True,
 ) -> torch.Tensor:
     """Windowed softmax attention over local keys plus global keys.
 
     Shapes: ``q`` (..., Fq, d) for the frames ``query_frames``; ``k_local``/``v_local`` (..., Fk, d)
-    for the frames ``key_frames`` (must contain every query's window, clipped to the video);
-    ``k_global``/``v_global`` (..., G, d). Returns (..., Fq, dv).
+    for the frames ``key_frames`` (must contain every query's window, clipped to the video of
+    ``total_frames`` frames); ``k_global``/``v_global`` (..., G, d). Returns (..., Fq, dv).
+
+    ``split_invariant``: a query's arithmetic depends only on its global frame index, never on which
+    other frames share the call: its local keys sit in ``2 * padding + 1`` slots at fixed offsets
+    (slots outside the video masked) and every sum runs over slots in a fixed order, with no matrix
+    product whose kernel the tensor shapes choose. The video is then bit-identical however it is
+    split over ranks or chunked. Otherwise fused attention over each chunk's key span (faster on
+    GPUs, the same up to rounding).
     """
     if len(query_frames) != q.shape[-2] or len(key_frames) != k_local.shape[-2]:
         raise ValueError("query_frames/key_frames do not match the tensors' frame counts")
-    num_global = k_global.shape[-2]
+    padding = min(padding, total_frames - 1)
+    kernel = _slot_attention if split_invariant else _fused_attention
     outputs = []
     for c0 in range(0, len(query_frames), chunk_size):
         chunk = query_frames[c0 : c0 + chunk_size]
-        span = intersect(range(chunk.start - padding, chunk[-1] + padding + 1), key_frames)
+        span = intersect(range(chunk.start - padding, chunk.stop + padding), range(total_frames))
+        if intersect(span, key_frames) != span:
+            raise ValueError(f"key_frames {key_frames} lack frames of the windows of queries {chunk}")
         k0 = span.start - key_frames.start
-        keys, values = k_local[..., k0 : k0 + len(span), :], v_local[..., k0 : k0 + len(span), :]
-        if num_global:
-            keys, values = torch.cat([keys, k_global], dim=-2), torch.cat([values, v_global], dim=-2)
-        q_chunk = q[..., c0 : c0 + len(chunk), :]
-        if max(chunk[-1] - span.start, span[-1] - chunk.start) <= padding:
-            # Every query of the chunk sees every key of the span: the mask is constant per key
-            # column, and a bias shared by all keys cancels in the softmax.
-            mask = None
-            if num_global and local_bias != global_bias:
-                mask = torch.cat([q.new_full((1, len(span)), local_bias), q.new_full((1, num_global), global_bias)], -1)
-            chunk_scale = scale * (math.log(len(span) + num_global) / math.log(16.0) if token_num_scale else 1.0)
-            outputs.append(F.scaled_dot_product_attention(q_chunk, keys, values, attn_mask=mask, scale=chunk_scale))
-            continue
-        q_idx = torch.arange(chunk.start, chunk.stop, device=q.device)
-        k_idx = torch.arange(span.start, span.stop, device=q.device)
-        in_window = (q_idx[:, None] - k_idx[None, :]).abs() <= padding
-        mask = torch.full(in_window.shape, float("-inf"), dtype=q.dtype, device=q.device)
-        mask.masked_fill_(in_window, local_bias)
-        if num_global:
-            mask = torch.cat([mask, mask.new_full((len(chunk), num_global), global_bias)], dim=-1)
-        if token_num_scale:
-            num_keys = in_window.sum(-1).to(torch.float64) + num_global
-            factor = (torch.log(num_keys) / math.log(16.0)).to(q.dtype)
-            q_chunk = q_chunk * factor[:, None]
-        outputs.append(F.scaled_dot_product_attention(q_chunk, keys, values, attn_mask=mask, scale=scale))
+        outputs.append(kernel(
+            q[..., c0 : c0 + len(chunk), :], k_local[..., k0 : k0 + len(span), :], v_local[..., k0 : k0 + len(span), :],
+            k_global, v_global, chunk=chunk, span=span, padding=padding, scale=scale, local_bias=local_bias,
+            global_bias=global_bias, token_num_scale=token_num_scale,
+        ))
     return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=-2)
+
+
+def _slot_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, k_global: torch.Tensor,
+                    v_global: torch.Tensor, *, chunk: range, span: range, padding: int, scale: float,
+                    local_bias: float, global_bias: float, token_num_scale: bool) -> torch.Tensor:
+    """One chunk, slot by slot: slot r of query g is frame g - padding + r, then the global keys."""
+    n, width, num_global = len(chunk), 2 * padding + 1, k_global.shape[-2]
+    band = range(chunk.start - padding, chunk.stop + padding)
+    pad = (0, 0, span.start - band.start, band.stop - span.stop)  # zeros stand for frames outside the video
+    keys, values = F.pad(keys, pad), F.pad(values, pad)
+    slot_frames = torch.arange(chunk.start, chunk.stop, device=q.device)[:, None] - padding
+    slot_frames = slot_frames + torch.arange(width, device=q.device)
+    valid = (slot_frames >= span.start) & (slot_frames < span.stop)  # (n, width): inside the video
+    logits = q.new_empty(q.shape[:-1] + (width + num_global,))
+    for slot in range(width):
+        logits[..., slot] = (q * keys[..., slot : slot + n, :]).sum(-1)
+    for j in range(num_global):
+        logits[..., width + j] = (q * k_global[..., j : j + 1, :]).sum(-1)
+    factor = torch.full((n, 1), scale, dtype=torch.float64, device=q.device)
+    if token_num_scale:
+        factor = factor * torch.log(valid.sum(-1, keepdim=True).double() + num_global) / math.log(16.0)
+    logits = logits * factor.to(q.dtype)
+    logits[..., :width] += local_bias
+    logits[..., width:] += global_bias
+    logits[..., :width].masked_fill_(~valid, float("-inf"))
+    weights = torch.softmax(logits, dim=-1)
+    out = weights[..., 0, None] * values[..., 0:n, :]
+    for slot in range(1, width):
+        out.add_(weights[..., slot, None] * values[..., slot : slot + n, :])
+    for j in range(num_global):
+        out.add_(weights[..., width + j, None] * v_global[..., j : j + 1, :])
+    return out
+
+
+def _fused_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, k_global: torch.Tensor,
+                     v_global: torch.Tensor, *, chunk: range, span: range, padding: int, scale: float,
+                     local_bias: float, global_bias: float, token_num_scale: bool) -> torch.Tensor:
+    """One chunk with one fused attention call over the chunk's key span, masked to each query's window."""
+    num_global = k_global.shape[-2]
+    if num_global:
+        keys, values = torch.cat([keys, k_global], dim=-2), torch.cat([values, v_global], dim=-2)
+    if max(chunk[-1] - span.start, span[-1] - chunk.start) <= padding:
+        # Every query of the chunk sees every key of the span: the mask is constant per key
+        # column, and a bias shared by all keys cancels in the softmax.
+        mask = None
+        if num_global and local_bias != global_bias:
+            mask = torch.cat([q.new_full((1, len(span)), local_bias), q.new_full((1, num_global), global_bias)], -1)
+        if token_num_scale:
+            scale = scale * math.log(len(span) + num_global) / math.log(16.0)
+        return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scale)
+    q_idx = torch.arange(chunk.start, chunk.stop, device=q.device)
+    k_idx = torch.arange(span.start, span.stop, device=q.device)
+    in_window = (q_idx[:, None] - k_idx[None, :]).abs() <= padding
+    mask = torch.full(in_window.shape, float("-inf"), dtype=q.dtype, device=q.device)
+    mask.masked_fill_(in_window, local_bias)
+    if num_global:
+        mask = torch.cat([mask, mask.new_full((len(chunk), num_global), global_bias)], dim=-1)
+    if token_num_scale:
+        num_keys = in_window.sum(-1).to(torch.float64) + num_global
+        q = q * (torch.log(num_keys) / math.log(16.0)).to(q.dtype)[:, None]
+    return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scale)
 
 
 class DualScopeAttnProcessor:
     """Attention processor for temporal self-attention (sequence axis = frames) over a clip of the video."""
 
-    def __init__(self, config: AttentionConfig, ctx: ClipContext, state: DenoiseState) -> None:
-        self.config = config
+    def __init__(self, config: EngineConfig, ctx: ClipContext, state: DenoiseState) -> None:
+        self.engine_config = config
+        self.config = config.attn
         self.ctx = ctx
         self.state = state
 
@@ -140,12 +195,14 @@ class DualScopeAttnProcessor:
             value[:, :, n_local:],
             query_frames=layout.owned,
             key_frames=context_frames,
+            total_frames=layout.total_frames,
             padding=padding,
             scale=attn.scale * config.attn_scale,
             local_bias=local_bias,
             global_bias=global_bias,
             token_num_scale=config.token_num_scale,
             chunk_size=config.query_chunk_size,
+            split_invariant=self.engine_config.split_invariant_on(hidden_states.device.type),
         )
         out = out.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim).to(query.dtype)
         out = attn.to_out[0](out)

@@ -113,6 +113,15 @@ class EngineConfig(_Strict):
     norm_scope: Literal["video", "clip"] = "video"
     """GroupNorm statistics of temporal modules over the whole ``video`` (exact, default) or
     over each rank's ``clip`` (as the original method did)."""
+    split_invariant: bool | None = None
+    """Compute every frame the same way whatever other frames share its rank, so a video is
+    bit-identical on any number of ranks (true): attention slot by slot, pointwise convolutions as
+    matrix products. False: fused attention kernels, faster on GPUs, the same up to rounding.
+    Default (null): true on CPU, false on GPUs, whose kernels pick their algorithms by shape anyway."""
+
+    def split_invariant_on(self, device_type: str) -> bool:
+        """Whether the engine computes split-invariantly on a device of this type ("cpu", "cuda", ...)."""
+        return self.split_invariant if self.split_invariant is not None else device_type == "cpu"
 
 
 # ---------------------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ import logging
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from diffusers.hooks import HookRegistry, ModelHook
 from diffusers.models.attention_processor import Attention
 from diffusers.models.embeddings import SinusoidalPositionalEmbedding
@@ -21,12 +22,42 @@ from torch import nn
 from .attention import DualScopeAttnProcessor
 from .config import EngineConfig
 from .context import ClipContext, DenoiseState
+from .frame_conv import frame_conv, is_frame_conv
 from .halo import start_exchange
 from .norm import apply_group_norm, video_group_norm, video_group_statistics
 
 logger = logging.getLogger(__name__)
 
 _HOOK = "video_infinity"
+
+
+class _PointwiseConvAsMatmul(ModelHook):
+    """On a 1x1 ``Conv2d`` (frames are its batch): a matrix product when computing split-invariantly.
+
+    oneDNN picks its 1x1-convolution algorithm by batch size, so a frame rounds differently in a
+    13-frame clip and in a 7-frame one; a matrix product over channels gives every frame the same
+    arithmetic whatever the clip length. Otherwise the module's own convolution.
+    """
+
+    def __init__(self, config: EngineConfig) -> None:
+        super().__init__()
+        self.config = config
+
+    def new_forward(self, module: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+        if not self.config.split_invariant_on(x.device.type):
+            return F.conv2d(x, module.weight, module.bias)
+        return F.linear(x.movedim(1, -1), module.weight[:, :, 0, 0], module.bias).movedim(-1, 1)
+
+
+def _is_pointwise_conv(module: nn.Module) -> bool:
+    return (
+        type(module) is nn.Conv2d
+        and module.kernel_size == (1, 1)
+        and module.stride == (1, 1)
+        and module.padding == (0, 0)
+        and module.dilation == (1, 1)
+        and module.groups == 1
+    )
 
 
 class _TrackDenoiseStep(ModelHook):
@@ -112,7 +143,7 @@ class _ClipParallelTemporalConv(ModelHook):
             else:
                 h = video_group_norm(h, norm, self.ctx, self.config.norm_scope, owned=own)
             for layer in layers:
-                h = layer(h)
+                h = frame_conv(h, layer) if is_frame_conv(layer) else layer(h)
         x = x + (h if own is None else h[:, :, own])
         return x.permute(0, 2, 1, 3, 4).reshape((x.shape[0] * x.shape[2], -1) + x.shape[3:])
 
@@ -212,6 +243,9 @@ def parallelize(unet: nn.Module, config: EngineConfig | dict | None = None, cont
     hook(unet, _TrackDenoiseStep(context, state))
     for conv in temporal_convs:
         hook(conv, _ClipParallelTemporalConv(config, context, state, conv))
+    for module in unet.modules():
+        if _is_pointwise_conv(module):
+            hook(module, _PointwiseConvAsMatmul(config))
     temporal_modules = set()
     for transformer in temporal_transformers:
         hook(transformer.norm, _VideoGroupNorm(config, context))
@@ -219,7 +253,7 @@ def parallelize(unet: nn.Module, config: EngineConfig | dict | None = None, cont
             temporal_modules.add(module)
             if isinstance(module, Attention):
                 handle.processors.append((module, module.processor))
-                module.set_processor(DualScopeAttnProcessor(config.attn, context, state))
+                module.set_processor(DualScopeAttnProcessor(config, context, state))
             elif isinstance(module, SinusoidalPositionalEmbedding):
                 hook(module, _GlobalFramePositions(state))
     for module in unet.modules():

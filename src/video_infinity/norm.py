@@ -1,8 +1,9 @@
 """GroupNorm whose statistics cover the whole video although each rank holds one clip.
 
 Each rank computes per-(sample, group) count, mean and sum of squared deviations over the frames it
-owns; one all-gather and Chan's parallel combination give the statistics of the whole video. This is
-exact up to floating-point rounding, unlike averaging per-rank means (wrong for uneven clips).
+owns, in float64; one all-gather and Chan's parallel combination give the statistics of the whole
+video. Unlike averaging per-rank means (wrong for uneven clips) this is exact, and float64 sums make
+the rounded statistics the same for every split of the frames. One process takes the same path.
 """
 
 from __future__ import annotations
@@ -18,15 +19,12 @@ from .context import ClipContext
 def group_moments(x: torch.Tensor, num_groups: int) -> torch.Tensor:
     """Per (sample, group): stacked (count, mean, M2) in float64, shape (3, N, G). ``x`` is (N, C, ...)."""
     n = x.shape[0]
-    # Half-precision inputs get float32 statistics; float64 keeps its precision.
-    flat = x.reshape(n, num_groups, -1)
-    if flat.dtype not in (torch.float32, torch.float64):
-        flat = flat.float()
+    # Summed in float64: however the frames are split over ranks, the statistics then round to the
+    # same float32 (or half) values, so the video does not depend on the world size, bit for bit.
+    flat = x.reshape(n, num_groups, -1).double()
     count = flat.shape[-1]
     var, mean = torch.var_mean(flat, dim=-1, correction=0)
-    mean = mean.double()
-    m2 = var.double() * count
-    return torch.stack([torch.full_like(mean, float(count)), mean, m2])
+    return torch.stack([torch.full_like(mean, float(count)), mean, var * count])
 
 
 def combine_moments(moments: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -86,8 +84,8 @@ def video_group_norm(
     frames: those are normalised too, but never counted. ``scope="clip"`` uses this rank's
     frames only, as the original method did.
     """
-    if owned is None and (scope == "clip" or not ctx.distributed):
-        # Nothing crosses a clip: the native kernel gives exactly the unmodified model's result.
+    if owned is None and scope == "clip":
+        # Per-clip statistics over the frames held: the native kernel is exactly that.
         return F.group_norm(x, norm.num_groups, norm.weight, norm.bias, norm.eps)
     own = x if owned is None else x[(slice(None),) * frame_dim + (owned,)]
     return apply_group_norm(x, norm, *video_group_statistics(own, norm, ctx, scope))
