@@ -97,9 +97,9 @@ def test_same_video_on_one_two_and_three_ranks(workdir, env, world2, devices):
     other = _generate(workdir, env, f"world{devices.count('cpu')}", f"devices={devices}")
     reference = np.load(Path(str(world2) + ".latents.npy"))
     latents = np.load(Path(str(other) + ".latents.npy"))
-    np.testing.assert_allclose(latents, reference, atol=1e-4, rtol=0)
-    # Latents agree to float32 rounding; a rounding flip of one uint8 level can change the H.264
-    # encoder's decisions on this noise-like random-model video, so compare decoded frames by PSNR.
+    np.testing.assert_array_equal(latents, reference)  # bit for bit on CPU, whatever the number of ranks
+    # Same frames to the encoder; x264 output bytes can still vary from run to run (see the torchrun
+    # test), so the decoded videos are compared by PSNR.
     frames, _ = read_video(other.with_suffix(".mp4"))
     reference_frames, _ = read_video(world2.with_suffix(".mp4"))
     assert frames.shape == reference_frames.shape

@@ -87,13 +87,22 @@ def encode_prompts(components: ModelComponents, prompts: list[str], device: torc
         return components.text_encoder(tokens.input_ids.to(device))[0]
 
 
-def decode_frames(components: ModelComponents, latents: torch.Tensor) -> Iterator[torch.Tensor]:
-    """Decode (1, C, F, h, w) latents to uint8 frames (n, H, W, 3) in chunks of frames."""
+def decode_frames(components: ModelComponents, latents: torch.Tensor, split_invariant: bool = False) -> Iterator[torch.Tensor]:
+    """Decode (1, C, F, h, w) latents to uint8 frames (n, H, W, 3) in chunks of frames.
+
+    ``split_invariant``: every VAE call gets exactly ``DECODE_CHUNK_FRAMES`` frames (the last chunk
+    padded with copies of its last frame), because convolution kernels pick their algorithm by
+    batch size: a frame then decodes to the same pixels whatever the clip it belongs to.
+    """
     vae = components.vae
     frames = latents[0].permute(1, 0, 2, 3) / vae.config.scaling_factor
     for start in range(0, frames.shape[0], DECODE_CHUNK_FRAMES):
+        chunk = frames[start : start + DECODE_CHUNK_FRAMES]
+        count = chunk.shape[0]
+        if split_invariant and count < DECODE_CHUNK_FRAMES:
+            chunk = torch.cat([chunk, chunk[-1:].expand(DECODE_CHUNK_FRAMES - count, *chunk.shape[1:])])
         with torch.no_grad():
-            images = vae.decode(frames[start : start + DECODE_CHUNK_FRAMES].to(vae.dtype)).sample
+            images = vae.decode(chunk.to(vae.dtype)).sample[:count]
         yield ((images.float() / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).contiguous()
 
 
@@ -185,7 +194,7 @@ def generate_on_rank(
             _gather_latents(latents, ctx, comm_device, paths["latents"] if is_writer else None)
 
     with timer.stage("decode_and_write"):
-        chunks = decode_frames(components, latents)
+        chunks = decode_frames(components, latents, config.plugin_configs.split_invariant_on(latents.device.type))
         if is_writer:
             with VideoWriter(paths["video"], pipe.width, pipe.height, pipe.export_fps) as writer:
                 for chunk in chunks:

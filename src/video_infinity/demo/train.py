@@ -10,7 +10,8 @@ Stages, each skipped when its output already exists in ``--out``:
 2. ``latents``: a fixed set of 16-frame training clips, encoded once by the VAE.
 3. ``unet``: a small UNet3DConditionModel and a small CLIP text encoder trained jointly, v-prediction
    on a zero-terminal-SNR schedule, min-SNR loss weighting, EMA, 10% caption dropout (for
-   classifier-free guidance), time-reversal augmentation (reversed clip, opposite direction). Atomic,
+   classifier-free guidance), random whole-latent-pixel shifts (no time reversal: the motion trail
+   gives the direction away). ``--init`` starts from another run's weights (fine-tuning). Atomic,
    resumable checkpoints every few minutes; the loss curve goes to ``loss.csv``; a few samples are
    probed for colour and direction every ``--eval-minutes``.
 4. ``export``: the EMA weights as a diffusers pipeline folder (``--export DIR``).
@@ -91,7 +92,6 @@ EVAL_PROMPTS = [  # every colour, shape and direction
     ("red", "circle", "right"), ("green", "square", "left"), ("blue", "triangle", "up"), ("yellow", "circle", "down"),
     ("red", "square", "up"), ("green", "triangle", "down"), ("blue", "circle", "left"), ("yellow", "triangle", "right"),
 ]
-OPPOSITE = {"right": "left", "left": "right", "up": "down", "down": "up"}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -340,17 +340,13 @@ def _checkpoint(out: Path) -> Path:
 def train_unet(out: Path, minutes: float, seed: int, resume: bool, batch: int = 4, lr: float = 5e-4,
                gamma: float = 5.0, ema_decay: float = 0.999, checkpoint_minutes: float = 5.0,
                eval_minutes: float = 15.0, max_steps: int | None = None, window: int = 16,
-               high_noise: float = 0.0) -> None:
+               high_noise: float = 0.0, init: Path | None = None) -> None:
     tokenizer = load_tokenizer(out / "tokenizer")
     vae = load_vae(out)
     clips = torch.load(out / "latents.pt")
     latents_all, labels_all = clips["latents"], clips["labels"]
     classes = [tuple(c) for c in clips["classes"]]
-    class_index = {c: i for i, c in enumerate(classes)}
-    # Token ids per class, and per class with the opposite direction (for time-reversed clips).
-    prompts = [data.caption(*c) for c in classes]
-    ids = tokenize(tokenizer, prompts)
-    reverse = torch.tensor([class_index[(c, s, OPPOSITE[d])] for c, s, d in classes])
+    ids = tokenize(tokenizer, [data.caption(*c) for c in classes])
     empty = tokenize(tokenizer, [""])[0]
 
     unet = new_unet(seed).train()
@@ -374,6 +370,12 @@ def train_unet(out: Path, minutes: float, seed: int, resume: bool, batch: int = 
         logger.info("unet: resumed from %s at step %d (%.1f min trained)", ckpt_path, step, trained_seconds / 60)
     elif ckpt_path.exists():
         raise SystemExit(f"{ckpt_path} exists: pass --resume, or remove it to start over")
+    elif init is not None:  # fine-tune another run's weights (EMA included), fresh optimiser and step count
+        state = torch.load(init, weights_only=False)
+        for name, m in modules.items():
+            m.load_state_dict(state[name])
+            ema.shadow[name].load_state_dict(state["ema_" + name])
+        logger.info("unet: initialised from %s (step %d there)", init, state["step"])
     n_unet = sum(p.numel() for p in unet.parameters()) / 1e6
     n_text = sum(p.numel() for p in text_encoder.parameters()) / 1e6
     logger.info("unet: %.2f M parameters, text encoder %.2f M; %d clips; batch %d; lr %g; min-SNR gamma %g",
@@ -416,12 +418,9 @@ def train_unet(out: Path, minutes: float, seed: int, resume: bool, batch: int = 
                 first = int(torch.randint(0, x0.shape[2] - window + 1, (1,), generator=gen))
                 x0 = x0[:, :, first:first + window]
             label = labels_all[idx]
-            flip = torch.rand(batch, generator=gen) < 0.5
-            x0 = torch.where(flip[:, None, None, None, None], x0.flip(2), x0)
             # Random whole-latent-pixel shifts (the VAE is shift-equivariant up to its borders).
             shifts = torch.randint(0, x0.shape[-1], (batch, 2), generator=gen)
             x0 = torch.stack([torch.roll(x, (int(a), int(b)), dims=(-2, -1)) for x, (a, b) in zip(x0, shifts)])
-            label = torch.where(flip, reverse[label], label)
             tokens = ids[label]
             drop = torch.rand(batch, generator=gen) < 0.1
             tokens = torch.where(drop[:, None], empty[None], tokens)
@@ -560,6 +559,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--window", type=int, default=16, help="frames per training window (clips have 16)")
     parser.add_argument("--high-noise", type=float, default=0.0,
                         help="share of samples drawn from the noisiest 40%% of timesteps")
+    parser.add_argument("--init", type=Path, default=None,
+                        help="start the UNet and text encoder from this checkpoint.pt (another run's)")
     parser.add_argument("--checkpoint-minutes", type=float, default=5.0)
     parser.add_argument("--eval-minutes", type=float, default=15.0)
     parser.add_argument("--seed", type=int, default=0)
@@ -580,7 +581,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.stage in ("all", "unet"):
         train_unet(args.out, args.minutes, args.seed, args.resume, batch=args.batch, lr=args.lr,
                    checkpoint_minutes=args.checkpoint_minutes, eval_minutes=args.eval_minutes, max_steps=args.max_steps,
-                   ema_decay=args.ema_decay, window=args.window, high_noise=args.high_noise)
+                   ema_decay=args.ema_decay, window=args.window, high_noise=args.high_noise, init=args.init)
     if args.export is not None and args.stage in ("all", "export"):
         export(args.out, args.export, args.ema_file)
     return 0
