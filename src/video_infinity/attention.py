@@ -7,7 +7,7 @@ Phase biases are added to the local and global logits; ``token_num_scale`` multi
 scale of each query by log(number of keys it attends)/log(16).
 
 Memory is linear in frames: queries are processed in chunks, and a query only ever sees the keys
-its window can reach (2 * padding + 1 slots), so no frames x frames matrix is built. The arithmetic
+its window can reach, so no frames x frames matrix is built. With ``split_invariant`` the arithmetic
 of a query does not depend on the split of the video, so any number of ranks gives the same bits.
 """
 
@@ -49,16 +49,15 @@ def dual_scope_attention(
     ``total_frames`` frames); ``k_global``/``v_global`` (..., G, d). Returns (..., Fq, dv).
 
     ``split_invariant``: a query's arithmetic depends only on its global frame index, never on which
-    other frames share the call: its local keys sit in ``2 * padding + 1`` slots at fixed offsets
-    (slots outside the video masked) and every sum runs over slots in a fixed order, with no matrix
-    product whose kernel the tensor shapes choose. The video is then bit-identical however it is
-    split over ranks or chunked. Otherwise fused attention over each chunk's key span (faster on
-    GPUs, the same up to rounding).
+    other frames share the call: each query frame is computed on its own, over exactly its window's
+    keys, with matrix products whose shapes depend on that frame alone (kernels pick their algorithm
+    by shape). The video is then bit-identical however it is split over ranks or chunked. Otherwise
+    fused attention over each chunk's key span (faster on GPUs, the same up to rounding).
     """
     if len(query_frames) != q.shape[-2] or len(key_frames) != k_local.shape[-2]:
         raise ValueError("query_frames/key_frames do not match the tensors' frame counts")
     padding = min(padding, total_frames - 1)
-    kernel = _slot_attention if split_invariant else _fused_attention
+    kernel = _per_query_attention if split_invariant else _fused_attention
     outputs = []
     for c0 in range(0, len(query_frames), chunk_size):
         chunk = query_frames[c0 : c0 + chunk_size]
@@ -74,36 +73,36 @@ def dual_scope_attention(
     return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=-2)
 
 
-def _slot_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, k_global: torch.Tensor,
-                    v_global: torch.Tensor, *, chunk: range, span: range, padding: int, scale: float,
-                    local_bias: float, global_bias: float, token_num_scale: bool) -> torch.Tensor:
-    """One chunk, slot by slot: slot r of query g is frame g - padding + r, then the global keys."""
-    n, width, num_global = len(chunk), 2 * padding + 1, k_global.shape[-2]
-    band = range(chunk.start - padding, chunk.stop + padding)
-    pad = (0, 0, span.start - band.start, band.stop - span.stop)  # zeros stand for frames outside the video
-    keys, values = F.pad(keys, pad), F.pad(values, pad)
-    slot_frames = torch.arange(chunk.start, chunk.stop, device=q.device)[:, None] - padding
-    slot_frames = slot_frames + torch.arange(width, device=q.device)
-    valid = (slot_frames >= span.start) & (slot_frames < span.stop)  # (n, width): inside the video
-    logits = q.new_empty(q.shape[:-1] + (width + num_global,))
-    for slot in range(width):
-        logits[..., slot] = (q * keys[..., slot : slot + n, :]).sum(-1)
-    for j in range(num_global):
-        logits[..., width + j] = (q * k_global[..., j : j + 1, :]).sum(-1)
-    factor = torch.full((n, 1), scale, dtype=torch.float64, device=q.device)
-    if token_num_scale:
-        factor = factor * torch.log(valid.sum(-1, keepdim=True).double() + num_global) / math.log(16.0)
-    logits = logits * factor.to(q.dtype)
-    logits[..., :width] += local_bias
-    logits[..., width:] += global_bias
-    logits[..., :width].masked_fill_(~valid, float("-inf"))
-    weights = torch.softmax(logits, dim=-1)
-    out = weights[..., 0, None] * values[..., 0:n, :]
-    for slot in range(1, width):
-        out.add_(weights[..., slot, None] * values[..., slot : slot + n, :])
-    for j in range(num_global):
-        out.add_(weights[..., width + j, None] * v_global[..., j : j + 1, :])
-    return out
+def _per_query_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, k_global: torch.Tensor,
+                         v_global: torch.Tensor, *, chunk: range, span: range, padding: int, scale: float,
+                         local_bias: float, global_bias: float, token_num_scale: bool) -> torch.Tensor:
+    """One chunk, one query frame at a time: frame g's keys are exactly its window clipped to the
+    video (``span`` holds them all), then the global keys. Every matrix product has shapes fixed by g
+    alone, with the spatial positions as its batch, so g's arithmetic is the same in any split."""
+    lead = q.shape[:-2]
+    batch = q[..., :1, :1].numel()
+
+    def flat(t: torch.Tensor) -> torch.Tensor:  # (batch * heads, frames, d)
+        return t.reshape(batch, t.shape[-2], t.shape[-1])
+
+    q, keys, values, k_global, v_global = flat(q), flat(keys), flat(values), flat(k_global), flat(v_global)
+    num_global = k_global.shape[1]
+    outputs = []
+    for i, frame in enumerate(chunk):
+        first, stop = max(frame - padding, span.start), min(frame + padding + 1, span.stop)
+        window_keys = keys[:, first - span.start : stop - span.start]
+        window_values = values[:, first - span.start : stop - span.start]
+        query = q[:, i, :, None]  # (batch, d, 1)
+        query_scale = scale * (math.log(stop - first + num_global) / math.log(16.0) if token_num_scale else 1.0)
+        logits = torch.bmm(window_keys, query)[..., 0] * query_scale + local_bias
+        if num_global:
+            logits = torch.cat([logits, torch.bmm(k_global, query)[..., 0] * query_scale + global_bias], dim=-1)
+        weights = torch.softmax(logits, dim=-1)[:, None, :]
+        out = torch.bmm(weights[..., : stop - first], window_values)
+        if num_global:
+            out = out + torch.bmm(weights[..., stop - first :], v_global)
+        outputs.append(out)
+    return torch.cat(outputs, dim=1).view(*lead, len(chunk), -1)
 
 
 def _fused_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, k_global: torch.Tensor,

@@ -129,21 +129,23 @@ class _ClipParallelTemporalConv(ModelHook):
         # Same layout handling as TemporalConvLayer.forward: (batch*frames, C, H, W) -> (batch, C, frames, H, W).
         x = hidden_states[None, :].reshape((-1, num_frames) + hidden_states.shape[1:]).permute(0, 2, 1, 3, 4)
         layout = self.state.layout
+        exact = self.config.split_invariant_on(x.device.type)
+        scope = self.config.norm_scope
         pending = start_exchange(x, 2, layout, self.halo, self.halo, self.ctx, kind="conv_halo")
         if pending.span == layout.owned:  # nothing to fetch (one rank, or halos switched off)
             h, own = x, None
         else:
             # The first norm's statistics need only the owned frames: compute them while the halo travels.
-            first_stats = video_group_statistics(x, self.blocks[0][0], self.ctx, self.config.norm_scope)
+            first_stats = video_group_statistics(x, self.blocks[0][0], self.ctx, scope, exact)
             h, span, _ = pending.wait()
             own = slice(layout.owned.start - span.start, layout.owned.stop - span.start)
         for index, (norm, layers) in enumerate(self.blocks):
             if index == 0 and own is not None:
                 h = apply_group_norm(h, norm, *first_stats)
             else:
-                h = video_group_norm(h, norm, self.ctx, self.config.norm_scope, owned=own)
+                h = video_group_norm(h, norm, self.ctx, scope, owned=own, split_invariant=exact)
             for layer in layers:
-                h = frame_conv(h, layer) if is_frame_conv(layer) else layer(h)
+                h = frame_conv(h, layer) if exact and is_frame_conv(layer) else layer(h)
         x = x + (h if own is None else h[:, :, own])
         return x.permute(0, 2, 1, 3, 4).reshape((x.shape[0] * x.shape[2], -1) + x.shape[3:])
 
@@ -156,7 +158,8 @@ class _VideoGroupNorm(ModelHook):
         self.config, self.ctx = config, ctx
 
     def new_forward(self, module: nn.GroupNorm, x: torch.Tensor) -> torch.Tensor:
-        return video_group_norm(x, module, self.ctx, self.config.norm_scope)
+        return video_group_norm(x, module, self.ctx, self.config.norm_scope,
+                                split_invariant=self.config.split_invariant_on(x.device.type))
 
 
 class _GlobalFramePositions(ModelHook):

@@ -16,15 +16,20 @@ from torch import nn
 from .context import ClipContext
 
 
-def group_moments(x: torch.Tensor, num_groups: int) -> torch.Tensor:
-    """Per (sample, group): stacked (count, mean, M2) in float64, shape (3, N, G). ``x`` is (N, C, ...)."""
+def group_moments(x: torch.Tensor, num_groups: int, split_invariant: bool = True) -> torch.Tensor:
+    """Per (sample, group): stacked (count, mean, M2) in float64, shape (3, N, G). ``x`` is (N, C, ...).
+
+    ``split_invariant``: summed in float64, so that however the frames are split over ranks the
+    statistics round to the same float32 (or half) values and the video is the same bit for bit.
+    Otherwise summed in the input's precision (at least float32), which is faster.
+    """
     n = x.shape[0]
-    # Summed in float64: however the frames are split over ranks, the statistics then round to the
-    # same float32 (or half) values, so the video does not depend on the world size, bit for bit.
-    flat = x.reshape(n, num_groups, -1).double()
+    flat = x.reshape(n, num_groups, -1)
+    flat = flat.double() if split_invariant else flat.float() if flat.dtype != torch.float64 else flat
     count = flat.shape[-1]
     var, mean = torch.var_mean(flat, dim=-1, correction=0)
-    return torch.stack([torch.full_like(mean, float(count)), mean, var * count])
+    mean = mean.double()
+    return torch.stack([torch.full_like(mean, float(count)), mean, var.double() * count])
 
 
 def combine_moments(moments: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -42,11 +47,11 @@ def combine_moments(moments: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Te
 
 
 def video_group_statistics(
-    own: torch.Tensor, norm: nn.GroupNorm, ctx: ClipContext, scope: str = "video"
+    own: torch.Tensor, norm: nn.GroupNorm, ctx: ClipContext, scope: str = "video", split_invariant: bool = True
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per (sample, group) mean and biased variance, float64, of the whole video (``scope="video"``)
     or of this rank's clip (``"clip"``); ``own`` holds only this rank's frames."""
-    moments = group_moments(own, norm.num_groups)
+    moments = group_moments(own, norm.num_groups, split_invariant)
     if scope == "video" and ctx.distributed:
         parts = [torch.empty_like(moments) for _ in range(ctx.world_size)]
         dist.all_gather(parts, moments, group=ctx.group)
@@ -77,15 +82,16 @@ def video_group_norm(
     scope: str = "video",
     owned: slice | None = None,
     frame_dim: int = 2,
+    split_invariant: bool = True,
 ) -> torch.Tensor:
     """Apply ``norm`` to ``x`` (N, C, F, ...) with statistics over the owned frames of every rank.
 
     ``owned`` selects this rank's own frames along ``frame_dim`` when ``x`` also carries halo
     frames: those are normalised too, but never counted. ``scope="clip"`` uses this rank's
-    frames only, as the original method did.
+    frames only, as the original method did. ``split_invariant``: see :func:`group_moments`.
     """
-    if owned is None and scope == "clip":
-        # Per-clip statistics over the frames held: the native kernel is exactly that.
+    if owned is None and (scope == "clip" or not (ctx.distributed or split_invariant)):
+        # The statistics are over the frames held: the native kernel computes exactly that.
         return F.group_norm(x, norm.num_groups, norm.weight, norm.bias, norm.eps)
     own = x if owned is None else x[(slice(None),) * frame_dim + (owned,)]
-    return apply_group_norm(x, norm, *video_group_statistics(own, norm, ctx, scope))
+    return apply_group_norm(x, norm, *video_group_statistics(own, norm, ctx, scope, split_invariant))
