@@ -24,8 +24,10 @@ install: .make-install.stamp
 test: install
 	HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false $(BIN)/python -m pytest -q tests
 
+# The demo video, its JSON sidecar, a contact sheet (PNG grid of frames) and the quality probe's report.
 demo: install
 	HF_HUB_OFFLINE=1 $(BIN)/video-infinity generate --config examples/cpu_demo.json --overwrite
+	$(BIN)/video-infinity inspect outputs/cpu_demo.mp4 --ranks 2 --contact-sheet outputs/cpu_demo.png
 
 clean:
 	rm -rf $(VENV) .make-install.stamp build dist src/*.egg-info

@@ -59,6 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     borders.add_argument("--clip-frames", type=int, metavar="N", help="clip borders every N frames")
     borders.add_argument("--ranks", type=int, metavar="N", help="clip borders as the frames split over N ranks")
     inspect.add_argument("--json", action="store_true", help="print the report as JSON")
+    inspect.add_argument("--contact-sheet", metavar="PNG", help="also write a grid of 32 evenly spaced frames here")
     return parser
 
 
@@ -66,7 +67,8 @@ def _inspect(args: argparse.Namespace) -> int:
     from .demo.probe import inspect_video  # numpy and PyAV only
 
     try:
-        print(inspect_video(args.video, clip_frames=args.clip_frames, ranks=args.ranks, as_json=args.json))
+        print(inspect_video(args.video, clip_frames=args.clip_frames, ranks=args.ranks, as_json=args.json,
+                            contact_sheet_path=args.contact_sheet))
     except (OSError, ValueError) as exc:
         return _error(f"{args.video}: {exc}")
     return 0

@@ -6,12 +6,11 @@ crashed or interrupted run never leaves a half-written file under the final name
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
-import struct
 import tempfile
-import zlib
 from fractions import Fraction
 from pathlib import Path
 from types import TracebackType
@@ -202,25 +201,15 @@ def contact_sheet(frames: np.ndarray, columns: int = 8, max_frames: int = 32) ->
     return sheet
 
 
-def _png_chunk(kind: bytes, data: bytes) -> bytes:
-    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
-
-
 def write_png(path: str | os.PathLike[str], image: np.ndarray) -> None:
-    """Write a uint8 image (H, W), (H, W, 1), (H, W, 3) or (H, W, 4) as PNG (pure Python, atomic)."""
+    """Write a uint8 image (H, W), (H, W, 1), (H, W, 3) or (H, W, 4) as PNG (atomically)."""
+    from PIL import Image  # Pillow: a diffusers dependency
+
     image = np.asarray(image)
     if image.ndim == 3 and image.shape[2] == 1:
         image = image[..., 0]
     if image.dtype != np.uint8 or image.ndim not in (2, 3) or (image.ndim == 3 and image.shape[2] not in (3, 4)):
         raise ValueError(f"expected a uint8 image (H, W[, 1|3|4]), got {image.dtype} {image.shape}")
-    h, w = image.shape[:2]
-    color_type = {1: 0, 3: 2, 4: 6}[1 if image.ndim == 2 else image.shape[2]]  # grey, RGB, RGBA
-    rows = np.ascontiguousarray(image).reshape(h, -1)
-    raw = np.concatenate([np.zeros((h, 1), np.uint8), rows], axis=1).tobytes()  # filter 0 per row
-    png = (
-        b"\x89PNG\r\n\x1a\n"
-        + _png_chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, color_type, 0, 0, 0))
-        + _png_chunk(b"IDAT", zlib.compress(raw, 6))
-        + _png_chunk(b"IEND", b"")
-    )
-    _write_atomic(Path(path), png)
+    buffer = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(image)).save(buffer, format="PNG")
+    _write_atomic(Path(path), buffer.getvalue())

@@ -202,13 +202,16 @@ def format_report(report: ProbeReport, name: str = "") -> str:
 
 
 def inspect_video(path: str, clip_frames: int | None = None, ranks: int | None = None,
-                  as_json: bool = False) -> str:
-    """Decode the video at ``path``, probe it, and return the report as a table or JSON text."""
-    from ..video_io import read_video
+                  as_json: bool = False, contact_sheet_path: str | None = None) -> str:
+    """Decode the video at ``path``, probe it, and return the report as a table or JSON text;
+    ``contact_sheet_path``: also write a PNG grid of 32 evenly spaced frames there."""
+    from ..video_io import contact_sheet, read_video, write_png
 
     frames, _ = read_video(path)
     if len(frames) == 0:
         raise ValueError(f"{path}: no frames")
+    if contact_sheet_path is not None:
+        write_png(contact_sheet_path, contact_sheet(frames, columns=8, max_frames=32))
     report = analyse(frames, clip_frames=clip_frames, ranks=ranks)
     if as_json:
         return json.dumps({"video": str(path), **report.to_dict()}, indent=2, default=str)

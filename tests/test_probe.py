@@ -1,0 +1,57 @@
+"""The quality probe on ground-truth procedural videos: colour, direction, wrap-around, border jumps,
+and the ``inspect`` command with its contact sheet."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from video_infinity.demo import data, probe
+from video_infinity.video_io import VideoWriter
+
+
+@pytest.mark.parametrize("colour,shape,direction", data.all_classes())
+def test_probe_reads_colour_and_direction_of_every_class(colour, shape, direction):
+    rng = np.random.default_rng(len(colour) * 7 + len(shape) * 3 + len(direction))
+    spec = data.VideoSpec(colour, shape, direction, *rng.uniform(0, data.SIZE, 2))
+    report = probe.analyse(data.render(spec, 40))  # 40 frames at 4 px: crosses the frame edge 2.5 times
+    assert report.colour == colour and report.colour_fraction > 0.9
+    assert report.direction == direction
+    assert report.median_step == pytest.approx(data.SPEED, abs=0.3)  # wrap-around does not count as a jump
+    assert report.found_frames == 40
+
+
+def test_border_jump_is_measured_against_the_inside_step():
+    spec = data.VideoSpec("green", "square", "left", 20.0, 30.0)
+    smooth = data.render(spec, 32)
+    jumped = np.concatenate([smooth[:16], data.render(data.VideoSpec("green", "square", "left", 52.0, 10.0), 16)])
+    continuous = probe.analyse(smooth, ranks=2)
+    broken = probe.analyse(jumped, clip_frames=16)
+    assert continuous.borders == broken.borders == [16]
+    assert continuous.border_ratio == pytest.approx(1.0, abs=0.1)
+    assert broken.border_ratio > 4
+    assert broken.direction == "left"  # the border step is not an inside-clip step
+
+
+def test_inspect_command_reports_and_writes_a_contact_sheet(tmp_path):
+    frames = data.render(data.VideoSpec("yellow", "triangle", "down", 10.0, 5.0), 48)
+    video = tmp_path / "v.mp4"
+    with VideoWriter(video, data.SIZE, data.SIZE, 8) as writer:
+        writer.write(frames)
+    sheet = tmp_path / "sheet.png"
+    done = subprocess.run([sys.executable, "-m", "video_infinity.cli", "inspect", str(video), "--ranks", "3", "--json",
+                           "--contact-sheet", str(sheet)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    assert (report["colour"], report["direction"], report["borders"]) == ("yellow", "down", [16, 32])
+    assert report["border_ratio"] < 1.5
+    with Image.open(sheet) as png:
+        grid = np.asarray(png.convert("RGB"))
+    assert grid.shape == (4 * data.SIZE, 8 * data.SIZE, 3)  # 32 of the 48 frames, 8 per row
+    # The first tile is frame 0 (through H.264, so close, not equal).
+    assert np.abs(grid[: data.SIZE, : data.SIZE].astype(int) - frames[0].astype(int)).mean() < 6
