@@ -23,6 +23,7 @@ from pathlib import Path
 
 logger = logging.getLogger("attention_memory")
 RESULTS = Path(__file__).parent / "results"
+KERNELS = ("split_invariant", "fused")
 
 
 def _rss_kib(field: str) -> int:
@@ -32,20 +33,21 @@ def _rss_kib(field: str) -> int:
     raise RuntimeError(f"{field} not in /proc/self/status")
 
 
-def measure(frames: int, spatial: int, channels: int, padding: int, top_k: int, device: str) -> dict:
+def measure(frames: int, spatial: int, channels: int, padding: int, top_k: int, device: str, kernel: str) -> dict:
     """Working memory (bytes) of one DualScopeAttnProcessor call on ``frames`` frames."""
     import torch
     from diffusers.models.attention_processor import Attention
 
     from video_infinity.attention import DualScopeAttnProcessor
-    from video_infinity.config import AttentionConfig
+    from video_infinity.config import AttentionConfig, EngineConfig
     from video_infinity.context import ClipContext, DenoiseState
 
     torch.manual_seed(0)
     attn = Attention(channels, heads=channels // 16, dim_head=16).to(device).eval()
     ctx = ClipContext()
     state = DenoiseState(layout=ctx.layout_for(frames), timestep=900.0)
-    config = AttentionConfig(padding=padding, top_k=top_k, token_num_scale=True)
+    config = EngineConfig(attn=AttentionConfig(padding=padding, top_k=top_k, token_num_scale=True),
+                          split_invariant=kernel == "split_invariant")
     processor = DualScopeAttnProcessor(config, ctx, state)
     x = torch.randn(spatial, frames, channels, device=device)
     with torch.no_grad():
@@ -67,7 +69,7 @@ def measure(frames: int, spatial: int, channels: int, padding: int, top_k: int, 
         else:
             peak = _rss_kib("VmHWM") * 1024
     assert out.shape == x.shape
-    return {"frames": frames, "peak_bytes": peak - base, "input_bytes": x.numel() * x.element_size()}
+    return {"frames": frames, "kernel": kernel, "peak_bytes": peak - base, "input_bytes": x.numel() * x.element_size()}
 
 
 def main() -> None:
@@ -78,31 +80,43 @@ def main() -> None:
     parser.add_argument("--padding", type=int, default=8)
     parser.add_argument("--top-k", type=int, default=16)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--kernels", nargs="+", default=list(KERNELS), choices=KERNELS,
+                        help="attention computations to measure (split_invariant: the CPU default; fused: the GPU default)")
     parser.add_argument("--child", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child is not None:
-        print(json.dumps(measure(args.child, args.spatial, args.channels, args.padding, args.top_k, args.device)))
+        print(json.dumps(measure(args.child, args.spatial, args.channels, args.padding, args.top_k, args.device,
+                                 args.kernels[0])))
         return
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    rows = []
-    for frames in args.frames:
-        cmd = [sys.executable, __file__, "--child", str(frames), "--spatial", str(args.spatial), "--channels",
-               str(args.channels), "--padding", str(args.padding), "--top-k", str(args.top_k), "--device", args.device]
-        rows.append(json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]))
-    first = rows[0]
-    logger.info("%8s %14s %14s %22s", "frames", "peak MiB", "input MiB", f"peak / ({first['frames']}-frame peak)")
-    for row in rows:
-        row["ratio_to_first"] = row["peak_bytes"] / first["peak_bytes"]
-        row["linear_ratio"] = row["ratio_to_first"] / (row["frames"] / first["frames"])
-        logger.info("%8d %14.1f %14.1f %12.2f (linear: %.2f)", row["frames"], row["peak_bytes"] / 2**20,
-                    row["input_bytes"] / 2**20, row["ratio_to_first"], row["frames"] / first["frames"])
-    last = rows[-1]
-    verdict = last["linear_ratio"] <= 1.3
-    logger.info("peak(%d) / (%d x peak(%d)) = %.2f -> %s (target <= 1.3)", last["frames"], last["frames"] // first["frames"],
-                first["frames"], last["linear_ratio"], "linear" if verdict else "NOT linear")
+    kernels = {}
+    for kernel in args.kernels:
+        rows = []
+        for frames in args.frames:
+            cmd = [sys.executable, __file__, "--child", str(frames), "--spatial", str(args.spatial), "--channels",
+                   str(args.channels), "--padding", str(args.padding), "--top-k", str(args.top_k), "--device",
+                   args.device, "--kernels", kernel]
+            done = subprocess.run(cmd, check=True, capture_output=True, text=True)
+            rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
+        first = rows[0]
+        logger.info("%s attention:", kernel)
+        logger.info("%8s %14s %14s %22s", "frames", "peak MiB", "input MiB", f"peak / ({first['frames']}-frame peak)")
+        for row in rows:
+            row["ratio_to_first"] = row["peak_bytes"] / first["peak_bytes"]
+            row["linear_ratio"] = row["ratio_to_first"] / (row["frames"] / first["frames"])
+            logger.info("%8d %14.1f %14.1f %12.2f (linear: %.2f)", row["frames"], row["peak_bytes"] / 2**20,
+                        row["input_bytes"] / 2**20, row["ratio_to_first"], row["frames"] / first["frames"])
+        last = rows[-1]
+        verdict = last["linear_ratio"] <= 1.3
+        logger.info("peak(%d) / (%d x peak(%d)) = %.2f -> %s (target <= 1.3)", last["frames"],
+                    last["frames"] // first["frames"], first["frames"], last["linear_ratio"],
+                    "linear" if verdict else "NOT linear")
+        kernels[kernel] = {"rows": rows, "linear_within_1_3": verdict}
     RESULTS.mkdir(exist_ok=True)
+    main_kernel = kernels[args.kernels[0]]
     out = {"device": args.device, "spatial": args.spatial, "channels": args.channels, "padding": args.padding,
-           "top_k": args.top_k, "rows": rows, "linear_within_1_3": verdict}
+           "top_k": args.top_k, "kernel": args.kernels[0], "rows": main_kernel["rows"],
+           "linear_within_1_3": all(k["linear_within_1_3"] for k in kernels.values()), "kernels": kernels}
     (RESULTS / "attention_memory.json").write_text(json.dumps(out, indent=2))
 
 
