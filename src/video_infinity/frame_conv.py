@@ -35,7 +35,8 @@ def frame_conv(x: torch.Tensor, conv: nn.Conv3d) -> torch.Tensor:
     n, c, frames, h, w = x.shape
     pad = conv.padding[0]
     dilation = conv.dilation[0]
-    padded = F.pad(x, (0, 0, 0, 0, pad, pad)) if pad else x
+    # One contiguous copy (the input is often a permuted view), so every tap below is a view.
+    padded = (F.pad(x, (0, 0, 0, 0, pad, pad)) if pad else x).contiguous()
     out_frames = padded.shape[2] - dilation * (conv.kernel_size[0] - 1)
     weight = conv.weight.to(x.dtype)
     out = None

@@ -340,7 +340,7 @@ def _checkpoint(out: Path) -> Path:
 def train_unet(out: Path, minutes: float, seed: int, resume: bool, batch: int = 4, lr: float = 5e-4,
                gamma: float = 5.0, ema_decay: float = 0.999, checkpoint_minutes: float = 5.0,
                eval_minutes: float = 15.0, max_steps: int | None = None, window: int = 16,
-               high_noise: float = 0.0, init: Path | None = None) -> None:
+               high_noise: float = 0.0, init: Path | None = None, boost_directions: float = 1.0) -> None:
     tokenizer = load_tokenizer(out / "tokenizer")
     vae = load_vae(out)
     clips = torch.load(out / "latents.pt")
@@ -376,6 +376,17 @@ def train_unet(out: Path, minutes: float, seed: int, resume: bool, batch: int = 
             m.load_state_dict(state[name])
             ema.shadow[name].load_state_dict(state["ema_" + name])
         logger.info("unet: initialised from %s (step %d there)", init, state["step"])
+        if boost_directions != 1.0:
+            # A text encoder trained jointly from CLIP's small initial embeddings learned to spread the
+            # colour (an early word) over every later position, but left the direction word (the
+            # last one) nearly invisible (hidden states differing by 0.3 vs 11 for colour), so the UNet
+            # never saw it. Scaling those embeddings up makes the direction visible from the start.
+            with torch.no_grad():
+                for encoder in (text_encoder, ema.shadow["text_encoder"]):
+                    embeddings = encoder.get_input_embeddings().weight
+                    for word in data.DIRECTIONS:
+                        embeddings[tokenizer.convert_tokens_to_ids(f"{word}</w>")] *= boost_directions
+            logger.info("unet: direction word embeddings scaled by %g", boost_directions)
     n_unet = sum(p.numel() for p in unet.parameters()) / 1e6
     n_text = sum(p.numel() for p in text_encoder.parameters()) / 1e6
     logger.info("unet: %.2f M parameters, text encoder %.2f M; %d clips; batch %d; lr %g; min-SNR gamma %g",
@@ -561,6 +572,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="share of samples drawn from the noisiest 40%% of timesteps")
     parser.add_argument("--init", type=Path, default=None,
                         help="start the UNet and text encoder from this checkpoint.pt (another run's)")
+    parser.add_argument("--boost-directions", type=float, default=1.0,
+                        help="with --init: scale the direction words' token embeddings by this factor")
     parser.add_argument("--checkpoint-minutes", type=float, default=5.0)
     parser.add_argument("--eval-minutes", type=float, default=15.0)
     parser.add_argument("--seed", type=int, default=0)
@@ -581,7 +594,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.stage in ("all", "unet"):
         train_unet(args.out, args.minutes, args.seed, args.resume, batch=args.batch, lr=args.lr,
                    checkpoint_minutes=args.checkpoint_minutes, eval_minutes=args.eval_minutes, max_steps=args.max_steps,
-                   ema_decay=args.ema_decay, window=args.window, high_noise=args.high_noise, init=args.init)
+                   ema_decay=args.ema_decay, window=args.window, high_noise=args.high_noise, init=args.init,
+                   boost_directions=args.boost_directions)
     if args.export is not None and args.stage in ("all", "export"):
         export(args.out, args.export, args.ema_file)
     return 0
