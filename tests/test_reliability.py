@@ -1,9 +1,9 @@
 """Reliability, end to end with real processes on CPU: a killed rank, Ctrl-C, checkpoints and resume,
 and user mistakes (each one line on stderr and exit code 2, never a traceback).
 
-The runs use a tiny random model, 6 frames of 32x32 and 8 steps. 32 pixels wide on purpose: at
-widths such as 48 the H.264 encoder reads uninitialised memory, so identical frames can give
-different MP4 bytes from run to run (the latents are compared bit for bit anyway). Two test hooks of the pipeline make
+The runs use a tiny random model, 6 frames of 32x32 and 8 steps. Sizes are multiples of 16 on
+purpose: at other sizes the H.264 encoder reads padding it never wrote, so identical frames can
+give different MP4 bytes from run to run (the latents are compared bit for bit anyway). Two test hooks of the pipeline make
 the kills land mid-denoising: every rank records its pid and step in a folder after each step
 (``VIDEO_INFINITY_TEST_PROGRESS``) and sleeps a little (``VIDEO_INFINITY_TEST_STEP_SLEEP``).
 """
