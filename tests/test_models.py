@@ -175,3 +175,18 @@ def test_tokenizer_round_trip(models: dict[str, Path], tmp_path: Path) -> None:
     assert again(text).input_ids == ids and again.model_max_length == 77
     padded = again([text, "a"], padding="max_length", max_length=77, truncation=True).input_ids
     assert [len(p) for p in padded] == [77, 77]
+
+
+def test_karras_sigmas_are_not_used_on_a_zero_terminal_snr_schedule(caplog):
+    from video_infinity.pipeline import make_scheduler
+
+    base = {"num_train_timesteps": 1000, "beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012,
+            "prediction_type": "v_prediction", "timestep_spacing": "trailing"}
+    plain = make_scheduler("sde-dpmsolver++-karras", base)
+    assert plain.config.use_karras_sigmas
+    with caplog.at_level("WARNING"):
+        zero_snr = make_scheduler("sde-dpmsolver++-karras", {**base, "rescale_betas_zero_snr": True})
+    assert not zero_snr.config.use_karras_sigmas and "zero-terminal-SNR" in caplog.text
+    zero_snr.set_timesteps(20)
+    steps = zero_snr.timesteps.tolist()
+    assert len(set(steps)) == 20 and steps[0] - steps[1] > 20  # spread over the schedule, not all at t ~ 999

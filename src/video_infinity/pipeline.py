@@ -69,9 +69,14 @@ def make_scheduler(name: str, scheduler_config: dict[str, Any]) -> Any:
     if name == "ddim":
         return DDIMScheduler.from_config(scheduler_config)
     algorithm = name.removesuffix("-karras")
-    return DPMSolverMultistepScheduler.from_config(
-        scheduler_config, algorithm_type=algorithm, use_karras_sigmas=name.endswith("-karras")
-    )
+    karras = name.endswith("-karras")
+    if karras and scheduler_config.get("rescale_betas_zero_snr"):
+        # Zero terminal SNR makes sigma_max ~4096: Karras spacing would then put every step at
+        # t ~ 999 (999, 998, 998, ...), i.e. the video would never be denoised.
+        logger.warning("scheduler %s: this model has a zero-terminal-SNR schedule, on which Karras sigmas "
+                       "put every step at t ~ 999; using its own timestep spacing (%s)", name, algorithm)
+        karras = False
+    return DPMSolverMultistepScheduler.from_config(scheduler_config, algorithm_type=algorithm, use_karras_sigmas=karras)
 
 
 def encode_prompts(components: ModelComponents, prompts: list[str], device: torch.device) -> torch.Tensor:
