@@ -14,6 +14,7 @@ of a query does not depend on the split of the video, so any number of ranks giv
 from __future__ import annotations
 
 import math
+
 import torch
 import torch.nn.functional as F
 from diffusers.models.attention_processor import Attention
