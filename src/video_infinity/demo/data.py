@@ -2,12 +2,8 @@
 
 Each video shows a single shape of fixed size (circle, square or triangle; red, green, blue or
 yellow) on a plain grey background, moving left, right, up or down by :data:`SPEED` pixels a
-frame and wrapping around the frame edges, so a video can be as long as wanted. The shape drags a
-fading motion trail (:data:`TRAIL`), as a long-exposure camera would show it: it makes the direction
-of motion visible in every single frame, which a tiny model ties to the prompt as easily as the
-colour (without it, a model trained here for 80 minutes moved objects coherently but in a direction
-chosen by the noise, not the prompt). Everything is deterministic from a seed. Captions read like
-``"a red circle moving right"``.
+frame and wrapping around the frame edges, so a video can be as long as wanted. Everything is
+deterministic from a seed. Captions read like ``"a red circle moving right"``.
 """
 
 from __future__ import annotations
@@ -23,8 +19,6 @@ SPEED = 4.0
 """Pixels per frame (one latent pixel of the x4 VAE)."""
 SHAPE_SIZE = 16
 """Diameter of the circle, side of the square, height and base of the triangle (pixels)."""
-TRAIL = ((2.0, 0.5), (4.0, 0.25))
-"""Ghost copies behind the shape: (distance in frames' worth of motion, opacity)."""
 BACKGROUND = (96, 96, 96)
 """Plain grey: zero saturation, so the object's colour mask is easy to take."""
 
@@ -58,7 +52,7 @@ class VideoSpec:
     def caption(self) -> str:
         return caption(self.colour, self.shape, self.direction)
 
-    def centre(self, frame: float) -> tuple[float, float]:
+    def centre(self, frame: int) -> tuple[float, float]:
         """The shape's centre in ``frame`` (wrapped into [0, SIZE))."""
         dx, dy = DIRECTIONS[self.direction]
         return ((self.x0 + dx * SPEED * frame) % SIZE, (self.y0 + dy * SPEED * frame) % SIZE)
@@ -111,28 +105,20 @@ def _coverage(shape: str, cx: float, cy: float) -> np.ndarray:
     return fine.mean(axis=(1, 3))
 
 
-def _opacity(spec: VideoSpec, frame: float) -> np.ndarray:
-    """Opacity of the shape and its trail in ``frame``: float32 (SIZE, SIZE) in [0, 1]."""
-    alpha = _coverage(spec.shape, *spec.centre(frame))
-    for lag, opacity in TRAIL:
-        alpha = np.maximum(alpha, opacity * _coverage(spec.shape, *spec.centre(frame - lag)))
-    return alpha
-
-
 def render(spec: VideoSpec, frames: int, start: int = 0) -> np.ndarray:
     """Frames ``start .. start + frames - 1`` of the video: uint8 (frames, SIZE, SIZE, 3)."""
     background = np.asarray(BACKGROUND, np.float32)
     colour = np.asarray(COLOURS[spec.colour], np.float32)
     out = np.empty((frames, SIZE, SIZE, 3), np.uint8)
     for i in range(frames):
-        alpha = _opacity(spec, start + i)[..., None]
+        alpha = _coverage(spec.shape, *spec.centre(start + i))[..., None]
         out[i] = np.round(background + alpha * (colour - background)).astype(np.uint8)
     return out
 
 
 def shape_mask(spec: VideoSpec, frames: int, start: int = 0) -> np.ndarray:
-    """Opacity of the shape and its trail in each frame, float32 (frames, SIZE, SIZE) in [0, 1]."""
-    return np.stack([_opacity(spec, start + i) for i in range(frames)])
+    """Coverage of the shape in each frame, float32 (frames, SIZE, SIZE) in [0, 1]."""
+    return np.stack([_coverage(spec.shape, *spec.centre(start + i)) for i in range(frames)])
 
 
 def video(seed: int, frames: int = 16) -> tuple[np.ndarray, VideoSpec]:

@@ -10,8 +10,8 @@ Stages, each skipped when its output already exists in ``--out``:
 2. ``latents``: a fixed set of 16-frame training clips, encoded once by the VAE.
 3. ``unet``: a small UNet3DConditionModel and a small CLIP text encoder trained jointly, v-prediction
    on a zero-terminal-SNR schedule, min-SNR loss weighting, EMA, 10% caption dropout (for
-   classifier-free guidance), random whole-latent-pixel shifts (no time reversal: the motion trail
-   gives the direction away). ``--init`` starts from another run's weights (fine-tuning). Atomic,
+   classifier-free guidance), time-reversal augmentation (reversed clip, opposite direction).
+   ``--init`` fine-tunes another run's weights (``--boost-directions``: see below). Atomic,
    resumable checkpoints every few minutes; the loss curve goes to ``loss.csv``; a few samples are
    probed for colour and direction every ``--eval-minutes``.
 4. ``export``: the EMA weights as a diffusers pipeline folder (``--export DIR``).
@@ -92,6 +92,7 @@ EVAL_PROMPTS = [  # every colour, shape and direction
     ("red", "circle", "right"), ("green", "square", "left"), ("blue", "triangle", "up"), ("yellow", "circle", "down"),
     ("red", "square", "up"), ("green", "triangle", "down"), ("blue", "circle", "left"), ("yellow", "triangle", "right"),
 ]
+OPPOSITE = {"right": "left", "left": "right", "up": "down", "down": "up"}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -346,7 +347,11 @@ def train_unet(out: Path, minutes: float, seed: int, resume: bool, batch: int = 
     clips = torch.load(out / "latents.pt")
     latents_all, labels_all = clips["latents"], clips["labels"]
     classes = [tuple(c) for c in clips["classes"]]
-    ids = tokenize(tokenizer, [data.caption(*c) for c in classes])
+    class_index = {c: i for i, c in enumerate(classes)}
+    # Token ids per class, and per class with the opposite direction (for time-reversed clips).
+    prompts = [data.caption(*c) for c in classes]
+    ids = tokenize(tokenizer, prompts)
+    reverse = torch.tensor([class_index[(c, s, OPPOSITE[d])] for c, s, d in classes])
     empty = tokenize(tokenizer, [""])[0]
 
     unet = new_unet(seed).train()
@@ -377,10 +382,11 @@ def train_unet(out: Path, minutes: float, seed: int, resume: bool, batch: int = 
             ema.shadow[name].load_state_dict(state["ema_" + name])
         logger.info("unet: initialised from %s (step %d there)", init, state["step"])
         if boost_directions != 1.0:
-            # A text encoder trained jointly from CLIP's small initial embeddings learned to spread the
-            # colour (an early word) over every later position, but left the direction word (the
-            # last one) nearly invisible (hidden states differing by 0.3 vs 11 for colour), so the UNet
-            # never saw it. Scaling those embeddings up makes the direction visible from the start.
+            # The jointly trained text encoder spreads the colour (an early word) over every later
+            # position but leaves the direction word (the last one) nearly invisible: hidden states
+            # differ by ~0.3 between directions vs ~11 between colours. Scaling the direction words'
+            # embeddings makes them visible (x10: ~4 at their own position). In 22 minutes of
+            # fine-tuning that did not yet teach the UNet to follow them (direction 29%).
             with torch.no_grad():
                 for encoder in (text_encoder, ema.shadow["text_encoder"]):
                     embeddings = encoder.get_input_embeddings().weight
@@ -429,9 +435,12 @@ def train_unet(out: Path, minutes: float, seed: int, resume: bool, batch: int = 
                 first = int(torch.randint(0, x0.shape[2] - window + 1, (1,), generator=gen))
                 x0 = x0[:, :, first:first + window]
             label = labels_all[idx]
+            flip = torch.rand(batch, generator=gen) < 0.5
+            x0 = torch.where(flip[:, None, None, None, None], x0.flip(2), x0)
             # Random whole-latent-pixel shifts (the VAE is shift-equivariant up to its borders).
             shifts = torch.randint(0, x0.shape[-1], (batch, 2), generator=gen)
             x0 = torch.stack([torch.roll(x, (int(a), int(b)), dims=(-2, -1)) for x, (a, b) in zip(x0, shifts)])
+            label = torch.where(flip, reverse[label], label)
             tokens = ids[label]
             drop = torch.rand(batch, generator=gen) < 0.1
             tokens = torch.where(drop[:, None], empty[None], tokens)
@@ -594,8 +603,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.stage in ("all", "unet"):
         train_unet(args.out, args.minutes, args.seed, args.resume, batch=args.batch, lr=args.lr,
                    checkpoint_minutes=args.checkpoint_minutes, eval_minutes=args.eval_minutes, max_steps=args.max_steps,
-                   ema_decay=args.ema_decay, window=args.window, high_noise=args.high_noise, init=args.init,
-                   boost_directions=args.boost_directions)
+                   ema_decay=args.ema_decay, window=args.window, high_noise=args.high_noise,
+                   init=args.init, boost_directions=args.boost_directions)
     if args.export is not None and args.stage in ("all", "export"):
         export(args.out, args.export, args.ema_file)
     return 0
