@@ -1,9 +1,10 @@
 """GroupNorm whose statistics cover the whole video although each rank holds one clip.
 
 Each rank computes per-(sample, group) count, mean and sum of squared deviations over the frames it
-owns, in float64; one all-gather and Chan's parallel combination give the statistics of the whole
-video. Unlike averaging per-rank means (wrong for uneven clips) this is exact, and float64 sums make
-the rounded statistics the same for every split of the frames. One process takes the same path.
+owns; one all-gather and Chan's parallel combination give the statistics of the whole video. Unlike
+averaging per-rank means (wrong for uneven clips) this is exact. With ``split_invariant`` the sums
+are in float64, so the rounded statistics are the same for every split of the frames, one process
+included (which then takes the same path instead of the native kernel).
 """
 
 from __future__ import annotations
