@@ -28,6 +28,8 @@ SETTINGS = {
     "whole_window": {"attn": {"padding": 64, "top_k": 0, "local_phase": None, "global_phase": None}},
     "dual_scope": {"attn": {**DUAL_SCOPE, "token_num_scale": False}},
     "dual_scope_token_scale": {"attn": {**DUAL_SCOPE, "token_num_scale": True}},
+    # The GPU default: fused kernels, equal to world 1 up to float rounding rather than bit for bit.
+    "dual_scope_fused": {"attn": {**DUAL_SCOPE, "token_num_scale": True}, "split_invariant": False},
 }
 
 LOOP_FRAMES = 13
@@ -123,6 +125,11 @@ def test_dual_scope_settings_change_the_output(setup):
     for total in FRAME_COUNTS:
         assert (out[("dual_scope", total)] - setup["plain"][total]).abs().max() > 1e-2
         assert (out[("dual_scope", total)] - out[("dual_scope_token_scale", total)]).abs().max() > 1e-3
+        # The fused kernels compute the same thing as the split-invariant ones, up to rounding (and
+        # really are other kernels: the rounding differs).
+        torch.testing.assert_close(out[("dual_scope_fused", total)], out[("dual_scope_token_scale", total)],
+                                   atol=1e-5, rtol=0)
+        assert not torch.equal(out[("dual_scope_fused", total)], out[("dual_scope_token_scale", total)])
 
 
 @pytest.mark.parametrize("world_size", [2, 3, 4])
@@ -132,6 +139,8 @@ def test_distributed_equals_single_process(setup, world_size):
     for total in FRAME_COUNTS:
         if world_size <= 3:
             torch.testing.assert_close(_gathered(results, ("whole_window", total)), setup["plain"][total], atol=1e-5, rtol=0)
+        torch.testing.assert_close(_gathered(results, ("dual_scope_fused", total)),
+                                   setup["single"]["outputs"][("dual_scope_fused", total)], atol=1e-5, rtol=0)
         for name in ("whole_window", "dual_scope", "dual_scope_token_scale", "positions"):
             # On CPU the engine computes every frame the same way whatever its rank holds: equal bit for bit.
             got, expected = _gathered(results, (name, total)), setup["single"]["outputs"][(name, total)]
