@@ -105,17 +105,20 @@ def main() -> None:
     parser.add_argument("--latent", type=int, default=24)
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--skip-attention", action="store_true", help="do not run attention_memory.py")
+    parser.add_argument("--fused", action="store_true",
+                        help="engine with split_invariant false (the GPU default) instead of the CPU default")
     args = parser.parse_args()
     setup_logging()
     info = machine()
     logger.info("machine: %s, %d CPU cores, load average %s; UNet %s, %dx%d latents, batch %d, %d frames per rank",
                 info["cpu"], info["host_cpus"], info["load_average_at_start"], BENCH_UNET["block_out_channels"],
                 args.latent, args.latent, args.batch, args.frames_per_rank)
+    settings = {**ENGINE_DEFAULT, "split_invariant": False} if args.fused else ENGINE_DEFAULT
     rows = []
     for world in args.worlds:
         total = world * args.frames_per_rank
-        ranks = run_ranks(_peak_rank, world, args.frames_per_rank, args.latent, args.batch, ENGINE_DEFAULT)
-        whole = ranks if world == 1 else run_ranks(_peak_rank, 1, total, args.latent, args.batch, ENGINE_DEFAULT)
+        ranks = run_ranks(_peak_rank, world, args.frames_per_rank, args.latent, args.batch, settings)
+        whole = ranks if world == 1 else run_ranks(_peak_rank, 1, total, args.latent, args.batch, settings)
         rows.append({"world": world, "total_frames": total, "frames_per_rank": args.frames_per_rank,
                      "per_rank_peak": [r["peak_bytes"] for r in ranks],
                      "per_rank_peak_max": max(r["peak_bytes"] for r in ranks),
@@ -144,16 +147,18 @@ def main() -> None:
         for line in done.stderr.strip().splitlines():
             logger.info("  %s", line)
         attention = json.loads((RESULTS / "attention_memory.json").read_text())
-    plot = RESULTS / "memory.png"
+    name = "memory_fused" if args.fused else "memory"
+    plot = RESULTS / f"{name}.png"
     RESULTS.mkdir(exist_ok=True)
     _plot(rows, attention, plot)
     logger.info("plot: %s", plot.relative_to(RESULTS.parent.parent))
-    write_result("memory", {
+    write_result(name, {
         "machine": info, "device": "cpu", "unet": BENCH_UNET, "latent": args.latent, "batch": args.batch,
-        "settings": "engine defaults (padding 8, top_k 16, phase biases)", "rows": rows,
+        "settings": "engine defaults (padding 8, top_k 16, phase biases)" + (", fused kernels" if args.fused else ""),
+        "rows": rows,
         "per_rank_flat_target": FLAT_TARGET, "per_rank_flat": flat,
         "attention": attention, "attention_linear": attention["linear_within_1_3"] if attention else None,
-        "plot": "memory.png",
+        "plot": plot.name,
     })
 
 
