@@ -115,9 +115,10 @@ class EngineConfig(_Strict):
     over each rank's ``clip`` (as the original method did)."""
     split_invariant: bool | None = None
     """Compute every frame the same way whatever other frames share its rank, so a video is
-    bit-identical on any number of ranks (true): attention slot by slot, pointwise convolutions as
-    matrix products. False: fused attention kernels, faster on GPUs, the same up to rounding.
-    Default (null): true on CPU, false on GPUs, whose kernels pick their algorithms by shape anyway."""
+    bit-identical on any number of ranks (true): temporal attention one query frame at a time, frame
+    and 1x1 convolutions as matrix products, GroupNorm statistics in float64, fixed-size VAE decode
+    chunks. False: torch's fused kernels, faster, the same up to rounding. Default (null): true on
+    CPU, false on GPUs, whose kernels pick their algorithms by shape anyway."""
 
     def split_invariant_on(self, device_type: str) -> bool:
         """Whether the engine computes split-invariantly on a device of this type ("cpu", "cuda", ...)."""
