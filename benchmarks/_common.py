@@ -128,6 +128,16 @@ def _cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
+def bench_inputs(seed: int, frames: int, latent: int, batch: int, device: str = "cpu") -> tuple[Any, Any]:
+    """Random (sample, text) inputs for BENCH_UNET: (batch, 4, frames, latent, latent) and text tokens."""
+    import torch
+
+    generator = torch.Generator().manual_seed(seed)
+    sample = torch.randn(batch, 4, frames, latent, latent, generator=generator).to(device)
+    text = torch.randn(batch, TEXT_TOKENS, BENCH_UNET["cross_attention_dim"], generator=generator).to(device)
+    return sample, text
+
+
 def write_result(name: str, payload: dict[str, Any]) -> Path:
     """Write ``results/<name>.json`` atomically; returns the path."""
     RESULTS.mkdir(exist_ok=True)

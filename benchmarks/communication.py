@@ -34,7 +34,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from _common import BENCH_UNET, TEXT_TOKENS, VIDEOCRAFTER2_UNET, RESULTS, machine, mib, run_ranks, setup_logging, write_result
+from _common import BENCH_UNET, VIDEOCRAFTER2_UNET, RESULTS, machine, mib, run_ranks, setup_logging, write_result
 
 logger = logging.getLogger("communication")
 
@@ -200,16 +200,14 @@ def _measure_rank(rank: int, world: int, frames_per_rank: int, total_frames: int
                   settings: dict[str, Any]) -> dict[str, Any]:
     import torch
 
-    from _common import build_unet
+    from _common import bench_inputs, build_unet
     from video_infinity import parallelize
     from video_infinity.context import ClipContext
 
     unet = build_unet(BENCH_UNET, latent)
     ctx = ClipContext.from_process_group(total_frames)
     parallelize(unet, settings, ctx)
-    generator = torch.Generator().manual_seed(rank)
-    sample = torch.randn(batch, 4, len(ctx.frames), latent, latent, generator=generator)
-    text = torch.randn(batch, TEXT_TOKENS, BENCH_UNET["cross_attention_dim"], generator=generator)
+    sample, text = bench_inputs(rank, len(ctx.frames), latent, batch)
     per_call = []
     for timestep in (900, 500):  # both phases of the dual-scope biases (the traffic must not change)
         ctx.stats.reset()

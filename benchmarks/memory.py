@@ -22,7 +22,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from _common import BENCH_UNET, ENGINE_DEFAULT, RESULTS, TEXT_TOKENS, machine, mib, run_ranks, setup_logging, write_result
+from _common import BENCH_UNET, ENGINE_DEFAULT, RESULTS, machine, mib, run_ranks, setup_logging, write_result
 
 logger = logging.getLogger("memory")
 
@@ -37,7 +37,7 @@ def _peak_rank(rank: int, world: int, frames_per_rank: int, latent: int, batch: 
 
     import torch
 
-    from _common import PeakMemory, build_unet
+    from _common import PeakMemory, bench_inputs, build_unet
     from video_infinity import parallelize
     from video_infinity.context import ClipContext
 
@@ -46,9 +46,7 @@ def _peak_rank(rank: int, world: int, frames_per_rank: int, latent: int, batch: 
     parallelize(warm, settings, ClipContext())
     ctx = ClipContext.from_process_group(frames_per_rank * world)
     parallelize(unet, settings, ctx)
-    generator = torch.Generator().manual_seed(rank)
-    sample = torch.randn(batch, 4, frames_per_rank, latent, latent, generator=generator)
-    text = torch.randn(batch, TEXT_TOKENS, BENCH_UNET["cross_attention_dim"], generator=generator)
+    sample, text = bench_inputs(rank, frames_per_rank, latent, batch)
     with torch.no_grad():
         # Kernels warmed up on a tiny input, so that no full-size freed buffer hides the peak.
         warm(sample[:, :, :2, :8, :8].contiguous(), 500, encoder_hidden_states=text)

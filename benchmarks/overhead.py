@@ -32,7 +32,7 @@ import subprocess
 import sys
 from typing import Any
 
-from _common import (BENCH_UNET, ENGINE_DEFAULT, ENGINE_WHOLE_WINDOW, ENGINE_WHOLE_WINDOW_FUSED, TEXT_TOKENS, PeakMemory, build_unet,
+from _common import (BENCH_UNET, ENGINE_DEFAULT, ENGINE_WHOLE_WINDOW, ENGINE_WHOLE_WINDOW_FUSED, PeakMemory, bench_inputs, build_unet,
                      interleaved, machine, mib, paired_ratio, setup_logging, write_result)
 
 logger = logging.getLogger("overhead")
@@ -45,15 +45,6 @@ CPU default) buys bit-identical videos on any number of ranks at the ratio repor
 TIME_TARGET = 1.05
 MEMORY_TARGET = 1.10
 TIMESTEP = 500
-
-
-def _inputs(frames: int, latent: int, batch: int, device: str) -> tuple[Any, Any]:
-    import torch
-
-    generator = torch.Generator().manual_seed(1)
-    sample = torch.randn(batch, 4, frames, latent, latent, generator=generator).to(device)
-    text = torch.randn(batch, TEXT_TOKENS, BENCH_UNET["cross_attention_dim"], generator=generator).to(device)
-    return sample, text
 
 
 def _attach(unet: Any, variant: str) -> Any:
@@ -70,8 +61,8 @@ def memory_child(variant: str, frames: int, latent: int, batch: int, device: str
 
     unet = build_unet(BENCH_UNET, latent, device=device)
     _attach(unet, variant)
-    sample, text = _inputs(frames, latent, batch, device)
-    tiny_sample, tiny_text = _inputs(2, 8, batch, device)
+    sample, text = bench_inputs(1, frames, latent, batch, device)
+    tiny_sample, tiny_text = bench_inputs(1, 2, 8, batch, device)
     with torch.no_grad():
         unet(tiny_sample, TIMESTEP, encoder_hidden_states=tiny_text)  # load kernels, not full-size buffers
         with PeakMemory(device) as peak:
@@ -117,7 +108,7 @@ def main() -> None:
 
     rows = []
     for frames in args.frames:
-        sample, text = _inputs(frames, args.latent, args.batch, args.device)
+        sample, text = bench_inputs(1, frames, args.latent, args.batch, args.device)
         outputs: dict[str, Any] = {}
 
         def call(name: str):

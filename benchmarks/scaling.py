@@ -34,7 +34,7 @@ import statistics
 import time
 from typing import Any
 
-from _common import BENCH_UNET, ENGINE_DEFAULT, TEXT_TOKENS, machine, run_ranks, setup_logging, write_result
+from _common import BENCH_UNET, ENGINE_DEFAULT, machine, run_ranks, setup_logging, write_result
 
 logger = logging.getLogger("scaling")
 
@@ -102,7 +102,7 @@ def _scaling_rank(rank: int, world: int, frames_per_rank: int, latent: int, batc
     import torch
     import torch.distributed as dist
 
-    from _common import build_unet
+    from _common import bench_inputs, build_unet
     from video_infinity import parallelize
     from video_infinity.context import ClipContext
 
@@ -112,9 +112,7 @@ def _scaling_rank(rank: int, world: int, frames_per_rank: int, latent: int, batc
     parallelize(single, settings, ClipContext())
     ctx = ClipContext.from_process_group(frames_per_rank * world)
     parallelize(base, settings, ctx)
-    generator = torch.Generator().manual_seed(rank)
-    sample = torch.randn(batch, 4, frames_per_rank, latent, latent, generator=generator)
-    text = torch.randn(batch, TEXT_TOKENS, BENCH_UNET["cross_attention_dim"], generator=generator)
+    sample, text = bench_inputs(rank, frames_per_rank, latent, batch)
 
     def world1() -> None:
         if rank == 0:
