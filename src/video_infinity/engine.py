@@ -114,13 +114,13 @@ class _ClipParallelTemporalConv(ModelHook):
     def __init__(self, config: EngineConfig, ctx: ClipContext, state: DenoiseState, module: TemporalConvLayer) -> None:
         super().__init__()
         self.config, self.ctx, self.state = config, ctx, state
-        # (GroupNorm, the layers after it) for conv1..conv4
-        self.blocks: list[tuple[nn.GroupNorm, list[nn.Module]]] = []
+        # (GroupNorm, [(layer, whether frame_conv can compute it)]) for conv1..conv4
+        self.blocks: list[tuple[nn.GroupNorm, list[tuple[nn.Module, bool]]]] = []
         reach = 0
         for block in (module.conv1, module.conv2, module.conv3, module.conv4):
             if not isinstance(block, nn.Sequential) or not isinstance(block[0], nn.GroupNorm):
                 raise TypeError("unsupported TemporalConvLayer: each convN must be a Sequential starting with GroupNorm")
-            self.blocks.append((block[0], list(block)[1:]))
+            self.blocks.append((block[0], [(layer, is_frame_conv(layer)) for layer in list(block)[1:]]))
             convs = [m for m in block if isinstance(m, nn.Conv3d)]
             reach += sum((c.kernel_size[0] - 1) // 2 * c.dilation[0] for c in convs)
         self.halo = reach if config.conv_layer.enabled else 0
@@ -144,8 +144,8 @@ class _ClipParallelTemporalConv(ModelHook):
                 h = apply_group_norm(h, norm, *first_stats)
             else:
                 h = video_group_norm(h, norm, self.ctx, scope, owned=own, split_invariant=exact)
-            for layer in layers:
-                h = frame_conv(h, layer) if exact and is_frame_conv(layer) else layer(h)
+            for layer, tap_by_tap in layers:
+                h = frame_conv(h, layer) if exact and tap_by_tap else layer(h)
         x = x + (h if own is None else h[:, :, own])
         return x.permute(0, 2, 1, 3, 4).reshape((x.shape[0] * x.shape[2], -1) + x.shape[3:])
 
