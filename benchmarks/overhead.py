@@ -39,9 +39,11 @@ logger = logging.getLogger("overhead")
 
 VARIANTS = {"diffusers": None, "engine_whole_window": ENGINE_WHOLE_WINDOW,
             "engine_whole_window_fused": ENGINE_WHOLE_WINDOW_FUSED, "engine_default": ENGINE_DEFAULT}
-TARGET_VARIANTS = ("engine_whole_window_fused", "engine_whole_window")
-"""The targets are for the fused kernels (the engine's speed); the split-invariant computation (the
-CPU default) buys bit-identical videos on any number of ranks at the ratio reported beside it."""
+TARGET_VARIANT = "engine_whole_window_fused"
+"""The targets are for the fused kernels (the engine's speed)."""
+EXACT_VARIANT = "engine_whole_window"
+"""The split-invariant computation (the CPU default) buys bit-identical videos on any number of
+ranks at the ratio reported beside the target's."""
 TIME_TARGET = 1.05
 MEMORY_TARGET = 1.10
 TIMESTEP = 500
@@ -119,7 +121,7 @@ def main() -> None:
 
         times = interleaved({name: call(name) for name in VARIANTS}, args.repeats, args.warmup, args.device,
                             on_round=lambda r: logger.info("  %d frames: round %d/%d done", frames, r + 1, args.repeats))
-        same = {name: (outputs[name] - outputs["diffusers"]).abs().max().item() for name in TARGET_VARIANTS}
+        same = {name: (outputs[name] - outputs["diffusers"]).abs().max().item() for name in (TARGET_VARIANT, EXACT_VARIANT)}
         peaks: dict[str, list[int]] = {name: [] for name in VARIANTS}
         for _ in range(args.memory_repeats):
             for name in VARIANTS:
@@ -142,8 +144,8 @@ def main() -> None:
     for row in rows:
         logger.info("%6d  %-20s %10.3f %11.3f %11.1f %10.3f", row["frames"], row["variant"], row["seconds_median"],
                     row["time_ratio"], mib(row["peak_bytes"]), row["memory_ratio"])
-    target_rows = [r for r in rows if r["variant"] == TARGET_VARIANTS[0]]
-    exact_rows = [r for r in rows if r["variant"] == TARGET_VARIANTS[1]]
+    target_rows = [r for r in rows if r["variant"] == TARGET_VARIANT]
+    exact_rows = [r for r in rows if r["variant"] == EXACT_VARIANT]
     time_ok = all(r["time_ratio"] <= TIME_TARGET for r in target_rows)
     memory_ok = all(r["memory_ratio"] <= MEMORY_TARGET for r in target_rows)
     logger.info("engine (window covering the clip, fused kernels) vs diffusers: time ratio %s (target <= %.2f: %s), "
