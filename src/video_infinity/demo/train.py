@@ -24,7 +24,6 @@ import copy
 import csv
 import json
 import logging
-import math
 import os
 import shutil
 import signal
@@ -590,6 +589,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--export", type=Path, default=None, help="write the EMA model as a pipeline folder here")
     parser.add_argument("--ema-file", type=Path, default=None, help="export this EMA snapshot instead of the checkpoint")
     args = parser.parse_args(argv)
+    if args.boost_directions != 1.0 and args.init is None:
+        parser.error("--boost-directions applies to the weights --init loads: pass --init CHECKPOINT too")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     torch.set_num_threads(args.threads)
     torch.set_flush_denormal(True)
