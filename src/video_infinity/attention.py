@@ -81,7 +81,7 @@ def _per_query_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tens
     video (``span`` holds them all), then the global keys. Every matrix product has shapes fixed by g
     alone, with the spatial positions as its batch, so g's arithmetic is the same in any split."""
     lead = q.shape[:-2]
-    batch = q[..., :1, :1].numel()
+    batch = math.prod(lead)
 
     def flat(t: torch.Tensor) -> torch.Tensor:  # (batch * heads, frames, d)
         return t.reshape(batch, t.shape[-2], t.shape[-1])
