@@ -26,6 +26,27 @@ def test_probe_reads_colour_and_direction_of_every_class(colour, shape, directio
     assert report.found_frames == 40
 
 
+@pytest.mark.parametrize("direction", list(data.DIRECTIONS))
+def test_probe_reads_videos_with_a_motion_trail(direction):
+    """The demo model trains on clips with a fading trail; the probe must not be misled by the ghosts."""
+    spec = data.VideoSpec("blue", "circle", direction, 13.0, 41.0)
+    frames = data.render(spec, 24, trail=data.TRAIL)
+    report = probe.analyse(frames)
+    assert (report.colour, report.direction) == ("blue", direction)
+    assert report.median_step == pytest.approx(data.SPEED, abs=0.3)
+
+
+def test_trail_lies_behind_the_shape():
+    spec = data.VideoSpec("red", "square", "right", 32.0, 32.0)
+    plain = data.shape_mask(spec, 1)[0]
+    trailed = data.shape_mask(spec, 1, trail=data.TRAIL)[0]
+    ghost = trailed - plain
+    assert np.all(ghost >= 0) and ghost.max() == pytest.approx(max(o for _, o in data.TRAIL))
+    columns = np.nonzero(ghost.sum(axis=0) > 0)[0]
+    assert columns.max() < 32 and columns.min() >= 32 - (data.SHAPE_SIZE / 2 + data.TRAIL[-1][0] * data.SPEED) - 1
+    assert np.array_equal(data.render(spec, 3), data.render(spec, 3, trail=data.NO_TRAIL))
+
+
 def test_border_jump_is_measured_against_the_inside_step():
     spec = data.VideoSpec("green", "square", "left", 20.0, 30.0)
     smooth = data.render(spec, 32)

@@ -2,8 +2,9 @@
 
 Each video shows a single shape of fixed size (circle, square or triangle; red, green, blue or
 yellow) on a plain grey background, moving left, right, up or down by :data:`SPEED` pixels a
-frame and wrapping around the frame edges, so a video can be as long as wanted. Everything is
-deterministic from a seed. Captions read like ``"a red circle moving right"``.
+frame and wrapping around the frame edges, so a video can be as long as wanted. The shape may drag
+a fading motion trail (:data:`TRAIL`, as a long-exposure camera would show it), which makes the
+direction of motion visible in every single frame. Everything is deterministic from a seed. Captions read like ``"a red circle moving right"``.
 """
 
 from __future__ import annotations
@@ -19,6 +20,10 @@ SPEED = 4.0
 """Pixels per frame (one latent pixel of the x4 VAE)."""
 SHAPE_SIZE = 16
 """Diameter of the circle, side of the square, height and base of the triangle (pixels)."""
+Trail = tuple[tuple[float, float], ...]
+TRAIL: Trail = ((2.0, 0.5), (4.0, 0.25))
+"""Ghost copies behind the shape: (distance in frames' worth of motion, opacity)."""
+NO_TRAIL: Trail = ()
 BACKGROUND = (96, 96, 96)
 """Plain grey: zero saturation, so the object's colour mask is easy to take."""
 
@@ -52,7 +57,7 @@ class VideoSpec:
     def caption(self) -> str:
         return caption(self.colour, self.shape, self.direction)
 
-    def centre(self, frame: int) -> tuple[float, float]:
+    def centre(self, frame: float) -> tuple[float, float]:
         """The shape's centre in ``frame`` (wrapped into [0, SIZE))."""
         dx, dy = DIRECTIONS[self.direction]
         return ((self.x0 + dx * SPEED * frame) % SIZE, (self.y0 + dy * SPEED * frame) % SIZE)
@@ -105,30 +110,38 @@ def _coverage(shape: str, cx: float, cy: float) -> np.ndarray:
     return fine.mean(axis=(1, 3))
 
 
-def render(spec: VideoSpec, frames: int, start: int = 0) -> np.ndarray:
+def _opacity(spec: VideoSpec, frame: float, trail: Trail) -> np.ndarray:
+    """Opacity of the shape and its trail in ``frame``: float32 (SIZE, SIZE) in [0, 1]."""
+    alpha = _coverage(spec.shape, *spec.centre(frame))
+    for lag, opacity in trail:
+        alpha = np.maximum(alpha, opacity * _coverage(spec.shape, *spec.centre(frame - lag)))
+    return alpha
+
+
+def render(spec: VideoSpec, frames: int, start: int = 0, trail: Trail = NO_TRAIL) -> np.ndarray:
     """Frames ``start .. start + frames - 1`` of the video: uint8 (frames, SIZE, SIZE, 3)."""
     background = np.asarray(BACKGROUND, np.float32)
     colour = np.asarray(COLOURS[spec.colour], np.float32)
     out = np.empty((frames, SIZE, SIZE, 3), np.uint8)
     for i in range(frames):
-        alpha = _coverage(spec.shape, *spec.centre(start + i))[..., None]
+        alpha = _opacity(spec, start + i, trail)[..., None]
         out[i] = np.round(background + alpha * (colour - background)).astype(np.uint8)
     return out
 
 
-def shape_mask(spec: VideoSpec, frames: int, start: int = 0) -> np.ndarray:
-    """Coverage of the shape in each frame, float32 (frames, SIZE, SIZE) in [0, 1]."""
-    return np.stack([_coverage(spec.shape, *spec.centre(start + i)) for i in range(frames)])
+def shape_mask(spec: VideoSpec, frames: int, start: int = 0, trail: Trail = NO_TRAIL) -> np.ndarray:
+    """Opacity of the shape (and its trail) in each frame, float32 (frames, SIZE, SIZE) in [0, 1]."""
+    return np.stack([_opacity(spec, start + i, trail) for i in range(frames)])
 
 
-def video(seed: int, frames: int = 16) -> tuple[np.ndarray, VideoSpec]:
+def video(seed: int, frames: int = 16, trail: Trail = NO_TRAIL) -> tuple[np.ndarray, VideoSpec]:
     """A random video (frames, SIZE, SIZE, 3) uint8 and its spec, deterministic from ``seed``."""
     spec = random_spec(np.random.default_rng(seed))
-    return render(spec, frames), spec
+    return render(spec, frames, trail=trail), spec
 
 
-def batch(rng: np.random.Generator, count: int, frames: int,
-          classes: list[tuple[str, str, str]] | None = None) -> tuple[np.ndarray, list[VideoSpec]]:
+def batch(rng: np.random.Generator, count: int, frames: int, classes: list[tuple[str, str, str]] | None = None,
+          trail: Trail = NO_TRAIL) -> tuple[np.ndarray, list[VideoSpec]]:
     """``count`` random videos: uint8 (count, frames, SIZE, SIZE, 3) and their specs."""
     specs = [random_spec(rng, classes) for _ in range(count)]
-    return np.stack([render(s, frames) for s in specs]), specs
+    return np.stack([render(s, frames, trail=trail) for s in specs]), specs

@@ -37,25 +37,26 @@ def generate(components: Any, prompts: list[str], seeds: list[int], frames: int,
     from ..pipeline import decode_frames, encode_prompts, make_scheduler
 
     unet, vae = components.unet, components.vae
+    device = unet.device
     scale = 2 ** (len(vae.config.block_out_channels) - 1)
     shape = (1, unet.config.in_channels, data.SIZE // scale, data.SIZE // scale)
-    negative = encode_prompts(components, [""], torch.device("cpu"))
+    negative = encode_prompts(components, [""], device)
     videos = []
     handle = parallelize(unet, {}, ClipContext())
     try:
         for first in range(0, len(prompts), batch):
             chunk = prompts[first:first + batch]
             scheduler = make_scheduler(scheduler_name, components.scheduler_config)
-            text = encode_prompts(components, chunk, torch.device("cpu"))
+            text = encode_prompts(components, chunk, device)
             latents = torch.cat([
-                initial_latents(seed, range(frames), shape, scheduler.init_noise_sigma, torch.float32, "cpu")
+                initial_latents(seed, range(frames), shape, scheduler.init_noise_sigma, torch.float32, device)
                 for seed in seeds[first:first + batch]
             ])
             with torch.no_grad():
                 latents = denoise(unet, scheduler, latents, text, negative_embeds=negative.expand(len(chunk), -1, -1),
                                   guidance_scale=guidance, seed=seeds[first], frames=range(frames), num_steps=steps)
             for i in range(len(chunk)):
-                videos.append(torch.cat(list(decode_frames(components, latents[i:i + 1]))).numpy())
+                videos.append(torch.cat(list(decode_frames(components, latents[i:i + 1]))).cpu().numpy())
     finally:
         handle.remove()
     return np.stack(videos)
@@ -171,6 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, default=1, help="samples per prompt")
     parser.add_argument("--base-seed", type=int, default=1000)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--device", default="cpu", help="torch device for the 48-prompt evaluation (e.g. cuda)")
     parser.add_argument("--json", type=Path, default=None, help="write the results (without videos) here")
     parser.add_argument("--sheet", type=Path, default=None, help="contact sheet PNG of the last setting's samples")
     parser.add_argument("--continuity", metavar="PROMPT", default=None,
@@ -190,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
         from . import default_model_path
 
         args.model = str(default_model_path())
-    components = load_model(args.model)
+    components = load_model(args.model, device=args.device)
     if args.continuity is not None:
         result = continuity(components, args.model, args.config, args.continuity, args.total_frames, args.ranks,
                             args.base_seed, args.steps[0], args.guidance[0], args.scheduler[0], args.out_dir)

@@ -1,0 +1,61 @@
+"""The demo model's training script, end to end at toy size: every stage runs, checkpoints resume,
+the export loads through the package's loading code, and mismatched runs are refused."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from video_infinity.demo import data, train
+
+pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
+
+
+def _train(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "video_infinity.demo.train", "--threads", "1", "--eval-minutes", "0",
+                           *args], capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo_train")
+    done = _train("--out", str(out), "--vae-minutes", "0.02", "--clips-per-class", "1", "--max-steps", "3",
+                  "--export", str(out / "export"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    return out
+
+
+def test_every_stage_writes_its_output(run):
+    clips = torch.load(run / "latents.pt")
+    assert clips["latents"].shape == (len(data.all_classes()), 4, 16, data.SIZE // 4, data.SIZE // 4)
+    assert [tuple(t) for t in clips["trail"]] == list(data.TRAIL)  # the default data has the motion trail
+    state = torch.load(run / "checkpoint.pt", weights_only=False)
+    assert state["step"] == 3 and state["config"]["train_text_encoder"] is False
+    assert (run / "loss.csv").exists() and (run / "vae" / "config.json").exists()
+
+
+def test_export_loads_and_keeps_the_frozen_text_encoder(run):
+    from video_infinity.models import load_model
+
+    components = load_model(str(run / "export"))
+    fresh = train.new_text_encoder(train.load_tokenizer(run / "tokenizer"), seed=3)  # --seed 0, plus 3
+    for (name, exported), initial in zip(components.text_encoder.state_dict().items(), fresh.state_dict().values()):
+        assert torch.equal(exported, initial), name
+    state = torch.load(run / "checkpoint.pt", weights_only=False)
+    assert any(not torch.equal(a, b) for a, b in zip(state["unet"].values(), train.new_unet(0).state_dict().values()))
+
+
+def test_resume_continues_and_refuses_another_text_encoder_mode(run):
+    done = _train("--out", str(run), "--stage", "unet", "--resume", "--max-steps", "5")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert torch.load(run / "checkpoint.pt", weights_only=False)["step"] == 5
+    done = _train("--out", str(run), "--stage", "unet", "--resume", "--max-steps", "6", "--text-encoder", "trained")
+    assert done.returncode != 0 and "--text-encoder frozen" in done.stderr
+
+
+def test_latents_of_other_data_are_refused(run):
+    done = _train("--out", str(run), "--stage", "latents", "--trail", "off")
+    assert done.returncode != 0 and "--trail" in done.stderr
