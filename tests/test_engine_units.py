@@ -250,3 +250,28 @@ def test_single_process_exchange_returns_own_frames_and_globals_in_order():
     assert frames is x and span == range(7)
     assert torch.equal(globals_, x[:, [5, 1, 3]])
     assert ctx.stats.total == 0  # nothing sent on one process
+
+
+def test_global_keys_reuse_the_window_projection_and_keep_their_order():
+    from diffusers.models.attention_processor import Attention
+
+    from video_infinity.attention import _project_keys_values
+
+    torch.manual_seed(0)
+    attn = Attention(query_dim=16, heads=2, dim_head=8)
+    context_frames = range(3, 10)
+    context = torch.randn(5, len(context_frames), 16)
+    global_frames = [12, 4, 0, 7]  # two inside the window, two outside, interleaved
+    global_states = torch.randn(5, len(global_frames), 16)
+    global_states[:, 1], global_states[:, 3] = context[:, 4 - 3], context[:, 7 - 3]
+    rows_projected = []
+    attn.to_k.register_forward_hook(lambda module, args, out: rows_projected.append(args[0].shape[1]))
+    key, value, global_key, global_value = _project_keys_values(attn, context, context_frames, global_states,
+                                                                global_frames)
+    assert rows_projected == [len(context_frames), 2]  # the window once, then only frames 12 and 0
+    torch.testing.assert_close(key, attn.to_k(context), rtol=0, atol=1e-6)
+    torch.testing.assert_close(value, attn.to_v(context), rtol=0, atol=1e-6)
+    torch.testing.assert_close(global_key, attn.to_k(global_states), rtol=0, atol=1e-6)
+    torch.testing.assert_close(global_value, attn.to_v(global_states), rtol=0, atol=1e-6)
+    _, _, no_key, no_value = _project_keys_values(attn, context, context_frames, global_states[:, :0], [])
+    assert no_key.shape == (5, 0, 16) and no_value.shape == (5, 0, 16)

@@ -135,6 +135,32 @@ def _fused_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, 
     return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scale)
 
 
+def _project_keys_values(
+    attn: Attention, context: torch.Tensor, context_frames: range, global_states: torch.Tensor, global_frames: list[int]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Keys and values of the local window, and of the global frames (in ``global_frames`` order).
+
+    A global frame inside the window (on one process: all of them) takes its rows of the window's
+    projection; only the others are projected, so no frame goes through ``to_k``/``to_v`` twice.
+    """
+    key, value = attn.to_k(context), attn.to_v(context)
+    if not global_frames:
+        return key, value, key[:, :0], value[:, :0]
+    inside = [i for i, frame in enumerate(global_frames) if frame in context_frames]
+    outside = [i for i, frame in enumerate(global_frames) if frame not in context_frames]
+    device = context.device
+    rows = torch.tensor([global_frames[i] - context_frames.start for i in inside], dtype=torch.long, device=device)
+    global_key, global_value = key.index_select(1, rows), value.index_select(1, rows)
+    if outside:
+        remote = global_states.index_select(1, torch.tensor(outside, dtype=torch.long, device=device))
+        global_key = torch.cat([global_key, attn.to_k(remote)], dim=1)
+        global_value = torch.cat([global_value, attn.to_v(remote)], dim=1)
+        # Back to the order of ``global_frames`` (every rank sums the global keys in the same order).
+        restore = torch.tensor(sorted(range(len(global_frames)), key=(inside + outside).__getitem__), device=device)
+        global_key, global_value = global_key.index_select(1, restore), global_value.index_select(1, restore)
+    return key, value, global_key, global_value
+
+
 class DualScopeAttnProcessor:
     """Attention processor for temporal self-attention (sequence axis = frames) over a clip of the video."""
 
@@ -169,30 +195,30 @@ class DualScopeAttnProcessor:
         pending = start_exchange(hidden_states, 1, layout, padding, padding, self.ctx, global_frames, kind="attn_halo")
         query = attn.to_q(hidden_states)  # while the neighbours' frames are in flight
         context, context_frames, global_states = pending.wait()
-        key_source = torch.cat([context, global_states], dim=1) if global_states.shape[1] else context
+        key, value, global_key, global_value = _project_keys_values(
+            attn, context, context_frames, global_states, global_frames
+        )
 
         batch = hidden_states.shape[0]
-        key = attn.to_k(key_source)
-        value = attn.to_v(key_source)
         head_dim = key.shape[-1] // attn.heads
 
         def heads(t: torch.Tensor) -> torch.Tensor:
-            return t.view(batch, -1, attn.heads, head_dim).transpose(1, 2)
+            return t.reshape(batch, -1, attn.heads, head_dim).transpose(1, 2)
 
         query, key, value = heads(query), heads(key), heads(value)
+        global_key, global_value = heads(global_key), heads(global_value)
         if attn.norm_q is not None:
             query = attn.norm_q(query)
         if attn.norm_k is not None:
-            key = attn.norm_k(key)
+            key, global_key = attn.norm_k(key), attn.norm_k(global_key)
 
         local_bias, global_bias = config.phase_biases(timestep)
-        n_local = len(context_frames)
         out = dual_scope_attention(
             query,
-            key[:, :, :n_local],
-            value[:, :, :n_local],
-            key[:, :, n_local:],
-            value[:, :, n_local:],
+            key,
+            value,
+            global_key,
+            global_value,
             query_frames=layout.owned,
             key_frames=context_frames,
             total_frames=layout.total_frames,
