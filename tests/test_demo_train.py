@@ -25,6 +25,8 @@ def run(tmp_path_factory):
     done = _train("--out", str(out), "--vae-minutes", "0.02", "--clips-per-class", "1", "--max-steps", "3",
                   "--export", str(out / "export"))
     assert done.returncode == 0, done.stderr[-3000:]
+    # Reversed trail clips would show the trail leading: no time-reversal augmentation with the trail.
+    assert "time reversal off" in done.stderr
     return out
 
 

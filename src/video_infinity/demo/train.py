@@ -12,7 +12,8 @@ Stages, each skipped when its output already exists in ``--out``:
    on a small CLIP text encoder that stays as initialised (``--text-encoder frozen``, the default: a
    jointly trained one learned to carry the colour and to drown the direction word; see
    ``new_text_encoder``) or is trained with the UNet (``--text-encoder trained``), min-SNR loss weighting, EMA, 10% caption dropout (for
-   classifier-free guidance), time-reversal augmentation (reversed clip, opposite direction).
+   classifier-free guidance), time-reversal augmentation (reversed clip, opposite direction; not with
+   the motion trail, which must trail).
    ``--init`` fine-tunes another run's weights (``--boost-directions``: see below). Atomic,
    resumable checkpoints every few minutes; the loss curve goes to ``loss.csv``; a few samples are
    probed for colour and direction every ``--eval-minutes``.
@@ -360,6 +361,10 @@ def train_unet(out: Path, minutes: float, seed: int, resume: bool, batch: int = 
     vae = load_vae(out).to(device)
     clips = torch.load(out / "latents.pt")
     latents_all, labels_all = clips["latents"], clips["labels"]
+    # Playing a clip backwards shows the opposite motion, a free second example, unless the shape
+    # drags a trail: reversed, the trail would lead, and the trail's side would no longer tell the
+    # direction (a run with both learned directions below chance: 0 of 8).
+    time_reversal = not clips.get("trail")
     classes = [tuple(c) for c in clips["classes"]]
     class_index = {c: i for i, c in enumerate(classes)}
     # Token ids per class, and per class with the opposite direction (for time-reversed clips).
@@ -414,9 +419,9 @@ def train_unet(out: Path, minutes: float, seed: int, resume: bool, batch: int = 
             logger.info("unet: direction word embeddings scaled by %g", boost_directions)
     n_unet = sum(p.numel() for p in unet.parameters()) / 1e6
     n_text = sum(p.numel() for p in text_encoder.parameters()) / 1e6
-    logger.info("unet: %.2f M parameters, text encoder %.2f M (%s); %d clips; batch %d; lr %g; min-SNR gamma %g; %s",
-                n_unet, n_text, "trained" if train_text_encoder else "frozen", len(labels_all), batch, lr, gamma,
-                device)
+    logger.info("unet: %.2f M parameters, text encoder %.2f M (%s); %d clips (time reversal %s); batch %d; lr %g; "
+                "min-SNR gamma %g; %s", n_unet, n_text, "trained" if train_text_encoder else "frozen", len(labels_all),
+                "on" if time_reversal else "off", batch, lr, gamma, device)
 
     def save() -> None:
         state = {name: m.state_dict() for name, m in modules.items()}
@@ -456,7 +461,7 @@ def train_unet(out: Path, minutes: float, seed: int, resume: bool, batch: int = 
                 first = int(torch.randint(0, x0.shape[2] - window + 1, (1,), generator=gen))
                 x0 = x0[:, :, first:first + window]
             label = labels_all[idx]
-            flip = torch.rand(batch, generator=gen) < 0.5
+            flip = (torch.rand(batch, generator=gen) < 0.5) & time_reversal
             x0 = torch.where(flip[:, None, None, None, None].to(device), x0.flip(2), x0)
             # Random whole-latent-pixel shifts (the VAE is shift-equivariant up to its borders).
             shifts = torch.randint(0, x0.shape[-1], (batch, 2), generator=gen)
