@@ -56,6 +56,24 @@ def test_resume_continues_and_refuses_another_text_encoder_mode(run):
     assert torch.load(run / "checkpoint.pt", weights_only=False)["step"] == 5
     done = _train("--out", str(run), "--stage", "unet", "--resume", "--max-steps", "6", "--text-encoder", "trained")
     assert done.returncode != 0 and "--text-encoder frozen" in done.stderr
+    done = _train("--out", str(run), "--stage", "unet", "--resume", "--max-steps", "6", "--text-at-every-level")
+    assert done.returncode != 0 and "another UNet configuration" in done.stderr
+
+
+def test_export_builds_the_unet_the_checkpoint_was_trained_with(tmp_path, run):
+    import shutil
+
+    other = tmp_path / "wide"
+    other.mkdir()
+    for name in ("vae", "tokenizer", "latents.pt"):
+        (shutil.copytree if (run / name).is_dir() else shutil.copy)(run / name, other / name)
+    done = _train("--out", str(other), "--max-steps", "1", "--text-at-every-level",  # vae, latents: there
+                  "--export", str(other / "export"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    from video_infinity.models import load_model
+
+    unet = load_model(str(other / "export")).unet
+    assert tuple(unet.config.down_block_types) == train.UNET_TEXT_AT_EVERY_LEVEL["down_block_types"]
 
 
 def test_latents_of_other_data_are_refused(run):

@@ -71,6 +71,13 @@ UNET_CONFIG: dict[str, Any] = dict(
     cross_attention_dim=64,
     attention_head_dim=16,
 )
+UNET_TEXT_AT_EVERY_LEVEL: dict[str, Any] = {
+    **UNET_CONFIG,
+    "down_block_types": ("CrossAttnDownBlock3D", "CrossAttnDownBlock3D"),
+    "up_block_types": ("CrossAttnUpBlock3D", "CrossAttnUpBlock3D"),
+}
+"""``--text-at-every-level``: cross-attention (and temporal attention) at 16x16 latents too, where the
+motion is one latent pixel a frame, not only at 8x8."""
 VAE_CONFIG: dict[str, Any] = dict(
     in_channels=3,
     out_channels=3,
@@ -143,11 +150,11 @@ def new_text_encoder(tokenizer: Any, seed: int) -> torch.nn.Module:
     return CLIPTextModel(config)
 
 
-def new_unet(seed: int) -> torch.nn.Module:
+def new_unet(seed: int, config: dict[str, Any] = UNET_CONFIG) -> torch.nn.Module:
     from diffusers import UNet3DConditionModel
 
     torch.manual_seed(seed)
-    return UNet3DConditionModel(**UNET_CONFIG)
+    return UNet3DConditionModel(**config)
 
 
 def new_vae(seed: int) -> torch.nn.Module:
@@ -356,7 +363,8 @@ def train_unet(out: Path, minutes: float, seed: int, resume: bool, batch: int = 
                gamma: float = 5.0, ema_decay: float = 0.999, checkpoint_minutes: float = 5.0,
                eval_minutes: float = 15.0, max_steps: int | None = None, window: int = 16,
                high_noise: float = 0.0, init: Path | None = None, boost_directions: float = 1.0,
-               train_text_encoder: bool = False, device: str = "cpu") -> None:
+               train_text_encoder: bool = False, device: str = "cpu",
+               unet_config: dict[str, Any] = UNET_CONFIG) -> None:
     tokenizer = load_tokenizer(out / "tokenizer")
     vae = load_vae(out).to(device)
     clips = torch.load(out / "latents.pt")
@@ -374,7 +382,7 @@ def train_unet(out: Path, minutes: float, seed: int, resume: bool, batch: int = 
     empty = tokenize(tokenizer, [""])[0]
 
     ids, empty, reverse = ids.to(device), empty.to(device), reverse.to(device)
-    unet = new_unet(seed).to(device).train()
+    unet = new_unet(seed, unet_config).to(device).train()
     text_encoder = new_text_encoder(tokenizer, seed + 3).to(device)
     text_encoder.train(train_text_encoder).requires_grad_(train_text_encoder)
     modules = {"unet": unet, "text_encoder": text_encoder}
@@ -387,6 +395,8 @@ def train_unet(out: Path, minutes: float, seed: int, resume: bool, batch: int = 
     ckpt_path = _checkpoint(out)
     if resume and ckpt_path.exists():
         state = torch.load(ckpt_path, weights_only=False, map_location=device)
+        if dict(state.get("config", {}).get("unet", UNET_CONFIG)) != dict(unet_config):
+            raise SystemExit(f"{ckpt_path} holds another UNet configuration: pass the same --text-at-every-level")
         if state.get("config", {}).get("train_text_encoder", True) != train_text_encoder:
             raise SystemExit(f"{ckpt_path} was trained with --text-encoder "
                              f"{'trained' if state['config'].get('train_text_encoder', True) else 'frozen'}: pass that again")
@@ -401,6 +411,8 @@ def train_unet(out: Path, minutes: float, seed: int, resume: bool, batch: int = 
         raise SystemExit(f"{ckpt_path} exists: pass --resume, or remove it to start over")
     elif init is not None:  # fine-tune another run's weights (EMA included), fresh optimiser and step count
         state = torch.load(init, weights_only=False, map_location=device)
+        if dict(state.get("config", {}).get("unet", UNET_CONFIG)) != dict(unet_config):
+            raise SystemExit(f"{init} holds another UNet configuration: pass the same --text-at-every-level")
         for name, m in modules.items():
             m.load_state_dict(state[name])
             ema.shadow[name].load_state_dict(state["ema_" + name])
@@ -427,10 +439,10 @@ def train_unet(out: Path, minutes: float, seed: int, resume: bool, batch: int = 
         state = {name: m.state_dict() for name, m in modules.items()}
         state.update({"ema_" + name: m.state_dict() for name, m in ema.shadow.items()})
         state.update(opt=opt.state_dict(), step=step, seconds=trained_seconds, generator=gen.get_state(),
-                     config={"unet": UNET_CONFIG, "text": TEXT_CONFIG, "scheduler": SCHEDULER_CONFIG,
+                     config={"unet": dict(unet_config), "text": TEXT_CONFIG, "scheduler": SCHEDULER_CONFIG,
                              "train_text_encoder": train_text_encoder})
         save_atomic(state, ckpt_path)
-        save_atomic({k: v for k, v in state.items() if k.startswith("ema_")} | {"step": step},
+        save_atomic({k: v for k, v in state.items() if k.startswith("ema_")} | {"step": step, "config": state["config"]},
                     out / "ema" / f"ema_{step:06d}.pt")
         logger.info("unet: checkpoint at step %d (%.1f min trained)", step, trained_seconds / 60)
 
@@ -538,7 +550,7 @@ def export(out: Path, target: Path, ema_file: Path | None = None) -> Path:
 
     tokenizer = load_tokenizer(out / "tokenizer")
     state = torch.load(ema_file or _checkpoint(out), weights_only=False, map_location="cpu")
-    unet = new_unet(0)
+    unet = new_unet(0, state.get("config", {}).get("unet", UNET_CONFIG))
     unet.load_state_dict(state["ema_unet"])
     text_encoder = new_text_encoder(tokenizer, 0)
     text_encoder.load_state_dict(state["ema_text_encoder"])
@@ -615,6 +627,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="with --init: scale the direction words' token embeddings by this factor")
     parser.add_argument("--text-encoder", choices=("frozen", "trained"), default="frozen",
                         help="keep the text encoder as initialised (default) or train it with the UNet")
+    parser.add_argument("--text-at-every-level", action="store_true",
+                        help="UNet with cross-attention at 16x16 latents too (UNET_TEXT_AT_EVERY_LEVEL)")
     parser.add_argument("--device", default="cpu", help="torch device for the UNet stage (e.g. cuda)")
     parser.add_argument("--checkpoint-minutes", type=float, default=5.0)
     parser.add_argument("--eval-minutes", type=float, default=15.0)
@@ -640,7 +654,8 @@ def main(argv: list[str] | None = None) -> int:
                    checkpoint_minutes=args.checkpoint_minutes, eval_minutes=args.eval_minutes, max_steps=args.max_steps,
                    ema_decay=args.ema_decay, window=args.window, high_noise=args.high_noise,
                    init=args.init, boost_directions=args.boost_directions,
-                   train_text_encoder=args.text_encoder == "trained", device=args.device)
+                   train_text_encoder=args.text_encoder == "trained", device=args.device,
+                   unet_config=UNET_TEXT_AT_EVERY_LEVEL if args.text_at_every_level else UNET_CONFIG)
     if args.export is not None and args.stage in ("all", "export"):
         export(args.out, args.export, args.ema_file)
     return 0
