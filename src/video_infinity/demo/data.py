@@ -4,7 +4,8 @@ Each video shows a single shape of fixed size (circle, square or triangle; red, 
 yellow) on a plain grey background, moving left, right, up or down by :data:`SPEED` pixels a
 frame and wrapping around the frame edges, so a video can be as long as wanted. The shape may drag
 a fading motion trail (:data:`TRAIL`, as a long-exposure camera would show it), which makes the
-direction of motion visible in every single frame. Everything is deterministic from a seed. Captions read like ``"a red circle moving right"``.
+direction of motion visible in every single frame. Everything is deterministic from a seed.
+Captions read like ``"a red circle moving right"``.
 """
 
 from __future__ import annotations

@@ -11,9 +11,9 @@ Stages, each skipped when its output already exists in ``--out``:
 3. ``unet``: a small UNet3DConditionModel, v-prediction on a zero-terminal-SNR schedule, conditioned
    on a small CLIP text encoder that stays as initialised (``--text-encoder frozen``, the default: a
    jointly trained one learned to carry the colour and to drown the direction word; see
-   ``new_text_encoder``) or is trained with the UNet (``--text-encoder trained``), min-SNR loss weighting, EMA, 10% caption dropout (for
-   classifier-free guidance), time-reversal augmentation (reversed clip, opposite direction; not with
-   the motion trail, which must trail).
+   ``new_text_encoder``) or is trained with the UNet (``--text-encoder trained``); min-SNR loss
+   weighting, EMA, 10% caption dropout (for classifier-free guidance), time-reversal augmentation
+   (reversed clip, opposite direction; not with the motion trail, which must trail).
    ``--init`` fine-tunes another run's weights (``--boost-directions``: see below). Atomic,
    resumable checkpoints every few minutes; the loss curve goes to ``loss.csv``; a few samples are
    probed for colour and direction every ``--eval-minutes``.
@@ -472,13 +472,12 @@ def train_unet(out: Path, minutes: float, seed: int, resume: bool, batch: int = 
             if window < x0.shape[2]:  # a random window of each clip
                 first = int(torch.randint(0, x0.shape[2] - window + 1, (1,), generator=gen))
                 x0 = x0[:, :, first:first + window]
-            label = labels_all[idx]
-            flip = (torch.rand(batch, generator=gen) < 0.5) & time_reversal
-            x0 = torch.where(flip[:, None, None, None, None].to(device), x0.flip(2), x0)
+            label = labels_all[idx].to(device)
+            flip = ((torch.rand(batch, generator=gen) < 0.5) & time_reversal).to(device)
+            x0 = torch.where(flip[:, None, None, None, None], x0.flip(2), x0)
             # Random whole-latent-pixel shifts (the VAE is shift-equivariant up to its borders).
             shifts = torch.randint(0, x0.shape[-1], (batch, 2), generator=gen)
             x0 = torch.stack([torch.roll(x, (int(a), int(b)), dims=(-2, -1)) for x, (a, b) in zip(x0, shifts)])
-            flip, label = flip.to(device), label.to(device)
             label = torch.where(flip, reverse[label], label)
             tokens = ids[label]
             drop = torch.rand(batch, generator=gen) < 0.1
@@ -489,13 +488,15 @@ def train_unet(out: Path, minutes: float, seed: int, resume: bool, batch: int = 
                 n_train = scheduler.config.num_train_timesteps
                 high = torch.randint(int(0.6 * n_train), n_train, (batch,), generator=gen)
                 t = torch.where(torch.rand(batch, generator=gen) < high_noise, high, t)
-            noisy = scheduler.add_noise(x0, noise, t.to(device))
-            target = scheduler.get_velocity(x0, noise, t.to(device))
+            weight = snr_weights(scheduler, t, gamma).to(device)
+            t = t.to(device)
+            noisy = scheduler.add_noise(x0, noise, t)
+            target = scheduler.get_velocity(x0, noise, t)
             with torch.set_grad_enabled(train_text_encoder):
                 text = text_encoder(tokens)[0]
-            pred = unet(noisy, t.to(device), encoder_hidden_states=text).sample
+            pred = unet(noisy, t, encoder_hidden_states=text).sample
             per_sample = ((pred - target) ** 2).mean(dim=(1, 2, 3, 4))
-            loss = (per_sample * snr_weights(scheduler, t, gamma).to(device)).mean()
+            loss = (per_sample * weight).mean()
             current_lr = lr * min(1.0, (step + 1) / 200)
             for group in opt.param_groups:
                 group["lr"] = current_lr
