@@ -25,8 +25,9 @@ ENGINE_WHOLE_WINDOW = {"attn": {"padding": 64, "top_k": 0, "local_phase": None, 
 On one process this is the same computation as the unmodified model (the overhead target's case)."""
 
 ENGINE_WHOLE_WINDOW_FUSED = {**ENGINE_WHOLE_WINDOW, "split_invariant": False}
-"""The same with fused attention kernels (the GPU default) instead of the split-invariant slot-by-slot
-computation (the CPU default, which makes videos bit-identical on any number of ranks)."""
+"""The same with fused kernels (the GPU default) instead of the split-invariant computation (the CPU
+default: attention one query frame at a time, convolutions as fixed-shape matrix products, which
+makes videos bit-identical on any number of ranks)."""
 
 ENGINE_DEFAULT: dict[str, Any] = {}
 """The published dual-scope defaults (padding 8, top_k 16, phase biases +10 at t 800)."""

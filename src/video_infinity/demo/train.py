@@ -359,6 +359,23 @@ def _checkpoint(out: Path) -> Path:
     return out / "checkpoint.pt"
 
 
+def _unet_config_of(state: dict[str, Any]) -> dict[str, Any]:
+    """The UNet configuration a checkpoint or EMA snapshot was trained with (older ones: the default)."""
+    return dict(state.get("config", {}).get("unet", UNET_CONFIG))
+
+
+def _load_weights(path: Path, unet_config: dict[str, Any], device: str, modules: dict[str, torch.nn.Module],
+                  ema: Ema) -> dict[str, Any]:
+    """Load a checkpoint's weights (EMA included) into ``modules`` and ``ema``; returns the checkpoint."""
+    state = torch.load(path, weights_only=False, map_location=device)
+    if _unet_config_of(state) != dict(unet_config):
+        raise SystemExit(f"{path} holds another UNet configuration: pass the same --text-at-every-level")
+    for name, module in modules.items():
+        module.load_state_dict(state[name])
+        ema.shadow[name].load_state_dict(state["ema_" + name])
+    return state
+
+
 def train_unet(out: Path, minutes: float, seed: int, resume: bool, batch: int = 4, lr: float = 5e-4,
                gamma: float = 5.0, ema_decay: float = 0.999, checkpoint_minutes: float = 5.0,
                eval_minutes: float = 15.0, max_steps: int | None = None, window: int = 16,
@@ -394,15 +411,10 @@ def train_unet(out: Path, minutes: float, seed: int, resume: bool, batch: int = 
     gen = torch.Generator().manual_seed(seed + 4)
     ckpt_path = _checkpoint(out)
     if resume and ckpt_path.exists():
-        state = torch.load(ckpt_path, weights_only=False, map_location=device)
-        if dict(state.get("config", {}).get("unet", UNET_CONFIG)) != dict(unet_config):
-            raise SystemExit(f"{ckpt_path} holds another UNet configuration: pass the same --text-at-every-level")
+        state = _load_weights(ckpt_path, unet_config, device, modules, ema)
         if state.get("config", {}).get("train_text_encoder", True) != train_text_encoder:
             raise SystemExit(f"{ckpt_path} was trained with --text-encoder "
                              f"{'trained' if state['config'].get('train_text_encoder', True) else 'frozen'}: pass that again")
-        for name, m in modules.items():
-            m.load_state_dict(state[name])
-            ema.shadow[name].load_state_dict(state["ema_" + name])
         opt.load_state_dict(state["opt"])
         step, trained_seconds = state["step"], state["seconds"]
         gen.set_state(state["generator"])
@@ -410,12 +422,7 @@ def train_unet(out: Path, minutes: float, seed: int, resume: bool, batch: int = 
     elif ckpt_path.exists():
         raise SystemExit(f"{ckpt_path} exists: pass --resume, or remove it to start over")
     elif init is not None:  # fine-tune another run's weights (EMA included), fresh optimiser and step count
-        state = torch.load(init, weights_only=False, map_location=device)
-        if dict(state.get("config", {}).get("unet", UNET_CONFIG)) != dict(unet_config):
-            raise SystemExit(f"{init} holds another UNet configuration: pass the same --text-at-every-level")
-        for name, m in modules.items():
-            m.load_state_dict(state[name])
-            ema.shadow[name].load_state_dict(state["ema_" + name])
+        state = _load_weights(init, unet_config, device, modules, ema)
         logger.info("unet: initialised from %s (step %d there)", init, state["step"])
         if boost_directions != 1.0:
             # The jointly trained text encoder spreads the colour (an early word) over every later
@@ -551,7 +558,7 @@ def export(out: Path, target: Path, ema_file: Path | None = None) -> Path:
 
     tokenizer = load_tokenizer(out / "tokenizer")
     state = torch.load(ema_file or _checkpoint(out), weights_only=False, map_location="cpu")
-    unet = new_unet(0, state.get("config", {}).get("unet", UNET_CONFIG))
+    unet = new_unet(0, _unet_config_of(state))
     unet.load_state_dict(state["ema_unet"])
     text_encoder = new_text_encoder(tokenizer, 0)
     text_encoder.load_state_dict(state["ema_text_encoder"])
