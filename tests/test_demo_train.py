@@ -79,3 +79,63 @@ def test_export_builds_the_unet_the_checkpoint_was_trained_with(tmp_path, run):
 def test_latents_of_other_data_are_refused(run):
     done = _train("--out", str(run), "--stage", "latents", "--trail", "off")
     assert done.returncode != 0 and "--trail" in done.stderr
+
+
+def test_clip_groups_show_one_scene_moving_each_way(run):
+    clips = torch.load(run / "latents.pt")
+    classes, labels, partners = clips["classes"], clips["labels"], clips["partners"]
+    assert partners.shape == (len(labels), len(data.DIRECTIONS))
+    for i in range(len(labels)):
+        members = [tuple(classes[int(labels[j])]) for j in partners[i]]
+        assert [d for _c, _s, d in members] == list(data.DIRECTIONS)  # column k moves in direction k
+        assert len({(c, s) for c, s, _d in members}) == 1 and int(partners[i][data_direction(classes, labels, i)]) == i
+
+
+def data_direction(classes, labels, i):
+    return list(data.DIRECTIONS).index(tuple(classes[int(labels[i])])[2])
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_scene_group_shares_the_position_in_its_pivot_frame(seed):
+    import numpy as np
+
+    pivot, specs = data.scene_group(np.random.default_rng(seed), "red", "square", 16)
+    assert 0 <= pivot < 16 and [s.direction for s in specs] == list(data.DIRECTIONS)
+    centres = np.array([s.centre(pivot) for s in specs])
+    assert np.allclose(centres, centres[0])
+    for spec in specs:  # one frame later each has moved SPEED its own way
+        (x, y), (dx, dy) = spec.centre(pivot + 1), data.DIRECTIONS[spec.direction]
+        step = (np.array([x, y]) - centres[0] + data.SIZE / 2) % data.SIZE - data.SIZE / 2
+        assert np.allclose(step, [dx * data.SPEED, dy * data.SPEED])
+
+
+def test_velocity_towards_a_clip_recovers_it():
+    sched = train.train_scheduler()
+    g = torch.Generator().manual_seed(0)
+    x0, other, noise = (torch.randn(3, 4, 2, 5, 5, generator=g) for _ in range(3))
+    t = torch.tensor([0, 500, 999])
+    noisy = sched.add_noise(x0, noise, t)
+    assert torch.allclose(train.velocity_towards(sched, noisy, x0, t), sched.get_velocity(x0, noise, t), atol=1e-4)
+    v = train.velocity_towards(sched, noisy, other, t)
+    alpha_bar = sched.alphas_cumprod[t].reshape(-1, 1, 1, 1, 1)
+    assert torch.allclose(alpha_bar.sqrt() * noisy - (1 - alpha_bar).sqrt() * v, other, atol=1e-4)
+
+
+def test_counterfactual_training_runs_and_needs_clip_groups(tmp_path, run):
+    import shutil
+
+    other = tmp_path / "cf"
+    other.mkdir()
+    for name in ("vae", "tokenizer"):
+        shutil.copytree(run / name, other / name)
+    clips = torch.load(run / "latents.pt")
+    torch.save({k: v for k, v in clips.items() if k != "partners"}, other / "latents.pt")  # the older format
+    args = ("--out", str(other), "--stage", "unet", "--max-steps", "2", "--counterfactual", "1",
+            "--counterfactual-min-t", "0")
+    done = _train(*args)
+    assert done.returncode != 0 and "no clip groups" in done.stderr
+    torch.save(clips, other / "latents.pt")
+    done = _train(*args)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "direction drawn anew for 100%" in done.stderr
+    assert torch.load(other / "checkpoint.pt", weights_only=False)["step"] == 2

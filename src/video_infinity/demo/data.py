@@ -89,6 +89,18 @@ def random_spec(rng: np.random.Generator, classes: list[tuple[str, str, str]] | 
     return VideoSpec(colour, shape, direction, float(x0), float(y0))
 
 
+def scene_group(rng: np.random.Generator, colour: str, shape: str, frames: int) -> tuple[int, list[VideoSpec]]:
+    """One scene moving each way: a random pivot frame and one spec per direction (DIRECTIONS order),
+    all with the shape at the same random position in the pivot frame."""
+    pivot = int(rng.integers(frames))
+    px, py = rng.uniform(0, SIZE, size=2)
+    specs = []
+    for direction, (dx, dy) in DIRECTIONS.items():
+        x0, y0 = (px - dx * SPEED * pivot) % SIZE, (py - dy * SPEED * pivot) % SIZE
+        specs.append(VideoSpec(colour, shape, direction, float(x0), float(y0)))
+    return pivot, specs
+
+
 def _coverage(shape: str, cx: float, cy: float) -> np.ndarray:
     """Fraction of each pixel covered by the shape centred at (cx, cy), wrap-around aware: (SIZE, SIZE)."""
     offsets = (np.arange(_SUPERSAMPLE) + 0.5) / _SUPERSAMPLE

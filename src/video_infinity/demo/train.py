@@ -260,6 +260,13 @@ def load_vae(out: Path) -> Any:
 
 
 def encode_clips(out: Path, clips_per_class: int, seed: int, frames: int = 16, trail: data.Trail = data.NO_TRAIL) -> None:
+    """Encode ``clips_per_class`` clips of every class, in groups of one clip per direction.
+
+    The clips of a group share colour, shape and the shape's position in one random frame (the
+    group's pivot): the same scene with the object moving each way. ``partners[i, k]`` is the index
+    of clip i's group member moving in direction k (data.DIRECTIONS order), for counterfactual
+    training (``--counterfactual``).
+    """
     path = out / "latents.pt"
     if path.exists():
         if tuple(map(tuple, torch.load(path).get("trail", ()))) != tuple(trail):
@@ -269,22 +276,24 @@ def encode_clips(out: Path, clips_per_class: int, seed: int, frames: int = 16, t
     vae = load_vae(out)
     rng = np.random.default_rng(seed + 2)
     classes = data.all_classes()
-    latents, labels = [], []
+    class_index = {c: i for i, c in enumerate(classes)}
+    latents, labels, partners = [], [], []
     start = time.perf_counter()
     with torch.no_grad():
         for k in range(clips_per_class):
-            for first in range(0, len(classes), 4):
-                chunk = list(range(first, min(first + 4, len(classes))))
-                specs = [data.random_spec(rng, [classes[i]]) for i in chunk]
+            for colour, shape in dict.fromkeys((c, s) for c, s, _ in classes):
+                _pivot, specs = data.scene_group(rng, colour, shape, frames)
                 x = to_pixels(np.concatenate([data.render(spec, frames, trail=trail) for spec in specs]))
-                z = vae.encode(x).latent_dist.mode() * vae.config.scaling_factor  # (n * F, C, h, w)
-                z = z.reshape(len(chunk), frames, *z.shape[1:]).permute(0, 2, 1, 3, 4)  # (n, C, F, h, w)
+                z = vae.encode(x).latent_dist.mode() * vae.config.scaling_factor  # (4 * F, C, h, w)
+                z = z.reshape(len(specs), frames, *z.shape[1:]).permute(0, 2, 1, 3, 4)  # (4, C, F, h, w)
+                first = len(labels)
                 latents.extend(z.to(torch.float16))
-                labels.extend(chunk)
+                labels.extend(class_index[(colour, shape, spec.direction)] for spec in specs)
+                partners.extend([list(range(first, first + len(specs)))] * len(specs))
             if k % 10 == 0:
                 logger.info("latents: %d/%d clips per class, %.0f s", k + 1, clips_per_class, time.perf_counter() - start)
     save_atomic({"latents": torch.stack(latents), "labels": torch.tensor(labels), "classes": classes,
-                 "trail": [list(t) for t in trail]}, path)
+                 "partners": torch.tensor(partners), "trail": [list(t) for t in trail]}, path)
     logger.info("latents: %d clips in %.0f s", len(labels), time.perf_counter() - start)
 
 
@@ -299,6 +308,13 @@ def snr_weights(scheduler: Any, timesteps: torch.Tensor, gamma: float) -> torch.
     alphas = scheduler.alphas_cumprod[timesteps]
     snr = alphas / (1 - alphas).clamp(min=1e-8)
     return torch.clamp(snr + 1, max=gamma) / (snr + 1)
+
+
+def velocity_towards(scheduler: Any, noisy: torch.Tensor, x0: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+    """The v-prediction target that turns ``noisy`` into ``x0`` at ``timesteps`` (x0 = alpha * noisy - sigma * v),
+    whichever clean clip ``noisy`` was made from; for its own clip it is ``scheduler.get_velocity``."""
+    alpha_bar = scheduler.alphas_cumprod.to(noisy.device)[timesteps].reshape(-1, *[1] * (noisy.dim() - 1))
+    return (alpha_bar.sqrt() * noisy - x0) / (1 - alpha_bar).sqrt()
 
 
 class Ema:
@@ -381,7 +397,8 @@ def train_unet(out: Path, minutes: float, seed: int, resume: bool, batch: int = 
                eval_minutes: float = 15.0, max_steps: int | None = None, window: int = 16,
                high_noise: float = 0.0, init: Path | None = None, boost_directions: float = 1.0,
                train_text_encoder: bool = False, device: str = "cpu",
-               unet_config: dict[str, Any] = UNET_CONFIG) -> None:
+               unet_config: dict[str, Any] = UNET_CONFIG, counterfactual: float = 0.0,
+               counterfactual_min_t: int = 800) -> None:
     tokenizer = load_tokenizer(out / "tokenizer")
     vae = load_vae(out).to(device)
     clips = torch.load(out / "latents.pt")
@@ -397,6 +414,10 @@ def train_unet(out: Path, minutes: float, seed: int, resume: bool, batch: int = 
     ids = tokenize(tokenizer, prompts)
     reverse = torch.tensor([class_index[(c, s, OPPOSITE[d])] for c, s, d in classes])
     empty = tokenize(tokenizer, [""])[0]
+    partners = clips.get("partners")
+    if counterfactual > 0 and partners is None:
+        raise SystemExit(f"{out / 'latents.pt'} has no clip groups (older format): remove it to re-encode the clips "
+                         "for --counterfactual")
 
     ids, empty, reverse = ids.to(device), empty.to(device), reverse.to(device)
     unet = new_unet(seed, unet_config).to(device).train()
@@ -441,6 +462,9 @@ def train_unet(out: Path, minutes: float, seed: int, resume: bool, batch: int = 
     logger.info("unet: %.2f M parameters, text encoder %.2f M (%s); %d clips (time reversal %s); batch %d; lr %g; "
                 "min-SNR gamma %g; %s", n_unet, n_text, "trained" if train_text_encoder else "frozen", len(labels_all),
                 "on" if time_reversal else "off", batch, lr, gamma, device)
+    if counterfactual > 0:
+        logger.info("unet: direction drawn anew for %.0f%% of the captioned samples at t >= %d", 100 * counterfactual,
+                    counterfactual_min_t)
 
     def save() -> None:
         state = {name: m.state_dict() for name, m in modules.items()}
@@ -475,30 +499,40 @@ def train_unet(out: Path, minutes: float, seed: int, resume: bool, batch: int = 
                 break
             t0 = time.perf_counter()
             idx = torch.randint(len(labels_all), (batch,), generator=gen)
-            x0 = latents_all[idx].to(device).float()
-            if window < x0.shape[2]:  # a random window of each clip
-                first = int(torch.randint(0, x0.shape[2] - window + 1, (1,), generator=gen))
-                x0 = x0[:, :, first:first + window]
-            label = labels_all[idx].to(device)
+            frames = latents_all.shape[2]
+            first = int(torch.randint(0, frames - window + 1, (1,), generator=gen)) if window < frames else 0
             flip = ((torch.rand(batch, generator=gen) < 0.5) & time_reversal).to(device)
-            x0 = torch.where(flip[:, None, None, None, None], x0.flip(2), x0)
             # Random whole-latent-pixel shifts (the VAE is shift-equivariant up to its borders).
-            shifts = torch.randint(0, x0.shape[-1], (batch, 2), generator=gen)
-            x0 = torch.stack([torch.roll(x, (int(a), int(b)), dims=(-2, -1)) for x, (a, b) in zip(x0, shifts)])
-            label = torch.where(flip, reverse[label], label)
-            tokens = ids[label]
+            shifts = torch.randint(0, latents_all.shape[-1], (batch, 2), generator=gen)
             drop = torch.rand(batch, generator=gen) < 0.1
-            tokens = torch.where(drop[:, None].to(device), empty[None], tokens)
-            noise = torch.randn(x0.shape, generator=gen).to(device)
+            noise = torch.randn((batch, *latents_all.shape[1:2], window, *latents_all.shape[3:]), generator=gen).to(device)
             t = torch.randint(0, scheduler.config.num_train_timesteps, (batch,), generator=gen)
             if high_noise > 0:  # a share of the batch at high noise, where the prompt decides the motion
                 n_train = scheduler.config.num_train_timesteps
                 high = torch.randint(int(0.6 * n_train), n_train, (batch,), generator=gen)
                 t = torch.where(torch.rand(batch, generator=gen) < high_noise, high, t)
+            target_idx = idx
+            if counterfactual > 0:  # the caption's direction drawn anew; the same scene moving that way is the target
+                direction = torch.randint(0, len(data.DIRECTIONS), (batch,), generator=gen)
+                use = (torch.rand(batch, generator=gen) < counterfactual) & (t >= counterfactual_min_t) & ~drop
+                target_idx = torch.where(use, partners[idx, direction], idx)
+
+            def clips_at(index: torch.Tensor) -> torch.Tensor:
+                x = latents_all[index].to(device).float()[:, :, first:first + window]
+                x = torch.where(flip[:, None, None, None, None], x.flip(2), x)
+                return torch.stack([torch.roll(c, (int(a), int(b)), dims=(-2, -1)) for c, (a, b) in zip(x, shifts)])
+
+            x0 = clips_at(idx)
+            label = labels_all[target_idx].to(device)
+            label = torch.where(flip, reverse[label], label)
+            tokens = torch.where(drop[:, None].to(device), empty[None], ids[label])
             weight = snr_weights(scheduler, t, gamma).to(device)
             t = t.to(device)
             noisy = scheduler.add_noise(x0, noise, t)
             target = scheduler.get_velocity(x0, noise, t)
+            if counterfactual > 0 and bool((target_idx != idx).any()):
+                swapped = velocity_towards(scheduler, noisy, clips_at(target_idx), t)
+                target = torch.where((target_idx != idx).to(device)[:, None, None, None, None], swapped, target)
             with torch.set_grad_enabled(train_text_encoder):
                 text = text_encoder(tokens)[0]
             pred = unet(noisy, t, encoder_hidden_states=text).sample
@@ -629,6 +663,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--window", type=int, default=16, help="frames per training window (clips have 16)")
     parser.add_argument("--high-noise", type=float, default=0.0,
                         help="share of samples drawn from the noisiest 40%% of timesteps")
+    parser.add_argument("--counterfactual", type=float, default=0.0,
+                        help="share of captioned samples at t >= --counterfactual-min-t whose direction is drawn "
+                             "anew (uniformly), the same scene moving that way being the target: the prompt, not "
+                             "the faint motion in the noise, then chooses the direction")
+    parser.add_argument("--counterfactual-min-t", type=int, default=800)
     parser.add_argument("--init", type=Path, default=None,
                         help="start the UNet and text encoder from this checkpoint.pt (another run's)")
     parser.add_argument("--boost-directions", type=float, default=1.0,
@@ -663,7 +702,8 @@ def main(argv: list[str] | None = None) -> int:
                    ema_decay=args.ema_decay, window=args.window, high_noise=args.high_noise,
                    init=args.init, boost_directions=args.boost_directions,
                    train_text_encoder=args.text_encoder == "trained", device=args.device,
-                   unet_config=UNET_TEXT_AT_EVERY_LEVEL if args.text_at_every_level else UNET_CONFIG)
+                   unet_config=UNET_TEXT_AT_EVERY_LEVEL if args.text_at_every_level else UNET_CONFIG,
+                   counterfactual=args.counterfactual, counterfactual_min_t=args.counterfactual_min_t)
     if args.export is not None and args.stage in ("all", "export"):
         export(args.out, args.export, args.ema_file)
     return 0
