@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from video_infinity.video_io import VideoWriter, contact_sheet, read_video, write_json_atomic, write_png
+from video_infinity.video_io import VideoWriter, contact_sheet, read_video, videos_sheet, write_json_atomic, write_png
 
 
 def _smooth_frames(n: int, height: int, width: int) -> np.ndarray:
@@ -71,6 +71,15 @@ def test_contact_sheet_and_png(tmp_path: Path) -> None:
     with Image.open(tmp_path / "sheet.png") as png:  # decoded back: the same pixels
         assert png.format == "PNG"
         assert np.array_equal(np.asarray(png.convert("RGB")), sheet)
+
+
+def test_videos_sheet_has_one_row_per_video() -> None:
+    videos = np.random.default_rng(1).integers(0, 256, (3, 16, 8, 10, 3), dtype=np.uint8)
+    sheet = videos_sheet(videos, frames_per_row=4)
+    assert sheet.shape == (3 * 8, 4 * 10, 3)
+    for i, video in enumerate(videos):  # first and last frame of each video open and close its row
+        assert np.array_equal(sheet[i * 8:(i + 1) * 8, :10], video[0])
+        assert np.array_equal(sheet[i * 8:(i + 1) * 8, -10:], video[-1])
 
 
 def test_write_json_atomic(tmp_path: Path) -> None:

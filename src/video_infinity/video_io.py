@@ -203,6 +203,11 @@ def contact_sheet(frames: np.ndarray, columns: int = 8, max_frames: int = 32) ->
     return sheet
 
 
+def videos_sheet(videos: np.ndarray, frames_per_row: int = 8) -> np.ndarray:
+    """One row per video of ``frames_per_row`` evenly spaced frames (see :func:`contact_sheet`)."""
+    return np.concatenate([contact_sheet(v, columns=frames_per_row, max_frames=frames_per_row) for v in videos], axis=0)
+
+
 def write_png(path: str | os.PathLike[str], image: np.ndarray) -> None:
     """Write a uint8 image (H, W), (H, W, 1), (H, W, 3) or (H, W, 4) as PNG (atomically)."""
     from PIL import Image  # Pillow: a diffusers dependency

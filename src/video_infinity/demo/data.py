@@ -89,16 +89,11 @@ def random_spec(rng: np.random.Generator, classes: list[tuple[str, str, str]] | 
     return VideoSpec(colour, shape, direction, float(x0), float(y0))
 
 
-def scene_group(rng: np.random.Generator, colour: str, shape: str, frames: int) -> tuple[int, list[VideoSpec]]:
-    """One scene moving each way: a random pivot frame and one spec per direction (DIRECTIONS order),
-    all with the shape at the same random position in the pivot frame."""
-    pivot = int(rng.integers(frames))
-    px, py = rng.uniform(0, SIZE, size=2)
-    specs = []
-    for direction, (dx, dy) in DIRECTIONS.items():
-        x0, y0 = (px - dx * SPEED * pivot) % SIZE, (py - dy * SPEED * pivot) % SIZE
-        specs.append(VideoSpec(colour, shape, direction, float(x0), float(y0)))
-    return pivot, specs
+def scene_group(rng: np.random.Generator, colour: str, shape: str) -> list[VideoSpec]:
+    """One scene moving each way: one spec per direction (DIRECTIONS order), all starting with the
+    shape at the same random position in frame 0."""
+    x0, y0 = rng.uniform(0, SIZE, size=2)
+    return [VideoSpec(colour, shape, direction, float(x0), float(y0)) for direction in DIRECTIONS]
 
 
 def _coverage(shape: str, cx: float, cy: float) -> np.ndarray:

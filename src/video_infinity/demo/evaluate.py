@@ -155,13 +155,6 @@ def continuity(components: Any, model: str, config_file: Path, prompt: str, tota
             "independent": analyse(independent, ranks=ranks).to_dict()}
 
 
-def _sheet(videos: np.ndarray, path: Path) -> None:
-    from ..video_io import write_png
-
-    rows = [np.concatenate(list(v[:: max(1, len(v) // 8)][:8]), axis=1) for v in videos]
-    write_png(path, np.concatenate(rows, axis=0))
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m video_infinity.demo.evaluate", description=__doc__.split("\n")[0])
     parser.add_argument("--model", default=None, help="model folder (default: the demo model)")
@@ -212,7 +205,9 @@ def main(argv: list[str] | None = None) -> int:
               f"({result['seconds']:.0f} s)  by direction "
               + " ".join(f"{d} {a:.0%}" for d, a in result["direction_accuracy_by_direction"].items()), flush=True)
     if args.sheet is not None:
-        _sheet(results[-1]["videos"], args.sheet)
+        from ..video_io import videos_sheet, write_png
+
+        write_png(args.sheet, videos_sheet(results[-1]["videos"]))
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({"model": args.model, "results": [

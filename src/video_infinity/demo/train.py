@@ -262,8 +262,8 @@ def load_vae(out: Path) -> Any:
 def encode_clips(out: Path, clips_per_class: int, seed: int, frames: int = 16, trail: data.Trail = data.NO_TRAIL) -> None:
     """Encode ``clips_per_class`` clips of every class, in groups of one clip per direction.
 
-    The clips of a group share colour, shape and the shape's position in one random frame (the
-    group's pivot): the same scene with the object moving each way. ``partners[i, k]`` is the index
+    The clips of a group share colour, shape and the shape's position in frame 0: the same start,
+    the object moving each way. ``partners[i, k]`` is the index
     of clip i's group member moving in direction k (data.DIRECTIONS order), for counterfactual
     training (``--counterfactual``).
     """
@@ -282,7 +282,7 @@ def encode_clips(out: Path, clips_per_class: int, seed: int, frames: int = 16, t
     with torch.no_grad():
         for k in range(clips_per_class):
             for colour, shape in dict.fromkeys((c, s) for c, s, _ in classes):
-                _pivot, specs = data.scene_group(rng, colour, shape, frames)
+                specs = data.scene_group(rng, colour, shape)
                 x = to_pixels(np.concatenate([data.render(spec, frames, trail=trail) for spec in specs]))
                 z = vae.encode(x).latent_dist.mode() * vae.config.scaling_factor  # (4 * F, C, h, w)
                 z = z.reshape(len(specs), frames, *z.shape[1:]).permute(0, 2, 1, 3, 4)  # (4, C, F, h, w)
@@ -514,7 +514,9 @@ def train_unet(out: Path, minutes: float, seed: int, resume: bool, batch: int = 
             target_idx = idx
             if counterfactual > 0:  # the caption's direction drawn anew; the same scene moving that way is the target
                 direction = torch.randint(0, len(data.DIRECTIONS), (batch,), generator=gen)
+                # Only where the window starts at the group's shared frame 0 (not on time-reversed clips either).
                 use = (torch.rand(batch, generator=gen) < counterfactual) & (t >= counterfactual_min_t) & ~drop
+                use &= ~flip.cpu() & (first == 0)
                 target_idx = torch.where(use, partners[idx, direction], idx)
 
             def clips_at(index: torch.Tensor) -> torch.Tensor:
@@ -576,10 +578,9 @@ def train_unet(out: Path, minutes: float, seed: int, resume: bool, batch: int = 
 
 
 def _save_eval_sheet(out: Path, step: int, videos: np.ndarray) -> None:
-    from ..video_io import write_png
+    from ..video_io import videos_sheet, write_png
 
-    rows = [np.concatenate(list(v[::2]), axis=1) for v in videos]  # every other frame, one row per prompt
-    write_png(out / "samples" / f"step_{step:06d}.png", np.concatenate(rows, axis=0))
+    write_png(out / "samples" / f"step_{step:06d}.png", videos_sheet(videos))  # one row per prompt
 
 
 # --------------------------------------------------------------------------------------------------
