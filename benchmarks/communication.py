@@ -14,7 +14,8 @@ The formula, from the UNet config (layer list: ``temporal_layers``), for rank r 
   * every temporal attention (attn1 and attn2 of each TransformerTemporalModel, transformer_in
     included; hidden states of width D = heads * head_dim): the same with h = min(padding, T-1),
     times B*H*W*D*E; plus the global frames: the owner of each of the min(top_k, T) global frames
-    (centres of equal bins of the video) sends it to each of the w-1 other ranks;
+    (centres of equal bins of the video) sends it to each other rank whose widened clip does not
+    already hold it;
   * every temporal GroupNorm (4 per TemporalConvLayer, 1 per TransformerTemporalModel; G groups,
     norm_scope "video"): its (count, mean, M2) float64 moments, 3*B*G*8 bytes, to each of w-1 ranks.
 The original design (METHOD.md), same notation: attention halos by all-gather inside each 2-rank
@@ -135,11 +136,15 @@ def halo_frames_sent(total_frames: int, world: int, rank: int, halo: int) -> int
     return sent
 
 
-def global_frames_owned(total_frames: int, world: int, rank: int, top_k: int) -> int:
-    """How many of the video's global frames (centres of min(top_k, T) equal bins) lie in rank's clip."""
+def global_frames_sent(total_frames: int, world: int, rank: int, top_k: int, halo: int) -> int:
+    """Global frames (centres of min(top_k, T) equal bins) that rank ``rank`` owns, counted once per
+    other rank whose clip widened by ``halo`` each side does not hold them."""
     k = max(0, min(top_k, total_frames))
-    s, e = clips(total_frames, world)[rank]
-    return sum(1 for j in range(k) if s <= ((2 * j + 1) * total_frames) // (2 * k) < e)
+    parts = clips(total_frames, world)
+    s, e = parts[rank]
+    mine = [f for f in (((2 * j + 1) * total_frames) // (2 * k) for j in range(k)) if s <= f < e]
+    return sum(1 for peer, (ps, pe) in enumerate(parts) if peer != rank
+               for f in mine if not max(ps - halo, 0) <= f < min(pe + halo, total_frames))
 
 
 def neighbours(world: int, rank: int) -> int:
@@ -159,8 +164,9 @@ def engine_bytes(config: dict[str, Any], height: int, width: int, batch: int, el
     if world == 1:
         return out
     conv_frames = halo_frames_sent(total_frames, world, rank, CONV_HALO)
-    attn_frames = halo_frames_sent(total_frames, world, rank, min(padding, total_frames - 1))
-    global_frames = global_frames_owned(total_frames, world, rank, top_k) * (world - 1)
+    attn_halo = min(padding, total_frames - 1)
+    attn_frames = halo_frames_sent(total_frames, world, rank, attn_halo)
+    global_frames = global_frames_sent(total_frames, world, rank, top_k, attn_halo)
     moments = MOMENT_BYTES * batch * (world - 1) if norm_scope == "video" else 0
     for conv in convs:
         out["conv_halo"] += conv_frames * batch * conv.channels * conv.height * conv.width * element

@@ -153,3 +153,34 @@ def test_distributed_equals_single_process(setup, world_size):
         assert reference.shape == (1, 4, LOOP_FRAMES, 8, 8)
         assert reference.abs().max() > 0.1
         assert torch.equal(final, reference), f"max difference {(final - reference).abs().max().item():.3g}"
+
+
+def _exchange(rank: int, world_size: int, total: int, padding: int, global_frames: list[int]) -> dict:
+    from video_infinity.halo import start_exchange
+
+    ctx = ClipContext(rank=rank, world_size=world_size, total_frames=total)
+    owned = ctx.layout.owned
+    x = torch.arange(owned.start, owned.stop, dtype=torch.float32).reshape(1, -1, 1).expand(2, -1, 3).contiguous()
+    window_frames, span, globals_ = start_exchange(x, 1, ctx.layout, padding, padding, ctx, global_frames).wait()
+    return {"window": window_frames[0, :, 0].tolist(), "span": list(span), "globals": globals_[0, :, 0].tolist(),
+            "global_bytes": ctx.stats.sent_bytes.get("global", 0)}
+
+
+@pytest.mark.parametrize("world_size,total,padding", [(3, 13, 2), (4, 10, 3)])
+def test_exchange_sends_each_global_frame_only_where_the_window_lacks_it(tmp_path, world_size, total, padding):
+    from video_infinity.frames import global_frame_indices, partition_frames, window
+
+    global_frames = global_frame_indices(total, 4)
+    results = run_distributed(_exchange, world_size, total, padding, global_frames, tmp_dir=tmp_path)
+    parts = partition_frames(total, world_size)
+    frame_bytes = 2 * 3 * 4  # batch 2, width 3, float32
+    for rank, result in enumerate(results):
+        assert result["window"] == [float(f) for f in result["span"]]  # every frame holds its own index
+        assert result["globals"] == [float(f) for f in global_frames]  # in the requested order, wherever from
+        owned = [f for f in global_frames if f in parts[rank]]
+        expected = sum(f not in window(parts[peer], padding, padding, total)
+                       for peer in range(world_size) if peer != rank for f in owned)
+        assert result["global_bytes"] == expected * frame_bytes
+    # Some global frame lies in another rank's window (else the test shows no saving).
+    assert sum(r["global_bytes"] for r in results) < sum(
+        len([f for f in global_frames if f in parts[r]]) * (world_size - 1) for r in range(world_size)) * frame_bytes

@@ -36,7 +36,8 @@ class PendingFrames:
     requests: list
     window_parts: list[tuple[int, torch.Tensor]]
     global_parts: dict[int, torch.Tensor]
-    global_positions: list[list[int]]
+    global_positions: dict[int, list[int]]
+    """Per source rank, which entries of ``global_frames`` its part holds (the rest lie in the window)."""
 
     def wait(self) -> tuple[torch.Tensor, range, torch.Tensor]:
         """(frames of ``span`` along ``dim``, ``span``, the global frames in the requested order)."""
@@ -46,10 +47,12 @@ class PendingFrames:
         pieces = sorted(self.window_parts + [(owned.start, self.x)], key=lambda item: item[0])
         window_frames = pieces[0][1] if len(pieces) == 1 else torch.cat([p for _, p in pieces], dim=self.dim)
         by_position: list[torch.Tensor | None] = [None] * len(self.global_frames)
-        for rank, positions in enumerate(self.global_positions):
-            source = self.global_parts.get(rank)
+        for rank, positions in self.global_positions.items():
             for slot, position in enumerate(positions):
-                by_position[position] = source.narrow(self.dim, slot, 1)
+                by_position[position] = self.global_parts[rank].narrow(self.dim, slot, 1)
+        for position, frame in enumerate(self.global_frames):  # not sent: this rank's window holds it
+            if by_position[position] is None:
+                by_position[position] = window_frames.narrow(self.dim, frame - self.span.start, 1)
         if by_position:
             global_frames = torch.cat(by_position, dim=self.dim)
         else:
@@ -74,8 +77,9 @@ def start_exchange(
     ``x`` holds the owned frames along ``dim``. The window ``[start-left, stop+right)`` is clipped
     at the true ends of the video, so the caller gets exactly the frames that exist; they come from
     whichever ranks own them (several ranks when clips are shorter than the halo). Each global frame
-    goes from its owner to every other rank. Every rank must call this with the same arguments
-    (but ``x``), so that all of them post matching messages in the same order.
+    goes from its owner to every other rank whose window does not already hold it. Every rank must
+    call this with the same arguments (but ``x``), so that all of them post matching messages in the
+    same order.
     """
     owned = layout.owned
     span = window(owned, left, right, layout.total_frames)
@@ -102,18 +106,27 @@ def start_exchange(
         for transfer in plan.recvs:
             window_parts.append((transfer.frames.start, buffer(len(transfer.frames))))
             ops.append(dist.P2POp(dist.irecv, window_parts[-1][1], ctx.global_rank(transfer.peer), ctx.group))
-    if positions and positions[layout.rank]:
-        index = torch.tensor([global_frames[p] - owned.start for p in positions[layout.rank]], device=x.device)
-        global_parts[layout.rank] = x.index_select(dim, index)
+    partition = list(layout.partition)
+
+    def outside_window(rank: int, chosen: list[int]) -> list[int]:
+        """The entries of ``chosen`` whose global frame ``rank``'s window does not hold."""
+        span_of_rank = window(partition[rank], left, right, layout.total_frames)
+        return [p for p in chosen if global_frames[p] not in span_of_rank]
+
+    received: dict[int, list[int]] = {}  # this rank's own global frames lie in its window
     if ctx.distributed:
         for peer, peer_positions in enumerate(positions):
             if peer == layout.rank:
                 continue
-            if positions[layout.rank]:
-                send(global_parts[layout.rank], peer, "global")
-            if peer_positions:
-                global_parts[peer] = buffer(len(peer_positions))
+            wanted = outside_window(peer, positions[layout.rank])
+            if wanted:
+                index = torch.tensor([global_frames[p] - owned.start for p in wanted], device=x.device)
+                send(x.index_select(dim, index), peer, "global")
+            needed = outside_window(layout.rank, peer_positions)
+            if needed:
+                global_parts[peer] = buffer(len(needed))
+                received[peer] = needed
                 ops.append(dist.P2POp(dist.irecv, global_parts[peer], ctx.global_rank(peer), ctx.group))
     requests = dist.batch_isend_irecv(ops) if ops else []
-    return PendingFrames(x, dim, layout, span, global_frames, requests, window_parts, global_parts, positions)
+    return PendingFrames(x, dim, layout, span, global_frames, requests, window_parts, global_parts, received)
 
