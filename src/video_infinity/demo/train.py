@@ -7,14 +7,18 @@ Stages, each skipped when its output already exists in ``--out``:
 1. ``vae``: a small AutoencoderKL (x4 downsampling, 4 latent channels), the shape's pixels weighted
    ~10x in the reconstruction loss (else it learns only the background); its ``scaling_factor`` is set
    to 1 / (std of the latents) afterwards.
-2. ``latents``: a fixed set of 16-frame training clips, encoded once by the VAE.
+2. ``latents``: a fixed set of 16-frame training clips, encoded once by the VAE, in groups of four:
+   one start (colour, shape, position in frame 0) moving each way.
 3. ``unet``: a small UNet3DConditionModel, v-prediction on a zero-terminal-SNR schedule, conditioned
    on a small CLIP text encoder that stays as initialised (``--text-encoder frozen``, the default: a
    jointly trained one learned to carry the colour and to drown the direction word; see
    ``new_text_encoder``) or is trained with the UNet (``--text-encoder trained``); min-SNR loss
    weighting, EMA, 10% caption dropout (for classifier-free guidance), time-reversal augmentation
    (reversed clip, opposite direction; not with the motion trail, which must trail).
-   ``--init`` fine-tunes another run's weights (``--boost-directions``: see below). Atomic,
+   ``--init`` fine-tunes another run's weights (``--boost-directions``: see below).
+   ``--counterfactual``: at high noise (t >= ``--counterfactual-min-t``), where sampling settles the
+   direction, the caption's direction is drawn anew and the group's clip moving that way is the
+   target, so the prompt rather than the faint motion in the noise must choose it. Atomic,
    resumable checkpoints every few minutes; the loss curve goes to ``loss.csv``; a few samples are
    probed for colour and direction every ``--eval-minutes``.
 4. ``export``: the EMA weights as a diffusers pipeline folder (``--export DIR``).
