@@ -84,7 +84,8 @@ def start_exchange(
     owned = layout.owned
     span = window(owned, left, right, layout.total_frames)
     global_frames = list(global_frames)
-    positions = owners(list(layout.partition), global_frames) if global_frames else []
+    partition = list(layout.partition)
+    positions = owners(partition, global_frames) if global_frames else []
     ops: list[dist.P2POp] = []
     window_parts: list[tuple[int, torch.Tensor]] = []
     global_parts: dict[int, torch.Tensor] = {}
@@ -100,13 +101,12 @@ def start_exchange(
 
     if len(span) != len(owned):
         # Messages between one pair of ranks match in posting order: window first, then globals.
-        plan = window_transfer_plan(list(layout.partition), layout.rank, left, right)
+        plan = window_transfer_plan(partition, layout.rank, left, right)
         for transfer in plan.sends:
             send(_frames(x, dim, transfer.frames, owned.start).contiguous(), transfer.peer, kind)
         for transfer in plan.recvs:
             window_parts.append((transfer.frames.start, buffer(len(transfer.frames))))
             ops.append(dist.P2POp(dist.irecv, window_parts[-1][1], ctx.global_rank(transfer.peer), ctx.group))
-    partition = list(layout.partition)
 
     def outside_window(rank: int, chosen: list[int]) -> list[int]:
         """The entries of ``chosen`` whose global frame ``rank``'s window does not hold."""

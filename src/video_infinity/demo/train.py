@@ -267,9 +267,8 @@ def encode_clips(out: Path, clips_per_class: int, seed: int, frames: int = 16, t
     """Encode ``clips_per_class`` clips of every class, in groups of one clip per direction.
 
     The clips of a group share colour, shape and the shape's position in frame 0: the same start,
-    the object moving each way. ``partners[i, k]`` is the index
-    of clip i's group member moving in direction k (data.DIRECTIONS order), for counterfactual
-    training (``--counterfactual``).
+    the object moving each way. ``partners[i, k]`` is the index of clip i's group member moving in
+    direction k (data.DIRECTIONS order), for counterfactual training (``--counterfactual``).
     """
     path = out / "latents.pt"
     if path.exists():
@@ -418,6 +417,8 @@ def train_unet(out: Path, minutes: float, seed: int, resume: bool, batch: int = 
     ids = tokenize(tokenizer, prompts)
     reverse = torch.tensor([class_index[(c, s, OPPOSITE[d])] for c, s, d in classes])
     empty = tokenize(tokenizer, [""])[0]
+    clip_frames = latents_all.shape[2]
+    window = min(window, clip_frames)
     partners = clips.get("partners")
     if counterfactual > 0 and partners is None:
         raise SystemExit(f"{out / 'latents.pt'} has no clip groups (older format): remove it to re-encode the clips "
@@ -503,8 +504,7 @@ def train_unet(out: Path, minutes: float, seed: int, resume: bool, batch: int = 
                 break
             t0 = time.perf_counter()
             idx = torch.randint(len(labels_all), (batch,), generator=gen)
-            frames = latents_all.shape[2]
-            first = int(torch.randint(0, frames - window + 1, (1,), generator=gen)) if window < frames else 0
+            first = int(torch.randint(0, clip_frames - window + 1, (1,), generator=gen)) if window < clip_frames else 0
             flip = ((torch.rand(batch, generator=gen) < 0.5) & time_reversal).to(device)
             # Random whole-latent-pixel shifts (the VAE is shift-equivariant up to its borders).
             shifts = torch.randint(0, latents_all.shape[-1], (batch, 2), generator=gen)
