@@ -88,11 +88,9 @@ def test_clip_groups_show_one_scene_moving_each_way(run):
     for i in range(len(labels)):
         members = [tuple(classes[int(labels[j])]) for j in partners[i]]
         assert [d for _c, _s, d in members] == list(data.DIRECTIONS)  # column k moves in direction k
-        assert len({(c, s) for c, s, _d in members}) == 1 and int(partners[i][data_direction(classes, labels, i)]) == i
-
-
-def data_direction(classes, labels, i):
-    return list(data.DIRECTIONS).index(tuple(classes[int(labels[i])])[2])
+        assert len({(c, s) for c, s, _d in members}) == 1  # one colour and shape per group
+        own_direction = list(data.DIRECTIONS).index(classes[int(labels[i])][2])
+        assert int(partners[i][own_direction]) == i  # a clip is its own partner in its own direction
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])

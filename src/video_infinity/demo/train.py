@@ -536,9 +536,10 @@ def train_unet(out: Path, minutes: float, seed: int, resume: bool, batch: int = 
             t = t.to(device)
             noisy = scheduler.add_noise(x0, noise, t)
             target = scheduler.get_velocity(x0, noise, t)
-            if counterfactual > 0 and bool((target_idx != idx).any()):
-                swapped = velocity_towards(scheduler, noisy, clips_at(target_idx), t)
-                target = torch.where((target_idx != idx).to(device)[:, None, None, None, None], swapped, target)
+            swapped = (target_idx != idx).to(device)
+            if bool(swapped.any()):
+                towards = velocity_towards(scheduler, noisy, clips_at(target_idx), t)
+                target = torch.where(swapped[:, None, None, None, None], towards, target)
             with torch.set_grad_enabled(train_text_encoder):
                 text = text_encoder(tokens)[0]
             pred = unet(noisy, t, encoder_hidden_states=text).sample
