@@ -107,6 +107,23 @@ def test_scene_group_starts_together_and_moves_each_way(seed):
         assert np.allclose(step, [3 * dx * data.SPEED, 3 * dy * data.SPEED])
 
 
+@pytest.mark.parametrize("frame", [0, 3, 9])
+def test_meeting_roll_brings_a_group_member_onto_the_anchor_clip(frame):
+    import numpy as np
+
+    specs = data.scene_group(np.random.default_rng(frame), "blue", "triangle")
+    pixels_per_latent = 4  # the demo VAE's downsampling; SPEED is one latent pixel per frame
+    velocity = torch.tensor([data.DIRECTIONS[s.direction] for s in specs]) * data.SPEED / pixels_per_latent
+    anchor = specs[0]  # moving right
+    anchor_frame = data.shape_mask(anchor, 1, start=frame)[0]
+    for spec, v in zip(specs, velocity):
+        dy, dx = (pixels_per_latent * train.meeting_roll(frame, velocity[0], v)).tolist()
+        rolled = np.roll(data.shape_mask(spec, frame + 2), (dy, dx), axis=(-2, -1))
+        assert np.allclose(rolled[frame], anchor_frame, atol=1e-5), spec.direction  # they meet in `frame`
+        if frame > 0 and spec.direction != anchor.direction:
+            assert not np.allclose(rolled[frame + 1], data.shape_mask(anchor, 1, start=frame + 1)[0], atol=1e-2)
+
+
 def test_velocity_towards_a_clip_recovers_it():
     sched = train.train_scheduler()
     g = torch.Generator().manual_seed(0)
@@ -129,7 +146,7 @@ def test_counterfactual_training_runs_and_needs_clip_groups(tmp_path, run):
     clips = torch.load(run / "latents.pt")
     torch.save({k: v for k, v in clips.items() if k != "partners"}, other / "latents.pt")  # the older format
     args = ("--out", str(other), "--stage", "unet", "--max-steps", "2", "--counterfactual", "1",
-            "--counterfactual-min-t", "0")
+            "--counterfactual-min-t", "0", "--window", "4,16")  # a short window anchors the target at its first frame
     done = _train(*args)
     assert done.returncode != 0 and "no clip groups" in done.stderr
     torch.save(clips, other / "latents.pt")
@@ -137,3 +154,5 @@ def test_counterfactual_training_runs_and_needs_clip_groups(tmp_path, run):
     assert done.returncode == 0, done.stderr[-3000:]
     assert "direction drawn anew for 100%" in done.stderr
     assert torch.load(other / "checkpoint.pt", weights_only=False)["step"] == 2
+    done = _train(*args[:-1], "4,x")
+    assert done.returncode != 0 and "frame counts separated by commas" in done.stderr

@@ -17,8 +17,10 @@ Stages, each skipped when its output already exists in ``--out``:
    (reversed clip, opposite direction; not with the motion trail, which must trail).
    ``--init`` fine-tunes another run's weights (``--boost-directions``: see below).
    ``--counterfactual``: at high noise (t >= ``--counterfactual-min-t``), where sampling settles the
-   direction, the caption's direction is drawn anew and the group's clip moving that way is the
-   target, so the prompt rather than the faint motion in the noise must choose it. Atomic,
+   direction, the caption's direction is drawn anew and the group's clip moving that way, rolled to
+   meet the source clip at the window's first frame, is the target, so the prompt rather than the
+   faint motion in the noise must choose it (``--window 4,16``: short windows keep every frame near
+   that anchor). Atomic,
    resumable checkpoints every few minutes; the loss curve goes to ``loss.csv``; a few samples are
    probed for colour and direction every ``--eval-minutes``.
 4. ``export``: the EMA weights as a diffusers pipeline folder (``--export DIR``).
@@ -36,6 +38,7 @@ import shutil
 import signal
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -320,6 +323,14 @@ def velocity_towards(scheduler: Any, noisy: torch.Tensor, x0: torch.Tensor, time
     return (alpha_bar.sqrt() * noisy - x0) / (1 - alpha_bar).sqrt()
 
 
+def meeting_roll(frame: int, anchor_velocity: torch.Tensor, velocity: torch.Tensor) -> torch.Tensor:
+    """(dy, dx) roll, in latent pixels, that puts a clip moving at ``velocity`` where a clip moving at
+    ``anchor_velocity`` from the same frame-0 position is in ``frame`` (velocities (..., 2) as (dx, dy)
+    latent pixels per frame): the two then meet there."""
+    dx, dy = (frame * (anchor_velocity - velocity)).round().long().unbind(-1)
+    return torch.stack([dy, dx], dim=-1)
+
+
 class Ema:
     def __init__(self, modules: dict[str, torch.nn.Module], decay: float) -> None:
         self.decay = decay
@@ -397,7 +408,7 @@ def _load_weights(path: Path, unet_config: dict[str, Any], device: str, modules:
 
 def train_unet(out: Path, minutes: float, seed: int, resume: bool, batch: int = 4, lr: float = 5e-4,
                gamma: float = 5.0, ema_decay: float = 0.999, checkpoint_minutes: float = 5.0,
-               eval_minutes: float = 15.0, max_steps: int | None = None, window: int = 16,
+               eval_minutes: float = 15.0, max_steps: int | None = None, window: int | Sequence[int] = 16,
                high_noise: float = 0.0, init: Path | None = None, boost_directions: float = 1.0,
                train_text_encoder: bool = False, device: str = "cpu",
                unet_config: dict[str, Any] = UNET_CONFIG, counterfactual: float = 0.0,
@@ -418,8 +429,14 @@ def train_unet(out: Path, minutes: float, seed: int, resume: bool, batch: int = 
     reverse = torch.tensor([class_index[(c, s, OPPOSITE[d])] for c, s, d in classes])
     empty = tokenize(tokenizer, [""])[0]
     clip_frames = latents_all.shape[2]
-    window = min(window, clip_frames)
+    # Several lengths take turns step by step: short windows put every frame within a few temporal
+    # convolutions of the window's first frame, where a counterfactual target is anchored (below).
+    windows = [min(w, clip_frames) for w in ([window] if isinstance(window, int) else window)]
     partners = clips.get("partners")
+    # Objects move a whole number of latent pixels per frame, so a group member rolled by
+    # first * (v_source - v_target) latent pixels passes where the source is at frame ``first``.
+    latent_speed = data.SPEED * latents_all.shape[-1] / data.SIZE
+    velocity = torch.tensor([data.DIRECTIONS[d] for _c, _s, d in classes]) * latent_speed  # per class (dx, dy)
     if counterfactual > 0 and partners is None:
         raise SystemExit(f"{out / 'latents.pt'} has no clip groups (older format): remove it to re-encode the clips "
                          "for --counterfactual")
@@ -504,6 +521,7 @@ def train_unet(out: Path, minutes: float, seed: int, resume: bool, batch: int = 
                 break
             t0 = time.perf_counter()
             idx = torch.randint(len(labels_all), (batch,), generator=gen)
+            window = windows[step % len(windows)]
             first = int(torch.randint(0, clip_frames - window + 1, (1,), generator=gen)) if window < clip_frames else 0
             flip = ((torch.rand(batch, generator=gen) < 0.5) & time_reversal).to(device)
             # Random whole-latent-pixel shifts (the VAE is shift-equivariant up to its borders).
@@ -518,15 +536,19 @@ def train_unet(out: Path, minutes: float, seed: int, resume: bool, batch: int = 
             target_idx = idx
             if counterfactual > 0:  # the caption's direction drawn anew; the same scene moving that way is the target
                 direction = torch.randint(0, len(data.DIRECTIONS), (batch,), generator=gen)
-                # Only where the window starts at the group's shared frame 0 (not on time-reversed clips either).
                 use = (torch.rand(batch, generator=gen) < counterfactual) & (t >= counterfactual_min_t) & ~drop
-                use &= ~flip.cpu() & (first == 0)
+                use &= ~flip.cpu()  # not on time-reversed clips
+                if not (first * latent_speed).is_integer():  # no exact re-anchoring: the groups share frame 0 only
+                    use &= first == 0
                 target_idx = torch.where(use, partners[idx, direction], idx)
 
-            def clips_at(index: torch.Tensor) -> torch.Tensor:
+            def clips_at(index: torch.Tensor, anchor: torch.Tensor | None = None) -> torch.Tensor:
                 x = latents_all[index].to(device).float()[:, :, first:first + window]
                 x = torch.where(flip[:, None, None, None, None], x.flip(2), x)
-                return torch.stack([torch.roll(c, (int(a), int(b)), dims=(-2, -1)) for c, (a, b) in zip(x, shifts)])
+                offsets = shifts.clone()
+                if anchor is not None:  # meet the anchor clip at the window's first frame
+                    offsets += meeting_roll(first, velocity[labels_all[anchor]], velocity[labels_all[index]])
+                return torch.stack([torch.roll(c, (int(a), int(b)), dims=(-2, -1)) for c, (a, b) in zip(x, offsets)])
 
             x0 = clips_at(idx)
             label = labels_all[target_idx].to(device)
@@ -538,7 +560,7 @@ def train_unet(out: Path, minutes: float, seed: int, resume: bool, batch: int = 
             target = scheduler.get_velocity(x0, noise, t)
             swapped = (target_idx != idx).to(device)
             if bool(swapped.any()):
-                towards = velocity_towards(scheduler, noisy, clips_at(target_idx), t)
+                towards = velocity_towards(scheduler, noisy, clips_at(target_idx, anchor=idx), t)
                 target = torch.where(swapped[:, None, None, None, None], towards, target)
             with torch.set_grad_enabled(train_text_encoder):
                 text = text_encoder(tokens)[0]
@@ -652,6 +674,16 @@ def _terminate(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
 
 
+def _lengths(text: str) -> tuple[int, ...]:
+    try:
+        lengths = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: give frame counts separated by commas, e.g. 4,16") from None
+    if not lengths or min(lengths) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: window lengths must be at least 1 frame")
+    return lengths
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m video_infinity.demo.train", description=__doc__.split("\n")[0])
     parser.add_argument("--out", required=True, type=Path, help="work folder (checkpoints, logs, samples)")
@@ -666,7 +698,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--lr", type=float, default=5e-4)
     parser.add_argument("--ema-decay", type=float, default=0.999)
-    parser.add_argument("--window", type=int, default=16, help="frames per training window (clips have 16)")
+    parser.add_argument("--window", type=_lengths, default=(16,),
+                        help="frames per training window (clips have 16); several (e.g. 4,16) take turns step by step")
     parser.add_argument("--high-noise", type=float, default=0.0,
                         help="share of samples drawn from the noisiest 40%% of timesteps")
     parser.add_argument("--counterfactual", type=float, default=0.0,
