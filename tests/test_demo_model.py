@@ -15,8 +15,10 @@ pytestmark = pytest.mark.skipif(
     not (WEIGHTS_DIR / "model_index.json").is_file(), reason="no trained demo model shipped in demo/weights/"
 )
 
-# (colour, shape, direction, seed): fixed seeds, so the test is deterministic on a given machine.
-CASES = [("red", "circle", "right", 1), ("blue", "square", "down", 2)]
+# (colour, shape, direction, seed): every colour, shape and direction; fixed seeds, so the test is
+# deterministic on a given machine.
+CASES = [("red", "circle", "right", 1), ("blue", "square", "down", 2), ("green", "triangle", "left", 3),
+         ("yellow", "circle", "up", 4)]
 SETTINGS = dict(frames=8, steps=10, guidance=5.0, scheduler_name="dpmsolver++")
 
 
@@ -64,12 +66,6 @@ def test_generates_the_prompted_colour(components, colour, shape, direction, see
     assert report.colour == colour, report
 
 
-# The shipped model (1,794 UNet steps, see demo/weights/README.md) follows the prompted colour in 100%
-# of samples but moves in the prompted direction only at chance level (19% of 48 samples; why, and what
-# was tried: demo/weights/README.md): this check documents the target and passes once a model that
-# follows directions is shipped.
-@pytest.mark.xfail(reason="the shipped demo model does not follow the prompted direction yet (demo/weights/README.md)",
-                   strict=False)
 @pytest.mark.parametrize("colour,shape,direction,seed", CASES)
 def test_generates_the_prompted_direction(components, colour, shape, direction, seed):
     report = _probe(components, colour, shape, direction, seed)
