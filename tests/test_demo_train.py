@@ -152,7 +152,7 @@ def test_counterfactual_training_runs_and_needs_clip_groups(tmp_path, run):
     torch.save(clips, other / "latents.pt")
     done = _train(*args)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "direction drawn anew for 100%" in done.stderr
+    assert "direction drawn anew for 100%" in done.stderr and "windows of 4,16 frames" in done.stderr
     assert torch.load(other / "checkpoint.pt", weights_only=False)["step"] == 2
     done = _train(*args[:-1], "4,x")
     assert done.returncode != 0 and "frame counts separated by commas" in done.stderr

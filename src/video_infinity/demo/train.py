@@ -481,9 +481,10 @@ def train_unet(out: Path, minutes: float, seed: int, resume: bool, batch: int = 
             logger.info("unet: direction word embeddings scaled by %g", boost_directions)
     n_unet = sum(p.numel() for p in unet.parameters()) / 1e6
     n_text = sum(p.numel() for p in text_encoder.parameters()) / 1e6
-    logger.info("unet: %.2f M parameters, text encoder %.2f M (%s); %d clips (time reversal %s); batch %d; lr %g; "
-                "min-SNR gamma %g; %s", n_unet, n_text, "trained" if train_text_encoder else "frozen", len(labels_all),
-                "on" if time_reversal else "off", batch, lr, gamma, device)
+    logger.info("unet: %.2f M parameters, text encoder %.2f M (%s); %d clips (time reversal %s); windows of %s "
+                "frames; batch %d; lr %g; min-SNR gamma %g; high-noise share %g; %s", n_unet, n_text,
+                "trained" if train_text_encoder else "frozen", len(labels_all), "on" if time_reversal else "off",
+                ",".join(map(str, windows)), batch, lr, gamma, high_noise, device)
     if counterfactual > 0:
         logger.info("unet: direction drawn anew for %.0f%% of the captioned samples at t >= %d", 100 * counterfactual,
                     counterfactual_min_t)
