@@ -1,4 +1,4 @@
-"""Attach the clip-parallel engine to a diffusers UNet3D-family model, and take it off again.
+"""The clip-parallel engine on diffusers' UNet3D family (ModelScope, ZeroScope, VideoCrafter2).
 
 Behaviour is attached only through diffusers' own extension points: ``ModelHook``s (registered in
 each module's ``HookRegistry``) on the modules that own the temporal axis, and attention processors
@@ -8,28 +8,24 @@ on the temporal attention modules. Modules are chosen by type, never by name.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
-
 import torch
 import torch.nn.functional as F
-from diffusers.hooks import HookRegistry, ModelHook
+from diffusers.hooks import ModelHook
 from diffusers.models.attention_processor import Attention
 from diffusers.models.embeddings import SinusoidalPositionalEmbedding
 from diffusers.models.resnet import TemporalConvLayer
 from diffusers.models.transformers.transformer_temporal import TransformerTemporalModel
 from torch import nn
 
-from .attention import DualScopeAttnProcessor
-from .config import EngineConfig
-from .context import ClipContext, DenoiseState
-from .frame_conv import frame_conv, is_frame_conv
-from .halo import start_exchange
-from .norm import apply_group_norm, video_group_norm, video_group_statistics
+from ..attention import DualScopeAttnProcessor
+from ..config import EngineConfig
+from ..context import ClipContext, DenoiseState
+from ..frame_conv import frame_conv, is_frame_conv
+from ..halo import start_exchange
+from .handle import ParallelHandle
+from ..norm import apply_group_norm, video_group_norm, video_group_statistics
 
 logger = logging.getLogger(__name__)
-
-_HOOK = "video_infinity"
-
 
 class _PointwiseConvAsMatmul(ModelHook):
     """On a 1x1 ``Conv2d`` (frames are its batch): a matrix product when computing split-invariantly.
@@ -194,41 +190,13 @@ class _PerFrameTextProcessor:
         return self.inner(attn, hidden_states, encoder_hidden_states, *args, **kwargs)
 
 
-@dataclass
-class ParallelHandle:
-    """What ``parallelize`` changed; ``remove()`` undoes it."""
-
-    unet: nn.Module
-    config: EngineConfig
-    context: ClipContext
-    state: DenoiseState
-    hooked: list[nn.Module] = field(default_factory=list)
-    processors: list[tuple[Attention, object]] = field(default_factory=list)
-    active: bool = True
-
-    def remove(self) -> None:
-        """Restore the model's original behaviour (hooks off, original attention processors back)."""
-        if not self.active:
-            return
-        for module in self.hooked:
-            HookRegistry.check_if_exists_or_initialize(module).remove_hook(_HOOK, recurse=False)
-        for attn, processor in self.processors:
-            attn.set_processor(processor)
-        self.hooked.clear()
-        self.processors.clear()
-        self.active = False
+def is_unet3d_family(model: nn.Module) -> bool:
+    """Whether ``model`` has the UNet3D family's temporal modules (what this engine serves)."""
+    return any(isinstance(m, (TemporalConvLayer, TransformerTemporalModel)) for m in model.modules())
 
 
-def parallelize(unet: nn.Module, config: EngineConfig | dict | None = None, context: ClipContext | None = None) -> ParallelHandle:
-    """Make ``unet`` compute its slice of one long video with Video-Infinity's communication.
-
-    ``context`` says which frames this process owns; ``None`` means one process owning all frames
-    of each input. Returns a handle whose ``remove()`` restores the original model.
-    """
-    config = EngineConfig.model_validate(config or {}) if not isinstance(config, EngineConfig) else config
-    context = context or ClipContext()
-    if HookRegistry.check_if_exists_or_initialize(unet).get_hook(_HOOK) is not None:
-        raise ValueError("this model is already parallelized; call remove() on the existing handle first")
+def parallelize_unet3d(unet: nn.Module, config: EngineConfig, context: ClipContext) -> ParallelHandle:
+    """Hooks and processors for a UNet3D-family model (see :func:`video_infinity.engine.parallelize`)."""
     temporal_convs = [m for m in unet.modules() if isinstance(m, TemporalConvLayer)]
     temporal_transformers = [m for m in unet.modules() if isinstance(m, TransformerTemporalModel)]
     if not temporal_convs and not temporal_transformers:
@@ -238,10 +206,7 @@ def parallelize(unet: nn.Module, config: EngineConfig | dict | None = None, cont
         )
     state = DenoiseState()
     handle = ParallelHandle(unet, config, context, state)
-
-    def hook(module: nn.Module, model_hook: ModelHook) -> None:
-        HookRegistry.check_if_exists_or_initialize(module).register_hook(model_hook, _HOOK)
-        handle.hooked.append(module)
+    hook = handle.hook
 
     hook(unet, _TrackDenoiseStep(context, state))
     for conv in temporal_convs:
@@ -255,14 +220,12 @@ def parallelize(unet: nn.Module, config: EngineConfig | dict | None = None, cont
         for module in transformer.modules():
             temporal_modules.add(module)
             if isinstance(module, Attention):
-                handle.processors.append((module, module.processor))
-                module.set_processor(DualScopeAttnProcessor(config, context, state))
+                handle.set_processor(module, DualScopeAttnProcessor(config, context, state))
             elif isinstance(module, SinusoidalPositionalEmbedding):
                 hook(module, _GlobalFramePositions(state))
     for module in unet.modules():
         if isinstance(module, Attention) and module.is_cross_attention and module not in temporal_modules:
-            handle.processors.append((module, module.processor))
-            module.set_processor(_PerFrameTextProcessor(module.processor, state))
+            handle.set_processor(module, _PerFrameTextProcessor(module.processor, state))
     logger.debug(
         "parallelized %d temporal convolutions, %d temporal transformers, %d temporal attentions",
         len(temporal_convs),

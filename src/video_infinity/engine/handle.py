@@ -1,0 +1,54 @@
+"""What ``parallelize`` attached to a model, so that ``remove()`` can take it off again."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from diffusers.hooks import HookRegistry, ModelHook
+from diffusers.models.attention_processor import Attention
+from torch import nn
+
+from ..config import EngineConfig
+from ..context import ClipContext, DenoiseState
+
+HOOK_NAME = "video_infinity"
+"""The name of every hook the engine registers (one per module)."""
+
+
+def is_parallelized(model: nn.Module) -> bool:
+    return HookRegistry.check_if_exists_or_initialize(model).get_hook(HOOK_NAME) is not None
+
+
+@dataclass
+class ParallelHandle:
+    """What ``parallelize`` changed; ``remove()`` undoes it."""
+
+    unet: nn.Module
+    config: EngineConfig
+    context: ClipContext
+    state: DenoiseState
+    hooked: list[nn.Module] = field(default_factory=list)
+    processors: list[tuple[Attention, object]] = field(default_factory=list)
+    active: bool = True
+
+    def hook(self, module: nn.Module, model_hook: ModelHook) -> None:
+        """Register ``model_hook`` on ``module`` under the engine's name; ``remove()`` takes it off."""
+        HookRegistry.check_if_exists_or_initialize(module).register_hook(model_hook, HOOK_NAME)
+        self.hooked.append(module)
+
+    def set_processor(self, attn: Attention, processor: object) -> None:
+        """Give ``attn`` a new attention processor; ``remove()`` restores the current one."""
+        self.processors.append((attn, attn.processor))
+        attn.set_processor(processor)
+
+    def remove(self) -> None:
+        """Restore the model's original behaviour (hooks off, original attention processors back)."""
+        if not self.active:
+            return
+        for module in self.hooked:
+            HookRegistry.check_if_exists_or_initialize(module).remove_hook(HOOK_NAME, recurse=False)
+        for attn, processor in self.processors:
+            attn.set_processor(processor)
+        self.hooked.clear()
+        self.processors.clear()
+        self.active = False
