@@ -47,9 +47,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank: int, world_size: int, port: int, fn: Callable, args: tuple, out_dir: str) -> None:
+def _worker(rank: int, world_size: int, port: int, fn: Callable, args: tuple, out_dir: str, threads: int) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
+    torch.set_num_threads(threads)
     dist.init_process_group("gloo", rank=rank, world_size=world_size)
     try:
         result = fn(rank, world_size, *args)
@@ -61,15 +61,27 @@ def _worker(rank: int, world_size: int, port: int, fn: Callable, args: tuple, ou
         dist.destroy_process_group()
 
 
-def run_distributed(fn: Callable, world_size: int, *args: Any, tmp_dir: Path) -> list[Any]:
-    """Run ``fn(rank, world_size, *args)`` in ``world_size`` real gloo processes; return each rank's result."""
+def run_distributed(fn: Callable, world_size: int, *args: Any, tmp_dir: Path, threads: int = 1,
+                    env: dict[str, str] | None = None) -> list[Any]:
+    """Run ``fn(rank, world_size, *args)`` in ``world_size`` real gloo processes with ``threads`` torch
+    threads each and ``env`` added to their environment (read by MKL/oneDNN when they start, e.g.
+    ``MKL_CBWR``); return each rank's result."""
     out_dir = Path(tmp_dir) / f"world{world_size}"
     out_dir.mkdir(parents=True, exist_ok=True)
+    saved = {key: os.environ.get(key) for key in env or {}}
+    os.environ.update(env or {})  # spawned processes inherit the environment at start
     try:
-        mp.start_processes(_worker, args=(world_size, free_port(), fn, args, str(out_dir)), nprocs=world_size, start_method="spawn")
+        mp.start_processes(_worker, args=(world_size, free_port(), fn, args, str(out_dir), threads), nprocs=world_size,
+                           start_method="spawn")
     except Exception as exc:  # surface the worker's own traceback
         errors = "\n".join(p.read_text() for p in sorted(out_dir.glob("*.err")))
         raise AssertionError(f"distributed run failed:\n{errors}") from exc
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
     return [torch.load(out_dir / f"rank{r}.pt") for r in range(world_size)]
 
 

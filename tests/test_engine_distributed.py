@@ -93,7 +93,8 @@ def setup(tmp_path_factory):
     unet = load_unet(unet_dir)
     with torch.no_grad():
         plain = {t: unet(inputs[f"x{t}"], TIMESTEP, inputs["text"]).sample for t in FRAME_COUNTS}
-    single = _worker(0, 1, unet_dir, inputs, with_loop=True)
+    # World 1 in a worker process too, so that every world runs with the same thread count.
+    single = run_distributed(_worker, 1, unet_dir, inputs, True, tmp_dir=root)[0]
     return {"root": root, "unet_dir": unet_dir, "inputs": inputs, "plain": plain, "single": single}
 
 
@@ -105,6 +106,18 @@ def test_single_process_whole_window_equals_diffusers(setup):
     for total in FRAME_COUNTS:
         torch.testing.assert_close(setup["single"]["outputs"][("whole_window", total)], setup["plain"][total],
                                    atol=1e-5, rtol=0)
+
+
+def test_single_process_fused_whole_window_is_bit_identical_to_diffusers(setup):
+    # split_invariant false with a window covering the video: the same kernels as diffusers, same bits.
+    unet = load_unet(setup["unet_dir"])
+    config = EngineConfig.model_validate({**SETTINGS["whole_window"], "split_invariant": False})
+    for total in FRAME_COUNTS:
+        handle = parallelize(unet, config)
+        with torch.no_grad():
+            engine = unet(setup["inputs"][f"x{total}"], TIMESTEP, setup["inputs"]["text"]).sample
+        handle.remove()
+        assert torch.equal(engine, setup["plain"][total]), f"{total} frames: {(engine - setup['plain'][total]).abs().max():.3g}"
 
 
 def test_frame_positions_are_global_indices(setup):
@@ -132,9 +145,10 @@ def test_dual_scope_settings_change_the_output(setup):
         assert not torch.equal(out[("dual_scope_fused", total)], out[("dual_scope_token_scale", total)])
 
 
+@pytest.mark.distributed
 @pytest.mark.parametrize("world_size", [2, 3, 4])
 def test_distributed_equals_single_process(setup, world_size):
-    with_loop = world_size == 3
+    with_loop = True
     results = run_distributed(_worker, world_size, setup["unet_dir"], setup["inputs"], with_loop, tmp_dir=setup["root"])
     for total in FRAME_COUNTS:
         if world_size <= 3:
@@ -184,3 +198,52 @@ def test_exchange_sends_each_global_frame_only_where_the_window_lacks_it(tmp_pat
     # Some global frame lies in another rank's window (else the test shows no saving).
     assert sum(r["global_bytes"] for r in results) < sum(
         len([f for f in global_frames if f in parts[r]]) * (world_size - 1) for r in range(world_size)) * frame_bytes
+
+
+# Environments in which kernels pick other algorithms by shape: a frame's bits must still not
+# depend on which other frames its rank holds. Each run compares worlds within one environment.
+BLAS_ENVIRONMENTS = {
+    "mkl_cbwr_compatible": ({"MKL_CBWR": "COMPATIBLE"}, 1),
+    "mkl_avx2": ({"MKL_ENABLE_INSTRUCTIONS": "AVX2"}, 1),
+    "two_threads_per_rank": ({}, 2),
+}
+ENV_FRAMES = 11
+
+
+def _worlds_1_to_n(rank: int, world_size: int, unet_dir: Path, inputs: dict) -> dict:
+    """This rank's outputs for every world 1..world_size, each world on a subgroup of the first ranks."""
+    import torch.distributed as dist
+
+    unet = load_unet(unet_dir)
+    stack = TemporalStack()
+    results = {}
+    for world in range(1, world_size + 1):
+        group = dist.new_group(list(range(world)))  # every rank must take part in creating each group
+        if rank >= world:
+            continue
+        ctx = ClipContext(rank=rank, world_size=world, total_frames=ENV_FRAMES, group=group)
+        frames = slice(ctx.frames.start, ctx.frames.stop)
+        with torch.no_grad():
+            for name in ("whole_window",):
+                handle = parallelize(unet, EngineConfig.model_validate(SETTINGS[name]), ctx)
+                results[(name, world)] = unet(inputs[f"x{ENV_FRAMES}"][:, :, frames], TIMESTEP, inputs["text"]).sample
+                handle.remove()
+            handle = parallelize(stack, EngineConfig.model_validate(SETTINGS["dual_scope"]), ctx)
+            results[("positions", world)] = stack(inputs[f"p{ENV_FRAMES}"][:, :, frames], TIMESTEP).sample
+            handle.remove()
+    return results
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("environment", list(BLAS_ENVIRONMENTS))
+def test_worlds_agree_bit_for_bit_whatever_the_blas_environment(setup, environment, tmp_path):
+    env, threads = BLAS_ENVIRONMENTS[environment]
+    results = run_distributed(_worlds_1_to_n, 4, setup["unet_dir"], setup["inputs"], tmp_dir=tmp_path, threads=threads, env=env)
+    for name in ("whole_window", "positions"):
+        reference = results[0][(name, 1)]
+        for world in (2, 3, 4):
+            got = torch.cat([results[rank][(name, world)] for rank in range(world)], dim=2)
+            assert got.shape == reference.shape
+            assert torch.equal(got, reference), (
+                f"{environment}: {name}, world {world} vs 1: max difference {(got - reference).abs().max().item():.3g}"
+            )

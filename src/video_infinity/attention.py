@@ -78,32 +78,44 @@ def _per_query_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tens
                          v_global: torch.Tensor, *, chunk: range, span: range, padding: int, scale: float,
                          local_bias: float, global_bias: float, token_num_scale: bool) -> torch.Tensor:
     """One chunk, one query frame at a time: frame g's keys are exactly its window clipped to the
-    video (``span`` holds them all), then the global keys. Every matrix product has shapes fixed by g
-    alone, with the spatial positions as its batch, so g's arithmetic is the same in any split."""
+    video (``span`` holds them all), then the global keys.
+
+    Layout: frames first, then the feature axis, with every other axis (samples, positions, heads)
+    flattened innermost, each frame one contiguous block. A query frame's logits and outputs are
+    then element-wise products and sums over its own window's blocks: every operation has shapes
+    and strides fixed by g's window alone (no matrix product whose row count or batch includes the
+    clip), so g's arithmetic is the same in any split, on any CPU and BLAS, and the reductions run
+    along contiguous vectors of positions (no per-position tiny matrix products).
+    """
     lead = q.shape[:-2]
-    batch = math.prod(lead)
+    positions = math.prod(lead)
 
-    def flat(t: torch.Tensor) -> torch.Tensor:  # (batch * heads, frames, d)
-        return t.reshape(batch, t.shape[-2], t.shape[-1])
+    def frames_first(t: torch.Tensor) -> torch.Tensor:  # (..., frames, d) -> contiguous (frames, d, positions)
+        return t.movedim(-2, 0).movedim(-1, 1).reshape(t.shape[-2], t.shape[-1], positions).contiguous()
 
-    q, keys, values, k_global, v_global = flat(q), flat(keys), flat(values), flat(k_global), flat(v_global)
-    num_global = k_global.shape[1]
-    outputs = []
+    q, keys, values, k_global, v_global = (frames_first(t) for t in (q, keys, values, k_global, v_global))
+    num_global = k_global.shape[0]
+    out = q.new_empty(len(chunk), values.shape[1], q.shape[2])
     for i, frame in enumerate(chunk):
         first, stop = max(frame - padding, span.start), min(frame + padding + 1, span.stop)
-        window_keys = keys[:, first - span.start : stop - span.start]
-        window_values = values[:, first - span.start : stop - span.start]
-        query = q[:, i, :, None]  # (batch, d, 1)
-        query_scale = scale * (math.log(stop - first + num_global) / math.log(16.0) if token_num_scale else 1.0)
-        logits = torch.bmm(window_keys, query)[..., 0] * query_scale + local_bias
+        width = stop - first
+        query = q[i]  # (d, positions)
+        query_scale = scale * (math.log(width + num_global) / math.log(16.0) if token_num_scale else 1.0)
+        # (keys, positions): a sum over d of contiguous rows of positions, in a fixed order
+        logits = (keys[first - span.start : stop - span.start] * query).sum(1).mul_(query_scale)
+        if local_bias:
+            logits.add_(local_bias)
         if num_global:
-            logits = torch.cat([logits, torch.bmm(k_global, query)[..., 0] * query_scale + global_bias], dim=-1)
-        weights = torch.softmax(logits, dim=-1)[:, None, :]
-        out = torch.bmm(weights[..., : stop - first], window_values)
+            global_logits = (k_global * query).sum(1).mul_(query_scale)
+            if global_bias:
+                global_logits.add_(global_bias)
+            logits = torch.cat([logits, global_logits])
+        weights = torch.softmax(logits, dim=0)[:, None, :]  # (keys, 1, positions)
+        torch.sum(weights[:width] * values[first - span.start : stop - span.start], dim=0, out=out[i])
         if num_global:
-            out = out + torch.bmm(weights[..., stop - first :], v_global)
-        outputs.append(out)
-    return torch.cat(outputs, dim=1).view(*lead, len(chunk), -1)
+            out[i].add_((weights[width:] * v_global).sum(0))
+    # (frames, dv, positions) -> (..., frames, dv)
+    return out.view(len(chunk), -1, *lead).movedim(1, -1).movedim(0, -2)
 
 
 def _fused_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, k_global: torch.Tensor,

@@ -123,6 +123,8 @@ class DenoiseState:
     """
 
     layout: FrameLayout | None = None
+    batch: int = 1
+    """The UNet call's sample batch (spatial layers see ``batch * frames`` images)."""
     timestep: float = 0.0
     frame_text: torch.Tensor | None = None
     """Per-frame text embeddings (batch*frames, seq, dim) for cross-attention, or None."""

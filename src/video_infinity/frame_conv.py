@@ -31,20 +31,36 @@ def is_frame_conv(conv: nn.Module) -> bool:
 
 
 def frame_conv(x: torch.Tensor, conv: nn.Conv3d) -> torch.Tensor:
-    """``conv(x)`` for ``x`` (N, C, F, H, W) and a :func:`is_frame_conv` convolution, computed tap by tap."""
+    """``conv(x)`` for ``x`` (N, C, F, H, W) and a :func:`is_frame_conv` convolution, computed tap by tap.
+
+    Each (output frame, tap) is one matrix product (C_out, C) x (C, N*H*W) on the input frame's own
+    contiguous block, so every product has the same shape and layout whatever the number of frames;
+    taps are added in a fixed order, and taps reaching into the zero padding are skipped (adding an
+    exact zero changes no bit).
+    """
     n, c, frames, h, w = x.shape
     pad = conv.padding[0]
     dilation = conv.dilation[0]
-    # One contiguous copy (the input is often a permuted view), so every tap below is a view.
-    padded = (F.pad(x, (0, 0, 0, 0, pad, pad)) if pad else x).contiguous()
-    out_frames = padded.shape[2] - dilation * (conv.kernel_size[0] - 1)
-    weight = conv.weight.to(x.dtype)
-    out = None
-    for tap in range(conv.kernel_size[0]):
-        # A view: frames, height and width stay one contiguous run per (sample, channel).
-        source = padded[:, :, tap * dilation : tap * dilation + out_frames].reshape(n, c, -1)
-        term = torch.matmul(weight[:, :, tap, 0, 0], source)
-        out = term if out is None else out.add_(term)
-    if conv.bias is not None:
-        out = out.add_(conv.bias.to(x.dtype)[:, None])
-    return out.view(n, -1, out_frames, h, w)
+    # (frames, C, N*H*W): each frame one contiguous block (one copy; the input is often a permuted view).
+    per_frame = x.permute(2, 1, 0, 3, 4).reshape(frames, c, n * h * w).contiguous()
+    out_frames = frames + 2 * pad - dilation * (conv.kernel_size[0] - 1)
+    weight = conv.weight.to(x.dtype)[:, :, :, 0, 0]
+    weights = [weight[:, :, tap].contiguous() for tap in range(conv.kernel_size[0])]
+    bias = conv.bias.to(x.dtype)[:, None] if conv.bias is not None else None
+    out = x.new_empty(out_frames, weight.shape[0], n * h * w)
+    for f in range(out_frames):
+        acc = None
+        for tap, tap_weight in enumerate(weights):
+            source = f + tap * dilation - pad
+            if not 0 <= source < frames:
+                continue
+            if acc is None:
+                acc = torch.mm(tap_weight, per_frame[source], out=out[f])
+            else:
+                acc.addmm_(tap_weight, per_frame[source])
+        if acc is None:
+            out[f].zero_()
+        if bias is not None:
+            out[f].add_(bias)
+    # (frames, C_out, N, H, W) -> (N, C_out, frames, H, W)
+    return out.view(out_frames, -1, n, h, w).permute(2, 1, 0, 3, 4)

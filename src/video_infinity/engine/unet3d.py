@@ -13,7 +13,8 @@ import torch.nn.functional as F
 from diffusers.hooks import ModelHook
 from diffusers.models.attention_processor import Attention
 from diffusers.models.embeddings import SinusoidalPositionalEmbedding
-from diffusers.models.resnet import TemporalConvLayer
+from diffusers.models.resnet import Downsample2D, ResnetBlock2D, TemporalConvLayer, Upsample2D
+from diffusers.models.transformers.transformer_2d import Transformer2DModel
 from diffusers.models.transformers.transformer_temporal import TransformerTemporalModel
 from torch import nn
 
@@ -24,37 +25,18 @@ from ..frame_conv import frame_conv, is_frame_conv
 from ..halo import start_exchange
 from .handle import ParallelHandle
 from ..norm import apply_group_norm, video_group_norm, video_group_statistics
+from ..per_frame import PerFrameCall, PerFrameRows
 
 logger = logging.getLogger(__name__)
 
-class _PointwiseConvAsMatmul(ModelHook):
-    """On a 1x1 ``Conv2d`` (frames are its batch): a matrix product when computing split-invariantly.
-
-    oneDNN picks its 1x1-convolution algorithm by batch size, so a frame rounds differently in a
-    13-frame clip and in a 7-frame one; a matrix product over channels gives every frame the same
-    arithmetic whatever the clip length. Otherwise the module's own convolution.
-    """
-
-    def __init__(self, config: EngineConfig) -> None:
-        super().__init__()
-        self.config = config
-
-    def new_forward(self, module: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
-        if not self.config.split_invariant_on(x.device.type):
-            return F.conv2d(x, module.weight, module.bias)
-        return F.linear(x.movedim(1, -1), module.weight[:, :, 0, 0], module.bias).movedim(-1, 1)
-
-
-def _is_pointwise_conv(module: nn.Module) -> bool:
-    return (
-        type(module) is nn.Conv2d
-        and module.kernel_size == (1, 1)
-        and module.stride == (1, 1)
-        and module.padding == (0, 0)
-        and module.dilation == (1, 1)
-        and module.groups == 1
-    )
-
+SPATIAL_BLOCKS = (ResnetBlock2D, Transformer2DModel, Downsample2D, Upsample2D)
+"""Modules that see a clip's frames as ``batch * frames`` images and never mix frames: computed one
+frame per call when split-invariant (see :mod:`video_infinity.per_frame`)."""
+SPATIAL_LEAVES = (nn.Conv2d, nn.GroupNorm, nn.Linear, nn.LayerNorm)
+"""Layers outside those blocks and the temporal modules (``conv_in``, ``conv_norm_out``,
+``conv_out``, ...): also one frame per call when their input holds ``batch * frames`` images."""
+TEMPORAL_ROW_LAYERS = (nn.Linear, nn.LayerNorm)
+"""Layers inside a temporal transformer (input (positions, frames, C)): one frame's rows per call."""
 
 class _TrackDenoiseStep(ModelHook):
     """On the UNet: record this call's frame layout and timestep for the temporal hooks."""
@@ -67,6 +49,7 @@ class _TrackDenoiseStep(ModelHook):
         sample = args[0] if args else kwargs["sample"]
         timestep = args[1] if len(args) > 1 else kwargs["timestep"]
         self.state.layout = self.ctx.layout_for(sample.shape[2])
+        self.state.batch = sample.shape[0]
         self.state.timestep = _scalar_timestep(timestep)
         self.state.frame_text = None
         text = args[2] if len(args) > 2 else kwargs.get("encoder_hidden_states")
@@ -190,6 +173,20 @@ class _PerFrameTextProcessor:
         return self.inner(attn, hidden_states, encoder_hidden_states, *args, **kwargs)
 
 
+def _hook_spatial_per_frame(unet: nn.Module, handle: ParallelHandle, temporal_modules: set[nn.Module]) -> None:
+    """One frame per call (when split-invariant) for the spatial blocks, and for the spatial layers
+    outside any block, of the UNet: every module that folds frames into its batch."""
+    inside_block: set[nn.Module] = set()
+    for module in unet.modules():
+        if module in temporal_modules or module in inside_block:
+            continue
+        if isinstance(module, SPATIAL_BLOCKS):
+            inside_block.update(module.modules())
+            handle.hook(module, PerFrameCall(handle.config, handle.state))
+        elif isinstance(module, SPATIAL_LEAVES):
+            handle.hook(module, PerFrameCall(handle.config, handle.state))
+
+
 def is_unet3d_family(model: nn.Module) -> bool:
     """Whether ``model`` has the UNet3D family's temporal modules (what this engine serves)."""
     return any(isinstance(m, (TemporalConvLayer, TransformerTemporalModel)) for m in model.modules())
@@ -211,18 +208,17 @@ def parallelize_unet3d(unet: nn.Module, config: EngineConfig, context: ClipConte
     hook(unet, _TrackDenoiseStep(context, state))
     for conv in temporal_convs:
         hook(conv, _ClipParallelTemporalConv(config, context, state, conv))
-    for module in unet.modules():
-        if _is_pointwise_conv(module):
-            hook(module, _PointwiseConvAsMatmul(config))
-    temporal_modules = set()
+    temporal_modules = {m for temporal in (*temporal_convs, *temporal_transformers) for m in temporal.modules()}
     for transformer in temporal_transformers:
         hook(transformer.norm, _VideoGroupNorm(config, context))
         for module in transformer.modules():
-            temporal_modules.add(module)
             if isinstance(module, Attention):
                 handle.set_processor(module, DualScopeAttnProcessor(config, context, state))
             elif isinstance(module, SinusoidalPositionalEmbedding):
                 hook(module, _GlobalFramePositions(state))
+            elif isinstance(module, TEMPORAL_ROW_LAYERS):
+                hook(module, PerFrameRows(config))
+    _hook_spatial_per_frame(unet, handle, temporal_modules)
     for module in unet.modules():
         if isinstance(module, Attention) and module.is_cross_attention and module not in temporal_modules:
             handle.set_processor(module, _PerFrameTextProcessor(module.processor, state))
