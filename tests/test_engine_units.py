@@ -275,3 +275,57 @@ def test_global_keys_reuse_the_window_projection_and_keep_their_order():
     torch.testing.assert_close(global_value, attn.to_v(global_states), rtol=0, atol=1e-6)
     _, _, no_key, no_value = _project_keys_values(attn, context, context_frames, global_states[:, :0], [])
     assert no_key.shape == (5, 0, 16) and no_value.shape == (5, 0, 16)
+
+
+def _hooked(module: nn.Module, hook) -> nn.Module:
+    from diffusers.hooks import HookRegistry
+
+    HookRegistry.check_if_exists_or_initialize(module).register_hook(hook, "test")
+    return module
+
+
+@pytest.mark.unit
+def test_each_per_frame_op_gives_a_frame_the_same_bits_in_any_clip():
+    # Every op kind the split-invariant engine routes per frame, on a whole 11-frame clip and on a
+    # 5-frame part of it: the shared frames must be equal bit for bit (different row counts and
+    # batches would let kernels round differently).
+    from video_infinity.context import DenoiseState
+    from video_infinity.frame_conv import frame_conv
+    from video_infinity.per_frame import PerFrameCall, PerFrameRows
+
+    torch.manual_seed(0)
+    config = EngineConfig(split_invariant=True)
+    frames, part, batch = 11, slice(3, 8), 2
+    # temporal convolution (kernel 3 along frames): the part carries one halo frame each side
+    conv3d = nn.Conv3d(16, 24, (3, 1, 1), padding=(1, 0, 0))
+    x = torch.randn(batch, 16, frames, 4, 4)
+    with torch.no_grad():
+        whole, clip = frame_conv(x, conv3d), frame_conv(x[:, :, 2:9], conv3d)
+        torch.testing.assert_close(whole, conv3d(x), atol=1e-5, rtol=0)
+    assert torch.equal(clip[:, :, 1:6], whole[:, :, part])
+    # temporal transformer rows (positions, frames, C): Linear and LayerNorm one frame's rows per call
+    rows = torch.randn(24, frames, 40)
+    for layer in (nn.Linear(40, 56), nn.LayerNorm(40)):
+        plain = layer(rows)
+        _hooked(layer, PerFrameRows(config))
+        with torch.no_grad():
+            whole, clip = layer(rows), layer(rows[:, part].contiguous())
+        torch.testing.assert_close(whole, plain, atol=1e-5, rtol=0)
+        assert torch.equal(clip, whole[:, part])
+    # spatial layers (batch * frames images, batch-major) one frame per call
+    images = torch.randn(batch * frames, 16, 6, 6)
+
+    def frames_of(t: torch.Tensor, f: slice) -> torch.Tensor:
+        return t.reshape(batch, frames, *t.shape[1:])[:, f].reshape(-1, *t.shape[1:])
+
+    for layer in (nn.Conv2d(16, 24, 3, padding=1), nn.GroupNorm(4, 16), nn.Conv2d(16, 24, 1)):
+        plain = layer(images)
+        state = DenoiseState(batch=batch)
+        _hooked(layer, PerFrameCall(config, state))
+        with torch.no_grad():
+            state.layout = ClipContext().layout_for(frames)
+            whole = layer(images)
+            state.layout = ClipContext().layout_for(part.stop - part.start)
+            clip = layer(frames_of(images, part).contiguous())
+        torch.testing.assert_close(whole, plain, atol=1e-5, rtol=0)
+        assert torch.equal(clip, frames_of(whole, part))
