@@ -26,7 +26,7 @@ On one process this is the same computation as the unmodified model (the overhea
 
 ENGINE_WHOLE_WINDOW_FUSED = {**ENGINE_WHOLE_WINDOW, "split_invariant": False}
 """The same with fused kernels (the GPU default) instead of the split-invariant computation (the CPU
-default: attention one query frame at a time, convolutions as fixed-shape matrix products, which
+default: every frame computed by operations whose shapes are fixed by that frame alone, which
 makes videos bit-identical on any number of ranks)."""
 
 ENGINE_DEFAULT: dict[str, Any] = {}

@@ -49,73 +49,55 @@ def dual_scope_attention(
     for the frames ``key_frames`` (must contain every query's window, clipped to the video of
     ``total_frames`` frames); ``k_global``/``v_global`` (..., G, d). Returns (..., Fq, dv).
 
-    ``split_invariant``: a query's arithmetic depends only on its global frame index, never on which
-    other frames share the call: each query frame is computed on its own, over exactly its window's
-    keys, with matrix products whose shapes depend on that frame alone (kernels pick their algorithm
-    by shape). The video is then bit-identical however it is split over ranks or chunked. Otherwise
-    fused attention over each chunk's key span (faster on GPUs, the same up to rounding).
+    ``split_invariant``: a query's arithmetic depends only on its global frame index and the
+    settings, never on which other frames share the call: queries are grouped in blocks of
+    ``chunk_size`` frames aligned to the video (block b holds frames b*chunk_size.. ), and each block
+    runs as one fused attention call whose shapes are fixed by the block alone -- the block's rows
+    this call does not own are zeros, its key span's frames this call does not hold are zeros (they
+    lie outside the owned queries' windows, so their softmax weight is exactly 0). Kernels pick
+    their algorithm by shape, and a row's result does not depend on other rows' values, so the
+    video is bit-identical however it is split over ranks. Otherwise fused attention over chunks of
+    the call's own queries (the same up to rounding).
     """
     if len(query_frames) != q.shape[-2] or len(key_frames) != k_local.shape[-2]:
         raise ValueError("query_frames/key_frames do not match the tensors' frame counts")
     padding = min(padding, total_frames - 1)
-    kernel = _per_query_attention if split_invariant else _fused_attention
+    settings = dict(padding=padding, scale=scale, local_bias=local_bias, global_bias=global_bias,
+                    token_num_scale=token_num_scale)
+    video = range(total_frames)
     outputs = []
-    for c0 in range(0, len(query_frames), chunk_size):
-        chunk = query_frames[c0 : c0 + chunk_size]
-        span = intersect(range(chunk.start - padding, chunk.stop + padding), range(total_frames))
-        if intersect(span, key_frames) != span:
-            raise ValueError(f"key_frames {key_frames} lack frames of the windows of queries {chunk}")
-        k0 = span.start - key_frames.start
-        outputs.append(kernel(
-            q[..., c0 : c0 + len(chunk), :], k_local[..., k0 : k0 + len(span), :], v_local[..., k0 : k0 + len(span), :],
-            k_global, v_global, chunk=chunk, span=span, padding=padding, scale=scale, local_bias=local_bias,
-            global_bias=global_bias, token_num_scale=token_num_scale,
-        ))
+    if split_invariant:
+        blocks = [intersect(range(b * chunk_size, (b + 1) * chunk_size), video)
+                  for b in range(query_frames.start // chunk_size, (query_frames.stop - 1) // chunk_size + 1)]
+    else:
+        blocks = [query_frames[c0 : c0 + chunk_size] for c0 in range(0, len(query_frames), chunk_size)]
+    global_k, global_v = (k_global.contiguous(), v_global.contiguous()) if split_invariant else (k_global, v_global)
+    for rows in blocks:
+        span = intersect(range(rows.start - padding, rows.stop + padding), video)
+        owned = intersect(rows, query_frames)
+        needed = intersect(range(owned.start - padding, owned.stop + padding), video)
+        if intersect(needed, key_frames) != needed:
+            raise ValueError(f"key_frames {key_frames} lack frames of the windows of queries {owned}")
+        if split_invariant:  # fresh contiguous tensors: shapes and layout fixed by the block
+            block_q = _zero_filled(q, query_frames, rows)
+            block_k, block_v = _zero_filled(k_local, key_frames, span), _zero_filled(v_local, key_frames, span)
+        else:
+            k0 = span.start - key_frames.start
+            block_q = q[..., owned.start - query_frames.start : owned.stop - query_frames.start, :]
+            block_k, block_v = (t[..., k0 : k0 + len(span), :] for t in (k_local, v_local))
+        out = _fused_attention(block_q, block_k, block_v, global_k, global_v, chunk=rows, span=span, **settings)
+        outputs.append(out[..., owned.start - rows.start : owned.stop - rows.start, :])
     return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=-2)
 
 
-def _per_query_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, k_global: torch.Tensor,
-                         v_global: torch.Tensor, *, chunk: range, span: range, padding: int, scale: float,
-                         local_bias: float, global_bias: float, token_num_scale: bool) -> torch.Tensor:
-    """One chunk, one query frame at a time: frame g's keys are exactly its window clipped to the
-    video (``span`` holds them all), then the global keys.
-
-    Layout: frames first, then the feature axis, with every other axis (samples, positions, heads)
-    flattened innermost, each frame one contiguous block. A query frame's logits and outputs are
-    then element-wise products and sums over its own window's blocks: every operation has shapes
-    and strides fixed by g's window alone (no matrix product whose row count or batch includes the
-    clip), so g's arithmetic is the same in any split, on any CPU and BLAS, and the reductions run
-    along contiguous vectors of positions (no per-position tiny matrix products).
-    """
-    lead = q.shape[:-2]
-    positions = math.prod(lead)
-
-    def frames_first(t: torch.Tensor) -> torch.Tensor:  # (..., frames, d) -> contiguous (frames, d, positions)
-        return t.movedim(-2, 0).movedim(-1, 1).reshape(t.shape[-2], t.shape[-1], positions).contiguous()
-
-    q, keys, values, k_global, v_global = (frames_first(t) for t in (q, keys, values, k_global, v_global))
-    num_global = k_global.shape[0]
-    out = q.new_empty(len(chunk), values.shape[1], q.shape[2])
-    for i, frame in enumerate(chunk):
-        first, stop = max(frame - padding, span.start), min(frame + padding + 1, span.stop)
-        width = stop - first
-        query = q[i]  # (d, positions)
-        query_scale = scale * (math.log(width + num_global) / math.log(16.0) if token_num_scale else 1.0)
-        # (keys, positions): a sum over d of contiguous rows of positions, in a fixed order
-        logits = (keys[first - span.start : stop - span.start] * query).sum(1).mul_(query_scale)
-        if local_bias:
-            logits.add_(local_bias)
-        if num_global:
-            global_logits = (k_global * query).sum(1).mul_(query_scale)
-            if global_bias:
-                global_logits.add_(global_bias)
-            logits = torch.cat([logits, global_logits])
-        weights = torch.softmax(logits, dim=0)[:, None, :]  # (keys, 1, positions)
-        torch.sum(weights[:width] * values[first - span.start : stop - span.start], dim=0, out=out[i])
-        if num_global:
-            out[i].add_((weights[width:] * v_global).sum(0))
-    # (frames, dv, positions) -> (..., frames, dv)
-    return out.view(len(chunk), -1, *lead).movedim(1, -1).movedim(0, -2)
+def _zero_filled(t: torch.Tensor, frames: range, wanted: range) -> torch.Tensor:
+    """``t`` (..., len(frames), d) holds ``frames``: a contiguous (..., len(wanted), d) tensor for
+    ``wanted``, with the frames of ``wanted`` that ``t`` lacks as zeros."""
+    out = t.new_zeros(*t.shape[:-2], len(wanted), t.shape[-1])
+    held = intersect(wanted, frames)
+    if len(held):
+        out[..., held.start - wanted.start : held.stop - wanted.start, :] = t[..., held.start - frames.start : held.stop - frames.start, :]
+    return out
 
 
 def _fused_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, k_global: torch.Tensor,

@@ -115,8 +115,9 @@ class EngineConfig(_Strict):
     over each rank's ``clip`` (as the original method did)."""
     split_invariant: bool | None = None
     """Compute every frame the same way whatever other frames share its rank, so a video is
-    bit-identical on any number of ranks (true): temporal attention one query frame at a time, frame
-    and 1x1 convolutions as matrix products, GroupNorm statistics in float64, fixed-size VAE decode
+    bit-identical on any number of ranks (true): operations whose shapes are fixed by each frame
+    alone (spatial layers one frame per call, temporal layers one frame's rows per call, temporal
+    attention one query frame at a time), GroupNorm statistics in float64, fixed-size VAE decode
     chunks. False: torch's fused kernels, faster, the same up to rounding. Default (null): true on
     CPU, false on GPUs, whose kernels pick their algorithms by shape anyway."""
 
