@@ -1,5 +1,6 @@
 """VideoCrafter2-size run on one CUDA GPU: seconds per denoising step, peak memory, engine overhead,
-the largest clip one GPU holds, and an extrapolation to 8 GPUs x 2,300 frames.
+the largest clip one GPU holds, and an extrapolation to 8 GPUs x 288 frames (2,304 frames; the paper
+made 2,300).
 
 Needs a CUDA GPU: without one it prints one line and exits with status 2.
 
@@ -14,7 +15,7 @@ frames (40x64 latents), CFG batch 2, fps 24, random text embeddings (77 x 1024).
   2. the largest clip the engine (published settings) holds on this GPU in one UNet call: frame
      counts doubled from 24 until out of memory, then bisected (stops early after
      ``--search-seconds``, reporting what it proved);
-  3. one step at the frames per rank of the target (ceil(2300 / 8) = 288 frames) on this GPU.
+  3. one step at the frames per rank of the target (2,304 / 8 = 288 frames) on this GPU.
 Extrapolation to ``--target-gpus`` x ``--target-frames`` (printed with its assumptions): every rank
 computes its clip as measured in 3 (the engine's compute per rank does not depend on the world
 size); communication per step is communication.py's formula for bytes sent per rank (float16) over
@@ -159,7 +160,7 @@ def main() -> int:
     parser.add_argument("--max-frames", type=int, default=1024, help="upper end of the largest-clip search")
     parser.add_argument("--search-seconds", type=float, default=240, help="time budget of the largest-clip search")
     parser.add_argument("--target-gpus", type=int, default=8)
-    parser.add_argument("--target-frames", type=int, default=2300)
+    parser.add_argument("--target-frames", type=int, default=2304)
     parser.add_argument("--steps", type=int, default=30, help="denoising steps of the extrapolated run")
     parser.add_argument("--link-gbytes", type=float, default=16.0,
                         help="assumed GB/s each GPU sends to its peers (PCIe 4.0 x16 peer-to-peer without NVLink: "
