@@ -408,7 +408,12 @@ def _run_rank(rank: int, world_size: int, local_rank: int, config: RunConfig, mo
 
     device = torch.device(_device_name(config, local_rank))
     if device.type == "cpu":
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
+        if config.plugin_configs.split_invariant_on("cpu"):
+            # BLAS/oneDNN results depend on the thread count: the same count on every world size
+            # keeps the video bit-identical whatever the number of ranks.
+            torch.set_num_threads(1)
+        else:
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
     else:
         torch.cuda.set_device(device)
     if world_size > 1 and not dist.is_initialized():

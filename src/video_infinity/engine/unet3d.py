@@ -38,6 +38,35 @@ SPATIAL_LEAVES = (nn.Conv2d, nn.GroupNorm, nn.Linear, nn.LayerNorm)
 TEMPORAL_ROW_LAYERS = (nn.Linear, nn.LayerNorm)
 """Layers inside a temporal transformer (input (positions, frames, C)): one frame's rows per call."""
 
+class _PointwiseConvAsMatmul(ModelHook):
+    """On a 1x1 ``Conv2d`` (frames are its batch): a matrix product when computing split-invariantly.
+
+    oneDNN picks its 1x1-convolution algorithm by batch size, so a frame rounds differently in a
+    13-frame clip and in a 7-frame one; a matrix product over channels gives every frame the same
+    arithmetic whatever the clip length. Otherwise the module's own convolution.
+    """
+
+    def __init__(self, config: EngineConfig) -> None:
+        super().__init__()
+        self.config = config
+
+    def new_forward(self, module: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+        if not self.config.split_invariant_on(x.device.type):
+            return F.conv2d(x, module.weight, module.bias)
+        return F.linear(x.movedim(1, -1), module.weight[:, :, 0, 0], module.bias).movedim(-1, 1)
+
+
+def _is_pointwise_conv(module: nn.Module) -> bool:
+    return (
+        type(module) is nn.Conv2d
+        and module.kernel_size == (1, 1)
+        and module.stride == (1, 1)
+        and module.padding == (0, 0)
+        and module.dilation == (1, 1)
+        and module.groups == 1
+    )
+
+
 class _TrackDenoiseStep(ModelHook):
     """On the UNet: record this call's frame layout and timestep for the temporal hooks."""
 
@@ -219,6 +248,9 @@ def parallelize_unet3d(unet: nn.Module, config: EngineConfig, context: ClipConte
             elif isinstance(module, TEMPORAL_ROW_LAYERS):
                 hook(module, PerFrameRows(config))
     _hook_spatial_per_frame(unet, handle, temporal_modules)
+    for module in unet.modules():
+        if _is_pointwise_conv(module):
+            hook(module, _PointwiseConvAsMatmul(config))
     for module in unet.modules():
         if isinstance(module, Attention) and module.is_cross_attention and module not in temporal_modules:
             handle.set_processor(module, _PerFrameTextProcessor(module.processor, state))
