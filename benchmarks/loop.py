@@ -20,7 +20,7 @@ import logging
 import statistics
 import subprocess
 import sys
-import tempfile
+import socket
 import time
 from pathlib import Path
 
@@ -37,15 +37,23 @@ def _cli(*args: str) -> str:
     return done.stdout
 
 
+def _free_port() -> int:
+    # Other jobs on a shared machine may take the config's port between the launcher's check and its bind.
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def _one(config: Path, seed: int, loop: bool, out_dir: Path) -> dict:
     name = f"seed{seed}_{'loop' if loop else 'no_loop'}"
     started = time.perf_counter()
     _cli("generate", "--config", str(config), "--overwrite", "--set", f"seed={seed}",
          "--set", f"plugin_configs.loop={json.dumps(loop)}", "--set", f"base_path={out_dir}",
-         "--set", f"pipe_configs.file_name={name}")
+         "--set", f"pipe_configs.file_name={name}", "--set", f"master_port={_free_port()}")
     wall = time.perf_counter() - started
     sidecar = json.loads((out_dir / f"{name}.json").read_text())
-    report = json.loads(_cli("inspect", str(out_dir / f"{name}.mp4"), "--ranks", str(sidecar["world_size"]), "--json"))
+    report = json.loads(_cli("inspect", str(out_dir / f"{name}.mp4"), "--ranks", str(sidecar["world_size"]), "--json",
+                             "--contact-sheet", str(out_dir / f"{name}.png")))
     return {"seed": seed, "loop": loop, "wall_s": round(wall, 1), "world_size": sidecar["world_size"],
             "frames": report["frames"], "direction": report["direction"], "median_step": report["median_step"],
             "wrap_jump": report["wrap_jump"], "wrap_ratio": report["wrap_ratio"],
@@ -57,18 +65,20 @@ def main() -> None:
     parser.add_argument("--config", type=Path, default=ROOT / "examples" / "cpu_loop.json")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--name", default="loop", help="results/<name>.json")
+    parser.add_argument("--videos", type=Path, default=ROOT / "outputs" / "loop_benchmark",
+                        help="where the videos go (with contact sheets)")
     args = parser.parse_args()
     setup_logging()
     host = machine()
     rows = []
-    with tempfile.TemporaryDirectory() as tmp:
-        for seed in args.seeds:
-            for loop in (True, False):  # side by side, one seed at a time
-                rows.append(_one(args.config, seed, loop, Path(tmp)))
-                logger.info("seed %d loop %-5s: %s, median step %.2f px, wrap jump %.2f px (%.2f steps), "
-                            "border %.2f steps, %.0f s", seed, loop, rows[-1]["direction"], rows[-1]["median_step"],
-                            rows[-1]["wrap_jump"] or float("nan"), rows[-1]["wrap_ratio"] or float("nan"),
-                            rows[-1]["border_ratio"] or float("nan"), rows[-1]["wall_s"])
+    args.videos.mkdir(parents=True, exist_ok=True)
+    for seed in args.seeds:
+        for loop in (True, False):  # side by side, one seed at a time
+            rows.append(_one(args.config, seed, loop, args.videos))
+            logger.info("seed %d loop %-5s: %s, median step %.2f px, wrap jump %.2f px (%.2f steps), "
+                        "border %.2f steps, %.0f s", seed, loop, rows[-1]["direction"], rows[-1]["median_step"],
+                        rows[-1]["wrap_jump"] or float("nan"), rows[-1]["wrap_ratio"] or float("nan"),
+                        rows[-1]["border_ratio"] or float("nan"), rows[-1]["wall_s"])
     summary = {}
     for loop in (True, False):
         ratios = [r["wrap_ratio"] for r in rows if r["loop"] == loop and r["wrap_ratio"] is not None]

@@ -75,7 +75,8 @@ def test_ring_transfer_plans_deliver_each_unwrapped_window(total, world, halo):
     # Without the loop nothing changes: the clipped window's pieces and the old plan.
     for rank, clip in enumerate(clips):
         plain = window_transfer_plan(clips, rank, halo, halo)
-        assert [f for t in window_pieces(clips, rank, halo, halo) for f in t.frames] == list(window(clip, halo, halo, total))
+        pieces = window_pieces(clips, rank, halo, halo)
+        assert [f for t in pieces for f in t.frames] == list(window(clip, halo, halo, total))
         assert all(t.at == t.frames.start for t in plain.recvs + plain.sends)
 
 
@@ -98,6 +99,22 @@ def test_single_process_ring_exchange_wraps_around():
     assert frames[0, :, 0].tolist() == [float(u % 5) for u in span]  # frame 0 three times: the ring is short
     assert globals_[0, :, 0].tolist() == [4.0, 0.0]
     assert ctx.stats.total == 0
+
+
+@pytest.mark.unit
+def test_global_keys_come_from_the_unwrapped_window():
+    from diffusers.models.attention_processor import Attention
+
+    from video_infinity.attention import _project_keys_values
+
+    torch.manual_seed(0)
+    attn = Attention(query_dim=16, heads=2, dim_head=8)
+    video = torch.randn(3, 5, 16)
+    span = range(-2, 5)  # frames 3, 4, 0, 1, 2, 3, 4
+    context = video[:, [u % 5 for u in span]]
+    _, _, global_key, global_value = _project_keys_values(attn, context, span, video[:, :0], [4, 1], total_frames=5)
+    torch.testing.assert_close(global_key, attn.to_k(video[:, [4, 1]]), rtol=0, atol=1e-6)
+    torch.testing.assert_close(global_value, attn.to_v(video[:, [4, 1]]), rtol=0, atol=1e-6)
 
 
 # ---------------------------------------------------------------- attention math
@@ -175,7 +192,8 @@ def test_loop_is_exactly_roll_equivariant_on_one_process(unet_dir):
                 f"{name}, roll {shift}: max difference {(rolled - torch.roll(out, shift, 2)).abs().max().item():.3g}")
         # Without the loop the video has ends: not equivariant, and its first and last frames differ.
         plain = _run(unet, {**settings, "loop": False}, x, text)
-        assert (_run(unet, {**settings, "loop": False}, torch.roll(x, 1, 2), text) - torch.roll(plain, 1, 2)).abs().max() > 1e-3
+        plain_rolled = _run(unet, {**settings, "loop": False}, torch.roll(x, 1, 2), text)
+        assert (plain_rolled - torch.roll(plain, 1, 2)).abs().max() > 1e-3
         for frame in (0, total - 1):
             assert (out[:, :, frame] - plain[:, :, frame]).abs().max() > 1e-3
 

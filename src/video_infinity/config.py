@@ -132,7 +132,8 @@ class EngineConfig(_Strict):
     def _loop_needs_conv_halos(self) -> EngineConfig:
         if self.loop and not self.conv_layer.enabled:
             raise _FieldError(
-                "loop", "needs temporal convolution halos to close the ring (set conv_layer.enabled to true or loop to false)"
+                "loop",
+                "needs temporal convolution halos to close the ring (set conv_layer.enabled to true or loop to false)",
             )
         return self
 
