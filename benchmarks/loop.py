@@ -9,7 +9,7 @@ denoising time from the run's sidecar. A seamless loop has a wrap jump of about 
 the video's length is chosen so that the demo model's usual ~4 px/frame does not close the loop by
 itself (40 frames x 4 px = 2.5 laps of the 64 px frame).
 
-    python benchmarks/loop.py [--config examples/cpu_loop.json] [--seeds 0 1 2]
+    python benchmarks/loop.py [--config examples/cpu_loop.json] [--seeds 0 1 2] [--set KEY=VALUE ...] [--name loop]
 """
 
 from __future__ import annotations
@@ -44,12 +44,13 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _one(config: Path, seed: int, loop: bool, out_dir: Path) -> dict:
+def _one(config: Path, seed: int, loop: bool, out_dir: Path, overrides: list[str]) -> dict:
     name = f"seed{seed}_{'loop' if loop else 'no_loop'}"
     started = time.perf_counter()
     _cli("generate", "--config", str(config), "--overwrite", "--set", f"seed={seed}",
          "--set", f"plugin_configs.loop={json.dumps(loop)}", "--set", f"base_path={out_dir}",
-         "--set", f"pipe_configs.file_name={name}", "--set", f"master_port={_free_port()}")
+         "--set", f"pipe_configs.file_name={name}", "--set", f"master_port={_free_port()}",
+         *[arg for item in overrides for arg in ("--set", item)])
     wall = time.perf_counter() - started
     sidecar = json.loads((out_dir / f"{name}.json").read_text())
     report = json.loads(_cli("inspect", str(out_dir / f"{name}.mp4"), "--ranks", str(sidecar["world_size"]), "--json",
@@ -65,6 +66,8 @@ def main() -> None:
     parser.add_argument("--config", type=Path, default=ROOT / "examples" / "cpu_loop.json")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--name", default="loop", help="results/<name>.json")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="config override for every video, as video-infinity generate's --set")
     parser.add_argument("--videos", type=Path, default=ROOT / "outputs" / "loop_benchmark",
                         help="where the videos go (with contact sheets)")
     args = parser.parse_args()
@@ -74,7 +77,7 @@ def main() -> None:
     args.videos.mkdir(parents=True, exist_ok=True)
     for seed in args.seeds:
         for loop in (True, False):  # side by side, one seed at a time
-            rows.append(_one(args.config, seed, loop, args.videos))
+            rows.append(_one(args.config, seed, loop, args.videos, args.overrides))
             logger.info("seed %d loop %-5s: %s, median step %.2f px, wrap jump %.2f px (%.2f steps), "
                         "border %.2f steps, %.0f s", seed, loop, rows[-1]["direction"], rows[-1]["median_step"],
                         rows[-1]["wrap_jump"] or float("nan"), rows[-1]["wrap_ratio"] or float("nan"),
@@ -96,6 +99,7 @@ def main() -> None:
     config = json.loads(args.config.read_text())
     write_result(args.name, {"machine": host, "config": str(args.config.relative_to(ROOT)
                                                                 if args.config.is_relative_to(ROOT) else args.config),
+                            "overrides": args.overrides,
                             "pipe_configs": config["pipe_configs"], "plugin_configs": config["plugin_configs"],
                             "videos": rows, "summary": summary})
 
