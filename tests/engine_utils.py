@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import socket
 import traceback
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable
 
@@ -59,6 +60,18 @@ def _worker(rank: int, world_size: int, port: int, fn: Callable, args: tuple, ou
         raise
     finally:
         dist.destroy_process_group()
+
+
+@contextmanager
+def torch_threads(threads: int):
+    """Run the block with ``threads`` torch threads: a reference computed in the test process must use
+    the thread count of the ranks it is compared with (small products round by thread count)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def run_distributed(fn: Callable, world_size: int, *args: Any, tmp_dir: Path, threads: int = 1,

@@ -59,6 +59,21 @@ def test_border_jump_is_measured_against_the_inside_step():
     assert broken.direction == "left"  # the border step is not an inside-clip step
 
 
+@pytest.mark.unit
+def test_wrap_jump_is_the_step_from_the_last_frame_back_to_the_first():
+    spec = data.VideoSpec("red", "circle", "right", 10.0, 30.0)
+    laps = int(data.SIZE / data.SPEED)  # frames for exactly one lap of the frame: a seamless loop
+    seamless = probe.analyse(data.render(spec, laps), ranks=2)
+    assert seamless.wrap_jump == pytest.approx(data.SPEED, abs=0.3)
+    assert seamless.wrap_ratio == pytest.approx(1.0, abs=0.1)
+    # Half a lap more: the last frame's object is 23 steps on, 28 px (the short way) from the first's.
+    broken = probe.analyse(data.render(spec, laps + 8), ranks=2)
+    expected = abs((-(laps + 7) * data.SPEED + data.SIZE / 2) % data.SIZE - data.SIZE / 2)
+    assert broken.wrap_jump == pytest.approx(expected, abs=0.5) and expected > 5 * data.SPEED
+    assert broken.wrap_ratio > 5
+    assert "wrap jump / median step" in probe.format_report(broken)
+
+
 def test_inspect_command_reports_and_writes_a_contact_sheet(tmp_path):
     frames = data.render(data.VideoSpec("yellow", "triangle", "down", 10.0, 5.0), 48)
     video = tmp_path / "v.mp4"

@@ -1,7 +1,8 @@
 """Dual-scope temporal attention: the math as a pure function, and the diffusers attention processor.
 
 Query frame g (global index) attends to
-  * local keys: every frame j of the video with |g - j| <= padding (clipped at the video ends), and
+  * local keys: every frame j of the video with |g - j| <= padding (clipped at the video ends; in a
+    loop taken around the ring instead, see ``frames.attention_reach``), and
   * global keys: ``top_k`` frames at fixed global indices, the same for every rank.
 Phase biases are added to the local and global logits; ``token_num_scale`` multiplies the softmax
 scale of each query by log(number of keys it attends)/log(16).
@@ -21,7 +22,7 @@ from diffusers.models.attention_processor import Attention
 
 from .config import EngineConfig
 from .context import ClipContext, DenoiseState
-from .frames import global_frame_indices, intersect
+from .frames import attention_reach, global_frame_indices, intersect, ring_offset, window
 from .halo import start_exchange
 
 
@@ -42,6 +43,7 @@ def dual_scope_attention(
     token_num_scale: bool = False,
     chunk_size: int = 64,
     split_invariant: bool = True,
+    loop: bool = False,
 ) -> torch.Tensor:
     """Windowed softmax attention over local keys plus global keys.
 
@@ -61,7 +63,14 @@ def dual_scope_attention(
     """
     if len(query_frames) != q.shape[-2] or len(key_frames) != k_local.shape[-2]:
         raise ValueError("query_frames/key_frames do not match the tensors' frame counts")
-    padding = min(padding, total_frames - 1)
+    left, right = attention_reach(padding, total_frames, loop)
+    padding = max(left, right)
+    if left != right or (loop and split_invariant):
+        # One query per block. A ring with fewer frames than the window: the kernels mask a
+        # symmetric window within the block's key span, so the span is then exactly its asymmetric
+        # window. A split-invariant ring: blocks aligned to frame 0 would give frame g and frame g+k
+        # other positions in their blocks, breaking exact roll-equivariance (a ring has no frame 0).
+        chunk_size = 1
     settings = dict(padding=padding, scale=scale, local_bias=local_bias, global_bias=global_bias,
                     token_num_scale=token_num_scale)
     video = range(total_frames)
@@ -73,10 +82,10 @@ def dual_scope_attention(
         blocks = [query_frames[c0 : c0 + chunk_size] for c0 in range(0, len(query_frames), chunk_size)]
     global_k, global_v = (k_global.contiguous(), v_global.contiguous()) if split_invariant else (k_global, v_global)
     for rows in blocks:
-        span = intersect(range(rows.start - padding, rows.stop + padding), video)
+        span = window(rows, left, right, total_frames, loop)
         owned = intersect(rows, query_frames)
-        needed = intersect(range(owned.start - padding, owned.stop + padding), video)
-        if intersect(needed, key_frames) != needed:
+        needed = window(owned, left, right, total_frames, loop)
+        if not (key_frames.start <= needed.start and needed.stop <= key_frames.stop):
             raise ValueError(f"key_frames {key_frames} lack frames of the windows of queries {owned}")
         if split_invariant:  # fresh contiguous tensors: shapes and layout fixed by the block
             block_q = _zero_filled(q, query_frames, rows)
@@ -130,20 +139,24 @@ def _fused_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, 
 
 
 def _project_keys_values(
-    attn: Attention, context: torch.Tensor, context_frames: range, global_states: torch.Tensor, global_frames: list[int]
+    attn: Attention, context: torch.Tensor, context_frames: range, global_states: torch.Tensor, global_frames: list[int],
+    total_frames: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Keys and values of the local window, and of the global frames (in ``global_frames`` order).
 
     A global frame inside the window (on one process: all of them) takes its rows of the window's
     projection; only the others are projected, so no frame goes through ``to_k``/``to_v`` twice.
+    ``total_frames``: the video's length when ``context_frames`` may be an unwrapped loop window.
     """
     key, value = attn.to_k(context), attn.to_v(context)
     if not global_frames:
         return key, value, key[:, :0], value[:, :0]
-    inside = [i for i, frame in enumerate(global_frames) if frame in context_frames]
-    outside = [i for i, frame in enumerate(global_frames) if frame not in context_frames]
+    total = total_frames if total_frames is not None else max(context_frames.stop, max(global_frames) + 1)
+    offsets = [ring_offset(context_frames, frame, total) for frame in global_frames]
+    inside = [i for i, offset in enumerate(offsets) if offset is not None]
+    outside = [i for i, offset in enumerate(offsets) if offset is None]
     device = context.device
-    rows = torch.tensor([global_frames[i] - context_frames.start for i in inside], dtype=torch.long, device=device)
+    rows = torch.tensor([offsets[i] for i in inside], dtype=torch.long, device=device)
     global_key, global_value = key.index_select(1, rows), value.index_select(1, rows)
     if outside:
         remote = global_states.index_select(1, torch.tensor(outside, dtype=torch.long, device=device))
@@ -184,13 +197,15 @@ class DualScopeAttnProcessor:
         timestep = self.state.timestep
         residual = hidden_states
 
-        padding = min(config.padding, layout.total_frames - 1)
+        loop = self.engine_config.loop
+        left, right = attention_reach(config.padding, layout.total_frames, loop)
         global_frames = global_frame_indices(layout.total_frames, config.global_frame_count(timestep))
-        pending = start_exchange(hidden_states, 1, layout, padding, padding, self.ctx, global_frames, kind="attn_halo")
+        pending = start_exchange(hidden_states, 1, layout, left, right, self.ctx, global_frames, kind="attn_halo",
+                                 loop=loop)
         query = attn.to_q(hidden_states)  # while the neighbours' frames are in flight
         context, context_frames, global_states = pending.wait()
         key, value, global_key, global_value = _project_keys_values(
-            attn, context, context_frames, global_states, global_frames
+            attn, context, context_frames, global_states, global_frames, layout.total_frames
         )
 
         batch = hidden_states.shape[0]
@@ -216,13 +231,14 @@ class DualScopeAttnProcessor:
             query_frames=layout.owned,
             key_frames=context_frames,
             total_frames=layout.total_frames,
-            padding=padding,
+            padding=config.padding,
             scale=attn.scale * config.attn_scale,
             local_bias=local_bias,
             global_bias=global_bias,
             token_num_scale=config.token_num_scale,
             chunk_size=config.query_chunk_size,
             split_invariant=self.engine_config.split_invariant_on(hidden_states.device.type),
+            loop=loop,
         )
         out = out.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim).to(query.dtype)
         out = attn.to_out[0](out)

@@ -121,6 +121,23 @@ class EngineConfig(_Strict):
     chunks. False: torch's fused kernels, faster, the same up to rounding. Default (null): true on
     CPU, false on GPUs, whose kernels pick their algorithms by shape anyway."""
 
+    loop: bool = False
+    """Seamless loop: the frames are on a ring, the last frame's next frame is the first. Temporal
+    convolutions take their halo frames across the wrap (circular padding in time, on one process
+    too), local attention windows are taken modulo the number of frames (never a frame twice; with
+    2 * padding + 1 >= frames every frame once), global frames stay at their fixed indices and
+    GroupNorm is over the whole video as without a loop. Without global frames the model is then
+    exactly equivariant to rolling the video in time. Needs ``conv_layer.enabled``."""
+
+    @model_validator(mode="after")
+    def _loop_needs_conv_halos(self) -> EngineConfig:
+        if self.loop and not self.conv_layer.enabled:
+            raise _FieldError(
+                "loop",
+                "needs temporal convolution halos to close the ring (set conv_layer.enabled to true or loop to false)",
+            )
+        return self
+
     def split_invariant_on(self, device_type: str) -> bool:
         """Whether the engine computes split-invariantly on a device of this type ("cpu", "cuda", ...)."""
         return self.split_invariant if self.split_invariant is not None else device_type == "cpu"

@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 
 from .context import ClipContext, FrameLayout
-from .frames import owners, window, window_transfer_plan
+from .frames import owners, ring_offset, window, window_transfer_plan
 
 __all__ = ["PendingFrames", "start_exchange"]
 
@@ -35,6 +35,7 @@ class PendingFrames:
     global_frames: list[int]
     requests: list
     window_parts: list[tuple[int, torch.Tensor]]
+    """(position in ``span``'s coordinates, frames): this rank's own pieces and those in flight."""
     global_parts: dict[int, torch.Tensor]
     global_positions: dict[int, list[int]]
     """Per source rank, which entries of ``global_frames`` its part holds (the rest lie in the window)."""
@@ -43,8 +44,7 @@ class PendingFrames:
         """(frames of ``span`` along ``dim``, ``span``, the global frames in the requested order)."""
         for request in self.requests:
             request.wait()
-        owned = self.layout.owned
-        pieces = sorted(self.window_parts + [(owned.start, self.x)], key=lambda item: item[0])
+        pieces = sorted(self.window_parts, key=lambda item: item[0])
         window_frames = pieces[0][1] if len(pieces) == 1 else torch.cat([p for _, p in pieces], dim=self.dim)
         by_position: list[torch.Tensor | None] = [None] * len(self.global_frames)
         for rank, positions in self.global_positions.items():
@@ -52,7 +52,8 @@ class PendingFrames:
                 by_position[position] = self.global_parts[rank].narrow(self.dim, slot, 1)
         for position, frame in enumerate(self.global_frames):  # not sent: this rank's window holds it
             if by_position[position] is None:
-                by_position[position] = window_frames.narrow(self.dim, frame - self.span.start, 1)
+                offset = ring_offset(self.span, frame, self.layout.total_frames)
+                by_position[position] = window_frames.narrow(self.dim, offset, 1)
         if by_position:
             global_frames = torch.cat(by_position, dim=self.dim)
         else:
@@ -71,23 +72,26 @@ def start_exchange(
     ctx: ClipContext,
     global_frames: list[int] = (),
     kind: str = "halo",
+    loop: bool = False,
 ) -> PendingFrames:
     """Start moving this rank's halo window and the ``global_frames`` in one point-to-point round.
 
     ``x`` holds the owned frames along ``dim``. The window ``[start-left, stop+right)`` is clipped
     at the true ends of the video, so the caller gets exactly the frames that exist; they come from
-    whichever ranks own them (several ranks when clips are shorter than the halo). Each global frame
-    goes from its owner to every other rank whose window does not already hold it. Every rank must
-    call this with the same arguments (but ``x``), so that all of them post matching messages in the
-    same order.
+    whichever ranks own them (several ranks when clips are shorter than the halo). With ``loop`` the
+    frames are on a ring: the window is not clipped but unwrapped (``wait()``'s span may start below
+    0 or end past the last frame; its position u holds frame u mod total_frames, fetched from its
+    owner, which may be this rank, also on one process). Each global frame goes from its owner to
+    every other rank whose window does not already hold it. Every rank must call this with the same
+    arguments (but ``x``), so that all of them post matching messages in the same order.
     """
     owned = layout.owned
-    span = window(owned, left, right, layout.total_frames)
+    span = window(owned, left, right, layout.total_frames, loop)
     global_frames = list(global_frames)
     partition = list(layout.partition)
     positions = owners(partition, global_frames) if global_frames else []
     ops: list[dist.P2POp] = []
-    window_parts: list[tuple[int, torch.Tensor]] = []
+    window_parts: list[tuple[int, torch.Tensor]] = [(owned.start, x)]
     global_parts: dict[int, torch.Tensor] = {}
 
     def buffer(frames: int) -> torch.Tensor:
@@ -101,17 +105,18 @@ def start_exchange(
 
     if len(span) != len(owned):
         # Messages between one pair of ranks match in posting order: window first, then globals.
-        plan = window_transfer_plan(partition, layout.rank, left, right)
+        plan = window_transfer_plan(partition, layout.rank, left, right, loop)
+        window_parts = [(piece.at, _frames(x, dim, piece.frames, owned.start)) for piece in plan.local]
         for transfer in plan.sends:
             send(_frames(x, dim, transfer.frames, owned.start).contiguous(), transfer.peer, kind)
         for transfer in plan.recvs:
-            window_parts.append((transfer.frames.start, buffer(len(transfer.frames))))
+            window_parts.append((transfer.at, buffer(len(transfer.frames))))
             ops.append(dist.P2POp(dist.irecv, window_parts[-1][1], ctx.global_rank(transfer.peer), ctx.group))
 
     def outside_window(rank: int, chosen: list[int]) -> list[int]:
         """The entries of ``chosen`` whose global frame ``rank``'s window does not hold."""
-        span_of_rank = window(partition[rank], left, right, layout.total_frames)
-        return [p for p in chosen if global_frames[p] not in span_of_rank]
+        span_of_rank = window(partition[rank], left, right, layout.total_frames, loop)
+        return [p for p in chosen if ring_offset(span_of_rank, global_frames[p], layout.total_frames) is None]
 
     received: dict[int, list[int]] = {}  # this rank's own global frames lie in its window
     if ctx.distributed:

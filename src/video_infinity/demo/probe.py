@@ -1,5 +1,6 @@
 """Quality probe for demo videos: track the coloured object, report its colour and motion, and how
-far it jumps across clip borders compared with its ordinary step inside a clip.
+far it jumps across clip borders and across the wrap (last frame back to the first, which is what a
+seamless loop must make smooth) compared with its ordinary step inside a clip.
 
 The object is the set of saturated pixels (the demo's background is grey); its position in each frame
 is the wrap-around-aware (circular) mean of the mask, and the step between two frames is the
@@ -141,6 +142,10 @@ class ProbeReport:
     max_border_jump: float | None = None
     border_ratio: float | None = None
     """Largest jump at a clip border / median step inside clips."""
+    wrap_jump: float | None = None
+    """The object's step from the last frame back to the first (pixels, the short way round)."""
+    wrap_ratio: float | None = None
+    """``wrap_jump`` / median step inside clips: about 1 for a seamless loop."""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -166,12 +171,19 @@ def analyse(frames: np.ndarray, clip_frames: int | None = None, ranks: int | Non
     jumps = [float(np.hypot(*d[b - 1])) for b in borders if 0 < b <= len(d)]
     finite_jumps = [j for j in jumps if math.isfinite(j)]
     max_jump = max(finite_jumps) if finite_jumps else None
-    ratio = max_jump / max(median_step, 1e-6) if max_jump is not None and math.isfinite(median_step) else None
+    ratio = _per_step(max_jump, median_step)
+    wrap = float(np.hypot(*steps(centres[[-1, 0]], width, height)[0])) if n > 1 else math.nan
+    wrap_jump = wrap if math.isfinite(wrap) else None
     return ProbeReport(
         frames=n, width=width, height=height, found_frames=found, colour=colour, colour_fraction=fraction,
         direction=classify_direction(velocity), velocity=velocity, median_step=median_step,
         borders=borders, border_jumps=jumps, max_border_jump=max_jump, border_ratio=ratio,
+        wrap_jump=wrap_jump, wrap_ratio=_per_step(wrap_jump, median_step),
     )
+
+
+def _per_step(jump: float | None, median_step: float) -> float | None:
+    return jump / max(median_step, 1e-6) if jump is not None and math.isfinite(median_step) else None
 
 
 def _fmt(value: Any) -> str:
@@ -196,6 +208,8 @@ def format_report(report: ProbeReport, name: str = "") -> str:
         ("clip borders", _fmt(report.borders)),
         ("jumps at borders (px)", _fmt(report.border_jumps)),
         ("max jump / median step", _fmt(report.border_ratio)),
+        ("wrap: last -> first frame (px)", _fmt(report.wrap_jump)),
+        ("wrap jump / median step", _fmt(report.wrap_ratio)),
     ]
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k.ljust(width)}  {v}" for k, v in rows)

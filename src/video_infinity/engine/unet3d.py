@@ -116,7 +116,8 @@ class _ClipParallelTemporalConv(ModelHook):
 
     Its stacked kernel-3 convolutions each widen the receptive field by one frame per side, so a
     halo of (number of convolutions) frames makes every owned output exact. Frames outside the video
-    are not fetched, so the module's own zero padding applies at the true ends.
+    are not fetched, so the module's own zero padding applies at the true ends; in a loop the halo
+    comes across the wrap (circular padding in time), so there are no ends.
     """
 
     def __init__(self, config: EngineConfig, ctx: ClipContext, state: DenoiseState, module: TemporalConvLayer) -> None:
@@ -139,7 +140,7 @@ class _ClipParallelTemporalConv(ModelHook):
         layout = self.state.layout
         exact = self.config.split_invariant_on(x.device.type)
         scope = self.config.norm_scope
-        pending = start_exchange(x, 2, layout, self.halo, self.halo, self.ctx, kind="conv_halo")
+        pending = start_exchange(x, 2, layout, self.halo, self.halo, self.ctx, kind="conv_halo", loop=self.config.loop)
         if pending.span == layout.owned:  # nothing to fetch (one rank, or halos switched off)
             h, own = x, None
         else:
