@@ -10,6 +10,7 @@ from .config import AttentionConfig, EngineConfig, PhaseConfig
 if TYPE_CHECKING:
     from .context import ClipContext, FrameLayout
     from .engine import ParallelHandle, parallelize
+    from .pipeline import VideoInfinityPipeline, VideoInfinityPipelineOutput
 
 __version__ = "0.1.0"
 
@@ -19,6 +20,8 @@ _LAZY = {
     "FrameLayout": "context",
     "ParallelHandle": "engine",
     "parallelize": "engine",
+    "VideoInfinityPipeline": "pipeline",
+    "VideoInfinityPipelineOutput": "pipeline",
 }
 
 
@@ -30,4 +33,5 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-__all__ = ["AttentionConfig", "ClipContext", "EngineConfig", "FrameLayout", "ParallelHandle", "PhaseConfig", "parallelize"]
+__all__ = ["AttentionConfig", "ClipContext", "EngineConfig", "FrameLayout", "ParallelHandle", "PhaseConfig",
+           "VideoInfinityPipeline", "VideoInfinityPipelineOutput", "parallelize"]

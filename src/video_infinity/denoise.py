@@ -21,7 +21,12 @@ StepEnd = Callable[[int, torch.Tensor, torch.Tensor, Any], "torch.Tensor | None"
 
 
 class StopSampling(Exception):
-    """Raised by an ``on_step_end`` callback to end the loop early (the latents so far are kept)."""
+    """Raised by an ``on_step_end`` callback to end the loop early with the current latents, or
+    with ``latents`` when given."""
+
+    def __init__(self, latents: torch.Tensor | None = None) -> None:
+        super().__init__("sampling stopped")
+        self.latents = latents
 
 
 def initial_latents(
@@ -99,7 +104,9 @@ def sample(
         if on_step_end is not None:
             try:
                 replaced = on_step_end(index, t, latents, scheduler)
-            except StopSampling:
+            except StopSampling as stop:
+                if stop.latents is not None:
+                    latents = stop.latents
                 break
             if replaced is not None:
                 latents = replaced

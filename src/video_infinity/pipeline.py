@@ -338,7 +338,7 @@ class VideoInfinityPipeline:
                 outputs = callback_on_step_end(self, index, t, {"latents": current}) or {}
                 replaced = outputs.get("latents")
             if self._interrupt:
-                raise StopSampling
+                raise StopSampling(replaced)
             return replaced
 
         try:
