@@ -14,9 +14,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from video_infinity.config import (
+from video_infinity import EngineConfig
+from video_infinity.run.config import (
     ConfigError,
-    EngineConfig,
     PipeConfig,
     RunConfig,
     apply_overrides,

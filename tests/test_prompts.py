@@ -6,11 +6,13 @@ import json
 
 import numpy as np
 import pytest
+
+pytestmark = pytest.mark.unit
 import torch
 
-from video_infinity.config import RunConfig
+from video_infinity.run.config import RunConfig
 from video_infinity.demo.random_model import build_random_model
-from video_infinity.launch import launch
+from video_infinity.run import launch
 from video_infinity.prompts import FrameMix, frame_embeddings, frame_prompt_mix, unique_prompts
 
 
@@ -63,7 +65,12 @@ def _latents(tmp_path, model, name, **pipe) -> np.ndarray:
                          "height": 32, "width": 32, "file_name": name, "save_latents": True, "scheduler": "ddim", **pipe},
         "plugin_configs": {"attn": {"padding": 2, "top_k": 2}},
     })
-    assert launch(config) == 0
+    import torch as _torch
+
+    threads = _torch.get_num_threads()
+    written = launch(config)
+    assert set(written) == {"video", "sidecar", "latents"} and written["video"] == tmp_path / f"{name}.mp4"
+    assert _torch.get_num_threads() == threads  # launch leaves the caller's thread count alone
     assert json.loads((tmp_path / f"{name}.json").read_text())["world_size"] == 1
     return np.load(tmp_path / f"{name}.latents.npy")
 

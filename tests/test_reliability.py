@@ -23,9 +23,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from video_infinity.checkpoint import load_checkpoint
+from video_infinity.run import PROGRESS_ENV, STEP_SLEEP_ENV
+from video_infinity.run.checkpoint import load_checkpoint
 from video_infinity.demo.random_model import build_random_model
-from video_infinity.pipeline import PROGRESS_ENV, STEP_SLEEP_ENV
 from video_infinity.video_io import read_video
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -394,7 +394,7 @@ def test_too_little_disk_space_is_refused(root, tmp_path, monkeypatch, capsys):
     from video_infinity import cli
 
     usage = shutil_module.disk_usage(tmp_path)
-    monkeypatch.setattr("video_infinity.launch.shutil.disk_usage", lambda path: usage._replace(free=10_000))
+    monkeypatch.setattr("video_infinity.run.preflight.shutil.disk_usage", lambda path: usage._replace(free=10_000))
     code = cli.main(["generate", "--config", str(root / "config.json"), *_sets(base_path=str(tmp_path / "out"))])
     err = capsys.readouterr().err
     assert code == 2 and "Traceback" not in err
@@ -405,8 +405,8 @@ def test_too_little_disk_space_is_refused(root, tmp_path, monkeypatch, capsys):
 def test_out_of_memory_names_the_knobs_to_lower(root):
     import torch
 
-    from video_infinity.config import load_run_config
-    from video_infinity.launch import describe_failure
+    from video_infinity.run.config import load_run_config
+    from video_infinity.run.failures import describe_failure
 
     config = load_run_config(root / "config.json")
     error = torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
@@ -420,7 +420,7 @@ def test_the_root_cause_is_reported_not_its_echoes(tmp_path, root):
     """A rank's own error beats a rank killed by a signal, which beats ranks that lost their peers."""
     from types import SimpleNamespace
 
-    from video_infinity.launch import _root_cause
+    from video_infinity.run.supervise import root_cause
 
     def report(rank, kind, message, at, code=1):
         (tmp_path / f"rank{rank}.json").write_text(json.dumps({"kind": kind, "message": message, "time": at, "code": code}))
@@ -429,29 +429,31 @@ def test_the_root_cause_is_reported_not_its_echoes(tmp_path, root):
     report(0, "peer", "lost contact with the other ranks (Connection closed by peer)", 1.0)
     report(1, "error", "ValueError: boom", 2.0)
     report(3, "peer", "lost contact with the other ranks", 0.5)
-    assert _root_cause(procs, {2}, tmp_path) == ("rank 1 failed: ValueError: boom", 1)
+    assert root_cause(procs, {2}, tmp_path) == ("rank 1 failed: ValueError: boom", 1)
     (tmp_path / "rank1.json").unlink()
     procs[1] = SimpleNamespace(exitcode=-signal.SIGKILL)
-    assert _root_cause(procs, {2}, tmp_path) == ("rank 1 was killed (SIGKILL)", 1)
+    assert root_cause(procs, {2}, tmp_path) == ("rank 1 was killed (SIGKILL)", 1)
     procs[1] = SimpleNamespace(exitcode=-signal.SIGTERM)
-    assert _root_cause(procs, {1, 2}, tmp_path)[0].startswith("rank 3 failed: lost contact")
+    assert root_cause(procs, {1, 2}, tmp_path)[0].startswith("rank 3 failed: lost contact")
     report(2, "user", "cannot load unet from 'x': shapes differ", 3.0, code=2)
-    assert _root_cause(procs, {1}, tmp_path) == ("cannot load unet from 'x': shapes differ", 2)
+    assert root_cause(procs, {1}, tmp_path) == ("cannot load unet from 'x': shapes differ", 2)
 
 
 def test_only_the_runs_own_new_temporary_files_are_removed(tmp_path, root):
-    from video_infinity.config import load_run_config
-    from video_infinity.launch import _remove_new_temp_files, _temp_files, output_paths
+    from video_infinity.atomic import temp_path
+    from video_infinity.run.config import load_run_config
+    from video_infinity.run.outputs import output_paths
+    from video_infinity.run.supervise import remove_new_temp_files, temp_files
 
     config = load_run_config(root / "config.json", [f"base_path={json.dumps(str(tmp_path))}"])
     paths = output_paths(config)
-    older = tmp_path / ".video.mp4.abc.part.mp4"  # another run's: there before this one started
-    older.touch()
-    before = _temp_files(paths)
-    new = [tmp_path / ".video.mp4.xyz.part.mp4", tmp_path / ".video.ckpt.123.tmp", tmp_path / ".video.json.q.part"]
-    for path in new:
-        path.touch()
-    unrelated = tmp_path / ".other.mp4.xyz.part.mp4"
-    unrelated.touch()
-    _remove_new_temp_files(paths, before)
-    assert older.exists() and unrelated.exists() and not any(path.exists() for path in new)
+    older = temp_path(paths["video"])  # another run's: there before this one started
+    before = temp_files(paths)
+    new = [temp_path(paths[kind]) for kind in ("video", "checkpoint", "sidecar", "latents")]
+    assert all(path.name.endswith(".part") for path in new)  # the suffix the writers use
+    unrelated = temp_path(tmp_path / "other.mp4")
+    user_file = tmp_path / ".video.mp4.notes"  # the user's, not a temporary file of ours
+    user_file.touch()
+    remove_new_temp_files(paths, before)
+    assert older.exists() and unrelated.exists() and user_file.exists()
+    assert not any(path.exists() for path in new)

@@ -8,8 +8,8 @@ Two ways to spread prompts over a video, both independent of the number of ranks
   linearly from one keyframe's prompt to the next one's, and the last keyframe's prompt holds to
   the end, exactly as ``diffusers.pipelines.free_noise_utils`` interpolates.
 
-Each frame is described by a :class:`FrameMix` (a, b, w): embedding = (1 - w) * E[a] + w * E[b],
-which is exactly E[a] when w = 0. Every function here costs O(log prompts) per frame asked for.
+Each frame is described by a :class:`FrameMix` (a, b, w): embedding = lerp(E[a], E[b], w), which is
+exactly E[a] when w = 0 or the two prompts are equal. Every function here costs O(log prompts) per frame asked for.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ Prompt = str | Sequence[str] | Mapping[int, str]
 
 @dataclass(frozen=True)
 class FrameMix:
-    """Frame follows ``(1 - weight) * E[first] + weight * E[second]``."""
+    """Frame follows ``lerp(E[first], E[second], weight)``."""
 
     first: int
     second: int
@@ -133,4 +133,6 @@ def frame_embeddings(embeddings: torch.Tensor, mixes: list[FrameMix]) -> torch.T
     first = embeddings[[m.first for m in mixes]]
     second = embeddings[[m.second for m in mixes]]
     weight = torch.tensor([m.weight for m in mixes], dtype=embeddings.dtype, device=embeddings.device).view(-1, 1, 1)
-    return (1 - weight) * first + weight * second  # FreeNoise's formula; exact at weights 0 and 1
+    # lerp rather than FreeNoise's (1 - w) * a + w * b: the same line, but exact at w = 0 and 1 and
+    # for two equal prompts (so repeated prompts give bit-identical embeddings)
+    return torch.lerp(first, second, weight)
