@@ -11,8 +11,12 @@ from pathlib import Path
 
 import pytest
 
-# Engine test modules are maintained elsewhere; they get their marker from here.
-_FILE_MARKERS = {"test_engine_units.py": "unit", "test_engine_distributed.py": "distributed"}
+# Modules whose tests share one kind get their marker here (the others mark each test or set pytestmark).
+_FILE_MARKERS = {
+    "test_engine_units.py": "unit", "test_engine_distributed.py": "distributed", "test_config.py": "unit",
+    "test_models.py": "unit", "test_probe.py": "unit", "test_video_io.py": "unit", "test_demo_model.py": "unit",
+    "test_demo_train.py": "e2e",
+}
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -9,8 +9,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-pytestmark = pytest.mark.unit
-
 from video_infinity.demo import WEIGHTS_DIR, data, probe
 
 pytestmark = pytest.mark.skipif(
