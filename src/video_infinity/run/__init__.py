@@ -18,6 +18,7 @@ from pathlib import Path
 from ..errors import RunError, RunInterrupted, UserError
 from .config import RunConfig
 from .failures import describe_failure
+from .hooks import PROGRESS_ENV, STEP_SLEEP_ENV
 from .preflight import prepare
 from .supervise import (
     Terminated,
@@ -31,10 +32,6 @@ from .supervise import (
 
 logger = logging.getLogger(__name__)
 
-PROGRESS_ENV = "VIDEO_INFINITY_TEST_PROGRESS"
-"""Test hook: a folder where every rank records ``rank<r>.json`` ({"pid", "step"}) after each step."""
-STEP_SLEEP_ENV = "VIDEO_INFINITY_TEST_STEP_SLEEP"
-"""Test hook: seconds each rank sleeps after each denoising step (to make room for a kill)."""
 
 __all__ = ["PROGRESS_ENV", "STEP_SLEEP_ENV", "launch"]
 

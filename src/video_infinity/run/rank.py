@@ -34,7 +34,7 @@ from .checkpoint import (
     save_checkpoint,
     split_scheduler_state,
 )
-from . import PROGRESS_ENV, STEP_SLEEP_ENV
+from .hooks import TestHooks
 from .config import RunConfig
 
 logger = logging.getLogger(__name__)
@@ -129,7 +129,7 @@ def generate_on_rank(config: RunConfig, model: str, ctx: ClipContext, device: to
     scheduler = pipe.make_scheduler(pipe_config.scheduler)
     resume = _Resume.load(checkpoint.resume, ctx, device, dtype) if checkpoint is not None and checkpoint.resume else None
     after_step = _checkpointer(checkpoint, ctx, device, paths, pipe_config.steps) if checkpoint is not None else None
-    hooks = _TestHooks(ctx.rank)
+    hooks = TestHooks(ctx.rank)
 
     def on_step_end(index: int, t: torch.Tensor, latents: torch.Tensor, scheduler: Any) -> None:
         if after_step is not None:
@@ -240,22 +240,6 @@ def _checkpointer(plan: CheckpointPlan, ctx: ClipContext, device: torch.device, 
         logger.debug("checkpoint at step %d saved to %s in %.2f s", done, plan.path, time.perf_counter() - started)
 
     return after_step
-
-
-class _TestHooks:
-    """Test-only hooks, off unless their environment variables are set (see PROGRESS_ENV)."""
-
-    def __init__(self, rank: int) -> None:
-        self.rank = rank
-        folder = os.environ.get(PROGRESS_ENV)
-        self.folder = Path(folder) if folder else None
-        self.sleep = float(os.environ.get(STEP_SLEEP_ENV) or 0)
-
-    def step_done(self, index: int) -> None:
-        if self.folder is not None:
-            write_json_atomic(self.folder / f"rank{self.rank}.json", {"pid": os.getpid(), "step": index + 1})
-        if self.sleep:
-            time.sleep(self.sleep)
 
 
 def _sidecar(config: RunConfig, model: str, pipe: VideoInfinityPipeline, ctx: ClipContext,
