@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -117,10 +116,10 @@ def test_torchrun_gives_the_same_video_as_the_builtin_launcher(workdir, env, wor
     assert 10 * np.log10(255**2 / max(error.mean(), 1e-12)) > 35
 
 
-def test_original_example_runs_through_inference_py_on_cpu(workdir, env):
+def test_original_example_runs_through_inference_py_on_cpu(workdir, env, tiny_model):
     # The original's single-GPU example, unchanged but for the device, the model and a small size.
     _run([sys.executable, "inference.py", "--config", "examples/single_gpu.json",
-          "--set", 'devices=["cpu"]', "--set", f"model={workdir / 'model'}", "--set", "base_model=null",
+          "--set", 'devices=["cpu"]', "--set", f"model={tiny_model}", "--set", "base_model=null",
           "--set", f"base_path={workdir / 'original'}", "--set", "pipe_configs.file_name=original",
           "--set", "pipe_configs.steps=2", "--set", "pipe_configs.num_frames=4",
           "--set", "pipe_configs.height=32", "--set", "pipe_configs.width=32"], env)
@@ -147,12 +146,13 @@ def test_an_existing_sidecar_or_latents_file_is_not_overwritten(workdir, env, ke
     # Only the sidecar (or latents file) of an earlier run is there: the run must not replace it either.
     out = workdir / "out"
     out.mkdir(exist_ok=True)
-    path = out / ("lonely.json" if kept == "sidecar" else "lonely.latents.npy")
+    name = f"lonely-{kept}"
+    path = out / (f"{name}.json" if kept == "sidecar" else f"{name}.latents.npy")
     path.write_text("the user's file")
     stderr = _refused([str(BIN / "video-infinity"), "generate", "--config", str(workdir / "config.json"),
-                       "--set", "pipe_configs.file_name=lonely"], env)
+                       "--set", f"pipe_configs.file_name={name}"], env)
     assert str(path) in stderr and "--overwrite" in stderr
-    assert path.read_text() == "the user's file" and not (out / "lonely.mp4").exists()
+    assert path.read_text() == "the user's file" and not (out / f"{name}.mp4").exists()
 
 
 def test_the_config_being_run_is_never_an_output(workdir, env, tmp_path):

@@ -314,6 +314,8 @@ class VideoInfinityPipeline:
                                     fps=fps, eta=eta, transition_frames=transition_frames, world_size=world_size)
         if context is None:
             context = ClipContext.from_process_group(request.latent_frames)
+        elif context.total_frames is None:  # one process, length from the input: this video's
+            context = ClipContext(total_frames=request.latent_frames)
         elif context.total_frames != request.latent_frames:
             raise ValueError(f"context: made for {context.total_frames} frames, but the video has "
                              f"{request.latent_frames} (latent) frames")

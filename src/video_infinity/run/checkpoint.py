@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..atomic import atomic_output
-from ..errors import CheckpointError
+from ..errors import CheckpointError, describe_exception
 from .config import RunConfig
 
 if TYPE_CHECKING:
@@ -200,8 +200,7 @@ def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
     try:
         data = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as exc:  # noqa: BLE001 - truncated, not a zip, not ours: one line
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise CheckpointError(f"--resume {path}: not a readable checkpoint ({type(exc).__name__}: {first[:200]})") from None
+        raise CheckpointError(f"--resume {path}: not a readable checkpoint ({describe_exception(exc, 200)})") from None
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         raise CheckpointError(f"--resume {path}: not a video-infinity checkpoint")
     if data.get("version") != VERSION:

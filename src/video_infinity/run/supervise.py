@@ -9,6 +9,7 @@ same way. A rank also ends itself as soon as the launcher is gone.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import shutil
