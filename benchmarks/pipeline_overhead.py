@@ -10,7 +10,7 @@ rotated each round; ratio = median of per-round ratios):
   * ``pipeline_generate``: ``pipe.generate_latents`` (what the CLI's ranks call) on the same latents.
 Both pipeline variants must give the same latents as ``direct`` (checked, bit for bit).
 
-    python benchmarks/pipeline_overhead.py [--frames 16] [--steps 4] [--repeats 5] [--threads 2]
+    python benchmarks/pipeline_overhead.py [--frames 8] [--steps 3] [--repeats 5] [--threads 2]
 """
 
 from __future__ import annotations
@@ -26,8 +26,8 @@ logger = logging.getLogger("pipeline_overhead")
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=None, help="model folder (default: the embedded demo model)")
-    parser.add_argument("--frames", type=int, default=16)
-    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--frames", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
@@ -72,7 +72,7 @@ def main() -> None:
         results["pipeline_generate"] = pipe.generate_latents(request, ctx, scheduler, latents, seed=seed)
 
     times = interleaved({"direct": direct, "pipeline_latents": pipeline_latents, "pipeline_generate": pipeline_generate},
-                        repeats=args.repeats)
+                        repeats=args.repeats, on_round=lambda r: logger.info("round %d of %d done", r + 1, args.repeats))
     same = {name: bool(torch.equal(results[name], results["direct"])) for name in ("pipeline_latents", "pipeline_generate")}
     ratios = {name: paired_ratio(times[name], times["direct"]) for name in ("pipeline_latents", "pipeline_generate")}
     for name, seconds in times.items():
