@@ -90,3 +90,20 @@ def test_fps_conditioned_unet_output_depends_on_fps(tmp_path, models):
     at24 = _latents(tmp_path, models["fps"], "fps24", fps=24)
     np.testing.assert_array_equal(at8, again)
     assert np.abs(at8 - at24).max() > 1e-3
+
+
+@pytest.mark.parametrize("total,prompts,transition", [(24, 3, 4), (100, 7, 9), (5, 5, 0)])
+def test_a_ranks_frames_get_the_same_mix_as_in_the_whole_video(total, prompts, transition):
+    whole = frame_prompt_mix(total, prompts, transition)
+    for start, stop in [(0, total), (3, min(total, 11)), (total - 2, total)]:
+        assert frame_prompt_mix(total, prompts, transition, range(start, stop)) == whole[start:stop]
+
+
+def test_keyframe_weights_are_freenoise_interpolation():
+    from video_infinity.prompts import keyframe_prompt_mix
+
+    mixes = keyframe_prompt_mix([0, 4, 10], 16)
+    # FreeNoise: frame f in [k_i, k_i+1] gets alpha = (f - k_i) / (k_i+1 - k_i); the last prompt holds to the end
+    expected = [(0, 1, f / 4) for f in range(4)] + [(1, 2, (f - 4) / 6) for f in range(4, 10)] + [(2, 2, 0.0)] * 6
+    assert [(m.first, m.second, m.weight) for m in mixes] == expected
+    assert keyframe_prompt_mix([0, 4, 10], 16, range(5, 7)) == mixes[5:7]
