@@ -2,7 +2,8 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-# CPU-only machines take the local CPU wheel; anything else would pull a multi-GB CUDA build.
+# Without nvidia-smi and without torch in .venv: this torch version, whichever build the package
+# index serves for the platform (see README: set PIP_INDEX_URL for the CPU-only wheel).
 CPU_TORCH := torch==2.13.0
 
 .PHONY: install test demo clean
@@ -13,7 +14,7 @@ $(BIN)/python:
 
 .make-install.stamp: $(BIN)/python pyproject.toml
 	@if ! command -v nvidia-smi >/dev/null 2>&1 && ! $(BIN)/python -c "import torch" 2>/dev/null; then \
-		echo "no GPU found: installing the CPU build of PyTorch ($(CPU_TORCH))"; \
+		echo "no GPU found: installing $(CPU_TORCH) (the build your package index serves for this platform)"; \
 		$(BIN)/pip install --quiet "$(CPU_TORCH)"; \
 	fi
 	$(BIN)/pip install --quiet -e ".[test]"
@@ -27,7 +28,7 @@ test: install
 # The demo video, its JSON sidecar, a contact sheet (PNG grid of frames) and the quality probe's report.
 demo: install
 	HF_HUB_OFFLINE=1 $(BIN)/video-infinity generate --config examples/cpu_demo.json --overwrite
-	$(BIN)/video-infinity inspect outputs/cpu_demo.mp4 --ranks 2 --contact-sheet outputs/cpu_demo.png
+	$(BIN)/video-infinity inspect outputs/cpu_demo.mp4 --ranks 2 --contact-sheet outputs/cpu_demo.png --overwrite
 
 clean:
 	rm -rf $(VENV) .make-install.stamp build dist src/*.egg-info

@@ -145,9 +145,9 @@ def write_result(name: str, payload: dict[str, Any]) -> Path:
     payload = {**payload, "load_average_at_end": [round(x, 2) for x in os.getloadavg()],
                "written": time.strftime("%Y-%m-%d %H:%M:%S")}
     path = RESULTS / f"{name}.json"
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(payload, indent=2, default=str) + "\n")
-    tmp.replace(path)
+    from video_infinity.atomic import write_json_atomic
+
+    write_json_atomic(path, payload)
     logger.info("wrote %s", path.relative_to(RESULTS.parent.parent))
     return path
 

@@ -1,11 +1,12 @@
 """Quality at clip borders on the embedded demo model: is a long video continuous where clips meet?
 
+Every variant is made by ``video_infinity.VideoInfinityPipeline`` (the same path as the CLI).
 One long video per prompt (default 64 frames = 4 clips of 16, the length the demo model was trained
 on), the same initial per-frame noise for every variant:
   * ``video_infinity``: the engine with its default settings, one clip per gloo process (4 ranks);
-  * ``independent``: each clip generated on its own as a whole video (``parallelize`` with a
-    single-process ``ClipContext`` on that clip's latents, drawn with ``initial_latents`` for the
-    clip's global frame range): no communication at all, what a naive split would give;
+  * ``independent``: each clip generated on its own as a whole video by the pipeline in one process,
+    from the clip's frames of the same per-frame initial noise: no communication at all, what a
+    naive split would give (a stochastic sampler's step noise is then drawn by clip-local frame);
   * ``norm_clip``: the engine with ``norm_scope: "clip"`` (GroupNorm statistics per clip, as the
     original method), 4 ranks;
   * ``one_process`` (with ``--check-one-process``): the engine on one process holding the whole
@@ -46,55 +47,50 @@ PROMPTS = ["a red circle moving right", "a blue square moving down", "a green tr
 VARIANTS = ("video_infinity", "independent", "norm_clip", "one_process")
 
 
-def _denoise(components: Any, prompts: list[str], seeds: list[int], frames: range, steps: int, guidance: float,
-             scheduler_name: str, engine: dict[str, Any], ctx: Any) -> Any:
-    """Latents (len(prompts), C, len(frames), h, w) of ``frames`` of each prompt's video, with the engine
-    attached on ``ctx``; prompt i starts from the per-frame noise of ``seeds[i]``."""
+def _latents(pipe: Any, prompts: list[str], seeds: list[int], frames: int, steps: int, guidance: float,
+             scheduler_name: str, clip: range | None = None) -> Any:
+    """The pipeline's final latents (len(prompts), C, frames, h, w) of each prompt's video (prompt i from
+    the per-frame noise of ``seeds[i]``), on rank 0 of a distributed run (None elsewhere). With ``clip``,
+    the frames ``clip`` of that video made alone, from the same per-frame initial noise."""
     import torch
 
-    from video_infinity import parallelize
     from video_infinity.demo import data
-    from video_infinity.denoise import denoise, initial_latents
-    from video_infinity.pipeline import encode_prompts, make_scheduler
+    from video_infinity.noise import frame_noise
 
-    unet, vae = components.unet, components.vae
-    scale = 2 ** (len(vae.config.block_out_channels) - 1)
-    shape = (1, unet.config.in_channels, data.SIZE // scale, data.SIZE // scale)
-    scheduler = make_scheduler(scheduler_name, components.scheduler_config)
-    text = encode_prompts(components, prompts, torch.device("cpu"))
-    negative = encode_prompts(components, [""], torch.device("cpu")).expand(len(prompts), -1, -1)
-    latents = torch.cat([initial_latents(s, frames, shape, scheduler.init_noise_sigma, torch.float32, "cpu") for s in seeds])
-    handle = parallelize(unet, engine, ctx)
-    try:
-        with torch.no_grad():
-            return denoise(unet, scheduler, latents, text, negative_embeds=negative, guidance_scale=guidance,
-                           seed=seeds[0], frames=frames, num_steps=steps)
-    finally:
-        handle.remove()
+    results = []
+    for prompt, seed in zip(prompts, seeds):
+        noise = None
+        if clip is not None:
+            noise = frame_noise(seed, clip, (1, *pipe.family.latent_shape(data.SIZE, data.SIZE)))
+        out = pipe(prompt, num_frames=frames if clip is None else len(clip), height=data.SIZE, width=data.SIZE,
+                   num_inference_steps=steps, guidance_scale=guidance, scheduler=scheduler_name, seed=seed,
+                   latents=noise, output_type="latent", progress=False)
+        results.append(out.frames)
+    return None if results[0] is None else torch.cat(results)
 
 
 def _rank(rank: int, world: int, model: str, prompts: list[str], seeds: list[int], total: int, steps: int,
           guidance: float, scheduler_name: str, engine: dict[str, Any], out: str) -> dict[str, Any]:
     import torch
 
-    from video_infinity.context import ClipContext
-    from video_infinity.models import load_model
+    from video_infinity import VideoInfinityPipeline
 
-    components = load_model(model)
-    ctx = ClipContext.from_process_group(total)
+    pipe = VideoInfinityPipeline.from_pretrained(model, engine=engine, device="cpu")
     start = time.perf_counter()
-    latents = _denoise(components, prompts, seeds, ctx.frames, steps, guidance, scheduler_name, engine, ctx)
-    torch.save(latents, Path(out) / f"rank{rank}.pt")
-    return {"rank": rank, "frames": [ctx.frames.start, ctx.frames.stop], "seconds": time.perf_counter() - start}
+    latents = _latents(pipe, prompts, seeds, total, steps, guidance, scheduler_name)
+    if latents is not None:
+        torch.save(latents, Path(out) / "latents.pt")
+    return {"rank": rank, "seconds": time.perf_counter() - start}
 
 
-def _decode(components: Any, latents: Any) -> np.ndarray:
+def _decode(pipe: Any, latents: Any) -> np.ndarray:
     """uint8 videos (prompts, frames, H, W, 3)."""
     import torch
 
-    from video_infinity.pipeline import decode_frames
+    from video_infinity.context import ClipContext
 
-    return np.stack([torch.cat(list(decode_frames(components, latents[i:i + 1]))).numpy() for i in range(len(latents))])
+    return np.stack([torch.cat(list(pipe.stream_frames(latents[i:i + 1], ClipContext(), uint8=True))).numpy()
+                     for i in range(len(latents))])
 
 
 def video_metrics(video: np.ndarray, borders: list[int]) -> dict[str, Any]:
@@ -213,10 +209,9 @@ def main() -> None:
     setup_logging()
     import torch
 
-    from video_infinity.context import ClipContext
+    from video_infinity import VideoInfinityPipeline
     from video_infinity.demo import WEIGHTS_DIR, default_model_path
     from video_infinity.frames import partition_frames
-    from video_infinity.models import load_model
 
     torch.set_num_threads(args.threads)
     info = machine()
@@ -228,7 +223,7 @@ def main() -> None:
     if not trained:
         logger.warning("NOTE: the trained demo model is not shipped (%s is missing): running on %s, a RANDOM model "
                        "whose videos are noise, so the figures below say nothing about quality", WEIGHTS_DIR, model)
-    components = load_model(model)
+    pipe = VideoInfinityPipeline.from_pretrained(model, engine=args.engine, device="cpu")
     seeds = [args.seed + i for i in range(len(args.prompts))]
     clips = partition_frames(args.frames, args.ranks)
     borders = [c.start for c in clips[1:]]
@@ -243,20 +238,20 @@ def main() -> None:
             out = Path(tmp, name)
             out.mkdir()
             run_ranks(_rank, args.ranks, model, *common, engine, str(out), threads=args.threads)
-            latents[name] = torch.cat([torch.load(out / f"rank{r}.pt") for r in range(args.ranks)], dim=2)
+            latents[name] = torch.load(out / "latents.pt")
             seconds[name] = time.perf_counter() - start
             logger.info("  %s: %.0f s", name, seconds[name])
     start = time.perf_counter()
     latents["independent"] = torch.cat([
-        _denoise(components, args.prompts, seeds, clip, args.steps, args.guidance, args.scheduler, args.engine, ClipContext())
+        _latents(pipe, args.prompts, seeds, args.frames, args.steps, args.guidance, args.scheduler, clip)
         for clip in clips], dim=2)
     seconds["independent"] = time.perf_counter() - start
     logger.info("  independent: %.0f s", seconds["independent"])
     same = None
     if args.check_one_process:
         start = time.perf_counter()
-        latents["one_process"] = _denoise(components, args.prompts, seeds, range(args.frames), args.steps,
-                                          args.guidance, args.scheduler, args.engine, ClipContext())
+        latents["one_process"] = _latents(pipe, args.prompts, seeds, args.frames, args.steps, args.guidance,
+                                          args.scheduler)
         seconds["one_process"] = time.perf_counter() - start
         logger.info("  one_process: %.0f s", seconds["one_process"])
         same = (latents["one_process"] - latents["video_infinity"]).abs().max().item()
@@ -264,7 +259,7 @@ def main() -> None:
     results: dict[str, Any] = {"prompts": args.prompts}
     variants = [name for name in VARIANTS if name in latents]
     for name in variants:
-        videos = _decode(components, latents[name])
+        videos = _decode(pipe, latents[name])
         per_video = [video_metrics(v, borders) for v in videos]
         results[name] = {"summary": summarise(per_video), "videos": per_video, "seconds": seconds[name]}
 

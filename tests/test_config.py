@@ -14,9 +14,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from video_infinity.config import (
+from video_infinity import EngineConfig
+from video_infinity.run.config import (
     ConfigError,
-    EngineConfig,
     PipeConfig,
     RunConfig,
     apply_overrides,
@@ -309,7 +309,7 @@ def _paths(node: Any, prefix: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
     return found
 
 
-def _validates_or_config_error(data: Any) -> None:
+def _assert_validates_or_config_error(data: Any) -> None:
     try:
         config = validate_run_config(data)
     except ConfigError as exc:
@@ -325,7 +325,7 @@ FUZZ = settings(max_examples=250, deadline=None, suppress_health_check=[HealthCh
 @FUZZ
 @given(json_values | st.dictionaries(KNOWN_KEYS | st.text(max_size=6), json_values, max_size=6))
 def test_fuzz_random_structures(data: Any) -> None:
-    _validates_or_config_error(data)
+    _assert_validates_or_config_error(data)
 
 
 @FUZZ
@@ -347,7 +347,7 @@ def test_fuzz_mutated_valid_configs(draw: st.DataObject) -> None:
             node[draw.draw(KNOWN_KEYS | st.text(max_size=6))] = draw.draw(json_values)
         else:
             node[last] = draw.draw(json_values | st.integers(-10, 2000) | KNOWN_KEYS)
-    _validates_or_config_error(data)
+    _assert_validates_or_config_error(data)
 
 
 @FUZZ
@@ -358,4 +358,4 @@ def test_fuzz_overrides(overrides: list[str]) -> None:
     except ConfigError as exc:
         assert "\n" not in str(exc)
         return
-    _validates_or_config_error(data)
+    _assert_validates_or_config_error(data)

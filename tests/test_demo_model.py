@@ -23,10 +23,10 @@ SETTINGS = dict(frames=8, steps=10, guidance=5.0, scheduler_name="dpmsolver++")
 
 
 @pytest.fixture(scope="module")
-def components():
-    from video_infinity.models import load_model
+def pipe():
+    from video_infinity import VideoInfinityPipeline
 
-    return load_model(str(WEIGHTS_DIR))
+    return VideoInfinityPipeline.from_pretrained(WEIGHTS_DIR, device="cpu")
 
 
 def test_default_model_is_the_shipped_one():
@@ -43,32 +43,32 @@ def test_shipped_weights_are_small_safetensors():
     assert sum(f.stat().st_size for f in files) <= 20 * 1024 * 1024
 
 
-def test_scheduler_config_is_v_prediction_zero_snr(components):
-    config = components.scheduler_config
+def test_scheduler_config_is_v_prediction_zero_snr(pipe):
+    config = pipe.family.scheduler_config
     assert config["prediction_type"] == "v_prediction"
     assert config["rescale_betas_zero_snr"] is True
     assert config["timestep_spacing"] == "trailing"
 
 
-def _probe(components, colour, shape, direction, seed):
+def _probe(pipe, colour, shape, direction, seed):
     from video_infinity.demo.evaluate import generate
 
-    videos = generate(components, [data.caption(colour, shape, direction)], [seed], **SETTINGS)
+    videos = generate(pipe, [data.caption(colour, shape, direction)], [seed], **SETTINGS)
     assert videos.shape == (1, SETTINGS["frames"], data.SIZE, data.SIZE, 3)
     assert videos.dtype == np.uint8
     return probe.analyse(videos[0])
 
 
 @pytest.mark.parametrize("colour,shape,direction,seed", CASES)
-def test_generates_the_prompted_colour(components, colour, shape, direction, seed):
-    report = _probe(components, colour, shape, direction, seed)
+def test_generates_the_prompted_colour(pipe, colour, shape, direction, seed):
+    report = _probe(pipe, colour, shape, direction, seed)
     assert report.found_frames == SETTINGS["frames"], report  # one object, visible in every frame
     assert report.colour == colour, report
 
 
 @pytest.mark.parametrize("colour,shape,direction,seed", CASES)
-def test_generates_the_prompted_direction(components, colour, shape, direction, seed):
-    report = _probe(components, colour, shape, direction, seed)
+def test_generates_the_prompted_direction(pipe, colour, shape, direction, seed):
+    report = _probe(pipe, colour, shape, direction, seed)
     assert report.direction == direction, report
     # Moving at about the training speed (4 px/frame), not jittering in place.
     assert 2.0 <= report.median_step <= 6.0, report

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -11,8 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from video_infinity.demo.random_model import build_random_model
 from video_infinity.video_io import read_video
+
+pytestmark = pytest.mark.e2e
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -20,14 +20,14 @@ FRAMES, HEIGHT, WIDTH, EXPORT_FPS = 10, 64, 48, 6
 
 
 @pytest.fixture(scope="module")
-def env():
-    return {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+def env(offline_env):
+    return offline_env
 
 
 @pytest.fixture(scope="module")
-def workdir(tmp_path_factory):
+def workdir(tmp_path_factory, tiny_model):
     root = tmp_path_factory.mktemp("generate")
-    model = build_random_model(root / "model", seed=0)
+    model = tiny_model
     config = {
         "dtype": "float32",
         "devices": ["cpu", "cpu"],
@@ -85,11 +85,7 @@ def test_two_cpu_ranks_write_a_decodable_mp4_and_sidecar(world2):
     assert all(b > 0 for b in sidecar["bytes_sent"])  # halos, GroupNorm statistics and global frames moved
     latents = np.load(Path(str(world2) + ".latents.npy"))
     assert latents.dtype == np.float32 and latents.shape == (4, FRAMES, HEIGHT // 8, WIDTH // 8)
-    assert not list((workdir_of(world2)).glob("*.tmp")) and not list(workdir_of(world2).glob(".*tmp"))
-
-
-def workdir_of(stem: Path) -> Path:
-    return stem.parent
+    assert not list(world2.parent.glob(".*.part"))  # no temporary file left (the writers' suffix)
 
 
 @pytest.mark.parametrize("devices", ['["cpu"]', '["cpu","cpu","cpu"]'])
@@ -120,10 +116,10 @@ def test_torchrun_gives_the_same_video_as_the_builtin_launcher(workdir, env, wor
     assert 10 * np.log10(255**2 / max(error.mean(), 1e-12)) > 35
 
 
-def test_original_example_runs_through_inference_py_on_cpu(workdir, env):
+def test_original_example_runs_through_inference_py_on_cpu(workdir, env, tiny_model):
     # The original's single-GPU example, unchanged but for the device, the model and a small size.
     _run([sys.executable, "inference.py", "--config", "examples/single_gpu.json",
-          "--set", 'devices=["cpu"]', "--set", f"model={workdir / 'model'}", "--set", "base_model=null",
+          "--set", 'devices=["cpu"]', "--set", f"model={tiny_model}", "--set", "base_model=null",
           "--set", f"base_path={workdir / 'original'}", "--set", "pipe_configs.file_name=original",
           "--set", "pipe_configs.steps=2", "--set", "pipe_configs.num_frames=4",
           "--set", "pipe_configs.height=32", "--set", "pipe_configs.width=32"], env)
@@ -131,9 +127,50 @@ def test_original_example_runs_through_inference_py_on_cpu(workdir, env):
     assert frames.shape == (4, 32, 32, 3) and fps == 8
 
 
+def _refused(args: list[str], env: dict) -> str:
+    result = subprocess.run(args, env=env, cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    return result.stderr
+
+
 def test_existing_output_is_not_overwritten(workdir, env, world2):
     before = world2.with_suffix(".mp4").read_bytes()
-    result = subprocess.run([str(BIN / "video-infinity"), "generate", "--config", str(workdir / "config.json")],
-                            env=env, cwd=ROOT, capture_output=True, text=True, timeout=60)
-    assert result.returncode == 2 and "--overwrite" in result.stderr
+    stderr = _refused([str(BIN / "video-infinity"), "generate", "--config", str(workdir / "config.json")], env)
+    assert "--overwrite" in stderr
     assert world2.with_suffix(".mp4").read_bytes() == before
+
+
+@pytest.mark.parametrize("kept", ["sidecar", "latents"])
+def test_an_existing_sidecar_or_latents_file_is_not_overwritten(workdir, env, kept):
+    # Only the sidecar (or latents file) of an earlier run is there: the run must not replace it either.
+    out = workdir / "out"
+    out.mkdir(exist_ok=True)
+    name = f"lonely-{kept}"
+    path = out / (f"{name}.json" if kept == "sidecar" else f"{name}.latents.npy")
+    path.write_text("the user's file")
+    stderr = _refused([str(BIN / "video-infinity"), "generate", "--config", str(workdir / "config.json"),
+                       "--set", f"pipe_configs.file_name={name}"], env)
+    assert str(path) in stderr and "--overwrite" in stderr
+    assert path.read_text() == "the user's file" and not (out / f"{name}.mp4").exists()
+
+
+def test_the_config_being_run_is_never_an_output(workdir, env, tmp_path):
+    # The config saved as <base_path>/demo.json and run with file_name "demo": its sidecar would be the config.
+    config = json.loads((workdir / "config.json").read_text())
+    config["base_path"] = str(tmp_path)
+    config["pipe_configs"]["file_name"] = "demo"
+    path = tmp_path / "demo.json"
+    path.write_text(json.dumps(config))
+    before = path.read_bytes()
+    stderr = _refused([str(BIN / "video-infinity"), "generate", "--config", str(path), "--overwrite"], env)
+    assert "config file being run" in stderr
+    assert path.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["demo.json"]
+
+
+def test_an_existing_contact_sheet_is_not_overwritten(world2, env, tmp_path):
+    sheet = tmp_path / "sheet.png"
+    sheet.write_bytes(b"the user's picture")
+    stderr = _refused([str(BIN / "video-infinity"), "inspect", str(world2.with_suffix(".mp4")), "--contact-sheet",
+                       str(sheet)], env)
+    assert "--overwrite" in stderr and sheet.read_bytes() == b"the user's picture"

@@ -178,7 +178,7 @@ def test_tokenizer_round_trip(models: dict[str, Path], tmp_path: Path) -> None:
 
 
 def test_karras_sigmas_are_not_used_on_a_zero_terminal_snr_schedule(caplog):
-    from video_infinity.pipeline import make_scheduler
+    from video_infinity.schedulers import make_scheduler
 
     base = {"num_train_timesteps": 1000, "beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012,
             "prediction_type": "v_prediction", "timestep_spacing": "trailing"}

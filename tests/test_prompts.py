@@ -6,11 +6,13 @@ import json
 
 import numpy as np
 import pytest
+
+pytestmark = pytest.mark.unit
 import torch
 
-from video_infinity.config import RunConfig
+from video_infinity.run.config import RunConfig
 from video_infinity.demo.random_model import build_random_model
-from video_infinity.launch import launch
+from video_infinity.run import launch
 from video_infinity.prompts import FrameMix, frame_embeddings, frame_prompt_mix, unique_prompts
 
 
@@ -63,7 +65,12 @@ def _latents(tmp_path, model, name, **pipe) -> np.ndarray:
                          "height": 32, "width": 32, "file_name": name, "save_latents": True, "scheduler": "ddim", **pipe},
         "plugin_configs": {"attn": {"padding": 2, "top_k": 2}},
     })
-    assert launch(config) == 0
+    import torch as _torch
+
+    threads = _torch.get_num_threads()
+    written = launch(config)
+    assert set(written) == {"video", "sidecar", "latents"} and written["video"] == tmp_path / f"{name}.mp4"
+    assert _torch.get_num_threads() == threads  # launch leaves the caller's thread count alone
     assert json.loads((tmp_path / f"{name}.json").read_text())["world_size"] == 1
     return np.load(tmp_path / f"{name}.latents.npy")
 
@@ -83,3 +90,20 @@ def test_fps_conditioned_unet_output_depends_on_fps(tmp_path, models):
     at24 = _latents(tmp_path, models["fps"], "fps24", fps=24)
     np.testing.assert_array_equal(at8, again)
     assert np.abs(at8 - at24).max() > 1e-3
+
+
+@pytest.mark.parametrize("total,prompts,transition", [(24, 3, 4), (100, 7, 9), (5, 5, 0)])
+def test_a_ranks_frames_get_the_same_mix_as_in_the_whole_video(total, prompts, transition):
+    whole = frame_prompt_mix(total, prompts, transition)
+    for start, stop in [(0, total), (3, min(total, 11)), (total - 2, total)]:
+        assert frame_prompt_mix(total, prompts, transition, range(start, stop)) == whole[start:stop]
+
+
+def test_keyframe_weights_are_freenoise_interpolation():
+    from video_infinity.prompts import keyframe_prompt_mix
+
+    mixes = keyframe_prompt_mix([0, 4, 10], 16)
+    # FreeNoise: frame f in [k_i, k_i+1] gets alpha = (f - k_i) / (k_i+1 - k_i); the last prompt holds to the end
+    expected = [(0, 1, f / 4) for f in range(4)] + [(1, 2, (f - 4) / 6) for f in range(4, 10)] + [(2, 2, 0.0)] * 6
+    assert [(m.first, m.second, m.weight) for m in mixes] == expected
+    assert keyframe_prompt_mix([0, 4, 10], 16, range(5, 7)) == mixes[5:7]

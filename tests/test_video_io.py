@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from video_infinity.video_io import VideoWriter, contact_sheet, read_video, videos_sheet, write_json_atomic, write_png
+from video_infinity.atomic import write_json_atomic
+from video_infinity.video_io import VideoWriter, contact_sheet, read_video, videos_sheet, write_png
 
 
 def _smooth_frames(n: int, height: int, width: int) -> np.ndarray:

@@ -6,10 +6,13 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 from .config import AttentionConfig, EngineConfig, PhaseConfig
+from .errors import VideoInfinityError
 
 if TYPE_CHECKING:
     from .context import ClipContext, FrameLayout
     from .engine import ParallelHandle, parallelize
+    from .pipeline import VideoInfinityPipeline, VideoInfinityPipelineOutput
+    from .video_io import export_to_video
 
 __version__ = "0.1.0"
 
@@ -19,6 +22,9 @@ _LAZY = {
     "FrameLayout": "context",
     "ParallelHandle": "engine",
     "parallelize": "engine",
+    "VideoInfinityPipeline": "pipeline",
+    "VideoInfinityPipelineOutput": "pipeline",
+    "export_to_video": "video_io",
 }
 
 
@@ -30,4 +36,5 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-__all__ = ["AttentionConfig", "ClipContext", "EngineConfig", "FrameLayout", "ParallelHandle", "PhaseConfig", "parallelize"]
+__all__ = ["AttentionConfig", "VideoInfinityError", "ClipContext", "EngineConfig", "FrameLayout", "ParallelHandle", "PhaseConfig",
+           "VideoInfinityPipeline", "VideoInfinityPipelineOutput", "export_to_video", "parallelize"]

@@ -11,7 +11,8 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from .config import ConfigError, check_devices_available, load_run_config
+from .errors import RunInterrupted, UserError, VideoInfinityError
+from .run.config import check_devices_available, load_run_config
 
 PROG = "video-infinity"
 
@@ -60,12 +61,19 @@ def build_parser() -> argparse.ArgumentParser:
     borders.add_argument("--ranks", type=int, metavar="N", help="clip borders as the frames split over N ranks")
     inspect.add_argument("--json", action="store_true", help="print the report as JSON")
     inspect.add_argument("--contact-sheet", metavar="PNG", help="also write a grid of 32 evenly spaced frames here")
+    inspect.add_argument("--overwrite", action="store_true", help="replace an existing contact sheet")
     return parser
 
 
 def _inspect(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
     from .demo.probe import inspect_video  # numpy and PyAV only
 
+    if args.contact_sheet is not None and Path(args.contact_sheet).exists() and not args.overwrite:
+        return _error(f"--contact-sheet: {args.contact_sheet} exists (pass --overwrite to replace it)")
+    if args.contact_sheet is not None and Path(args.contact_sheet).resolve() == Path(args.video).resolve():
+        return _error(f"--contact-sheet: {args.contact_sheet} is the video being inspected")
     try:
         print(inspect_video(args.video, clip_frames=args.clip_frames, ranks=args.ranks, as_json=args.json,
                             contact_sheet_path=args.contact_sheet))
@@ -90,23 +98,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         config = load_run_config(args.config, args.overrides)
         check_devices_available(config)
-    except ConfigError as exc:
+    except UserError as exc:
         return _error(str(exc))
 
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    from .launch import launch  # lazily: the ranks pull in torch, diffusers and the models
-
-    from .checkpoint import CheckpointError
-    from .launch import RunError, RunInterrupted
+    from .run import launch  # lazily: the ranks pull in torch, diffusers and the models
 
     try:
-        return launch(config, overwrite=args.overwrite, resume=args.resume)
-    except (ConfigError, CheckpointError) as exc:  # found in the pre-flight checks: outputs, disk, model, checkpoint
+        launch(config, overwrite=args.overwrite, resume=args.resume, config_path=args.config)
+    except UserError as exc:  # found in the pre-flight checks: outputs, disk, model, checkpoint
         return _error(str(exc))
-    except RunError as exc:  # a rank failed (the launcher stopped the others), or Ctrl-C
+    except VideoInfinityError as exc:  # a rank failed (the launcher stopped the others), or Ctrl-C
         # On a line of its own: a rank's progress bar may have been cut off mid-line.
         start = "\r\x1b[K" if sys.stderr.isatty() else "\n"
         what = "" if isinstance(exc, RunInterrupted) else "error: "
@@ -115,6 +120,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:  # before the ranks started
         print(f"{PROG}: interrupted", file=sys.stderr)
         return 130
+    return 0
 
 
 if __name__ == "__main__":

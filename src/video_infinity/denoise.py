@@ -1,9 +1,14 @@
-"""The denoising loop over one rank's clip, with classifier-free guidance and rank-independent noise."""
+"""The sampling loop (the only one in the package), with rank-independent noise.
+
+``sample`` runs any family's model call (:meth:`ModelFamily.predict_noise`) through a diffusers
+scheduler; :class:`~video_infinity.pipeline.VideoInfinityPipeline` and through it the CLI, the demo
+evaluation and training samples, and the benchmarks use it. ``denoise`` is the same loop for a bare
+UNet3D (tests and engine benchmarks that have no text encoder or VAE).
+"""
 
 from __future__ import annotations
 
 import inspect
-import logging
 from collections.abc import Callable
 from typing import Any
 
@@ -11,7 +16,17 @@ import torch
 
 from .noise import INITIAL, frame_noise
 
-logger = logging.getLogger(__name__)
+StepEnd = Callable[[int, torch.Tensor, torch.Tensor, Any], "torch.Tensor | None"]
+"""``on_step_end(index, timestep, latents, scheduler)``: may return replacement latents; see ``sample``."""
+
+
+class StopSampling(Exception):
+    """Raised by an ``on_step_end`` callback to end the loop early with the current latents, or
+    with ``latents`` when given."""
+
+    def __init__(self, latents: torch.Tensor | None = None) -> None:
+        super().__init__("sampling stopped")
+        self.latents = latents
 
 
 def initial_latents(
@@ -42,6 +57,62 @@ def _adds_noise(scheduler: Any, eta: float) -> bool:
     return True
 
 
+def sample(
+    predict_noise: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    scheduler: Any,
+    latents: torch.Tensor,
+    *,
+    seed: int,
+    frames: range,
+    num_steps: int,
+    eta: float = 0.0,
+    start_step: int = 0,
+    restore_scheduler: Callable[[Any], None] | None = None,
+    on_step_end: StepEnd | None = None,
+) -> torch.Tensor:
+    """Denoise ``latents`` (batch, C, frames, H, W) holding global (latent) frames ``frames``.
+
+    ``predict_noise(model_input, t)`` is the guided model output for the scaled input. Noise that a
+    stochastic scheduler adds at step i is drawn per frame from (seed, i + 1, frame), so the result
+    does not depend on how frames are split over ranks.
+
+    Resuming: ``latents`` are those after ``start_step`` steps, and ``restore_scheduler(scheduler)``,
+    called right after ``set_timesteps``, puts back the scheduler's state at that point. After each
+    step ``on_step_end(i, t, latents, scheduler)`` runs; it may return new latents, or raise
+    :class:`StopSampling` to end the loop with the current latents.
+    """
+    if not 0 <= start_step <= num_steps:
+        raise ValueError(f"start_step must be in [0, {num_steps}], got {start_step}")
+    scheduler.set_timesteps(num_steps, device=latents.device)
+    if restore_scheduler is not None:
+        restore_scheduler(scheduler)
+    batch, channels, _, height, width = latents.shape
+    adds_noise = _adds_noise(scheduler, eta)
+    takes_eta = _step_accepts(scheduler, "eta")
+    for index, t in enumerate(scheduler.timesteps):
+        if index < start_step:
+            continue
+        noise_pred = predict_noise(scheduler.scale_model_input(latents, t), t)
+        step_kwargs: dict[str, Any] = {}
+        if adds_noise:
+            step_kwargs["variance_noise"] = frame_noise(
+                seed, frames, (batch, channels, height, width), INITIAL + 1 + index, latents.dtype, latents.device
+            )
+        if takes_eta:
+            step_kwargs["eta"] = eta
+        latents = scheduler.step(noise_pred, t, latents, **step_kwargs).prev_sample
+        if on_step_end is not None:
+            try:
+                replaced = on_step_end(index, t, latents, scheduler)
+            except StopSampling as stop:
+                if stop.latents is not None:
+                    latents = stop.latents
+                break
+            if replaced is not None:
+                latents = replaced
+    return latents
+
+
 def denoise(
     unet: torch.nn.Module,
     scheduler: Any,
@@ -55,59 +126,19 @@ def denoise(
     negative_embeds: torch.Tensor | None = None,
     eta: float = 0.0,
     unet_kwargs: dict[str, Any] | None = None,
-    on_step: Callable[[int, int], None] | None = None,
-    start_step: int = 0,
-    restore_scheduler: Callable[[Any], None] | None = None,
-    after_step: Callable[[int, torch.Tensor, Any], None] | None = None,
 ) -> torch.Tensor:
-    """Denoise ``latents`` (batch, C, frames, H, W) holding global frames ``frames``.
+    """``sample`` with a bare UNet3D: ``prompt_embeds`` (batch, seq, dim), or (batch, frames, seq, dim)
+    for one embedding per frame (needs a UNet prepared by ``parallelize``); guidance as diffusers."""
+    from .families.base import Conditioning
+    from .families.unet3d import UNet3DFamily
 
-    ``prompt_embeds`` is (batch, seq, dim), or (batch, frames, seq, dim) for one embedding per frame
-    (needs a UNet prepared by ``parallelize``). With ``guidance_scale > 1`` the unconditional and
-    conditional passes run as one batch. Noise that a stochastic scheduler adds at step i is drawn
-    per frame from (seed, i + 1, frame), so the result does not depend on how frames are split.
+    if guidance_scale > 1.0 and negative_embeds is None:
+        raise ValueError("guidance_scale > 1 needs negative_embeds (the unconditional text embedding)")
+    cond = Conditioning(prompt_embeds, negative_embeds if guidance_scale > 1.0 else None, guidance_scale,
+                        dict(unet_kwargs or {}))
+    family = UNet3DFamily(None, None, None, unet, {}, False, "unet")  # only its model call is used
 
-    Resuming: ``latents`` are those after ``start_step`` steps, and ``restore_scheduler(scheduler)``,
-    called right after ``set_timesteps``, puts back the scheduler's state at that point; steps
-    before ``start_step`` are skipped. ``after_step(i, latents, scheduler)`` runs after each step
-    (e.g. to save a checkpoint).
-    """
-    if not 0 <= start_step <= num_steps:
-        raise ValueError(f"start_step must be in [0, {num_steps}], got {start_step}")
-    guided = guidance_scale > 1.0
-    if guided:
-        if negative_embeds is None:
-            raise ValueError("guidance_scale > 1 needs negative_embeds (the unconditional text embedding)")
-        if negative_embeds.dim() < prompt_embeds.dim():
-            negative_embeds = negative_embeds.unsqueeze(1).expand(-1, prompt_embeds.shape[1], -1, -1)
-        text = torch.cat([negative_embeds, prompt_embeds])
-    else:
-        text = prompt_embeds
-    scheduler.set_timesteps(num_steps, device=latents.device)
-    if restore_scheduler is not None:
-        restore_scheduler(scheduler)
-    batch, channels, _, height, width = latents.shape
-    adds_noise = _adds_noise(scheduler, eta)
-    takes_eta = _step_accepts(scheduler, "eta")
-    for index, t in enumerate(scheduler.timesteps):
-        if index < start_step:
-            continue
-        model_input = torch.cat([latents] * 2) if guided else latents
-        model_input = scheduler.scale_model_input(model_input, t)
-        noise_pred = unet(model_input, t, encoder_hidden_states=text, **(unet_kwargs or {})).sample
-        if guided:
-            uncond, cond = noise_pred.chunk(2)
-            noise_pred = uncond + guidance_scale * (cond - uncond)
-        step_kwargs: dict[str, Any] = {}
-        if adds_noise:
-            step_kwargs["variance_noise"] = frame_noise(
-                seed, frames, (batch, channels, height, width), INITIAL + 1 + index, latents.dtype, latents.device
-            )
-        if takes_eta:
-            step_kwargs["eta"] = eta
-        latents = scheduler.step(noise_pred, t, latents, **step_kwargs).prev_sample
-        if on_step is not None:
-            on_step(index, num_steps)
-        if after_step is not None:
-            after_step(index, latents, scheduler)
-    return latents
+    def predict(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return family.predict_noise(x, t, cond)
+
+    return sample(predict, scheduler, latents, seed=seed, frames=frames, num_steps=num_steps, eta=eta)

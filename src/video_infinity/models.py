@@ -24,6 +24,8 @@ from diffusers.configuration_utils import register_to_config
 from diffusers.models.embeddings import TimestepEmbedding, Timesteps
 from transformers import CLIPTextModel, CLIPTokenizer
 
+from .errors import ModelLoadError, describe_exception
+
 logger = logging.getLogger(__name__)
 
 DEFAULT_FPS = 24
@@ -35,8 +37,6 @@ _DIFFUSERS_KW: dict[str, Any] = {} if importlib.util.find_spec("accelerate") els
 _TF_DTYPE_KW = "dtype" if tuple(int(x) for x in transformers.__version__.split(".")[:2]) >= (4, 56) else "torch_dtype"
 
 
-class ModelLoadError(Exception):
-    """A model could not be found or loaded; the message is a single line meant for the user."""
 
 
 class FpsUNet3DConditionModel(UNet3DConditionModel):
@@ -174,21 +174,11 @@ _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$|^[A-Za-z0-9][\w.\-]*$")
 
 
 def _first_line(exc: BaseException) -> str:
-    """``Type: first line`` of an exception, plus the next line or the cause when that line says nothing."""
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()] or [type(exc).__name__]
-    text = lines[0]
-    if "ignore_mismatched_sizes" in text:  # transformers points at a report we keep quiet
-        text = "the checkpoint's weight shapes do not match config.json"
-    elif text.endswith(":") and len(lines) > 1:  # e.g. "Error(s) in loading state_dict for X:"
-        text = f"{text} {lines[1]}"
-    # The real reason is often chained (safetensors' header error under diffusers' OSError); skip
-    # the UnicodeDecodeError diffusers hits while checking whether the file is a git-lfs pointer.
-    cause = exc.__cause__ or exc.__context__
-    while isinstance(cause, UnicodeDecodeError):
-        cause = cause.__cause__ or cause.__context__
-    if cause is not None and str(cause).strip() and str(cause).strip() not in text:
-        text = f"{text} ({str(cause).strip().splitlines()[0]})"
-    return f"{type(exc).__name__}: {text}"
+    """:func:`describe_exception`, with transformers' pointer to a flag we keep quiet replaced."""
+    text = describe_exception(exc)
+    if "ignore_mismatched_sizes" in text:
+        return f"{type(exc).__name__}: the checkpoint's weight shapes do not match config.json"
+    return text
 
 
 def _complete(loaded: tuple[_T, dict[str, Any]]) -> _T:

@@ -1,367 +1,380 @@
-"""One rank's part of a long video: text -> clip latents (with the engine) -> frames -> rank 0's MP4.
+"""``VideoInfinityPipeline``: a long video from text in one call, on one process or many.
 
-Every rank runs ``generate_on_rank`` with the same config; each owns one contiguous clip of the
-whole video. Rank 0 also writes the outputs, receiving the other ranks' frames one rank at a time, so
-it never holds the whole video.
+    >>> pipe = VideoInfinityPipeline.from_pretrained()          # the embedded demo model
+    >>> video = pipe({0: "a red circle moving right", 32: "a green square moving up"},
+    ...              num_frames=64, height=64, width=64, num_inference_steps=20, guidance_scale=5.0,
+    ...              seed=1).frames[0]                            # float32 (64, 64, 64, 3) in [0, 1]
+
+Call conventions follow diffusers' text-to-video pipelines (``num_frames`` of the whole video,
+``output_type``, ``callback_on_step_end``, ``.frames[0]``). In a ``torch.distributed`` job every
+rank calls the pipeline with the same arguments; each denoises its own clip of the video with
+Video-Infinity's engine, and rank 0 receives the whole video (the other ranks get ``None`` for
+``frames``). The same seed gives the same video on any number of ranks.
+
+Everything runs through :meth:`VideoInfinityPipeline.generate_latents` (text, the engine, the one
+sampling loop of :mod:`video_infinity.denoise`) and :meth:`VideoInfinityPipeline.stream_frames`
+(decode, gather on rank 0): the CLI, the demo scripts and the benchmarks call those too. The
+model-specific parts come from a family (:mod:`video_infinity.families`).
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-import platform
-import resource
-import time
-from contextlib import contextmanager
-from pathlib import Path
-from typing import Any, Iterator
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
 import torch.distributed as dist
+from diffusers.utils import BaseOutput
 from tqdm.auto import tqdm
 
-from . import __version__
-from .checkpoint import CheckpointPlan, load_checkpoint, restore_scheduler_state, save_checkpoint, split_scheduler_state
-from .config import RunConfig
+from .config import EngineConfig
 from .context import ClipContext
-from .denoise import denoise, initial_latents
-from .models import ModelComponents, load_model
+from .denoise import StepEnd, StopSampling, sample
 from .engine import parallelize
-from .launch import output_paths
-from .prompts import frame_embeddings, frame_prompt_mix, unique_prompts
-from .video_io import VideoWriter, write_json_atomic
+from .families import ModelFamily, family_from_pipe, load_family
+from .families.base import Conditioning
+from .gather import comm_device, gather_frames, stream_to_rank0
+from .noise import INITIAL, frame_noise
+from .prompts import Prompt, check_prompt, frame_embeddings, prompt_mix
+from .schedulers import SCHEDULER_NAMES, make_scheduler
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["generate_on_rank", "output_paths", "make_scheduler", "encode_prompts", "decode_frames"]
+OUTPUT_TYPES = ("np", "pil", "pt", "latent")
 
-PROGRESS_ENV = "VIDEO_INFINITY_TEST_PROGRESS"
-"""Test hook: a folder where every rank records ``rank<r>.json`` ({"pid", "step"}) after each step."""
-STEP_SLEEP_ENV = "VIDEO_INFINITY_TEST_STEP_SLEEP"
-"""Test hook: seconds each rank sleeps after each denoising step (to make room for a kill)."""
-
-DECODE_CHUNK_FRAMES = 8
-"""Frames decoded by the VAE at once: bounds decode memory whatever the clip length."""
+__all__ = ["GenerationRequest", "OUTPUT_TYPES", "VideoInfinityPipeline", "VideoInfinityPipelineOutput"]
 
 
-class StageTimer:
-    """Wall-clock seconds per pipeline stage."""
+@dataclass
+class VideoInfinityPipelineOutput(BaseOutput):
+    """``frames[0]`` is the video on rank 0 (see ``output_type``); ``None`` on the other ranks."""
 
-    def __init__(self, device: torch.device) -> None:
-        self.device = device
-        self.seconds: dict[str, float] = {}
-
-    @contextmanager
-    def stage(self, name: str) -> Iterator[None]:
-        start = time.perf_counter()
-        yield
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
+    frames: Any
 
 
-def make_scheduler(name: str, scheduler_config: dict[str, Any]) -> Any:
-    """The scheduler named in ``pipe_configs.scheduler``, on the model's own noise schedule."""
-    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
+@dataclass(frozen=True)
+class GenerationRequest:
+    """One video to make, checked: what ``__call__`` and the CLI pass to ``generate_latents``."""
 
-    if name == "ddim":
-        return DDIMScheduler.from_config(scheduler_config)
-    algorithm = name.removesuffix("-karras")
-    karras = name.endswith("-karras")
-    if karras and scheduler_config.get("rescale_betas_zero_snr"):
-        # Zero terminal SNR makes sigma_max ~4096: Karras spacing would then put every step at
-        # t ~ 999 (999, 998, 998, ...), i.e. the video would never be denoised.
-        logger.warning("scheduler %s: this model has a zero-terminal-SNR schedule, on which Karras sigmas "
-                       "put every step at t ~ 999; using its own timestep spacing (%s)", name, algorithm)
-        karras = False
-    return DPMSolverMultistepScheduler.from_config(scheduler_config, algorithm_type=algorithm, use_karras_sigmas=karras)
-
-
-def encode_prompts(components: ModelComponents, prompts: list[str], device: torch.device) -> torch.Tensor:
-    """CLIP text embeddings (len(prompts), seq, dim); too-long prompts are truncated with a warning."""
-    tokenizer = components.tokenizer
-    max_length = tokenizer.model_max_length
-    for prompt in prompts:
-        length = len(tokenizer(prompt).input_ids)
-        if length > max_length:
-            logger.warning("prompt truncated to the tokenizer's %d tokens (it has %d): %.60s...", max_length, length, prompt)
-    tokens = tokenizer(prompts, padding="max_length", max_length=max_length, truncation=True, return_tensors="pt")
-    with torch.no_grad():
-        return components.text_encoder(tokens.input_ids.to(device))[0]
+    prompt: Prompt
+    negative_prompt: str | None
+    num_frames: int
+    """Frames of the whole video."""
+    latent_frames: int
+    """The model's frames for it (the engine's time axis)."""
+    height: int
+    width: int
+    num_inference_steps: int
+    guidance_scale: float
+    fps: int | None
+    eta: float
+    transition_frames: int
 
 
-def decode_frames(components: ModelComponents, latents: torch.Tensor, split_invariant: bool = False) -> Iterator[torch.Tensor]:
-    """Decode (1, C, F, h, w) latents to uint8 frames (n, H, W, 3) in chunks of frames.
-
-    ``split_invariant``: every VAE call gets exactly ``DECODE_CHUNK_FRAMES`` frames (the last chunk
-    padded with copies of its last frame), because convolution kernels pick their algorithm by
-    batch size: a frame then decodes to the same pixels whatever the clip it belongs to.
-    """
-    vae = components.vae
-    frames = latents[0].permute(1, 0, 2, 3) / vae.config.scaling_factor
-    for start in range(0, frames.shape[0], DECODE_CHUNK_FRAMES):
-        chunk = frames[start : start + DECODE_CHUNK_FRAMES]
-        count = chunk.shape[0]
-        if split_invariant and count < DECODE_CHUNK_FRAMES:
-            chunk = torch.cat([chunk, chunk[-1:].expand(DECODE_CHUNK_FRAMES - count, *chunk.shape[1:])])
-        with torch.no_grad():
-            images = vae.decode(chunk.to(vae.dtype)).sample[:count]
-        yield ((images.float() / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).contiguous()
+def _default_device() -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return torch.device("cpu")
 
 
-def _peak_memory_bytes(device: torch.device) -> int:
-    if device.type == "cuda":
-        return int(torch.cuda.max_memory_allocated(device))
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+def _positive_int(name: str, value: Any, what: str = "a positive integer") -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name}: must be {what}, got {value!r}")
 
 
-def _comm_device(ctx: ClipContext, device: torch.device) -> torch.device:
-    # NCCL moves CUDA tensors only; gloo moves CPU tensors.
-    return device if ctx.distributed and dist.get_backend(ctx.group) == "nccl" else torch.device("cpu")
+class VideoInfinityPipeline:
+    """Text to long video with a diffusers text-to-video model and Video-Infinity's engine."""
 
+    def __init__(self, family: ModelFamily, engine: EngineConfig | dict | None = None) -> None:
+        self.family = family
+        self.engine = engine if isinstance(engine, EngineConfig) else EngineConfig.model_validate(engine or {})
+        self._interrupt = False
 
-def generate_on_rank(
-    config: RunConfig, model: str, ctx: ClipContext, device: torch.device, paths: dict[str, Path],
-    checkpoint: CheckpointPlan | None = None,
-) -> dict[str, Any] | None:
-    """Generate this rank's clip; rank 0 writes the MP4, the sidecar and (optionally) the latents.
-
-    With ``checkpoint``, rank 0 saves a checkpoint every ``checkpoint.every`` steps (the others send
-    it their frames), and the run continues from ``checkpoint.resume`` when set; the checkpoint of
-    this run is removed once the video is written. Returns the sidecar's content on rank 0, None
-    elsewhere.
-    """
-    pipe = config.pipe_configs
-    is_writer = ctx.rank == 0
-    timer = StageTimer(device)
-    dtype = config.torch_dtype
-    if device.type == "cpu" and dtype != torch.float32:
-        logger.warning("%s is slow or unsupported on CPU: running in float32", config.dtype)
-        dtype = torch.float32
-    total_frames = ctx.total_frames
-    started = time.perf_counter()
-
-    with timer.stage("load"):
-        components = load_model(model, config.base_model, torch_dtype=dtype, device=device)
-    with timer.stage("text"):
-        distinct, index = unique_prompts(list(pipe.prompts))
-        embeddings = encode_prompts(components, distinct, device)
-        negative = encode_prompts(components, [""], device)
-        mixes = [frame_prompt_mix(total_frames, len(pipe.prompts), pipe.transition_frames)[f] for f in ctx.frames]
-        mixes = [type(m)(index[m.first], index[m.second], m.weight) for m in mixes]
-        per_frame = frame_embeddings(embeddings, mixes)
-        # One embedding for the whole clip takes the UNet's ordinary path; otherwise one per frame.
-        text = per_frame[:1] if all(torch.equal(per_frame[0], e) for e in per_frame[1:]) else per_frame[None]
-
-    unet = components.unet
-    vae_scale = 2 ** (len(components.vae.config.block_out_channels) - 1)
-    latent_shape = (1, unet.config.in_channels, pipe.height // vae_scale, pipe.width // vae_scale)
-    scheduler = make_scheduler(pipe.scheduler, components.scheduler_config)
-    comm_device = _comm_device(ctx, device)
-    resume = _Resume.load(checkpoint, ctx, device, dtype) if checkpoint is not None and checkpoint.resume else None
-    after_step = _checkpointer(checkpoint, ctx, comm_device, paths, pipe.steps) if checkpoint is not None else None
-    hooks = _TestHooks(ctx.rank)
-    handle = parallelize(unet, config.plugin_configs, ctx)
-    ctx.stats.reset()
-    start_step = resume.step if resume is not None else 0
-    progress = tqdm(total=pipe.steps, initial=start_step, desc="denoising", unit="step", disable=not is_writer,
-                    leave=False)
-
-    def on_step(index: int, latents: torch.Tensor, scheduler: Any) -> None:
-        progress.update(1)
-        if after_step is not None:
-            after_step(index, latents, scheduler)
-        hooks.step_done(index)
-
-    with timer.stage("denoise"):
-        if resume is not None:
-            latents = resume.latents
-            logger.info("resuming from %s at step %d of %d", checkpoint.resume, resume.step, pipe.steps)
-        else:
-            latents = initial_latents(config.seed, ctx.frames, latent_shape, scheduler.init_noise_sigma, dtype, device)
-        with torch.no_grad():
-            latents = denoise(
-                unet, scheduler, latents, text,
-                negative_embeds=negative, guidance_scale=pipe.guidance_scale, eta=pipe.eta,
-                seed=config.seed, frames=ctx.frames, num_steps=pipe.steps,
-                unet_kwargs={"fps": pipe.fps} if components.fps_conditioned else None,
-                start_step=start_step, restore_scheduler=resume.restore if resume is not None else None,
-                after_step=on_step,
-            )
-    progress.close()
-    handle.remove()
-    comm_bytes = ctx.stats.total
-
-    if pipe.save_latents:
-        with timer.stage("save_latents"):
-            _gather_latents(latents, ctx, comm_device, paths["latents"] if is_writer else None)
-
-    with timer.stage("decode_and_write"):
-        chunks = decode_frames(components, latents, config.plugin_configs.split_invariant_on(latents.device.type))
-        if is_writer:
-            with VideoWriter(paths["video"], pipe.width, pipe.height, pipe.export_fps) as writer:
-                for chunk in chunks:
-                    writer.write(chunk.cpu().numpy())
-                for rank in range(1, ctx.world_size):
-                    for shape in _chunk_shapes(len(ctx.layout.partition[rank]), pipe.height, pipe.width):
-                        buffer = torch.empty(shape, dtype=torch.uint8, device=comm_device)
-                        dist.recv(buffer, src=ctx.global_rank(rank), group=ctx.group)
-                        writer.write(buffer.cpu().numpy())
-        else:
-            for chunk in chunks:
-                dist.send(chunk.to(comm_device), dst=ctx.global_rank(0), group=ctx.group)
-
-    elapsed = time.perf_counter() - started
-    report = {"rank": ctx.rank, "seconds": timer.seconds, "peak_memory_bytes": _peak_memory_bytes(device),
-              "bytes_sent": comm_bytes, "bytes_sent_by_kind": dict(ctx.stats.sent_bytes), "device": str(device)}
-    reports = [report]
-    if ctx.distributed:
-        reports = [None] * ctx.world_size if is_writer else None
-        dist.gather_object(report, reports, dst=ctx.global_rank(0), group=ctx.group)
-    if not is_writer:
-        return None
-    sidecar = _sidecar(config, model, components, ctx, reports, elapsed, paths)
-    sidecar["resumed_from"] = (
-        {"checkpoint": str(checkpoint.resume), "step": start_step} if checkpoint is not None and checkpoint.resume else None
-    )
-    write_json_atomic(paths["sidecar"], sidecar)
-    if checkpoint is not None and checkpoint.path.exists():
-        checkpoint.path.unlink()  # the video is complete: its checkpoint is no longer needed
-        logger.info("removed the checkpoint %s (the video is complete)", checkpoint.path)
-    logger.info(
-        "wrote %s: %d frames %dx%d at %d fps in %.1f s (%.2f frames/s) on %d rank(s)",
-        paths["video"], total_frames, pipe.width, pipe.height, pipe.export_fps, elapsed, total_frames / elapsed, ctx.world_size,
-    )
-    return sidecar
-
-
-def _chunk_shapes(frames: int, height: int, width: int) -> Iterator[tuple[int, int, int, int]]:
-    for start in range(0, frames, DECODE_CHUNK_FRAMES):
-        yield (min(DECODE_CHUNK_FRAMES, frames - start), height, width, 3)
-
-
-def _gather_frames(tensor: torch.Tensor, ctx: ClipContext, comm_device: torch.device) -> torch.Tensor | None:
-    """The whole video's ``tensor`` (batch, C, frames, ...) on rank 0 (CPU); None on the other ranks."""
-    local = tensor.to(comm_device).contiguous()
-    if not ctx.distributed:
-        return local.cpu()
-    if ctx.rank != 0:
-        dist.send(local, dst=ctx.global_rank(0), group=ctx.group)
-        return None
-    parts = [local]
-    for rank in range(1, ctx.world_size):
-        shape = local.shape[:2] + (len(ctx.layout.partition[rank]),) + local.shape[3:]
-        buffer = torch.empty(shape, dtype=local.dtype, device=comm_device)
-        dist.recv(buffer, src=ctx.global_rank(rank), group=ctx.group)
-        parts.append(buffer)
-    return torch.cat(parts, dim=2).cpu()
-
-
-def _gather_latents(latents: torch.Tensor, ctx: ClipContext, comm_device: torch.device, path: Path | None) -> None:
-    """Rank 0 saves the whole video's final latents, float32 (channels, frames, h, w)."""
-    whole = _gather_frames(latents.float(), ctx, comm_device)
-    if whole is None:
-        return
-    assert path is not None
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as fh:
-            np.save(fh, whole[0].numpy())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-class _Resume:
-    """This rank's part of a checkpoint: latents after ``step`` steps and the scheduler's state."""
-
-    def __init__(self, step: int, latents: torch.Tensor, state: dict[str, Any], tensors: list[torch.Tensor],
-                 device: torch.device) -> None:
-        self.step, self.latents, self.state, self.tensors, self.device = step, latents, state, tensors, device
+    # ------------------------------------------------------------------------------------------
+    # Construction
 
     @classmethod
-    def load(cls, plan: CheckpointPlan, ctx: ClipContext, device: torch.device, dtype: torch.dtype) -> _Resume:
-        assert plan.resume is not None
-        data = load_checkpoint(plan.resume)
-        frames = ctx.frames
-        own = slice(frames.start, frames.stop)
-        latents = data["latents"][:, :, own].to(device=device, dtype=dtype).clone()
-        tensors = [t[:, :, own].clone() for t in data["scheduler_tensors"]]
-        return cls(int(data["step"]), latents, data["scheduler"], tensors, device)
+    def from_pretrained(
+        cls,
+        model: str | os.PathLike[str] | None = None,
+        *,
+        base_model: str | os.PathLike[str] | None = None,
+        engine: EngineConfig | dict | None = None,
+        torch_dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+    ) -> VideoInfinityPipeline:
+        """Load a model: ``None`` is the embedded demo model; else a diffusers folder or hub id (a
+        UNet-only VideoCrafter2 folder takes the other components from ``base_model``).
 
-    def restore(self, scheduler: Any) -> None:
-        restore_scheduler_state(scheduler, self.state, self.tensors, self.device)
+        ``engine``: an :class:`EngineConfig` or the original's ``plugin_configs`` dict (default: the
+        published settings). ``device``: default ``cuda:$LOCAL_RANK`` when there is a GPU, else CPU.
+        ``torch_dtype``: default float32.
+        """
+        engine = engine if isinstance(engine, EngineConfig) else EngineConfig.model_validate(engine or {})
+        if model is None:
+            from .demo import default_model_path
 
+            model = default_model_path()
+        device = torch.device(device) if device is not None else _default_device()
+        family = load_family(str(model), None if base_model is None else str(base_model),
+                             torch_dtype or torch.float32, device)
+        return cls(family, engine)
 
-def _checkpointer(plan: CheckpointPlan, ctx: ClipContext, comm_device: torch.device, paths: dict[str, Path],
-                  num_steps: int) -> Any:
-    """The after-step callback that saves a checkpoint every ``plan.every`` steps (None: never)."""
-    if plan.every is None:
-        return None
-    stem = paths["video"].stem
+    @classmethod
+    def from_pipe(cls, pipeline: Any, engine: EngineConfig | dict | None = None) -> VideoInfinityPipeline:
+        """Reuse a loaded diffusers text-to-video pipeline's components (the same modules, no copy)."""
+        return cls(family_from_pipe(pipeline), engine)
 
-    def after_step(index: int, latents: torch.Tensor, scheduler: Any) -> None:
-        done = index + 1
-        if done % plan.every:
-            return
-        state, tensors = split_scheduler_state(scheduler, tuple(latents.shape))
-        whole_latents = _gather_frames(latents, ctx, comm_device)
-        whole_tensors = [_gather_frames(t, ctx, comm_device) for t in tensors]
+    @property
+    def device(self) -> torch.device:
+        return self.family.device
+
+    @property
+    def interrupt(self) -> bool:
+        """Set ``pipe._interrupt = True`` in ``callback_on_step_end`` to stop after that step (diffusers' way)."""
+        return self._interrupt
+
+    # ------------------------------------------------------------------------------------------
+    # Checks
+
+    def check_inputs(
+        self,
+        prompt: Prompt,
+        *,
+        negative_prompt: str | None = None,
+        num_frames: int,
+        height: int,
+        width: int,
+        num_inference_steps: int,
+        guidance_scale: float,
+        fps: int | None = None,
+        eta: float = 0.0,
+        transition_frames: int = 0,
+        world_size: int = 1,
+    ) -> GenerationRequest:
+        """Validate a call's arguments (one-line ValueErrors naming the argument), before any model work."""
+        _positive_int("num_frames", num_frames, "a positive integer (frames of the whole video)")
+        multiple = self.family.spatial_multiple
+        for name, value in (("height", height), ("width", width)):
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0 or value % multiple:
+                raise ValueError(f"{name}: must be a positive multiple of {multiple}, got {value!r}")
+        _positive_int("num_inference_steps", num_inference_steps)
+        if fps is not None:
+            _positive_int("fps", fps)
+        if not np.isfinite(guidance_scale) or guidance_scale < 0:
+            raise ValueError(f"guidance_scale: must be a finite number >= 0, got {guidance_scale!r}")
+        if negative_prompt is not None and not isinstance(negative_prompt, str):
+            raise ValueError(f"negative_prompt: must be a string or None, got {type(negative_prompt).__name__}")
+        if transition_frames < 0:
+            raise ValueError(f"transition_frames: must be >= 0, got {transition_frames}")
+        if eta < 0:
+            raise ValueError(f"eta: must be >= 0, got {eta}")
+        check_prompt(prompt, num_frames)
+        latent_frames = self.family.latent_frames(num_frames)
+        if latent_frames < world_size:
+            raise ValueError(f"num_frames: {num_frames} frames ({latent_frames} latent frames) cannot be split over "
+                             f"{world_size} ranks (give every rank at least one frame)")
+        return GenerationRequest(prompt, negative_prompt, num_frames, latent_frames, height, width, num_inference_steps,
+                                 float(guidance_scale), fps, float(eta), transition_frames)
+
+    def make_scheduler(self, scheduler: str | Any | None) -> Any:
+        """A scheduler object: a name from ``SCHEDULER_NAMES`` on the model's schedule, an object as
+        is, or (None) the family's default sampler."""
+        if scheduler is None or isinstance(scheduler, str):
+            return make_scheduler(scheduler or self.family.default_scheduler, self.family.scheduler_config)
+        return scheduler
+
+    # ------------------------------------------------------------------------------------------
+    # The steps under __call__ (also what the CLI's ranks run)
+
+    def conditioning(self, request: GenerationRequest, ctx: ClipContext) -> Conditioning:
+        """Text for this rank's frames: each frame's (blended) prompt embedding, and the negative one."""
+        family = self.family
+        prompt = request.prompt
+        if isinstance(prompt, Mapping):  # keyframes are video frames: move each to its latent frame
+            prompt = {family.latent_frames(k + 1) - 1: p for k, p in sorted(prompt.items())}
+        distinct, mixes = prompt_mix(prompt, request.latent_frames, ctx.frames, request.transition_frames)
+        per_frame = frame_embeddings(family.encode_prompts(distinct), mixes)
+        negative = family.encode_prompts([request.negative_prompt or ""]) if request.guidance_scale > 1.0 else None
+        return family.conditioning(per_frame, negative, request.guidance_scale, request.fps)
+
+    def initial_latents(self, request: GenerationRequest, ctx: ClipContext, scheduler: Any, seed: int,
+                        latents: torch.Tensor | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+        """This rank's starting latents: its frames of ``latents`` (the whole video's, as diffusers
+        takes them), of ``generator``'s draw of the whole video, or per-frame noise from ``seed``;
+        times the scheduler's ``init_noise_sigma``."""
+        family = self.family
+        shape = (1, *family.latent_shape(request.height, request.width))
+        whole = (1, shape[1], request.latent_frames, *shape[2:])
+        own = slice(ctx.frames.start, ctx.frames.stop)
+        if latents is not None:
+            if tuple(latents.shape) != whole:
+                raise ValueError(f"latents: expected the whole video's initial latents of shape {whole}, "
+                                 f"got {tuple(latents.shape)}")
+            noise = latents[:, :, own]
+        elif generator is not None:
+            from diffusers.utils.torch_utils import randn_tensor
+
+            noise = randn_tensor(whole, generator=generator, device=generator.device, dtype=torch.float32)[:, :, own]
+        else:
+            noise = frame_noise(seed, ctx.frames, shape, INITIAL, torch.float32, "cpu")
+        return noise.to(family.device, family.dtype) * scheduler.init_noise_sigma
+
+    def generate_latents(
+        self,
+        request: GenerationRequest,
+        ctx: ClipContext,
+        scheduler: Any,
+        latents: torch.Tensor,
+        *,
+        seed: int,
+        start_step: int = 0,
+        restore_scheduler: Callable[[Any], None] | None = None,
+        on_step_end: StepEnd | None = None,
+    ) -> torch.Tensor:
+        """Denoise this rank's ``latents`` (from ``initial_latents`` or a checkpoint) with the engine on.
+
+        ``seed`` draws the per-frame noise of stochastic samplers; ``start_step`` / ``restore_scheduler``
+        continue a run; ``on_step_end`` as in :func:`video_infinity.denoise.sample`.
+        """
+        cond = self.conditioning(request, ctx)
+        handle = parallelize(self.family.model, self.engine, ctx)
+        try:
+            with torch.no_grad():
+                return sample(lambda x, t: self.family.predict_noise(x, t, cond), scheduler, latents, seed=seed,
+                              frames=ctx.frames, num_steps=request.num_inference_steps, eta=request.eta,
+                              start_step=start_step, restore_scheduler=restore_scheduler, on_step_end=on_step_end)
+        finally:
+            handle.remove()
+
+    def stream_frames(self, latents: torch.Tensor, ctx: ClipContext, *, uint8: bool = False) -> Iterator[torch.Tensor]:
+        """Decode every rank's latents; rank 0 iterates over the whole video's frames in order, chunk by
+        chunk (float (n, H, W, 3) in [0, 1], or uint8 with ``uint8``), the others only send theirs."""
+        split_invariant = self.engine.split_invariant_on(latents.device.type)
+        chunks: Iterator[torch.Tensor] = self.family.decode(latents, split_invariant)
+        if uint8:
+            chunks = ((c * 255).round().to(torch.uint8) for c in chunks)
+        yield from stream_to_rank0(chunks, ctx, latents.device, torch.uint8 if uint8 else torch.float32)
+
+    # ------------------------------------------------------------------------------------------
+    # The call
+
+    def __call__(
+        self,
+        prompt: Prompt,
+        *,
+        negative_prompt: str | None = None,
+        num_frames: int,
+        height: int,
+        width: int,
+        num_inference_steps: int = 30,
+        guidance_scale: float = 12.0,
+        fps: int | None = None,
+        scheduler: str | Any | None = None,
+        seed: int | None = None,
+        generator: torch.Generator | None = None,
+        latents: torch.Tensor | None = None,
+        context: ClipContext | None = None,
+        output_type: str = "np",
+        callback_on_step_end: Callable[[VideoInfinityPipeline, int, Any, dict[str, Any]], dict[str, Any]] | None = None,
+        progress: bool = True,
+        return_dict: bool = True,
+        eta: float = 0.0,
+        transition_frames: int = 0,
+    ) -> VideoInfinityPipelineOutput | tuple[Any]:
+        """Make a video of ``num_frames`` frames (the whole video, on however many ranks).
+
+        ``prompt``: a string, a list (consecutive segments of equal length, blended over
+        ``transition_frames``) or FreeNoise's ``{start_frame: prompt}`` dict (frame 0 required;
+        embeddings blend linearly from one keyframe to the next). ``scheduler``: a name
+        (``ddim``, ``dpmsolver++``, ``dpmsolver++-karras``, ``sde-dpmsolver++`` (default),
+        ``sde-dpmsolver++-karras``) or a diffusers scheduler object (used as is). Noise: ``latents``
+        (the whole video's, unscaled, as diffusers takes them), else ``generator`` (draws the whole
+        video's noise as diffusers does), else per-frame noise from ``seed`` (default: random, shared
+        by the ranks). ``context``: the frames this process owns (default: from ``torch.distributed``
+        when it is initialised, else one process). ``output_type``: ``"np"`` (float32
+        (frames, H, W, 3) in [0, 1]), ``"pil"`` (list of images), ``"pt"`` ((frames, 3, H, W)) or
+        ``"latent"`` ((C, frames, h, w)), each as ``frames[0]``; other ranks get ``frames=None``.
+        ``callback_on_step_end(pipe, step, timestep, {"latents": this rank's latents})`` may return
+        replacement latents under ``"latents"`` and stop the run by setting ``pipe._interrupt = True``
+        (every rank must do the same). ``eta``: DDIM's eta. Writes no file.
+        """
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"output_type: must be one of {', '.join(OUTPUT_TYPES)}, got {output_type!r}")
+        if isinstance(scheduler, str) and scheduler not in SCHEDULER_NAMES:
+            raise ValueError(f"scheduler: unknown name {scheduler!r} (use one of {', '.join(SCHEDULER_NAMES)}, "
+                             "or pass a diffusers scheduler object)")
+        world_size = context.world_size if context is not None else (dist.get_world_size() if dist.is_initialized() else 1)
+        request = self.check_inputs(prompt, negative_prompt=negative_prompt, num_frames=num_frames, height=height,
+                                    width=width, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+                                    fps=fps, eta=eta, transition_frames=transition_frames, world_size=world_size)
+        if context is None:
+            context = ClipContext.from_process_group(request.latent_frames)
+        elif context.total_frames is None:  # one process, length from the input: this video's
+            context = ClipContext(total_frames=request.latent_frames)
+        elif context.total_frames != request.latent_frames:
+            raise ValueError(f"context: made for {context.total_frames} frames, but the video has "
+                             f"{request.latent_frames} (latent) frames")
+        scheduler = self.make_scheduler(scheduler)
+        if generator is not None and latents is None:
+            initial = self.initial_latents(request, context, scheduler, 0, None, generator)
+            if seed is None:  # the stochastic samplers' per-frame noise: from the same generator
+                seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device))
+            seed = self.shared_seed(seed, context)
+        else:
+            seed = self.shared_seed(seed, context)
+            initial = self.initial_latents(request, context, scheduler, seed, latents)
+
+        self._interrupt = False
+        bar = tqdm(total=num_inference_steps, desc="denoising", unit="step", leave=False,
+                   disable=not progress or context.rank != 0)
+
+        def on_step_end(index: int, t: torch.Tensor, current: torch.Tensor, _scheduler: Any) -> torch.Tensor | None:
+            bar.update(1)
+            replaced = None
+            if callback_on_step_end is not None:
+                outputs = callback_on_step_end(self, index, t, {"latents": current}) or {}
+                replaced = outputs.get("latents")
+            if self._interrupt:
+                raise StopSampling(replaced)
+            return replaced
+
+        try:
+            result = self.generate_latents(request, context, scheduler, initial, seed=seed, on_step_end=on_step_end)
+        finally:
+            bar.close()
+        frames = self._output(result, context, output_type)
+        if not return_dict:
+            return (frames,)
+        return VideoInfinityPipelineOutput(frames=frames)
+
+    def shared_seed(self, seed: int | None, ctx: ClipContext) -> int:
+        """``seed``, or a random one drawn on rank 0 and shared, so that every rank uses the same."""
+        if seed is not None:
+            return int(seed)
+        drawn = torch.randint(0, 2**62, (1,), dtype=torch.int64)
+        if ctx.distributed:
+            drawn = drawn.to(comm_device(ctx, self.device))
+            dist.broadcast(drawn, src=ctx.global_rank(0), group=ctx.group)
+        return int(drawn.item())
+
+    def _output(self, latents: torch.Tensor, ctx: ClipContext, output_type: str) -> Any:
+        if output_type == "latent":
+            whole = gather_frames(latents, ctx, latents.device)
+            return None if whole is None else whole
+        chunks = list(self.stream_frames(latents, ctx))
         if ctx.rank != 0:
-            return
-        assert whole_latents is not None
-        started = time.perf_counter()
-        save_checkpoint(plan.path, latents=whole_latents, scheduler_state=state,
-                        scheduler_tensors=whole_tensors, step=done, num_steps=num_steps, plan=plan,  # type: ignore[arg-type]
-                        file_stem=stem, world_size=ctx.world_size)
-        logger.debug("checkpoint at step %d saved to %s in %.2f s", done, plan.path, time.perf_counter() - started)
+            return None
+        video = torch.cat(chunks).cpu()  # (frames, H, W, 3) float32 in [0, 1]
+        if output_type == "pt":
+            return video.permute(0, 3, 1, 2)[None]
+        if output_type == "np":
+            return video.numpy()[None]
+        from PIL import Image
 
-    return after_step
-
-
-class _TestHooks:
-    """Test-only hooks, off unless their environment variables are set (see PROGRESS_ENV)."""
-
-    def __init__(self, rank: int) -> None:
-        self.rank = rank
-        folder = os.environ.get(PROGRESS_ENV)
-        self.folder = Path(folder) if folder else None
-        self.sleep = float(os.environ.get(STEP_SLEEP_ENV) or 0)
-
-    def step_done(self, index: int) -> None:
-        if self.folder is not None:
-            target = self.folder / f"rank{self.rank}.json"
-            tmp = self.folder / f".rank{self.rank}.tmp"
-            tmp.write_text(json.dumps({"pid": os.getpid(), "step": index + 1}))
-            os.replace(tmp, target)
-        if self.sleep:
-            time.sleep(self.sleep)
-
-
-def _sidecar(config: RunConfig, model: str, components: ModelComponents, ctx: ClipContext,
-             reports: list[dict], elapsed: float, paths: dict[str, Path]) -> dict[str, Any]:
-    import diffusers
-
-    total = ctx.total_frames
-    return {
-        "video": paths["video"].name,
-        "config": config.model_dump(mode="json"),
-        "seed": config.seed,
-        "model": components.source,
-        "model_path": model,
-        "fps_conditioned": components.fps_conditioned,
-        "total_frames": total,
-        "world_size": ctx.world_size,
-        "frames_per_rank": [len(c) for c in ctx.layout.partition],
-        "versions": {"video_infinity": __version__, "torch": torch.__version__, "diffusers": diffusers.__version__,
-                     "python": platform.python_version()},
-        "seconds": {"total": elapsed, **reports[0]["seconds"]},
-        "frames_per_second": total / elapsed,
-        "peak_memory_bytes": [r["peak_memory_bytes"] for r in reports],
-        "bytes_sent": [r["bytes_sent"] for r in reports],
-        "bytes_sent_by_kind": [r["bytes_sent_by_kind"] for r in reports],
-        "devices": [r["device"] for r in reports],
-        "latents": paths["latents"].name if config.pipe_configs.save_latents else None,
-    }
+        pixels = (video.numpy() * 255).round().astype(np.uint8)
+        return [[Image.fromarray(frame) for frame in pixels]]

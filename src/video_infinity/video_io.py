@@ -1,16 +1,12 @@
-"""Video and image files: streaming H.264 MP4 writer (atomic), decoder, contact sheets, PNG, JSON.
-
-Everything is written to a temporary file beside the destination and renamed into place, so a
-crashed or interrupted run never leaves a half-written file under the final name.
+"""Video and image files: streaming H.264 MP4 writer, decoder, contact sheets, PNG; every write
+atomic (:mod:`video_infinity.atomic`). ``export_to_video`` saves a pipeline's output.
 """
 
 from __future__ import annotations
 
 import io
-import json
 import logging
 import os
-import tempfile
 from fractions import Fraction
 from pathlib import Path
 from types import TracebackType
@@ -18,6 +14,8 @@ from typing import Any
 
 import av
 import numpy as np
+
+from .atomic import commit, temp_path, write_bytes_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -35,22 +33,6 @@ def _h264_encoder() -> str:
             except Exception:  # noqa: BLE001
                 continue
     raise RuntimeError("no H.264 encoder is available in PyAV's ffmpeg build")
-
-
-def _temp_beside(path: Path, suffix: str) -> Path:
-    """An empty temporary file in ``path``'s directory (same filesystem, so os.replace is atomic)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix)
-    os.close(fd)
-    os.chmod(name, 0o644)  # mkstemp makes it owner-only; the final file should be an ordinary one
-    return Path(name)
-
-
-def _unlink(path: Path) -> None:
-    try:
-        path.unlink()
-    except FileNotFoundError:
-        pass
 
 
 class VideoWriter:
@@ -76,7 +58,7 @@ class VideoWriter:
         self._stream: Any = None
 
     def __enter__(self) -> VideoWriter:
-        self._tmp = _temp_beside(self.path, ".part.mp4")
+        self._tmp = temp_path(self.path)
         try:
             codec = _h264_encoder()
             self._container = av.open(str(self._tmp), mode="w", format="mp4")
@@ -132,7 +114,7 @@ class VideoWriter:
             self._container.close()
             self._container = None
             assert self._tmp is not None
-            os.replace(self._tmp, self.path)
+            commit(self._tmp, self.path)
             self._tmp = None
         except BaseException:
             self._abort()
@@ -147,7 +129,7 @@ class VideoWriter:
             self._container = None
         self._stream = None
         if self._tmp is not None:
-            _unlink(self._tmp)
+            self._tmp.unlink(missing_ok=True)
             self._tmp = None
 
 
@@ -160,24 +142,6 @@ def read_video(path: str | os.PathLike[str]) -> tuple[np.ndarray, float]:
         if not frames:
             return np.zeros((0, stream.height, stream.width, 3), np.uint8), float(rate or 0)
     return np.stack(frames), float(rate)
-
-
-def write_json_atomic(path: str | os.PathLike[str], data: dict[str, Any]) -> None:
-    """Write ``data`` as indented JSON via a temporary file and an atomic rename."""
-    _write_atomic(Path(path), (json.dumps(data, indent=2, default=str) + "\n").encode("utf-8"))
-
-
-def _write_atomic(path: Path, payload: bytes) -> None:
-    tmp = _temp_beside(path, ".part")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(payload)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        _unlink(tmp)
-        raise
 
 
 def contact_sheet(frames: np.ndarray, columns: int = 8, max_frames: int = 32) -> np.ndarray:
@@ -219,4 +183,23 @@ def write_png(path: str | os.PathLike[str], image: np.ndarray) -> None:
         raise ValueError(f"expected a uint8 image (H, W[, 1|3|4]), got {image.dtype} {image.shape}")
     buffer = io.BytesIO()
     Image.fromarray(np.ascontiguousarray(image)).save(buffer, format="PNG")
-    _write_atomic(Path(path), buffer.getvalue())
+    write_bytes_atomic(path, buffer.getvalue())
+
+
+def export_to_video(frames: Any, path: str | os.PathLike[str], fps: float = 8, overwrite: bool = False) -> Path:
+    """Save a pipeline's ``frames[0]`` (float (n, H, W, 3) in [0, 1], uint8, a torch tensor of
+    either, or a list of PIL images) as an H.264 MP4; an existing file is kept unless ``overwrite``."""
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} exists (pass overwrite=True to replace it)")
+    if isinstance(frames, list):
+        frames = np.stack([np.asarray(image.convert("RGB")) for image in frames])
+    elif hasattr(frames, "detach"):  # a torch tensor: (n, 3, H, W) as the "pt" output type gives it
+        frames = frames.detach().cpu()
+        frames = (frames.permute(0, 2, 3, 1) if frames.shape[1] == 3 and frames.shape[-1] != 3 else frames).numpy()
+    frames = np.asarray(frames)
+    if frames.dtype != np.uint8:
+        frames = (np.clip(frames, 0, 1) * 255).round().astype(np.uint8)
+    with VideoWriter(path, frames.shape[2], frames.shape[1], fps) as writer:
+        writer.write(frames)
+    return path

@@ -73,10 +73,6 @@ def all_classes() -> list[tuple[str, str, str]]:
     return list(itertools.product(COLOURS, SHAPES, DIRECTIONS))
 
 
-def all_captions() -> list[str]:
-    return [caption(*c) for c in all_classes()]
-
-
 def caption_words() -> list[str]:
     """Every word a caption can contain."""
     return ["a", "moving", *COLOURS, *SHAPES, *DIRECTIONS]
@@ -140,12 +136,6 @@ def render(spec: VideoSpec, frames: int, start: int = 0, trail: Trail = NO_TRAIL
 def shape_mask(spec: VideoSpec, frames: int, start: int = 0, trail: Trail = NO_TRAIL) -> np.ndarray:
     """Opacity of the shape (and its trail) in each frame, float32 (frames, SIZE, SIZE) in [0, 1]."""
     return np.stack([_opacity(spec, start + i, trail) for i in range(frames)])
-
-
-def video(seed: int, frames: int = 16, trail: Trail = NO_TRAIL) -> tuple[np.ndarray, VideoSpec]:
-    """A random video (frames, SIZE, SIZE, 3) uint8 and its spec, deterministic from ``seed``."""
-    spec = random_spec(np.random.default_rng(seed))
-    return render(spec, frames, trail=trail), spec
 
 
 def batch(rng: np.random.Generator, count: int, frames: int, classes: list[tuple[str, str, str]] | None = None,

@@ -3,9 +3,8 @@
     python -m video_infinity.demo.evaluate [--model DIR] [--scheduler ddim dpmsolver++] \\
         [--steps 20] [--guidance 5 7.5] [--frames 16] [--seeds 1] [--json FILE] [--sheet FILE.png]
 
-Samples go through the package's real code: :func:`video_infinity.models.load_model`, the engine
-(:func:`video_infinity.parallelize`, single process) and :func:`video_infinity.denoise.denoise`,
-with the pipeline's own prompt encoding, scheduler construction and VAE decoding. Each video is
+Samples are made by :class:`video_infinity.VideoInfinityPipeline` (one process, the engine's
+default settings), the same path as the command line and the Python API. Each video is
 judged by the quality probe (:mod:`video_infinity.demo.probe`). Several schedulers, step counts and
 guidance scales may be given: every combination is evaluated on the same seeds.
 """
@@ -28,41 +27,19 @@ from . import data
 logger = logging.getLogger("video_infinity.demo.evaluate")
 
 
-def generate(components: Any, prompts: list[str], seeds: list[int], frames: int, steps: int, guidance: float,
-             scheduler_name: str, batch: int = 8) -> np.ndarray:
-    """uint8 videos (len(prompts), frames, H, W, 3); prompt i starts from the noise of ``seeds[i]``."""
-    from ..context import ClipContext
-    from ..denoise import denoise, initial_latents
-    from .. import parallelize  # the package-level export (engine module)
-    from ..pipeline import decode_frames, encode_prompts, make_scheduler
-
-    unet, vae = components.unet, components.vae
-    device = unet.device
-    scale = 2 ** (len(vae.config.block_out_channels) - 1)
-    shape = (1, unet.config.in_channels, data.SIZE // scale, data.SIZE // scale)
-    negative = encode_prompts(components, [""], device)
+def generate(pipe: Any, prompts: list[str], seeds: list[int], frames: int, steps: int, guidance: float,
+             scheduler_name: str) -> np.ndarray:
+    """uint8 videos (len(prompts), frames, H, W, 3) made by ``pipe`` (a VideoInfinityPipeline, one
+    process); prompt i starts from the per-frame noise of ``seeds[i]``."""
     videos = []
-    handle = parallelize(unet, {}, ClipContext())
-    try:
-        for first in range(0, len(prompts), batch):
-            chunk = prompts[first:first + batch]
-            scheduler = make_scheduler(scheduler_name, components.scheduler_config)
-            text = encode_prompts(components, chunk, device)
-            latents = torch.cat([
-                initial_latents(seed, range(frames), shape, scheduler.init_noise_sigma, torch.float32, device)
-                for seed in seeds[first:first + batch]
-            ])
-            with torch.no_grad():
-                latents = denoise(unet, scheduler, latents, text, negative_embeds=negative.expand(len(chunk), -1, -1),
-                                  guidance_scale=guidance, seed=seeds[first], frames=range(frames), num_steps=steps)
-            for i in range(len(chunk)):
-                videos.append(torch.cat(list(decode_frames(components, latents[i:i + 1]))).cpu().numpy())
-    finally:
-        handle.remove()
+    for prompt, seed in zip(prompts, seeds):
+        video = pipe(prompt, num_frames=frames, height=data.SIZE, width=data.SIZE, num_inference_steps=steps,
+                     guidance_scale=guidance, scheduler=scheduler_name, seed=seed, progress=False).frames[0]
+        videos.append((video * 255).round().astype(np.uint8))
     return np.stack(videos)
 
 
-def evaluate(components: Any, scheduler: str, steps: int, guidance: float, frames: int = 16, seeds: int = 1,
+def evaluate(pipe: Any, scheduler: str, steps: int, guidance: float, frames: int = 16, seeds: int = 1,
              base_seed: int = 1000) -> dict[str, Any]:
     """Probe one sample per prompt and seed; accuracy figures and per-sample rows."""
     from .probe import analyse
@@ -71,7 +48,7 @@ def evaluate(components: Any, scheduler: str, steps: int, guidance: float, frame
     prompts = [data.caption(*c) for c in classes]
     seed_list = [base_seed + i for i in range(len(prompts))]
     start = time.perf_counter()
-    videos = generate(components, prompts, seed_list, frames, steps, guidance, scheduler)
+    videos = generate(pipe, prompts, seed_list, frames, steps, guidance, scheduler)
     seconds = time.perf_counter() - start
     rows = []
     for (colour, shape, direction), prompt, seed, video in zip(classes, prompts, seed_list, videos):
@@ -93,37 +70,25 @@ def evaluate(components: Any, scheduler: str, steps: int, guidance: float, frame
     }
 
 
-def long_video(components: Any, prompt: str, total_frames: int, clips: list[range] | None, seed: int, steps: int,
-               guidance: float, scheduler_name: str, engine: dict | None = None) -> np.ndarray:
+def long_video(pipe: Any, prompt: str, total_frames: int, clips: list[range] | None, seed: int, steps: int,
+               guidance: float, scheduler_name: str) -> np.ndarray:
     """One long video, uint8 (total_frames, H, W, 3), in this process: every frame at once
-    (``clips=None``), or each clip of ``clips`` generated on its own from the same per-frame noise
-    as a multi-rank run would use, with no communication between clips."""
-    from .. import parallelize
-    from ..context import ClipContext
-    from ..denoise import denoise, initial_latents
-    from ..pipeline import decode_frames, encode_prompts, make_scheduler
+    (``clips=None``), or each clip of ``clips`` generated on its own from the same per-frame initial
+    noise as a multi-rank run would use, with no communication between clips (a stochastic sampler's
+    step noise is then drawn by clip-local frame index)."""
+    from ..noise import frame_noise
 
-    unet, vae = components.unet, components.vae
-    scale = 2 ** (len(vae.config.block_out_channels) - 1)
-    shape = (1, unet.config.in_channels, data.SIZE // scale, data.SIZE // scale)
-    text = encode_prompts(components, [prompt], torch.device("cpu"))
-    negative = encode_prompts(components, [""], torch.device("cpu"))
     parts = []
     for frames in clips or [range(total_frames)]:
-        scheduler = make_scheduler(scheduler_name, components.scheduler_config)
-        latents = initial_latents(seed, frames, shape, scheduler.init_noise_sigma, torch.float32, "cpu")
-        handle = parallelize(unet, engine or {}, ClipContext())
-        try:
-            with torch.no_grad():
-                latents = denoise(unet, scheduler, latents, text, negative_embeds=negative, guidance_scale=guidance,
-                                  seed=seed, frames=frames, num_steps=steps)
-        finally:
-            handle.remove()
-        parts.extend(chunk.numpy() for chunk in decode_frames(components, latents))
+        shape = (1, *pipe.family.latent_shape(data.SIZE, data.SIZE))
+        video = pipe(prompt, num_frames=len(frames), height=data.SIZE, width=data.SIZE, num_inference_steps=steps,
+                     guidance_scale=guidance, scheduler=scheduler_name, seed=seed, progress=False,
+                     latents=frame_noise(seed, frames, shape)).frames[0]
+        parts.append((video * 255).round().astype(np.uint8))
     return np.concatenate(parts)
 
 
-def continuity(components: Any, model: str, config_file: Path, prompt: str, total_frames: int, ranks: int, seed: int,
+def continuity(pipe: Any, model: str, config_file: Path, prompt: str, total_frames: int, ranks: int, seed: int,
                steps: int, guidance: float, scheduler_name: str, out_dir: Path) -> dict[str, Any]:
     """Probe the clip borders of a long video made by ``video-infinity generate`` on ``ranks`` CPU processes
     (the engine: clips talk to each other) and of the same clips made independently, each from the same
@@ -146,9 +111,8 @@ def continuity(components: Any, model: str, config_file: Path, prompt: str, tota
                     "--overwrite"], check=True)
     joint_seconds = time.perf_counter() - start
     joint, _ = read_video(out_dir / "joint.mp4")
-    engine = config.get("plugin_configs")
-    independent = long_video(components, prompt, total_frames, partition_frames(total_frames, ranks), seed, steps,
-                             guidance, scheduler_name, engine)
+    independent = long_video(pipe, prompt, total_frames, partition_frames(total_frames, ranks), seed, steps,
+                             guidance, scheduler_name)
     with VideoWriter(out_dir / "independent.mp4", data.SIZE, data.SIZE, 8) as writer:
         writer.write(independent)
     return {"joint": {**analyse(joint, ranks=ranks).to_dict(), "seconds": joint_seconds},
@@ -177,17 +141,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out-dir", type=Path, default=Path("outputs/continuity"),
                         help="with --continuity: where both videos go")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")  # a script's own
     torch.set_num_threads(args.threads)
-    from ..models import load_model
+    from ..pipeline import VideoInfinityPipeline
 
     if args.model is None:
         from . import default_model_path
 
         args.model = str(default_model_path())
-    components = load_model(args.model, device=args.device)
     if args.continuity is not None:
-        result = continuity(components, args.model, args.config, args.continuity, args.total_frames, args.ranks,
+        engine = json.loads(Path(args.config).read_text()).get("plugin_configs")
+        pipe = VideoInfinityPipeline.from_pretrained(args.model, engine=engine, device=args.device)
+        result = continuity(pipe, args.model, args.config, args.continuity, args.total_frames, args.ranks,
                             args.base_seed, args.steps[0], args.guidance[0], args.scheduler[0], args.out_dir)
         for name, report in result.items():
             print(f"{name:>12}: colour {report['colour']} direction {report['direction']} median step "
@@ -196,9 +161,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.json is not None:
             args.json.write_text(json.dumps(result, indent=2, default=str) + "\n")
         return 0
+    pipe = VideoInfinityPipeline.from_pretrained(args.model, device=args.device)
     results = []
     for scheduler, steps, guidance in itertools.product(args.scheduler, args.steps, args.guidance):
-        result = evaluate(components, scheduler, steps, guidance, args.frames, args.seeds, args.base_seed)
+        result = evaluate(pipe, scheduler, steps, guidance, args.frames, args.seeds, args.base_seed)
         results.append(result)
         print(f"{scheduler:>18} steps {steps:3d} guidance {guidance:5.2f}: colour {result['colour_accuracy']:6.1%}  "
               f"direction {result['direction_accuracy']:6.1%}  over {result['samples']} samples "

@@ -190,19 +190,11 @@ def tokenize(tokenizer: Any, prompts: list[str]) -> torch.Tensor:
 
 
 def save_atomic(obj: Any, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
+    """``torch.save`` through :func:`video_infinity.atomic.atomic_output`."""
+    from ..atomic import atomic_output
+
+    with atomic_output(path) as tmp:
         torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-# --------------------------------------------------------------------------------------------------
-# Stage 1: VAE
 
 
 def train_vae(out: Path, minutes: float, seed: int, batch: int = 16, shape_weight: float = 10.0) -> None:
@@ -344,30 +336,26 @@ class Ema:
                 ema_p.lerp_(p.detach(), 1 - decay)
 
 
-@torch.no_grad()
+WHOLE_WINDOW_ENGINE = {"attn": {"padding": 1 << 16, "top_k": 0, "local_phase": None, "global_phase": None},
+                       "split_invariant": False}
+"""Engine settings under which the pipeline equals plain diffusers sampling (training samples are short)."""
+
+
 def sample(unet: Any, text_encoder: Any, tokenizer: Any, vae: Any, prompts: list[str], frames: int = 16,
            steps: int = 20, guidance: float = 5.0, seed: int = 0, scheduler_name: str = "ddim") -> np.ndarray:
-    """Plain (single-process) sampling for evaluation during training: uint8 (len(prompts), F, H, W, 3)."""
-    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
+    """Plain (single-process) samples for evaluation during training, made by the package's pipeline
+    on the components being trained: uint8 (len(prompts), F, H, W, 3); prompt i uses seed + i."""
+    from ..families import UNet3DFamily
+    from ..pipeline import VideoInfinityPipeline
 
-    device = unet.device
-    cls = DDIMScheduler if scheduler_name == "ddim" else DPMSolverMultistepScheduler
-    scheduler = cls.from_config(SCHEDULER_CONFIG)
-    cond = text_encoder(tokenize(tokenizer, prompts).to(device))[0]
-    uncond = text_encoder(tokenize(tokenizer, [""] * len(prompts)).to(device))[0]
-    generator = torch.Generator().manual_seed(seed)
-    size = UNET_CONFIG["sample_size"]
-    latents = torch.randn((len(prompts), 4, frames, size, size), generator=generator).to(device) * scheduler.init_noise_sigma
-    scheduler.set_timesteps(steps)
-    for t in scheduler.timesteps:
-        model_in = scheduler.scale_model_input(torch.cat([latents, latents]), t)
-        pred = unet(model_in, t, encoder_hidden_states=torch.cat([uncond, cond])).sample
-        u, c = pred.chunk(2)
-        latents = scheduler.step(u + guidance * (c - u), t, latents).prev_sample
-    z = latents.permute(0, 2, 1, 3, 4).reshape(-1, 4, size, size) / vae.config.scaling_factor
-    images = vae.decode(z).sample
-    pixels = ((images / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1)
-    return pixels.reshape(len(prompts), frames, data.SIZE, data.SIZE, 3).cpu().numpy()
+    family = UNet3DFamily(tokenizer, text_encoder, vae, unet, dict(SCHEDULER_CONFIG), False, "training")
+    pipe = VideoInfinityPipeline(family, WHOLE_WINDOW_ENGINE)
+    videos = []
+    for i, prompt in enumerate(prompts):
+        video = pipe(prompt, num_frames=frames, height=data.SIZE, width=data.SIZE, num_inference_steps=steps,
+                     guidance_scale=guidance, scheduler=scheduler_name, seed=seed + i, progress=False).frames[0]
+        videos.append((video * 255).round().astype(np.uint8))
+    return np.stack(videos)
 
 
 def evaluate_quick(unet: Any, text_encoder: Any, tokenizer: Any, vae: Any, seed: int) -> dict[str, Any]:

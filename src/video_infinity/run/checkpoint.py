@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ..atomic import atomic_output
+from ..errors import CheckpointError, describe_exception
 from .config import RunConfig
 
 if TYPE_CHECKING:
@@ -31,13 +33,6 @@ VERSION = 1
 SUFFIX = ".ckpt"
 _HEAD_BYTES = 1 << 20  # bytes hashed at each end of a large weight file
 _PER_LATENT = "__per_latent__"
-
-
-class CheckpointError(Exception):
-    """A checkpoint that cannot be used (unreadable, other config or model); one line for the user."""
-
-    def __init__(self, message: str) -> None:
-        super().__init__(message.replace("\r", "\\r").replace("\n", "\\n"))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -110,7 +105,6 @@ class CheckpointPlan:
     config_hash: str = ""
     resume: Path | None = None
     """The checkpoint to continue from, already checked against ``config_hash``."""
-    resume_step: int = 0
 
 
 # --------------------------------------------------------------------------------------------------
@@ -170,28 +164,10 @@ def restore_scheduler_state(scheduler: Any, state: dict[str, Any], per_latent: l
 # Files
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def temp_path(path: Path) -> Path:
-    """The temporary file a checkpoint is written to before it is renamed to ``path``."""
-    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
-
-
 def save_checkpoint(path: Path, *, latents: torch.Tensor, scheduler_state: dict[str, Any],
                     scheduler_tensors: list[torch.Tensor], step: int, num_steps: int, plan: CheckpointPlan,
                     file_stem: str, world_size: int) -> None:
-    """Write a checkpoint atomically: a temporary file beside ``path``, fsync, rename."""
+    """Write a checkpoint atomically (:func:`video_infinity.atomic.atomic_output`)."""
     import torch
 
     payload = {
@@ -207,17 +183,8 @@ def save_checkpoint(path: Path, *, latents: torch.Tensor, scheduler_state: dict[
         "scheduler": scheduler_state,
         "scheduler_tensors": [t.detach().cpu().contiguous() for t in scheduler_tensors],
     }
-    tmp = temp_path(path)
-    try:
-        with open(tmp, "wb") as fh:
-            torch.save(payload, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
+    with atomic_output(path) as tmp:
+        torch.save(payload, tmp)
 
 
 def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
@@ -233,8 +200,7 @@ def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
     try:
         data = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as exc:  # noqa: BLE001 - truncated, not a zip, not ours: one line
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise CheckpointError(f"--resume {path}: not a readable checkpoint ({type(exc).__name__}: {first[:200]})") from None
+        raise CheckpointError(f"--resume {path}: not a readable checkpoint ({describe_exception(exc, 200)})") from None
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         raise CheckpointError(f"--resume {path}: not a video-infinity checkpoint")
     if data.get("version") != VERSION:

@@ -1,0 +1,275 @@
+"""The rank entry point of a CLI run: set up the device and process group, then generate this
+rank's clip with :class:`~video_infinity.pipeline.VideoInfinityPipeline` (``generate_latents`` and
+``stream_frames``: the same path as the Python API), with checkpoints and resume; rank 0 streams
+the video into the MP4 and writes the sidecar and, optionally, the latents.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import platform
+import resource
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from .. import __version__
+from ..atomic import atomic_output, write_json_atomic
+from ..context import ClipContext
+from ..gather import gather_frames
+from ..pipeline import VideoInfinityPipeline
+from ..video_io import VideoWriter
+from .checkpoint import (
+    CheckpointPlan,
+    load_checkpoint,
+    restore_scheduler_state,
+    save_checkpoint,
+    split_scheduler_state,
+)
+from .hooks import TestHooks
+from .config import RunConfig
+
+logger = logging.getLogger(__name__)
+
+
+
+def device_name(config: RunConfig, local_rank: int) -> str:
+    """The torch device of the process with this local rank."""
+    if config.uses_cpu:
+        return "cpu"
+    gpu = config.devices[local_rank] if len(config.devices) > local_rank else local_rank
+    return f"cuda:{gpu}"
+
+
+def configure_rank_logging(rank: int, level: int) -> None:
+    """Prefix log lines with the rank; ranks other than 0 log warnings only. Reuses the process's
+    handlers (the CLI's), adding one only to a fresh process."""
+    root = logging.getLogger()
+    if not root.handlers:
+        root.addHandler(logging.StreamHandler())
+    for handler in root.handlers:
+        handler.setFormatter(logging.Formatter(f"[rank {rank}] %(levelname)s %(name)s: %(message)s"))
+    root.setLevel(level if rank == 0 else logging.WARNING)
+
+
+def run_rank(rank: int, world_size: int, local_rank: int, config: RunConfig, model: str,
+             paths: dict[str, Path], local_world: int, plan: CheckpointPlan | None = None) -> dict[str, Any] | None:
+    """Join the process group (if several ranks) and generate this rank's part; the sidecar on rank 0.
+
+    The process's torch thread count is restored afterwards (a single rank runs in the caller's process).
+    """
+    device = torch.device(device_name(config, local_rank))
+    threads = torch.get_num_threads()
+    try:
+        if device.type == "cpu" and config.plugin_configs.split_invariant_on("cpu"):
+            # Small BLAS/oneDNN products round by thread count: the same count on every world size
+            # keeps the video bit-identical whatever the number of ranks.
+            torch.set_num_threads(1)
+        elif device.type == "cpu":
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
+        else:
+            torch.cuda.set_device(device)
+        if world_size > 1 and not dist.is_initialized():
+            dist.init_process_group("gloo" if device.type == "cpu" else "nccl", rank=rank, world_size=world_size,
+                                    timeout=timedelta(seconds=config.collective_timeout_s),
+                                    **({"device_id": device} if device.type == "cuda" else {}))
+        ctx = ClipContext.from_process_group(config.pipe_configs.total_frames_for(world_size))
+        sidecar = generate_on_rank(config, model, ctx, device, paths, plan)
+        if dist.is_initialized():  # on success only: after a failure the peers may never answer
+            dist.destroy_process_group()
+        return sidecar
+    finally:
+        torch.set_num_threads(threads)
+
+
+class StageTimer:
+    """Wall-clock seconds per stage of a run."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        start = time.perf_counter()
+        yield
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
+
+
+def generate_on_rank(config: RunConfig, model: str, ctx: ClipContext, device: torch.device, paths: dict[str, Path],
+                     checkpoint: CheckpointPlan | None = None) -> dict[str, Any] | None:
+    """Generate this rank's clip; rank 0 writes the MP4, the sidecar and (optionally) the latents.
+
+    With ``checkpoint``, rank 0 saves a checkpoint every ``checkpoint.every`` steps (the others send
+    it their frames), and the run continues from ``checkpoint.resume`` when set; the checkpoint of
+    this run is removed once the video is written. Returns the sidecar's content on rank 0, None
+    elsewhere.
+    """
+    pipe_config = config.pipe_configs
+    is_writer = ctx.rank == 0
+    timer = StageTimer(device)
+    dtype = config.torch_dtype
+    if device.type == "cpu" and dtype != torch.float32:
+        logger.warning("%s is slow or unsupported on CPU: running in float32", config.dtype)
+        dtype = torch.float32
+    started = time.perf_counter()
+    with timer.stage("load"):
+        pipe = VideoInfinityPipeline.from_pretrained(model, base_model=config.base_model, engine=config.plugin_configs,
+                                                     torch_dtype=dtype, device=device)
+    request = pipe.check_inputs(
+        list(pipe_config.prompts), num_frames=ctx.total_frames, height=pipe_config.height, width=pipe_config.width,
+        num_inference_steps=pipe_config.steps, guidance_scale=pipe_config.guidance_scale, fps=pipe_config.fps,
+        eta=pipe_config.eta, transition_frames=pipe_config.transition_frames, world_size=ctx.world_size)
+    scheduler = pipe.make_scheduler(pipe_config.scheduler)
+    resume = _Resume.load(checkpoint.resume, ctx, device, dtype) if checkpoint is not None and checkpoint.resume else None
+    after_step = _checkpointer(checkpoint, ctx, device, paths, pipe_config.steps) if checkpoint is not None else None
+    hooks = TestHooks(ctx.rank)
+
+    def on_step_end(index: int, t: torch.Tensor, latents: torch.Tensor, scheduler: Any) -> None:
+        if after_step is not None:
+            after_step(index, latents, scheduler)
+        hooks.step_done(index)
+
+    ctx.stats.reset()
+    with timer.stage("denoise"):
+        if resume is not None:
+            logger.info("resuming from %s at step %d of %d", checkpoint.resume, resume.step, pipe_config.steps)
+            latents = resume.latents
+        else:
+            latents = pipe.initial_latents(request, ctx, scheduler, config.seed)
+        latents = pipe.generate_latents(request, ctx, scheduler, latents, seed=config.seed,
+                                        start_step=resume.step if resume is not None else 0,
+                                        restore_scheduler=resume.restore if resume is not None else None,
+                                        on_step_end=on_step_end)
+    comm_bytes = ctx.stats.total
+
+    if pipe_config.save_latents:
+        with timer.stage("save_latents"):
+            whole = gather_frames(latents.float(), ctx, device)
+            if whole is not None:
+                with atomic_output(paths["latents"]) as tmp, open(tmp, "wb") as fh:
+                    np.save(fh, whole[0].numpy())
+
+    with timer.stage("decode_and_write"):
+        chunks = pipe.stream_frames(latents, ctx, uint8=True)
+        if is_writer:
+            with VideoWriter(paths["video"], pipe_config.width, pipe_config.height, pipe_config.export_fps) as writer:
+                for chunk in chunks:
+                    writer.write(chunk.cpu().numpy())
+        else:
+            for _ in chunks:  # sends this rank's frames to rank 0
+                pass
+
+    elapsed = time.perf_counter() - started
+    report = {"rank": ctx.rank, "seconds": timer.seconds, "peak_memory_bytes": _peak_memory_bytes(device),
+              "bytes_sent": comm_bytes, "bytes_sent_by_kind": dict(ctx.stats.sent_bytes), "device": str(device)}
+    reports: list[Any] | None = [report]
+    if ctx.distributed:
+        reports = [None] * ctx.world_size if is_writer else None
+        dist.gather_object(report, reports, dst=ctx.global_rank(0), group=ctx.group)
+    if not is_writer:
+        return None
+    assert reports is not None
+    sidecar = _sidecar(config, model, pipe, ctx, reports, elapsed, paths)
+    sidecar["resumed_from"] = None if resume is None else {
+        "checkpoint": str(checkpoint.resume), "step": resume.step, "saved_by_world_size": resume.world_size,
+        "world_size": ctx.world_size}
+    write_json_atomic(paths["sidecar"], sidecar)
+    if checkpoint is not None and checkpoint.path.exists():
+        checkpoint.path.unlink()  # the video is complete: its checkpoint is no longer needed
+        logger.info("removed the checkpoint %s (the video is complete)", checkpoint.path)
+    total = ctx.total_frames
+    logger.info("wrote %s: %d frames %dx%d at %d fps in %.1f s (%.2f frames/s) on %d rank(s)", paths["video"], total,
+                pipe_config.width, pipe_config.height, pipe_config.export_fps, elapsed, total / elapsed, ctx.world_size)
+    return sidecar
+
+
+def _peak_memory_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+
+
+class _Resume:
+    """This rank's part of a checkpoint: latents after ``step`` steps and the scheduler's state."""
+
+    def __init__(self, step: int, world_size: int, latents: torch.Tensor, state: dict[str, Any],
+                 tensors: list[torch.Tensor], device: torch.device) -> None:
+        self.step, self.world_size, self.latents = step, world_size, latents
+        self.state, self.tensors, self.device = state, tensors, device
+
+    @classmethod
+    def load(cls, path: Path, ctx: ClipContext, device: torch.device, dtype: torch.dtype) -> _Resume:
+        data = load_checkpoint(path)
+        own = slice(ctx.frames.start, ctx.frames.stop)
+        latents = data["latents"][:, :, own].to(device=device, dtype=dtype).clone()
+        tensors = [t[:, :, own].clone() for t in data["scheduler_tensors"]]
+        return cls(int(data["step"]), int(data.get("world_size") or 0), latents, data["scheduler"], tensors, device)
+
+    def restore(self, scheduler: Any) -> None:
+        restore_scheduler_state(scheduler, self.state, self.tensors, self.device)
+
+
+def _checkpointer(plan: CheckpointPlan, ctx: ClipContext, device: torch.device, paths: dict[str, Path],
+                  num_steps: int) -> Any:
+    """The after-step callback that saves a checkpoint every ``plan.every`` steps (None: never)."""
+    if plan.every is None:
+        return None
+    stem = paths["video"].stem
+
+    def after_step(index: int, latents: torch.Tensor, scheduler: Any) -> None:
+        done = index + 1
+        if done % plan.every:
+            return
+        state, tensors = split_scheduler_state(scheduler, tuple(latents.shape))
+        whole_latents = gather_frames(latents, ctx, device)
+        whole_tensors = [gather_frames(t, ctx, device) for t in tensors]
+        if ctx.rank != 0:
+            return
+        assert whole_latents is not None
+        started = time.perf_counter()
+        save_checkpoint(plan.path, latents=whole_latents, scheduler_state=state,
+                        scheduler_tensors=whole_tensors, step=done, num_steps=num_steps, plan=plan,  # type: ignore[arg-type]
+                        file_stem=stem, world_size=ctx.world_size)
+        logger.debug("checkpoint at step %d saved to %s in %.2f s", done, plan.path, time.perf_counter() - started)
+
+    return after_step
+
+
+def _sidecar(config: RunConfig, model: str, pipe: VideoInfinityPipeline, ctx: ClipContext,
+             reports: list[dict], elapsed: float, paths: dict[str, Path]) -> dict[str, Any]:
+    import diffusers
+
+    total = ctx.total_frames
+    family = pipe.family
+    return {
+        "video": paths["video"].name,
+        "config": config.model_dump(mode="json"),
+        "seed": config.seed,
+        "model": family.source,
+        "model_path": model,
+        "family": family.name,
+        "fps_conditioned": bool(getattr(family, "fps_conditioned", False)),
+        "total_frames": total,
+        "world_size": ctx.world_size,
+        "frames_per_rank": [len(c) for c in ctx.layout.partition],
+        "versions": {"video_infinity": __version__, "torch": torch.__version__, "diffusers": diffusers.__version__,
+                     "python": platform.python_version()},
+        "seconds": {"total": elapsed, **reports[0]["seconds"]},
+        "frames_per_second": total / elapsed,
+        "peak_memory_bytes": [r["peak_memory_bytes"] for r in reports],
+        "bytes_sent": [r["bytes_sent"] for r in reports],
+        "bytes_sent_by_kind": [r["bytes_sent_by_kind"] for r in reports],
+        "devices": [r["device"] for r in reports],
+        "latents": paths["latents"].name if config.pipe_configs.save_latents else None,
+    }

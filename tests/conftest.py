@@ -1,0 +1,41 @@
+"""Session fixtures shared by the test modules, and the markers of files that do not set their own.
+
+Markers (registered in pyproject.toml): ``unit`` (one process, in-process calls), ``distributed``
+(real gloo processes), ``e2e`` (the command line in subprocesses). ``pytest -m unit`` runs the fast part.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+# Modules whose tests share one kind get their marker here (the others mark each test or set pytestmark).
+_FILE_MARKERS = {
+    "test_engine_units.py": "unit", "test_engine_distributed.py": "distributed", "test_config.py": "unit",
+    "test_models.py": "unit", "test_probe.py": "unit", "test_video_io.py": "unit", "test_demo_model.py": "unit",
+    "test_demo_train.py": "e2e",
+}
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        marker = _FILE_MARKERS.get(Path(str(item.fspath)).name)
+        if marker is not None and not any(item.iter_markers(name=marker)):
+            item.add_marker(marker)
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A complete tiny random text-to-video pipeline folder (diffusers layout), built once per session."""
+    from video_infinity.demo.random_model import build_random_model
+
+    return build_random_model(tmp_path_factory.mktemp("tiny-model") / "model", seed=0)
+
+
+@pytest.fixture(scope="session")
+def offline_env() -> dict[str, str]:
+    """The environment for subprocesses: no hub, no tokenizer threads, no test hooks left over."""
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("VIDEO_INFINITY_TEST")}
+    return {**clean, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}

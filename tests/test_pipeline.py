@@ -1,0 +1,171 @@
+"""The Python API: VideoInfinityPipeline against diffusers, across ranks, and its argument checks."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from video_infinity import EngineConfig, VideoInfinityPipeline
+
+from engine_utils import run_distributed
+
+FRAMES, HEIGHT, WIDTH = 6, 32, 40
+WHOLE_WINDOW = {"attn": {"padding": 64, "top_k": 0, "local_phase": None, "global_phase": None}}
+SMALL = {"attn": {"padding": 2, "top_k": 2}}
+
+
+@pytest.fixture(scope="module")
+def diffusers_pipe(tiny_model):
+    from diffusers import TextToVideoSDPipeline
+
+    pipe = TextToVideoSDPipeline.from_pretrained(tiny_model, torch_dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.fixture(scope="module")
+def pipe(tiny_model):
+    return VideoInfinityPipeline.from_pretrained(tiny_model, engine=SMALL, device="cpu")
+
+
+def _latents(frames: int = FRAMES, seed: int = 3) -> torch.Tensor:
+    return torch.randn(1, 4, frames, HEIGHT // 8, WIDTH // 8, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("scheduler", ["ddim", "dpmsolver++"])
+def test_whole_window_equals_diffusers_text_to_video(diffusers_pipe, scheduler):
+    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
+
+    cls = DDIMScheduler if scheduler == "ddim" else DPMSolverMultistepScheduler
+    ours = VideoInfinityPipeline.from_pipe(diffusers_pipe, engine=WHOLE_WINDOW)
+    assert ours.family.model is diffusers_pipe.unet  # the same modules, no copy
+    kwargs = dict(num_frames=FRAMES, height=HEIGHT, width=WIDTH, num_inference_steps=3, guidance_scale=4.0,
+                  negative_prompt="blurry")
+    diffusers_pipe.scheduler = cls.from_config(diffusers_pipe.scheduler.config)
+    reference = diffusers_pipe("a red circle moving right", latents=_latents(), **kwargs).frames[0]
+    video = ours("a red circle moving right", latents=_latents(), progress=False,
+                 scheduler=cls.from_config(diffusers_pipe.scheduler.config), **kwargs).frames[0]
+    assert video.shape == reference.shape == (FRAMES, HEIGHT, WIDTH, 3) and video.dtype == np.float32
+    assert np.abs(video - reference).max() <= 1e-4
+    assert video.std() > 0.01  # a real picture, not a constant
+
+
+def _ranks_video(rank: int, world_size: int, model: Path) -> dict:
+    pipe = VideoInfinityPipeline.from_pretrained(model, engine=SMALL, device="cpu")
+    out = pipe({0: "a red circle moving right", 4: "a blue square moving up"}, num_frames=7, height=HEIGHT,
+               width=WIDTH, num_inference_steps=3, guidance_scale=4.0, seed=5, scheduler="sde-dpmsolver++",
+               progress=False)
+    latents = pipe({0: "a red circle moving right"}, num_frames=7, height=HEIGHT, width=WIDTH, num_inference_steps=2,
+                   guidance_scale=4.0, seed=5, output_type="latent", progress=False).frames
+    frames = None if out.frames is None else torch.from_numpy(out.frames)  # torch.load reads tensors only
+    return {"frames": frames, "latents": latents}
+
+
+@pytest.mark.distributed
+def test_two_gloo_ranks_give_the_same_video_as_one(tiny_model, tmp_path):
+    # Both worlds in the same environment (one thread per process, as run_distributed sets).
+    single = run_distributed(_ranks_video, 1, tiny_model, tmp_dir=tmp_path)[0]
+    ranks = run_distributed(_ranks_video, 2, tiny_model, tmp_dir=tmp_path)
+    assert ranks[1]["frames"] is None and ranks[1]["latents"] is None  # only rank 0 gets the video
+    assert torch.equal(ranks[0]["frames"][0], single["frames"][0])  # bit for bit on CPU
+    assert single["frames"][0].shape == (7, HEIGHT, WIDTH, 3)
+    assert torch.equal(ranks[0]["latents"], single["latents"]) and single["latents"].shape == (1, 4, 7, 4, 5)
+
+
+@pytest.mark.unit
+def test_prompt_dict_blends_linearly_between_keyframes(pipe):
+    from video_infinity.context import ClipContext
+
+    request = pipe.check_inputs({0: "a red circle moving right", 4: "a blue square moving up"}, num_frames=7,
+                                height=HEIGHT, width=WIDTH, num_inference_steps=1, guidance_scale=1.0)
+    per_frame = pipe.conditioning(request, ClipContext(total_frames=7)).prompt_embeds[0]
+    red, blue = pipe.family.encode_prompts(["a red circle moving right", "a blue square moving up"])
+    for frame, weight in enumerate([0, 0.25, 0.5, 0.75, 1, 1, 1]):
+        torch.testing.assert_close(per_frame[frame], (1 - weight) * red + weight * blue, atol=1e-6, rtol=0)
+
+
+@pytest.mark.unit
+def test_output_types_and_tuple_return(pipe):
+    common = dict(num_frames=3, height=HEIGHT, width=WIDTH, num_inference_steps=1, guidance_scale=1.0, seed=2,
+                  progress=False)
+    video = pipe("a red circle", output_type="np", **common).frames[0]
+    tensor = pipe("a red circle", output_type="pt", **common).frames[0]
+    images = pipe("a red circle", output_type="pil", **common).frames[0]
+    (latents,) = pipe("a red circle", output_type="latent", return_dict=False, **common)
+    assert video.shape == (3, HEIGHT, WIDTH, 3) and 0 <= video.min() and video.max() <= 1
+    torch.testing.assert_close(tensor.permute(0, 2, 3, 1).numpy(), video, atol=0, rtol=0)
+    assert len(images) == 3 and images[0].size == (WIDTH, HEIGHT)
+    np.testing.assert_array_equal(np.asarray(images[1]), (video[1] * 255).round().astype(np.uint8))
+    assert latents.shape == (1, 4, 3, HEIGHT // 8, WIDTH // 8)
+
+
+@pytest.mark.unit
+def test_callback_on_step_end_sees_each_step_and_can_stop(pipe):
+    seen = []
+
+    def callback(p, step, timestep, kwargs):
+        seen.append((step, int(timestep), tuple(kwargs["latents"].shape)))
+        if step == 1:
+            p._interrupt = True
+        return {"latents": kwargs["latents"] * 0} if step == 1 else {}
+
+    common = dict(num_frames=3, height=HEIGHT, width=WIDTH, guidance_scale=1.0, seed=2, progress=False,
+                  scheduler="ddim", output_type="latent")
+    latents = pipe("a red circle", num_inference_steps=4, callback_on_step_end=callback, **common).frames
+    assert [s[0] for s in seen] == [0, 1] and seen[0][1] > seen[1][1]
+    assert seen[0][2] == (1, 4, 3, HEIGHT // 8, WIDTH // 8)
+    assert torch.count_nonzero(latents) == 0  # the latents the callback returned were kept, and it stopped there
+
+
+@pytest.mark.unit
+def test_same_seed_same_video_and_seed_changes_it(pipe):
+    common = dict(num_frames=3, height=HEIGHT, width=WIDTH, num_inference_steps=2, guidance_scale=3.0, progress=False,
+                  output_type="latent")
+    a = pipe("a red circle", seed=4, **common).frames
+    b = pipe("a red circle", seed=4, **common).frames
+    c = pipe("a red circle", seed=5, **common).frames
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("change, words", [
+    ({"num_frames": 0}, "num_frames"),
+    ({"height": 30}, "height: must be a positive multiple of 8"),
+    ({"width": 12}, "width"),
+    ({"prompt": {1: "late start"}}, "frame 0"),
+    ({"prompt": {0: "a", 9: "b"}}, "[0, 6)"),
+    ({"output_type": "gif"}, "output_type"),
+    ({"scheduler": "euler"}, "scheduler"),
+    ({"num_frames": 1, "context_world": 2}, "ranks"),
+])
+def test_bad_arguments_raise_one_line_value_errors_before_model_work(pipe, change, words, monkeypatch):
+    from video_infinity.context import ClipContext
+
+    def no_model_work(*args, **kwargs):
+        raise AssertionError("model work started")
+
+    monkeypatch.setattr(pipe.family, "predict_noise", no_model_work)
+    monkeypatch.setattr(pipe.family, "encode_prompts", no_model_work)
+    arguments = dict(prompt="a red circle", num_frames=6, height=HEIGHT, width=WIDTH, num_inference_steps=1,
+                     guidance_scale=1.0, progress=False)
+    world = change.pop("context_world", None)
+    arguments.update(change)
+    if world is not None:
+        arguments["context"] = ClipContext(rank=0, world_size=world, total_frames=2)
+    with pytest.raises(ValueError) as error:
+        pipe(arguments.pop("prompt"), **arguments)
+    assert words in str(error.value) and "\n" not in str(error.value)
+
+
+@pytest.mark.unit
+def test_engine_accepts_the_original_plugin_configs_dict(tiny_model):
+    original = {"attn": {"padding": 24, "top_k": 16, "local_phase": {"t": 800, "local_biase": 10, "global_biase": 0},
+                         "global_phase": {"t": 800, "local_biase": 0, "global_biase": 10}, "token_num_scale": True,
+                         "dynamic_scale": True}, "conv_layer": {}}
+    pipe = VideoInfinityPipeline.from_pretrained(tiny_model, engine=original, device="cpu")
+    assert pipe.engine == EngineConfig.model_validate(original)
+    assert pipe.engine.attn.phase_biases(900) == (0.0, 10.0) and pipe.engine.attn.phase_biases(100) == (10.0, 0.0)
