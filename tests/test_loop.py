@@ -14,7 +14,7 @@ import torch
 
 from video_infinity import ClipContext, EngineConfig, parallelize
 from video_infinity.attention import dual_scope_attention
-from video_infinity.config import ConfigError, validate_run_config
+from video_infinity.run.config import ConfigError, validate_run_config
 from video_infinity.frames import (
     attention_reach,
     global_frame_indices,

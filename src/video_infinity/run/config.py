@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, field_validator, model_validator
 
-from ..config import AttentionConfig, EngineConfig, _Strict
+from ..config import AttentionConfig, EngineConfig, _FieldError, _Strict
 from ..errors import ConfigError
 from ..schedulers import SchedulerName
 
@@ -25,14 +25,6 @@ if TYPE_CHECKING:
 
 __all__ = ["ConfigError", "PipeConfig", "RunConfig", "apply_overrides", "check_devices_available",
            "load_run_config", "validate_run_config"]
-
-
-class _FieldError(ValueError):
-    """Raised by model-level validators to name the field at fault (appended to the error's loc)."""
-
-    def __init__(self, field: str, message: str) -> None:
-        super().__init__(message)
-        self.field = field
 
 
 class _StrictRun(_Strict):
