@@ -1,0 +1,1 @@
+"""Model families: loading and per-family helpers (AnimateDiff: :mod:`.animatediff`)."""
