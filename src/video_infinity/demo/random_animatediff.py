@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from diffusers import DDIMScheduler, MotionAdapter, UNet2DConditionModel, UNetMotionModel
 
-from .random_model import SCHEDULER_CONFIG, _text_encoder, _vae, _write_tokenizer, build_vocab
+from .random_model import MAX_LENGTH, SCHEDULER_CONFIG, _vae, _write_tokenizer, build_vocab
 
 logger = logging.getLogger(__name__)
 
@@ -55,13 +55,26 @@ def random_motion_unet_parts(seed: int = 0, sample_size: int = 8, block_out_chan
     return unet, adapter
 
 
+def _text_encoder(seed: int, vocab: dict[str, int], hidden_size: int) -> "CLIPTextModel":
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed + 2)
+        return CLIPTextModel(CLIPTextConfig(
+            vocab_size=len(vocab), hidden_size=hidden_size, intermediate_size=2 * hidden_size, num_hidden_layers=2,
+            num_attention_heads=2, max_position_embeddings=MAX_LENGTH, projection_dim=hidden_size,
+            bos_token_id=vocab["<|startoftext|>"], eos_token_id=vocab["<|endoftext|>"], pad_token_id=vocab["<|endoftext|>"],
+        ))
+
+
 def build_random_animatediff(path: str | Path, seed: int = 0, layout: str = "pipeline", sample_size: int = 8,
                              **unet_options: object) -> Path:
     """Write a random tiny AnimateDiff model to ``path`` and return ``path``.
 
     ``layout="pipeline"``: an ``AnimateDiffPipeline`` folder. ``layout="base+adapter"``: ``path/base`` (a
     ``StableDiffusionPipeline`` folder) and ``path/motion_adapter``. ``unet_options`` go to
-    :func:`random_motion_unet_parts` (sizes).
+    :func:`random_motion_unet_parts` (sizes); the random CLIP text encoder (2 layers) has the UNet's
+    cross-attention width, the VAE is tiny whatever the UNet's size.
     """
     from diffusers import AnimateDiffPipeline, StableDiffusionPipeline
     from transformers import CLIPTokenizer
@@ -75,9 +88,8 @@ def build_random_animatediff(path: str | Path, seed: int = 0, layout: str = "pip
     tokenizer = CLIPTokenizer.from_pretrained(path / "_tokenizer")
     unet2d, adapter = random_motion_unet_parts(seed, sample_size, **unet_options)
     with torch.random.fork_rng(devices=[]):
-        vae, text_encoder = _vae(seed, sample_size), _text_encoder(seed, vocab)
-    if text_encoder.config.hidden_size != unet2d.config.cross_attention_dim:
-        raise ValueError(f"cross_attention_dim must be {text_encoder.config.hidden_size} (the random text encoder's)")
+        vae = _vae(seed, sample_size)
+    text_encoder = _text_encoder(seed, vocab, unet2d.config.cross_attention_dim)
     scheduler = DDIMScheduler.from_config({k: v for k, v in SCHEDULER_CONFIG.items() if not k.startswith("_")})
     parts = dict(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler)
     if layout == "pipeline":
