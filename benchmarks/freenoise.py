@@ -207,6 +207,30 @@ def temporal_flops(method: str, frames: int, world_size: int, shapes: list[dict[
     return {"temporal_attention_gflop": attention / 1e9, "motion_feedforward_gflop": ff / 1e9}
 
 
+def motion_flop_share(size: str, latent: int) -> dict[str, float]:
+    """FLOPs of one plain 16-frame UNetMotionModel call (batch 2, torch's FlopCounterMode on the meta
+    device: shapes only, no weights, no GPU), and the motion modules' share of them."""
+    import torch
+    from diffusers import UNetMotionModel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from video_infinity.demo.random_animatediff import random_motion_unet_parts
+
+    with torch.device("meta"):
+        unet = UNetMotionModel.from_unet2d(*random_motion_unet_parts(0, latent, **SIZES[size], fill_zeros=False))
+    x = torch.zeros(2, 4, CONTEXT_LENGTH, latent, latent, device="meta")
+    text = torch.zeros(2 * CONTEXT_LENGTH, 77, SIZES[size]["cross_attention_dim"], device="meta")
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        unet(x, torch.tensor(10, device="meta"), text)
+    total = counter.get_total_flops()
+    # Modules named <...>.motion_modules.<i>: each motion module once.
+    motion = sum(sum(counts.values()) for name, counts in counter.get_flop_counts().items()
+                 if name.rsplit(".", 2)[-2:-1] == ["motion_modules"])
+    return {"size": size, "latent": latent, "parameters_millions": sum(p.numel() for p in unet.parameters()) / 1e6,
+            "unet_gflop_16_frames": total / 1e9, "motion_modules_gflop": motion / 1e9, "motion_share": motion / total}
+
+
 def _distance(a, b) -> dict[str, float]:
     diff = (a - b).abs()
     per_frame = diff.amax(dim=(0, 1, 3, 4))
@@ -224,9 +248,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds per length and process count")
     parser.add_argument("--out", default="freenoise", help="result name under benchmarks/results/")
+    parser.add_argument("--count-flops", action="store_true",
+                        help="only count the motion modules' share of a UNet call's FLOPs (small at 8x8 latents, "
+                             "SD1.5 at 64x64; meta device, seconds) into results/freenoise_flops.json")
     args = parser.parse_args(argv)
     setup_logging()
     import torch
+
+    if args.count_flops:
+        shares = [motion_flop_share("small", 8), motion_flop_share("sd15", 64)]
+        for share in shares:
+            logger.info("%s (%.0f M parameters, %dx%d latents): motion modules %.1f of %.1f GFLOP per 16-frame call "
+                        "(%.0f%%)", share["size"], share["parameters_millions"], share["latent"], share["latent"],
+                        share["motion_modules_gflop"], share["unet_gflop_16_frames"], 100 * share["motion_share"])
+        write_result(f"{args.out}_flops", {"machine": machine(), "counts": shares})
+        return 0
 
     from video_infinity.demo.random_animatediff import build_random_animatediff
 

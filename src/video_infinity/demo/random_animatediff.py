@@ -25,12 +25,13 @@ TEXT_DIM = 32
 
 def random_motion_unet_parts(seed: int = 0, sample_size: int = 8, block_out_channels: tuple[int, ...] = (16, 32),
                              layers_per_block: int = 1, norm_num_groups: int = 4, attention_head_dim: int = 8,
-                             motion_heads: int = 2, cross_attention_dim: int = TEXT_DIM,
+                             motion_heads: int = 2, cross_attention_dim: int = TEXT_DIM, fill_zeros: bool = True,
                              ) -> tuple[UNet2DConditionModel, MotionAdapter]:
     """A random SD-style UNet (cross-attention in all but the last level) and a matching motion adapter.
 
     Every weight is random: diffusers zero-initialises the motion modules' output projections, which
-    would make an untrained adapter a no-op and hide every temporal path.
+    would make an untrained adapter a no-op and hide every temporal path (``fill_zeros``; off for
+    shape-only models on the meta device).
     """
     levels = len(block_out_channels)
     with torch.random.fork_rng(devices=[]):
@@ -48,7 +49,7 @@ def random_motion_unet_parts(seed: int = 0, sample_size: int = 8, block_out_chan
             motion_max_seq_length=32, use_motion_mid_block=True,
         )
         with torch.no_grad():
-            for module in (unet, adapter):
+            for module in (unet, adapter) if fill_zeros else ():
                 for p in module.parameters():
                     if not torch.any(p):
                         p.normal_(0.0, 0.05)
