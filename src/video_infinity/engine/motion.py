@@ -27,7 +27,6 @@ from diffusers.hooks import ModelHook
 from diffusers.models.attention import BasicTransformerBlock, FreeNoiseTransformerBlock
 from diffusers.models.attention_processor import Attention
 from diffusers.models.embeddings import SinusoidalPositionalEmbedding
-from diffusers.models.unets.unet_motion_model import AnimateDiffTransformer3D, UNetMotionModel
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
@@ -71,6 +70,10 @@ class MotionConfig(BaseModel):
 
 def is_motion_family(model: nn.Module) -> bool:
     """Whether ``model`` is an AnimateDiff UNet (diffusers ``UNetMotionModel``)."""
+    # Imported here: diffusers' unets package loads every UNet (seconds), which the engine's importers
+    # (the CLI's early error paths included) should not pay for.
+    from diffusers.models.unets.unet_motion_model import UNetMotionModel
+
     return isinstance(model, UNetMotionModel)
 
 
@@ -233,7 +236,8 @@ class WindowedMotionAttnProcessor:
                 if global_frames:
                     rows = torch.tensor([windows.global_position(f, win) for f in global_frames], device=q.device)
                     gk, gv = gk + k_offset[rows], gv + v_offset[rows]
-            qs.append(q), ks.append(k), vs.append(v), gks.append(gk), gvs.append(gv)
+            for parts, part in ((qs, q), (ks, k), (vs, v), (gks, gk), (gvs, gv)):
+                parts.append(part)
             visible.append(torch.tensor([f not in win for f in global_frames], dtype=torch.bool, device=q.device))
         stack = (lambda t: t[0].unsqueeze(1)) if len(group) == 1 else (lambda t: torch.stack(t, dim=1))
         # (batch, blocks, heads, frames, head_dim); global visibility (blocks, 1, G) broadcast over heads
@@ -269,6 +273,8 @@ def parallelize_motion(unet: nn.Module, config: EngineConfig, context: ClipConte
     ``attn_scale`` and ``query_chunk_size``; its ``padding`` does not apply (the local window is
     ``motion.window_frames``). ``config.norm_scope`` and ``split_invariant`` apply as for UNet3D.
     """
+    from diffusers.models.unets.unet_motion_model import AnimateDiffTransformer3D
+
     motion = motion if isinstance(motion, MotionConfig) else MotionConfig.model_validate(motion or {})
     if not is_motion_family(unet):
         raise TypeError(f"{type(unet).__name__} is not a UNetMotionModel")
