@@ -12,6 +12,7 @@ from torch import nn
 from ..config import EngineConfig
 from ..context import ClipContext
 from .handle import ParallelHandle, is_parallelized
+from .motion import is_motion_family, parallelize_motion
 from .unet3d import is_unet3d_family, parallelize_unet3d
 
 __all__ = ["ParallelHandle", "parallelize"]
@@ -29,9 +30,12 @@ def parallelize(
     context = context or ClipContext()
     if is_parallelized(model):
         raise ValueError("this model is already parallelized; call remove() on the existing handle first")
+    if is_motion_family(model):  # before the UNet3D check: a type test, not a module scan
+        return parallelize_motion(model, config, context)
     if is_unet3d_family(model):
         return parallelize_unet3d(model, config, context)
     raise TypeError(
         f"{type(model).__name__} is not a supported video model: video_infinity supports "
-        "UNet3DConditionModel-family text-to-video UNets (TemporalConvLayer / TransformerTemporalModel)"
+        "UNet3DConditionModel-family text-to-video UNets (TemporalConvLayer / TransformerTemporalModel) "
+        "and AnimateDiff's UNetMotionModel"
     )
