@@ -6,8 +6,10 @@ Query frame g (global index) attends to
 Phase biases are added to the local and global logits; ``token_num_scale`` multiplies the softmax
 scale of each query by log(number of keys it attends)/log(16).
 
-Memory is linear in frames: queries are processed in chunks, and a query only ever sees the keys
-its window can reach, so no frames x frames matrix is built. With ``split_invariant`` the arithmetic
+A frame may hold many tokens (a DiT's latent frame is H'xW' tokens, laid out frame-major): every
+token of frame g attends every token of g's key frames. Memory is linear in frames: queries are
+processed in chunks, and a query only ever sees the keys its window can reach, so no frames x frames
+(or tokens x tokens) matrix of the whole video is built. With ``split_invariant`` the arithmetic
 of a query does not depend on the split of the video, so any number of ranks gives the same bits.
 """
 
@@ -42,12 +44,15 @@ def dual_scope_attention(
     token_num_scale: bool = False,
     chunk_size: int = 64,
     split_invariant: bool = True,
+    tokens_per_frame: int = 1,
 ) -> torch.Tensor:
     """Windowed softmax attention over local keys plus global keys.
 
-    Shapes: ``q`` (..., Fq, d) for the frames ``query_frames``; ``k_local``/``v_local`` (..., Fk, d)
-    for the frames ``key_frames`` (must contain every query's window, clipped to the video of
-    ``total_frames`` frames); ``k_global``/``v_global`` (..., G, d). Returns (..., Fq, dv).
+    Shapes, with T = ``tokens_per_frame`` tokens per frame laid out frame-major: ``q`` (..., Fq*T, d)
+    for the frames ``query_frames``; ``k_local``/``v_local`` (..., Fk*T, d) for the frames
+    ``key_frames`` (must contain every query's window, clipped to the video of ``total_frames``
+    frames); ``k_global``/``v_global`` (..., G*T, d). Returns (..., Fq*T, dv). ``token_num_scale``
+    counts key tokens.
 
     ``split_invariant``: a query's arithmetic depends only on its global frame index, never on which
     other frames share the call: each query frame is computed on its own, over exactly its window's
@@ -55,8 +60,9 @@ def dual_scope_attention(
     by shape). The video is then bit-identical however it is split over ranks or chunked. Otherwise
     fused attention over each chunk's key span (faster on GPUs, the same up to rounding).
     """
-    if len(query_frames) != q.shape[-2] or len(key_frames) != k_local.shape[-2]:
-        raise ValueError("query_frames/key_frames do not match the tensors' frame counts")
+    tokens = tokens_per_frame
+    if len(query_frames) * tokens != q.shape[-2] or len(key_frames) * tokens != k_local.shape[-2]:
+        raise ValueError("query_frames/key_frames (times tokens_per_frame) do not match the tensors' token counts")
     padding = min(padding, total_frames - 1)
     kernel = _per_query_attention if split_invariant else _fused_attention
     outputs = []
@@ -65,25 +71,27 @@ def dual_scope_attention(
         span = intersect(range(chunk.start - padding, chunk.stop + padding), range(total_frames))
         if intersect(span, key_frames) != span:
             raise ValueError(f"key_frames {key_frames} lack frames of the windows of queries {chunk}")
-        k0 = span.start - key_frames.start
+        k0 = (span.start - key_frames.start) * tokens
+        keys = slice(k0, k0 + len(span) * tokens)
         outputs.append(kernel(
-            q[..., c0 : c0 + len(chunk), :], k_local[..., k0 : k0 + len(span), :], v_local[..., k0 : k0 + len(span), :],
+            q[..., c0 * tokens : (c0 + len(chunk)) * tokens, :], k_local[..., keys, :], v_local[..., keys, :],
             k_global, v_global, chunk=chunk, span=span, padding=padding, scale=scale, local_bias=local_bias,
-            global_bias=global_bias, token_num_scale=token_num_scale,
+            global_bias=global_bias, token_num_scale=token_num_scale, tokens=tokens,
         ))
     return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=-2)
 
 
 def _per_query_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, k_global: torch.Tensor,
                          v_global: torch.Tensor, *, chunk: range, span: range, padding: int, scale: float,
-                         local_bias: float, global_bias: float, token_num_scale: bool) -> torch.Tensor:
+                         local_bias: float, global_bias: float, token_num_scale: bool, tokens: int) -> torch.Tensor:
     """One chunk, one query frame at a time: frame g's keys are exactly its window clipped to the
     video (``span`` holds them all), then the global keys. Every matrix product has shapes fixed by g
-    alone, with the spatial positions as its batch, so g's arithmetic is the same in any split."""
+    alone, with the other axes (batch, heads, and spatial positions for a UNet) as its batch, so g's
+    arithmetic is the same in any split."""
     lead = q.shape[:-2]
     batch = math.prod(lead)
 
-    def flat(t: torch.Tensor) -> torch.Tensor:  # (batch * heads, frames, d)
+    def flat(t: torch.Tensor) -> torch.Tensor:  # (batch * heads, tokens, d)
         return t.reshape(batch, t.shape[-2], t.shape[-1])
 
     q, keys, values, k_global, v_global = flat(q), flat(keys), flat(values), flat(k_global), flat(v_global)
@@ -91,26 +99,28 @@ def _per_query_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tens
     outputs = []
     for i, frame in enumerate(chunk):
         first, stop = max(frame - padding, span.start), min(frame + padding + 1, span.stop)
-        window_keys = keys[:, first - span.start : stop - span.start]
-        window_values = values[:, first - span.start : stop - span.start]
-        query = q[:, i, :, None]  # (batch, d, 1)
-        query_scale = scale * (math.log(stop - first + num_global) / math.log(16.0) if token_num_scale else 1.0)
-        logits = torch.bmm(window_keys, query)[..., 0] * query_scale + local_bias
+        local = slice((first - span.start) * tokens, (stop - span.start) * tokens)
+        num_local = (stop - first) * tokens
+        window_keys, window_values = keys[:, local], values[:, local]
+        query = q[:, i * tokens : (i + 1) * tokens].transpose(1, 2)  # (batch, d, T)
+        query_scale = scale * (math.log(num_local + num_global) / math.log(16.0) if token_num_scale else 1.0)
+        logits = torch.bmm(window_keys, query).transpose(1, 2) * query_scale + local_bias  # (batch, T, keys)
         if num_global:
-            logits = torch.cat([logits, torch.bmm(k_global, query)[..., 0] * query_scale + global_bias], dim=-1)
-        weights = torch.softmax(logits, dim=-1)[:, None, :]
-        out = torch.bmm(weights[..., : stop - first], window_values)
+            logits = torch.cat([logits, torch.bmm(k_global, query).transpose(1, 2) * query_scale + global_bias], -1)
+        weights = torch.softmax(logits, dim=-1)
+        out = torch.bmm(weights[..., :num_local], window_values)
         if num_global:
-            out = out + torch.bmm(weights[..., stop - first :], v_global)
+            out = out + torch.bmm(weights[..., num_local:], v_global)
         outputs.append(out)
-    return torch.cat(outputs, dim=1).view(*lead, len(chunk), -1)
+    return torch.cat(outputs, dim=1).view(*lead, len(chunk) * tokens, -1)
 
 
 def _fused_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, k_global: torch.Tensor,
                      v_global: torch.Tensor, *, chunk: range, span: range, padding: int, scale: float,
-                     local_bias: float, global_bias: float, token_num_scale: bool) -> torch.Tensor:
+                     local_bias: float, global_bias: float, token_num_scale: bool, tokens: int) -> torch.Tensor:
     """One chunk with one fused attention call over the chunk's key span, masked to each query's window."""
     num_global = k_global.shape[-2]
+    num_local = len(span) * tokens
     if num_global:
         keys, values = torch.cat([keys, k_global], dim=-2), torch.cat([values, v_global], dim=-2)
     if max(chunk[-1] - span.start, span[-1] - chunk.start) <= padding:
@@ -118,17 +128,17 @@ def _fused_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, 
         # column, and a bias shared by all keys cancels in the softmax.
         mask = None
         if num_global and local_bias != global_bias:
-            mask = torch.cat([q.new_full((1, len(span)), local_bias), q.new_full((1, num_global), global_bias)], -1)
+            mask = torch.cat([q.new_full((1, num_local), local_bias), q.new_full((1, num_global), global_bias)], -1)
         if token_num_scale:
-            scale = scale * math.log(len(span) + num_global) / math.log(16.0)
+            scale = scale * math.log(num_local + num_global) / math.log(16.0)
         return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scale)
-    q_idx = torch.arange(chunk.start, chunk.stop, device=q.device)
-    k_idx = torch.arange(span.start, span.stop, device=q.device)
+    q_idx = torch.arange(chunk.start, chunk.stop, device=q.device).repeat_interleave(tokens)
+    k_idx = torch.arange(span.start, span.stop, device=q.device).repeat_interleave(tokens)
     in_window = (q_idx[:, None] - k_idx[None, :]).abs() <= padding
     mask = torch.full(in_window.shape, float("-inf"), dtype=q.dtype, device=q.device)
     mask.masked_fill_(in_window, local_bias)
     if num_global:
-        mask = torch.cat([mask, mask.new_full((len(chunk), num_global), global_bias)], dim=-1)
+        mask = torch.cat([mask, mask.new_full((len(q_idx), num_global), global_bias)], dim=-1)
     if token_num_scale:
         num_keys = in_window.sum(-1).to(torch.float64) + num_global
         q = q * (torch.log(num_keys) / math.log(16.0)).to(q.dtype)[:, None]

@@ -13,6 +13,7 @@ from ..config import EngineConfig
 from ..context import ClipContext
 from .handle import ParallelHandle, is_parallelized
 from .unet3d import is_unet3d_family, parallelize_unet3d
+from .wan import is_wan_transformer, parallelize_wan
 
 __all__ = ["ParallelHandle", "parallelize"]
 
@@ -22,16 +23,19 @@ def parallelize(
 ) -> ParallelHandle:
     """Make ``model`` compute its slice of one long video with Video-Infinity's communication.
 
-    ``context`` says which frames this process owns; ``None`` means one process owning all frames
-    of each input. Returns a handle whose ``remove()`` restores the original model.
+    ``context`` says which frames this process owns (latent frames for a DiT such as Wan); ``None``
+    means one process owning all frames of each input. Returns a handle whose ``remove()`` restores the original model.
     """
     config = config if isinstance(config, EngineConfig) else EngineConfig.model_validate(config or {})
     context = context or ClipContext()
     if is_parallelized(model):
         raise ValueError("this model is already parallelized; call remove() on the existing handle first")
+    if is_wan_transformer(model):
+        return parallelize_wan(model, config, context)
     if is_unet3d_family(model):
         return parallelize_unet3d(model, config, context)
     raise TypeError(
         f"{type(model).__name__} is not a supported video model: video_infinity supports "
-        "UNet3DConditionModel-family text-to-video UNets (TemporalConvLayer / TransformerTemporalModel)"
+        "UNet3DConditionModel-family text-to-video UNets (TemporalConvLayer / TransformerTemporalModel) "
+        "and diffusers' WanTransformer3DModel (Wan2.1 / Wan2.2)"
     )
