@@ -1,0 +1,1 @@
+"""Per model family: loading components, latent <-> video frame mapping, VAE decode, text encoding."""
