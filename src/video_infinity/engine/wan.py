@@ -6,7 +6,8 @@ contiguous range of latent frames; only self-attention needs other ranks:
 
 * ``WanRotaryPosEmbed`` gets a hook that returns the rotary angles of the rank's *global* latent
   frames, so positions are those of one process running the whole video;
-* the patch embedding computes as a matrix product over patches when split-invariant;
+* when computing split-invariantly, the patch embedding and the linear layers of the token path
+  compute one matrix product per latent frame (shapes fixed by the frame, not by the rank's clip);
 * every self-attention (``WanAttention`` that is not cross-attention) gets
   :class:`WanDualScopeAttnProcessor`: keys and values are computed after the key norm and the
   rotary embedding, the neighbours' frames arrive point-to-point (and the global frames from their
@@ -27,6 +28,7 @@ from diffusers.models.transformers.transformer_wan import (
     WanAttention,
     WanRotaryPosEmbed,
     WanTransformer3DModel,
+    WanTransformerBlock,
 )
 from torch import nn
 
@@ -113,12 +115,39 @@ class _GlobalRotaryPositions(ModelHook):
         return table(module.freqs_cos), table(module.freqs_sin)
 
 
+class _PerFrameLinear(ModelHook):
+    """On a linear layer of the token path: one matrix product per latent frame when computing
+    split-invariantly.
+
+    BLAS kernels choose their blocking by the number of rows, so a token's output could round
+    differently in a rank holding 3 latent frames and in one holding 5; a batched product with one
+    (tokens per frame x channels) matrix per frame has shapes fixed by the frame alone. Otherwise
+    the layer's own ``F.linear``.
+    """
+
+    def __init__(self, config: EngineConfig, state: DenoiseState) -> None:
+        super().__init__()
+        self.config, self.state = config, state
+
+    def new_forward(self, module: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+        if not self.config.split_invariant_on(x.device.type):
+            return nn.functional.linear(x, module.weight, module.bias)
+        frames = len(self.state.layout.owned)
+        batch, tokens = x.shape[0], x.shape[1]
+        per_frame = x.reshape(batch * frames, tokens // frames, x.shape[-1])
+        weight = module.weight.t().expand(per_frame.shape[0], -1, -1)
+        out = torch.bmm(per_frame, weight)
+        if module.bias is not None:
+            out = out + module.bias
+        return out.reshape(batch, tokens, -1)
+
+
 class _PatchEmbeddingAsMatmul(ModelHook):
-    """On the patch embedding (a ``Conv3d`` whose kernel equals its stride): a matrix product over
-    each patch's pixels when computing split-invariantly.
+    """On the patch embedding (a ``Conv3d`` whose kernel equals its stride): one matrix product over
+    each latent frame's patches when computing split-invariantly.
 
     oneDNN picks its convolution algorithm by input size, so a latent frame rounds differently in a
-    one-frame clip and in a longer one; a product over patches gives every frame the same arithmetic.
+    one-frame clip and in a longer one; a product per frame gives every frame the same arithmetic.
     Otherwise the module's own convolution.
     """
 
@@ -131,10 +160,12 @@ class _PatchEmbeddingAsMatmul(ModelHook):
             return module._conv_forward(x, module.weight, module.bias)
         batch, channels, frames, height, width = x.shape
         p_t, p_h, p_w = module.kernel_size
-        patches = x.reshape(batch, channels, frames // p_t, p_t, height // p_h, p_h, width // p_w, p_w)
-        patches = patches.permute(0, 2, 4, 6, 1, 3, 5, 7).flatten(4)  # (B, F', H', W', C*p_t*p_h*p_w)
-        out = nn.functional.linear(patches, module.weight.flatten(1), module.bias)
-        return out.permute(0, 4, 1, 2, 3)
+        grid = (frames // p_t, height // p_h, width // p_w)
+        patches = x.reshape(batch, channels, grid[0], p_t, grid[1], p_h, grid[2], p_w)
+        patches = patches.permute(0, 2, 4, 6, 1, 3, 5, 7).reshape(batch * grid[0], grid[1] * grid[2], -1)
+        weight = module.weight.flatten(1).t().expand(patches.shape[0], -1, -1)
+        out = torch.bmm(patches, weight) + module.bias  # (batch*frames, patches, channels)
+        return out.reshape(batch, *grid, -1).permute(0, 4, 1, 2, 3)
 
 
 def _is_patch_embedding(module: nn.Module) -> bool:
@@ -145,6 +176,21 @@ def _is_patch_embedding(module: nn.Module) -> bool:
         and module.dilation == (1, 1, 1)
         and module.groups == 1
     )
+
+
+def _token_path_linears(transformer: WanTransformer3DModel) -> list[nn.Linear]:
+    """The linear layers whose rows are the video's tokens (not the text's or the timestep's)."""
+    linears = [transformer.proj_out] if isinstance(transformer.proj_out, nn.Linear) else []
+    for block in transformer.modules():
+        if not isinstance(block, WanTransformerBlock):
+            continue
+        for attn in (block.attn1, block.attn2):
+            if attn.is_cross_attention:  # only the queries and the output are token rows
+                linears += [m for m in (attn.to_q, attn.to_out[0]) if isinstance(m, nn.Linear)]
+            else:
+                linears += [m for m in attn.modules() if isinstance(m, nn.Linear)]
+        linears += [m for m in block.ffn.modules() if isinstance(m, nn.Linear)]
+    return linears
 
 
 def _apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -324,6 +370,8 @@ def parallelize_wan(transformer: WanTransformer3DModel, config: EngineConfig, co
     for module in transformer.modules():
         if _is_patch_embedding(module):
             handle.hook(module, _PatchEmbeddingAsMatmul(config))
+    for linear in _token_path_linears(transformer):
+        handle.hook(linear, _PerFrameLinear(config, state))
     for attn in self_attentions:
         handle.set_processor(attn, WanDualScopeAttnProcessor(config, context, state))
     for attn in attentions:

@@ -65,8 +65,8 @@ def load_wan_scheduler(folder: str | Path, flow_shift: float | None = None):
 def latent_frame_count(num_frames: int, temporal_compression: int = 4) -> int:
     """Latent frames of a ``num_frames`` video: (num_frames - 1) / 4 + 1; other counts are an error."""
     if num_frames < 1 or (num_frames - 1) % temporal_compression:
-        below = max(1, num_frames - 1 - (num_frames - 1) % temporal_compression)
-        above = below + temporal_compression if num_frames > 1 else 1 + temporal_compression
+        below = max(1, num_frames - (num_frames - 1) % temporal_compression)
+        above = below + temporal_compression
         raise ValueError(
             f"num_frames: Wan videos have {temporal_compression}k+1 frames; {num_frames} is not one, "
             f"use {below} or {above}"
