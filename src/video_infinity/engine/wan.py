@@ -157,14 +157,16 @@ class _PatchEmbeddingAsMatmul(ModelHook):
 
     def new_forward(self, module: nn.Conv3d, x: torch.Tensor) -> torch.Tensor:
         if not self.config.split_invariant_on(x.device.type):
-            return module._conv_forward(x, module.weight, module.bias)
+            return nn.functional.conv3d(x, module.weight, module.bias, module.stride)
         batch, channels, frames, height, width = x.shape
         p_t, p_h, p_w = module.kernel_size
         grid = (frames // p_t, height // p_h, width // p_w)
         patches = x.reshape(batch, channels, grid[0], p_t, grid[1], p_h, grid[2], p_w)
         patches = patches.permute(0, 2, 4, 6, 1, 3, 5, 7).reshape(batch * grid[0], grid[1] * grid[2], -1)
         weight = module.weight.flatten(1).t().expand(patches.shape[0], -1, -1)
-        out = torch.bmm(patches, weight) + module.bias  # (batch*frames, patches, channels)
+        out = torch.bmm(patches, weight)  # (batch*frames, patches, channels)
+        if module.bias is not None:
+            out = out + module.bias
         return out.reshape(batch, *grid, -1).permute(0, 4, 1, 2, 3)
 
 
