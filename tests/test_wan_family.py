@@ -20,6 +20,7 @@ from video_infinity.families.wan import (
     latent_frame_count,
     load_wan_scheduler,
     video_frame_count,
+    video_frames_of,
     wan_decoder_receptive_field,
 )
 from video_infinity.noise import frame_noise
@@ -31,6 +32,9 @@ from wan_pipeline_utils import build_tiny_wan_folder
 def test_frame_rule_and_sizes():
     assert [latent_frame_count(n) for n in (1, 5, 81, 1025)] == [1, 2, 21, 257]
     assert all(video_frame_count(latent_frame_count(n)) == n for n in (1, 5, 81, 1025))
+    # 21 latent frames on 3 ranks: the ranks' video frames tile the 81 frames
+    assert [video_frames_of(r) for r in (range(0, 7), range(7, 14), range(14, 21))] == [
+        range(0, 25), range(25, 53), range(53, 81)]
     with pytest.raises(ValueError, match=r"num_frames.*use 77 or 81"):
         latent_frame_count(80)
     with pytest.raises(ValueError, match=r"use 81 or 85"):

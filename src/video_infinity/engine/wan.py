@@ -230,7 +230,9 @@ class WanDualScopeAttnProcessor:
         **kwargs,
     ) -> torch.Tensor:
         if encoder_hidden_states is not None or attention_mask is not None:
-            raise NotImplementedError("Wan dual-scope attention handles self-attention only (no encoder states, no mask)")
+            raise NotImplementedError(
+                "Wan dual-scope attention handles self-attention only (no encoder states, no mask)"
+            )
         layout, config, timestep = self.state.layout, self.config, self.state.timestep
         batch, num_tokens, _ = hidden_states.shape
         frames = len(layout.owned)
@@ -331,9 +333,11 @@ class WanFrameCrossAttnProcessor:
             query = attn.to_q(hidden_states)
             key, value = attn.to_kv(encoder_hidden_states).chunk(2, dim=-1)
         else:
-            query, key, value = attn.to_q(hidden_states), attn.to_k(encoder_hidden_states), attn.to_v(encoder_hidden_states)
+            query = attn.to_q(hidden_states)
+            key, value = attn.to_k(encoder_hidden_states), attn.to_v(encoder_hidden_states)
         query, key = attn.norm_q(query), attn.norm_k(key)
-        query = query.unflatten(2, (attn.heads, -1)).unflatten(1, (frames, -1)).permute(0, 3, 1, 2, 4)  # (B, H, F, T, D)
+        # (batch, tokens, heads*d) -> (batch, heads, frames, tokens per frame, d)
+        query = query.unflatten(2, (attn.heads, -1)).unflatten(1, (frames, -1)).permute(0, 3, 1, 2, 4)
         key, value = key.unflatten(-1, (attn.heads, -1)), value.unflatten(-1, (attn.heads, -1))
         if per_frame:  # (B, F, L, H, D) -> (B, H, F, L, D)
             key, value = key.permute(0, 3, 1, 2, 4), value.permute(0, 3, 1, 2, 4)
@@ -354,12 +358,17 @@ def parallelize_wan(transformer: WanTransformer3DModel, config: EngineConfig, co
     """
     patch_frames = transformer.config.patch_size[0]
     if patch_frames != 1:
-        raise ValueError(f"patch_size: the Wan engine needs a temporal patch size of 1 (token frame = latent frame), got {patch_frames}")
+        raise ValueError(
+            f"patch_size: the Wan engine needs a temporal patch size of 1 (token frame = latent frame), "
+            f"got {patch_frames}"
+        )
     ropes = [m for m in transformer.modules() if isinstance(m, WanRotaryPosEmbed)]
     attentions = [m for m in transformer.modules() if isinstance(m, WanAttention)]
     self_attentions = [m for m in attentions if not m.is_cross_attention]
     if len(ropes) != 1 or not self_attentions:
-        raise TypeError(f"{type(transformer).__name__}: expected one WanRotaryPosEmbed and WanAttention self-attentions")
+        raise TypeError(
+            f"{type(transformer).__name__}: expected one WanRotaryPosEmbed and WanAttention self-attentions"
+        )
     if context.total_frames is not None and context.total_frames > ropes[0].max_seq_len:
         raise ValueError(
             f"total_frames: {context.total_frames} latent frames exceed the transformer's rotary table "

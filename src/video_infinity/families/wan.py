@@ -79,11 +79,18 @@ def video_frame_count(latent_frames: int, temporal_compression: int = 4) -> int:
     return temporal_compression * (latent_frames - 1) + 1
 
 
+def video_frames_of(latent_frames: range, temporal_compression: int = 4) -> range:
+    """Global indices of the video frames decoded from ``latent_frames`` (what a rank hands the writer)."""
+    start = 0 if latent_frames.start == 0 else temporal_compression * (latent_frames.start - 1) + 1
+    return range(start, video_frame_count(latent_frames.stop, temporal_compression))
+
+
 def check_wan_size(height: int, width: int, multiple: int = 16) -> None:
     """Height and width must be positive multiples of VAE compression x patch size (16 for Wan2.1)."""
     for name, value in (("height", height), ("width", width)):
         if value < multiple or value % multiple:
-            raise ValueError(f"{name}: Wan needs a positive multiple of {multiple}, got {value}; use {max(multiple, value // multiple * multiple)}")
+            nearest = max(multiple, value // multiple * multiple)
+            raise ValueError(f"{name}: Wan needs a positive multiple of {multiple}, got {value}; use {nearest}")
 
 
 # ----------------------------------------------------------------------------------- text
@@ -135,7 +142,9 @@ def encode_wan_prompts(
     return both[:-1][index], both[-1:]
 
 
-def frame_text(embeds: torch.Tensor, total_latent_frames: int, owned: range, transition_frames: int = 0) -> torch.Tensor:
+def frame_text(
+    embeds: torch.Tensor, total_latent_frames: int, owned: range, transition_frames: int = 0
+) -> torch.Tensor:
     """Text for the rank's transformer calls: (1, seq, dim) for one prompt, else (1, frames, seq, dim)
     with each owned latent frame's (possibly blended) prompt embedding."""
     if embeds.shape[0] == 1:
@@ -182,7 +191,9 @@ def decode_wan_window(vae: AutoencoderKLWan, latents: torch.Tensor, skip: int) -
     return video[:, :, 1 + vae.config.scale_factor_temporal * (skip - 1) :]
 
 
-def decode_wan_clip(vae: AutoencoderKLWan, latents: torch.Tensor, ctx: ClipContext, halo: int | None = None) -> torch.Tensor:
+def decode_wan_clip(
+    vae: AutoencoderKLWan, latents: torch.Tensor, ctx: ClipContext, halo: int | None = None
+) -> torch.Tensor:
     """Video frames of this rank's latent frames (model scale, (batch, C, frames, h, w)), in [-1, 1].
 
     The preceding ``halo`` latent frames (default: the decoder's receptive field) arrive from the
@@ -192,7 +203,8 @@ def decode_wan_clip(vae: AutoencoderKLWan, latents: torch.Tensor, ctx: ClipConte
     layout = ctx.layout_for(latents.shape[2])
     window, span, _ = start_exchange(latents, 2, layout, halo, 0, ctx, kind="vae_halo").wait()
     with torch.no_grad():
-        return decode_wan_window(vae, denormalize_wan_latents(vae, window.to(vae.dtype)), layout.owned.start - span.start)
+        latents = denormalize_wan_latents(vae, window.to(vae.dtype))
+        return decode_wan_window(vae, latents, layout.owned.start - span.start)
 
 
 # ----------------------------------------------------------------------------------- sampling
@@ -238,18 +250,26 @@ def generate_wan(
         raise ValueError("prompts: give at least one prompt")
     index = read_model_index(folder)
     if index.get("_class_name") not in WAN_PIPELINE_CLASSES:
-        raise ValueError(f"model: {folder} is a {index.get('_class_name')}, not a Wan text-to-video pipeline (WanPipeline)")
+        raise ValueError(
+            f"model: {folder} is a {index.get('_class_name')}, not a Wan text-to-video pipeline (WanPipeline)"
+        )
     vae_config = AutoencoderKLWan.load_config(folder, subfolder="vae")
     temporal, spatial = vae_config.get("scale_factor_temporal", 4), vae_config.get("scale_factor_spatial", 8)
     latent_frames = latent_frame_count(num_frames, temporal)
-    transformer = WanTransformer3DModel.from_pretrained(folder, subfolder="transformer", torch_dtype=dtype).to(device).eval()
-    patch = transformer.config.patch_size
+    patch = WanTransformer3DModel.load_config(folder, subfolder="transformer")["patch_size"]
     check_wan_size(height, width, spatial * max(patch[1], patch[2]))
     if ctx.total_frames != latent_frames:
-        raise ValueError(f"context: total_frames must be the video's latent frame count {latent_frames}, got {ctx.total_frames}")
+        raise ValueError(
+            f"context: total_frames must be the video's latent frame count {latent_frames}, got {ctx.total_frames}"
+        )
+
+    def load_transformer(subfolder: str) -> WanTransformer3DModel:
+        return WanTransformer3DModel.from_pretrained(folder, subfolder=subfolder, torch_dtype=dtype).to(device).eval()
+
+    transformer = load_transformer("transformer")
     experts = [transformer]
     if index.get("transformer_2") and index["transformer_2"][0] is not None:
-        experts.append(WanTransformer3DModel.from_pretrained(folder, subfolder="transformer_2", torch_dtype=dtype).to(device).eval())
+        experts.append(load_transformer("transformer_2"))
     guidance_scale_2 = guidance_scale if guidance_scale_2 is None else guidance_scale_2
     guided = guidance_scale > 1.0 or (len(experts) > 1 and guidance_scale_2 > 1.0)
 
