@@ -7,8 +7,10 @@ Query frame g (global index) attends to
 Phase biases are added to the local and global logits; ``token_num_scale`` multiplies the softmax
 scale of each query by log(number of keys it attends)/log(16).
 
-Memory is linear in frames: queries are processed in chunks, and a query only ever sees the keys
-its window can reach, so no frames x frames matrix is built. With ``split_invariant`` the arithmetic
+A frame may hold many tokens (a DiT's latent frame is H'xW' tokens, laid out frame-major): every
+token of frame g attends every token of g's key frames. Memory is linear in frames: queries are
+processed in chunks, and a query only ever sees the keys its window can reach, so no frames x frames
+(or tokens x tokens) matrix of the whole video is built. With ``split_invariant`` the arithmetic
 of a query does not depend on the split of the video, so any number of ranks gives the same bits.
 """
 
@@ -44,12 +46,17 @@ def dual_scope_attention(
     chunk_size: int = 64,
     split_invariant: bool = True,
     loop: bool = False,
+    tokens_per_frame: int = 1,
 ) -> torch.Tensor:
     """Windowed softmax attention over local keys plus global keys.
 
-    Shapes: ``q`` (..., Fq, d) for the frames ``query_frames``; ``k_local``/``v_local`` (..., Fk, d)
-    for the frames ``key_frames`` (must contain every query's window, clipped to the video of
-    ``total_frames`` frames); ``k_global``/``v_global`` (..., G, d). Returns (..., Fq, dv).
+    Shapes, with T = ``tokens_per_frame`` tokens per frame laid out frame-major: ``q`` (..., Fq*T, d)
+    for the frames ``query_frames``; ``k_local``/``v_local`` (..., Fk*T, d) for the frames
+    ``key_frames`` (must contain every query's window, clipped to the video of ``total_frames``
+    frames); ``k_global``/``v_global`` (..., G*T, d). Returns (..., Fq*T, dv). ``token_num_scale``
+    counts key tokens. A band window over several query frames of many tokens needs a
+    (chunk x span tokens) mask: DiT callers pass ``chunk_size=1`` there (one query frame sees its
+    whole key span and needs no mask).
 
     ``split_invariant``: a query's arithmetic depends only on its global frame index and the
     settings, never on which other frames share the call: queries are grouped in blocks of
@@ -61,8 +68,9 @@ def dual_scope_attention(
     video is bit-identical however it is split over ranks. Otherwise fused attention over chunks of
     the call's own queries (the same up to rounding).
     """
-    if len(query_frames) != q.shape[-2] or len(key_frames) != k_local.shape[-2]:
-        raise ValueError("query_frames/key_frames do not match the tensors' frame counts")
+    tokens = tokens_per_frame
+    if len(query_frames) * tokens != q.shape[-2] or len(key_frames) * tokens != k_local.shape[-2]:
+        raise ValueError("query_frames/key_frames (times tokens_per_frame) do not match the tensors' token counts")
     left, right = attention_reach(padding, total_frames, loop)
     padding = max(left, right)
     if left != right or (loop and split_invariant):
@@ -72,7 +80,7 @@ def dual_scope_attention(
         # other positions in their blocks, breaking exact roll-equivariance (a ring has no frame 0).
         chunk_size = 1
     settings = dict(padding=padding, scale=scale, local_bias=local_bias, global_bias=global_bias,
-                    token_num_scale=token_num_scale)
+                    token_num_scale=token_num_scale, tokens=tokens)
     video = range(total_frames)
     outputs = []
     if split_invariant:
@@ -88,32 +96,36 @@ def dual_scope_attention(
         if not (key_frames.start <= needed.start and needed.stop <= key_frames.stop):
             raise ValueError(f"key_frames {key_frames} lack frames of the windows of queries {owned}")
         if split_invariant:  # fresh contiguous tensors: shapes and layout fixed by the block
-            block_q = _zero_filled(q, query_frames, rows)
-            block_k, block_v = _zero_filled(k_local, key_frames, span), _zero_filled(v_local, key_frames, span)
+            block_q = _zero_filled(q, query_frames, rows, tokens)
+            block_k = _zero_filled(k_local, key_frames, span, tokens)
+            block_v = _zero_filled(v_local, key_frames, span, tokens)
         else:
-            k0 = span.start - key_frames.start
-            block_q = q[..., owned.start - query_frames.start : owned.stop - query_frames.start, :]
-            block_k, block_v = (t[..., k0 : k0 + len(span), :] for t in (k_local, v_local))
+            k0 = (span.start - key_frames.start) * tokens
+            q0 = (owned.start - query_frames.start) * tokens
+            block_q = q[..., q0 : q0 + len(owned) * tokens, :]
+            block_k, block_v = (t[..., k0 : k0 + len(span) * tokens, :] for t in (k_local, v_local))
         out = _fused_attention(block_q, block_k, block_v, global_k, global_v, chunk=rows, span=span, **settings)
-        outputs.append(out[..., owned.start - rows.start : owned.stop - rows.start, :])
+        outputs.append(out[..., (owned.start - rows.start) * tokens : (owned.stop - rows.start) * tokens, :])
     return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=-2)
 
 
-def _zero_filled(t: torch.Tensor, frames: range, wanted: range) -> torch.Tensor:
-    """``t`` (..., len(frames), d) holds ``frames``: a contiguous (..., len(wanted), d) tensor for
-    ``wanted``, with the frames of ``wanted`` that ``t`` lacks as zeros."""
-    out = t.new_zeros(*t.shape[:-2], len(wanted), t.shape[-1])
+def _zero_filled(t: torch.Tensor, frames: range, wanted: range, tokens: int = 1) -> torch.Tensor:
+    """``t`` (..., len(frames)*tokens, d) holds ``frames``: a contiguous (..., len(wanted)*tokens, d)
+    tensor for ``wanted``, with the frames of ``wanted`` that ``t`` lacks as zeros."""
+    out = t.new_zeros(*t.shape[:-2], len(wanted) * tokens, t.shape[-1])
     held = intersect(wanted, frames)
     if len(held):
-        out[..., held.start - wanted.start : held.stop - wanted.start, :] = t[..., held.start - frames.start : held.stop - frames.start, :]
+        dst, src = (held.start - wanted.start) * tokens, (held.start - frames.start) * tokens
+        out[..., dst : dst + len(held) * tokens, :] = t[..., src : src + len(held) * tokens, :]
     return out
 
 
 def _fused_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, k_global: torch.Tensor,
                      v_global: torch.Tensor, *, chunk: range, span: range, padding: int, scale: float,
-                     local_bias: float, global_bias: float, token_num_scale: bool) -> torch.Tensor:
+                     local_bias: float, global_bias: float, token_num_scale: bool, tokens: int = 1) -> torch.Tensor:
     """One chunk with one fused attention call over the chunk's key span, masked to each query's window."""
     num_global = k_global.shape[-2]
+    num_local = len(span) * tokens
     if num_global:
         keys, values = torch.cat([keys, k_global], dim=-2), torch.cat([values, v_global], dim=-2)
     if max(chunk[-1] - span.start, span[-1] - chunk.start) <= padding:
@@ -121,17 +133,17 @@ def _fused_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, 
         # column, and a bias shared by all keys cancels in the softmax.
         mask = None
         if num_global and local_bias != global_bias:
-            mask = torch.cat([q.new_full((1, len(span)), local_bias), q.new_full((1, num_global), global_bias)], -1)
+            mask = torch.cat([q.new_full((1, num_local), local_bias), q.new_full((1, num_global), global_bias)], -1)
         if token_num_scale:
-            scale = scale * math.log(len(span) + num_global) / math.log(16.0)
+            scale = scale * math.log(num_local + num_global) / math.log(16.0)
         return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scale)
-    q_idx = torch.arange(chunk.start, chunk.stop, device=q.device)
-    k_idx = torch.arange(span.start, span.stop, device=q.device)
+    q_idx = torch.arange(chunk.start, chunk.stop, device=q.device).repeat_interleave(tokens)
+    k_idx = torch.arange(span.start, span.stop, device=q.device).repeat_interleave(tokens)
     in_window = (q_idx[:, None] - k_idx[None, :]).abs() <= padding
     mask = torch.full(in_window.shape, float("-inf"), dtype=q.dtype, device=q.device)
     mask.masked_fill_(in_window, local_bias)
     if num_global:
-        mask = torch.cat([mask, mask.new_full((len(chunk), num_global), global_bias)], dim=-1)
+        mask = torch.cat([mask, mask.new_full((len(q_idx), num_global), global_bias)], dim=-1)
     if token_num_scale:
         num_keys = in_window.sum(-1).to(torch.float64) + num_global
         q = q * (torch.log(num_keys) / math.log(16.0)).to(q.dtype)[:, None]

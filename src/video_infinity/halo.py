@@ -103,7 +103,9 @@ def start_exchange(
         ops.append(dist.P2POp(dist.isend, payload, ctx.global_rank(peer), ctx.group))
         ctx.stats.add(stat, payload.numel() * payload.element_size())
 
-    if len(span) != len(owned):
+    if ctx.distributed and (left or right):
+        # Not only when this rank's own window reaches past its clip: with a one-sided window
+        # (e.g. left only) the first rank needs nothing but must still send.
         # Messages between one pair of ranks match in posting order: window first, then globals.
         plan = window_transfer_plan(partition, layout.rank, left, right, loop)
         window_parts = [(piece.at, _frames(x, dim, piece.frames, owned.start)) for piece in plan.local]

@@ -1,0 +1,392 @@
+"""The clip-parallel engine on diffusers' Wan DiT (``WanTransformer3DModel``: Wan2.1, Wan2.2).
+
+Wan's temporal patch size is 1, so each latent frame is one block of H'xW' tokens (frame-major) and
+every module but self-attention works token by token. Under clip parallelism each rank owns a
+contiguous range of latent frames; only self-attention needs other ranks:
+
+* ``WanRotaryPosEmbed`` gets a hook that returns the rotary angles of the rank's *global* latent
+  frames, so positions are those of one process running the whole video;
+* when computing split-invariantly, the patch embedding and the linear layers of the token path
+  compute one matrix product per latent frame (shapes fixed by the frame, not by the rank's clip);
+* every self-attention (``WanAttention`` that is not cross-attention) gets
+  :class:`WanDualScopeAttnProcessor`: keys and values are computed after the key norm and the
+  rotary embedding, the neighbours' frames arrive point-to-point (and the global frames from their
+  owners) while the queries are computed, then dual-scope attention over latent frames;
+* cross-attentions get :class:`WanFrameCrossAttnProcessor`: one text embedding per latent frame
+  (multi-prompt) and, when computing split-invariantly, arithmetic fixed per latent frame.
+
+Nothing else is touched: the model's own forward runs unchanged on the rank's frames.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from diffusers.hooks import ModelHook
+from diffusers.models.transformers.transformer_wan import (
+    WanAttention,
+    WanRotaryPosEmbed,
+    WanTransformer3DModel,
+    WanTransformerBlock,
+)
+from torch import nn
+
+from ..attention import dual_scope_attention
+from ..config import EngineConfig
+from ..context import ClipContext, DenoiseState
+from ..frames import global_frame_indices
+from ..halo import start_exchange
+from .handle import ParallelHandle
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["WanDualScopeAttnProcessor", "WanFrameCrossAttnProcessor", "is_wan_transformer", "parallelize_wan"]
+
+
+def is_wan_transformer(model: nn.Module) -> bool:
+    return isinstance(model, WanTransformer3DModel)
+
+
+def _one_timestep(timestep: torch.Tensor | float | int) -> float:
+    """The call's single timestep (the phase biases need one); per-token timesteps must all agree."""
+    if not torch.is_tensor(timestep):
+        return float(timestep)
+    values = timestep.detach().flatten().float().cpu()
+    if values.numel() > 1 and not torch.all(values == values[0]):
+        raise ValueError("timestep: the engine needs one timestep per transformer call (phase biases); got several")
+    return float(values[0])
+
+
+class _TrackWanCall(ModelHook):
+    """On the transformer: record this call's latent-frame layout and timestep for the processors."""
+
+    def __init__(self, ctx: ClipContext, state: DenoiseState) -> None:
+        super().__init__()
+        self.ctx, self.state = ctx, state
+
+    def pre_forward(self, module: nn.Module, *args, **kwargs):
+        sample = args[0] if args else kwargs["hidden_states"]
+        timestep = args[1] if len(args) > 1 else kwargs["timestep"]
+        self.state.layout = self.ctx.layout_for(sample.shape[2])
+        self.state.timestep = _one_timestep(timestep)
+        text = args[2] if len(args) > 2 else kwargs.get("encoder_hidden_states")
+        if text is not None and text.dim() == 4 and text.shape[1] != sample.shape[2]:
+            raise ValueError(
+                f"encoder_hidden_states: per-frame text embeddings cover {text.shape[1]} latent frames, "
+                f"the rank's input has {sample.shape[2]}"
+            )
+        return args, kwargs
+
+
+class _GlobalRotaryPositions(ModelHook):
+    """On ``WanRotaryPosEmbed``: the rotary angles of the rank's global latent frames.
+
+    The same tables and layout as diffusers' own forward, with the frame axis starting at the
+    rank's first global latent frame instead of 0.
+    """
+
+    def __init__(self, state: DenoiseState) -> None:
+        super().__init__()
+        self.state = state
+
+    def new_forward(self, module: WanRotaryPosEmbed, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        layout = self.state.layout
+        if layout.total_frames > module.max_seq_len:
+            raise ValueError(
+                f"the video has {layout.total_frames} latent frames but the transformer's rotary table holds "
+                f"{module.max_seq_len} (rope_max_seq_len): generate at most {module.max_seq_len} latent frames"
+            )
+        _, _, num_frames, height, width = hidden_states.shape
+        _, p_h, p_w = module.patch_size
+        owned, pph, ppw = layout.owned, height // p_h, width // p_w
+        sizes = [module.t_dim, module.h_dim, module.w_dim]
+
+        def table(freqs: torch.Tensor) -> torch.Tensor:
+            t, h, w = freqs.split(sizes, dim=1)
+            grid = (num_frames, pph, ppw, -1)
+            parts = [
+                t[owned.start : owned.stop].view(num_frames, 1, 1, -1).expand(grid),
+                h[:pph].view(1, pph, 1, -1).expand(grid),
+                w[:ppw].view(1, 1, ppw, -1).expand(grid),
+            ]
+            return torch.cat(parts, dim=-1).reshape(1, num_frames * pph * ppw, 1, -1)
+
+        return table(module.freqs_cos), table(module.freqs_sin)
+
+
+class _PerFrameLinear(ModelHook):
+    """On a linear layer of the token path: one matrix product per latent frame when computing
+    split-invariantly.
+
+    BLAS kernels choose their blocking by the number of rows, so a token's output could round
+    differently in a rank holding 3 latent frames and in one holding 5; a batched product with one
+    (tokens per frame x channels) matrix per frame has shapes fixed by the frame alone. Otherwise
+    the layer's own ``F.linear``.
+    """
+
+    def __init__(self, config: EngineConfig, state: DenoiseState) -> None:
+        super().__init__()
+        self.config, self.state = config, state
+
+    def new_forward(self, module: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+        if not self.config.split_invariant_on(x.device.type):
+            return nn.functional.linear(x, module.weight, module.bias)
+        frames = len(self.state.layout.owned)
+        batch, tokens = x.shape[0], x.shape[1]
+        per_frame = x.reshape(batch * frames, tokens // frames, x.shape[-1])
+        weight = module.weight.t().expand(per_frame.shape[0], -1, -1)
+        out = torch.bmm(per_frame, weight)
+        if module.bias is not None:
+            out = out + module.bias
+        return out.reshape(batch, tokens, -1)
+
+
+class _PatchEmbeddingAsMatmul(ModelHook):
+    """On the patch embedding (a ``Conv3d`` whose kernel equals its stride): one matrix product over
+    each latent frame's patches when computing split-invariantly.
+
+    oneDNN picks its convolution algorithm by input size, so a latent frame rounds differently in a
+    one-frame clip and in a longer one; a product per frame gives every frame the same arithmetic.
+    Otherwise the module's own convolution.
+    """
+
+    def __init__(self, config: EngineConfig) -> None:
+        super().__init__()
+        self.config = config
+
+    def new_forward(self, module: nn.Conv3d, x: torch.Tensor) -> torch.Tensor:
+        if not self.config.split_invariant_on(x.device.type):
+            return nn.functional.conv3d(x, module.weight, module.bias, module.stride)
+        batch, channels, frames, height, width = x.shape
+        p_t, p_h, p_w = module.kernel_size
+        grid = (frames // p_t, height // p_h, width // p_w)
+        patches = x.reshape(batch, channels, grid[0], p_t, grid[1], p_h, grid[2], p_w)
+        patches = patches.permute(0, 2, 4, 6, 1, 3, 5, 7).reshape(batch * grid[0], grid[1] * grid[2], -1)
+        weight = module.weight.flatten(1).t().expand(patches.shape[0], -1, -1)
+        out = torch.bmm(patches, weight)  # (batch*frames, patches, channels)
+        if module.bias is not None:
+            out = out + module.bias
+        return out.reshape(batch, *grid, -1).permute(0, 4, 1, 2, 3)
+
+
+def _is_patch_embedding(module: nn.Module) -> bool:
+    return (
+        isinstance(module, nn.Conv3d)
+        and module.kernel_size == module.stride
+        and module.padding == (0, 0, 0)
+        and module.dilation == (1, 1, 1)
+        and module.groups == 1
+    )
+
+
+def _token_path_linears(transformer: WanTransformer3DModel) -> list[nn.Linear]:
+    """The linear layers whose rows are the video's tokens (not the text's or the timestep's)."""
+    linears = [transformer.proj_out] if isinstance(transformer.proj_out, nn.Linear) else []
+    for block in transformer.modules():
+        if not isinstance(block, WanTransformerBlock):
+            continue
+        for attn in (block.attn1, block.attn2):
+            if attn.is_cross_attention:  # only the queries and the output are token rows
+                linears += [m for m in (attn.to_q, attn.to_out[0]) if isinstance(m, nn.Linear)]
+            else:
+                linears += [m for m in attn.modules() if isinstance(m, nn.Linear)]
+        linears += [m for m in block.ffn.modules() if isinstance(m, nn.Linear)]
+    return linears
+
+
+def _apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Wan's rotary embedding on (batch, tokens, heads, head_dim), as diffusers' ``WanAttnProcessor``."""
+    x1, x2 = x.unflatten(-1, (-1, 2)).unbind(-1)
+    cos, sin = cos[..., 0::2], sin[..., 1::2]
+    out = torch.empty_like(x)
+    out[..., 0::2] = x1 * cos - x2 * sin
+    out[..., 1::2] = x1 * sin + x2 * cos
+    return out.type_as(x)
+
+
+class WanDualScopeAttnProcessor:
+    """Self-attention of ``WanAttention`` over latent frames: dual-scope windows, keys from neighbours.
+
+    A query token of latent frame g attends every token of the latent frames within ``padding`` of g
+    (clipped at the video's ends) and every token of the ``top_k`` global latent frames, with the
+    phase biases and ``token_num_scale`` of the engine config. With a window covering the whole video
+    this is diffusers' ``WanAttnProcessor``.
+    """
+
+    def __init__(self, config: EngineConfig, ctx: ClipContext, state: DenoiseState) -> None:
+        self.engine_config = config
+        self.config = config.attn
+        self.ctx = ctx
+        self.state = state
+
+    def __call__(
+        self,
+        attn: WanAttention,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
+        **kwargs,
+    ) -> torch.Tensor:
+        if encoder_hidden_states is not None or attention_mask is not None:
+            raise NotImplementedError(
+                "Wan dual-scope attention handles self-attention only (no encoder states, no mask)"
+            )
+        layout, config, timestep = self.state.layout, self.config, self.state.timestep
+        batch, num_tokens, _ = hidden_states.shape
+        frames = len(layout.owned)
+        if num_tokens % frames:
+            raise ValueError(f"{num_tokens} tokens do not split into the rank's {frames} latent frames")
+        tokens = num_tokens // frames
+        fused = getattr(attn, "fused_projections", False)
+        if fused:
+            query, key, value = attn.to_qkv(hidden_states).chunk(3, dim=-1)
+        else:
+            key, value = attn.to_k(hidden_states), attn.to_v(hidden_states)
+        key = attn.norm_k(key).unflatten(2, (attn.heads, -1))
+        value = value.unflatten(2, (attn.heads, -1))
+        if rotary_emb is not None:
+            key = _apply_rotary(key, *rotary_emb)
+        head_dim = key.shape[-1]
+
+        # Neighbours need our keys/values as they enter attention (normed, rotated): send them now,
+        # as one (batch, frames, tokens, heads, 2*head_dim) tensor, and compute the queries meanwhile.
+        padding = min(config.padding, layout.total_frames - 1)
+        global_frames = global_frame_indices(layout.total_frames, config.global_frame_count(timestep))
+        key_value = torch.cat([key, value], dim=-1).unflatten(1, (frames, tokens))
+        pending = start_exchange(key_value, 1, layout, padding, padding, self.ctx, global_frames, kind="attn_halo")
+        if not fused:
+            query = attn.to_q(hidden_states)
+        query = attn.norm_q(query).unflatten(2, (attn.heads, -1))
+        if rotary_emb is not None:
+            query = _apply_rotary(query, *rotary_emb)
+        context, context_frames, global_key_value = pending.wait()
+
+        def split(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # -> 2x (batch, heads, frames*tokens, d)
+            k, v = t.flatten(1, 2).transpose(1, 2).split(head_dim, dim=-1)
+            return k, v
+
+        key, value = split(context)
+        global_key, global_value = split(global_key_value)
+        local_bias, global_bias = config.phase_biases(timestep)
+        split_invariant = self.engine_config.split_invariant_on(hidden_states.device.type)
+        whole_window = padding >= layout.total_frames - 1
+        # Several query frames under a band window need a (frames*tokens)^2 mask; one query frame at
+        # a time sees its whole key span and needs none (and a whole window needs none either).
+        chunk_size = config.query_chunk_size if whole_window else 1
+        out = dual_scope_attention(
+            query.transpose(1, 2),
+            key,
+            value,
+            global_key,
+            global_value,
+            query_frames=layout.owned,
+            key_frames=context_frames,
+            total_frames=layout.total_frames,
+            padding=padding,
+            scale=head_dim**-0.5 * config.attn_scale,
+            local_bias=local_bias,
+            global_bias=global_bias,
+            token_num_scale=config.token_num_scale,
+            chunk_size=chunk_size,
+            split_invariant=split_invariant,
+            tokens_per_frame=tokens,
+        )
+        out = out.transpose(1, 2).flatten(2, 3).type_as(query)
+        out = attn.to_out[0](out)
+        return attn.to_out[1](out)
+
+
+class WanFrameCrossAttnProcessor:
+    """Cross-attention of ``WanAttention`` to the text, latent frame by latent frame.
+
+    Text of shape (batch, frames, seq, dim) gives each latent frame's tokens their own frame's text
+    (multi-prompt); 3-D text is shared by all frames. When computing split-invariantly, the attention
+    runs as matrix products with one batch entry per (head, latent frame), so a token's arithmetic
+    does not depend on how many frames its rank holds (torch's fused CPU attention kernel splits its
+    work by sequence length and thread count). Otherwise the wrapped processor (diffusers'), with the
+    frames moved into the batch for per-frame text.
+    """
+
+    def __init__(self, inner: object, config: EngineConfig, state: DenoiseState) -> None:
+        self.inner, self.engine_config, self.state = inner, config, state
+
+    def __call__(self, attn: WanAttention, hidden_states: torch.Tensor, encoder_hidden_states=None,
+                 attention_mask=None, rotary_emb=None, **kwargs) -> torch.Tensor:
+        per_frame = encoder_hidden_states is not None and encoder_hidden_states.dim() == 4
+        plain = (
+            encoder_hidden_states is None
+            or attention_mask is not None
+            or attn.add_k_proj is not None  # image-to-video's extra image keys: diffusers' processor
+            or not self.engine_config.split_invariant_on(hidden_states.device.type)
+        )
+        if plain and not per_frame:
+            return self.inner(attn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb, **kwargs)
+        frames = encoder_hidden_states.shape[1] if per_frame else len(self.state.layout.owned)
+        if plain:
+            batch = hidden_states.shape[0]
+            out = self.inner(attn, hidden_states.unflatten(1, (frames, -1)).flatten(0, 1),
+                             encoder_hidden_states.flatten(0, 1), attention_mask, rotary_emb, **kwargs)
+            return out.unflatten(0, (batch, frames)).flatten(1, 2)
+        if getattr(attn, "fused_projections", False):
+            query = attn.to_q(hidden_states)
+            key, value = attn.to_kv(encoder_hidden_states).chunk(2, dim=-1)
+        else:
+            query = attn.to_q(hidden_states)
+            key, value = attn.to_k(encoder_hidden_states), attn.to_v(encoder_hidden_states)
+        query, key = attn.norm_q(query), attn.norm_k(key)
+        # (batch, tokens, heads*d) -> (batch, heads, frames, tokens per frame, d)
+        query = query.unflatten(2, (attn.heads, -1)).unflatten(1, (frames, -1)).permute(0, 3, 1, 2, 4)
+        key, value = key.unflatten(-1, (attn.heads, -1)), value.unflatten(-1, (attn.heads, -1))
+        if per_frame:  # (B, F, L, H, D) -> (B, H, F, L, D)
+            key, value = key.permute(0, 3, 1, 2, 4), value.permute(0, 3, 1, 2, 4)
+        else:  # (B, L, H, D) -> (B, H, 1, L, D), broadcast over frames
+            key, value = key.permute(0, 2, 1, 3)[:, :, None], value.permute(0, 2, 1, 3)[:, :, None]
+        logits = torch.matmul(query, key.transpose(-1, -2)) * query.shape[-1] ** -0.5
+        out = torch.matmul(torch.softmax(logits, dim=-1), value)  # (B, H, F, T, D)
+        out = out.permute(0, 2, 3, 1, 4).flatten(3, 4).flatten(1, 2).type_as(query)
+        out = attn.to_out[0](out)
+        return attn.to_out[1](out)
+
+
+def parallelize_wan(transformer: WanTransformer3DModel, config: EngineConfig, context: ClipContext) -> ParallelHandle:
+    """Hooks and processors for a Wan transformer (see :func:`video_infinity.engine.parallelize`).
+
+    ``context.total_frames`` counts latent frames. Wan2.2 A14B's two experts are two transformers:
+    parallelize each (with the same context); each gets its own handle.
+    """
+    patch_frames = transformer.config.patch_size[0]
+    if patch_frames != 1:
+        raise ValueError(
+            f"patch_size: the Wan engine needs a temporal patch size of 1 (token frame = latent frame), "
+            f"got {patch_frames}"
+        )
+    ropes = [m for m in transformer.modules() if isinstance(m, WanRotaryPosEmbed)]
+    attentions = [m for m in transformer.modules() if isinstance(m, WanAttention)]
+    self_attentions = [m for m in attentions if not m.is_cross_attention]
+    if len(ropes) != 1 or not self_attentions:
+        raise TypeError(
+            f"{type(transformer).__name__}: expected one WanRotaryPosEmbed and WanAttention self-attentions"
+        )
+    if context.total_frames is not None and context.total_frames > ropes[0].max_seq_len:
+        raise ValueError(
+            f"total_frames: {context.total_frames} latent frames exceed the transformer's rotary table "
+            f"({ropes[0].max_seq_len}, rope_max_seq_len)"
+        )
+    state = DenoiseState()
+    handle = ParallelHandle(transformer, config, context, state)
+    handle.hook(transformer, _TrackWanCall(context, state))
+    handle.hook(ropes[0], _GlobalRotaryPositions(state))
+    for module in transformer.modules():
+        if _is_patch_embedding(module):
+            handle.hook(module, _PatchEmbeddingAsMatmul(config))
+    for linear in _token_path_linears(transformer):
+        handle.hook(linear, _PerFrameLinear(config, state))
+    for attn in self_attentions:
+        handle.set_processor(attn, WanDualScopeAttnProcessor(config, context, state))
+    for attn in attentions:
+        if attn.is_cross_attention:
+            handle.set_processor(attn, WanFrameCrossAttnProcessor(attn.processor, config, state))
+    logger.debug("parallelized a Wan transformer: %d self-attentions", len(self_attentions))
+    return handle

@@ -1,0 +1,29 @@
+"""Named engine settings per model family: ``EngineConfig.model_validate(PRESETS[name])``.
+
+``wan`` (Wan2.1 / Wan2.2 text-to-video, counted in latent frames): Wan2.1 was trained on 81-frame
+clips, i.e. 21 latent frames attended jointly. The preset keeps every query's key set at 21 latent
+frames: its own frame, 8 on each side (``padding`` 8: 17 local frames) and 4 global frames spread
+over the whole video (``top_k`` 4), so the number of keys per query, and hence the softmax's
+spread, is the one the model was trained with (``token_num_scale`` stays off). The phase biases
+are the method's published ones (favour the global frames while t >= 800, the local window below;
+Wan's flow-matching timesteps also run 0..1000). Unverified here: the output quality of real Wan
+weights under these settings (no weights can be downloaded where this is built); note that global
+frames farther than 20 latent frames away sit at rotary distances the model never saw in training.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .config import EngineConfig
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "wan": {"attn": {"padding": 8, "top_k": 4}},
+}
+
+
+def engine_preset(name: str) -> EngineConfig:
+    """The engine settings of preset ``name`` (one of :data:`PRESETS`)."""
+    if name not in PRESETS:
+        raise ValueError(f"preset: unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+    return EngineConfig.model_validate(PRESETS[name])
