@@ -92,12 +92,12 @@ def test_sixteen_frames_whole_window_equal_diffusers(folders):
     prompt, frames, steps, guidance = "a red circle", 16, 2, 3.0
     latents = torch.randn(1, 4, frames, 4, 4, generator=torch.Generator().manual_seed(7))
     ours = pipe(prompt, num_frames=frames, num_inference_steps=steps, guidance_scale=guidance, latents=latents,
-                scheduler=_ddim(pipe), output_type="latent", progress=False, **SIZE).frames
+                scheduler=_ddim(pipe), output_type="latent", progress=False, **SIZE).frames[0]
     diffusers_pipe.scheduler = _ddim(pipe)
     theirs = diffusers_pipe(prompt, num_frames=frames, num_inference_steps=steps, guidance_scale=guidance,
-                            latents=latents.clone(), output_type="latent", **SIZE).frames
-    assert ours.shape == theirs[0].shape == (4, frames, 4, 4)
-    difference = (ours - theirs[0]).abs().max().item()
+                            latents=latents.clone(), output_type="latent", **SIZE).frames[0]
+    assert ours.shape == theirs.shape == (4, frames, 4, 4)
+    difference = (ours - theirs).abs().max().item()
     assert difference <= 1e-4 and theirs.abs().max() > 0.1, difference
 
 
@@ -136,7 +136,7 @@ def test_cli_on_two_cpu_ranks_writes_the_video(folders, offline_env):
     }
     path = folders["root"] / "cli.json"
     path.write_text(json.dumps(config))
-    result = subprocess.run([sys.executable, "-m", "video_infinity.cli", "generate", str(path)], env=offline_env,
+    result = subprocess.run([sys.executable, "-m", "video_infinity.cli", "generate", "--config", str(path)], env=offline_env,
                             cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     video, fps = read_video(folders["root"] / "out" / "animatediff.mp4")
