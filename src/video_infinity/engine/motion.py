@@ -108,9 +108,9 @@ class WindowedMotionAttnProcessor:
     added. See :mod:`video_infinity.window_attention` for what each query attends.
     """
 
-    def __init__(self, config: EngineConfig, motion: MotionConfig, ctx: ClipContext, state: DenoiseState,
+    def __init__(self, config: EngineConfig, ctx: ClipContext, state: DenoiseState,
                  pos_embed: SinusoidalPositionalEmbedding | None) -> None:
-        self.engine_config, self.config, self.motion = config, config.attn, motion
+        self.engine_config, self.config, self.motion = config, config.attn, config.motion
         self.ctx, self.state, self.pos_embed = ctx, state, pos_embed
 
     def __call__(self, attn: Attention, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
@@ -283,7 +283,7 @@ def parallelize_motion(unet: nn.Module, config: EngineConfig, context: ClipConte
                 handle.hook(block.pos_embed, _PositionsInsideAttention())
             for attn in (block.attn1, block.attn2):
                 if isinstance(attn, Attention):
-                    handle.set_processor(attn, WindowedMotionAttnProcessor(config, motion, context, state, block.pos_embed))
+                    handle.set_processor(attn, WindowedMotionAttnProcessor(config, context, state, block.pos_embed))
                     attentions += 1
     logger.debug("parallelized %d motion modules, %d temporal attentions", len(motion_modules), attentions)
     return handle

@@ -117,7 +117,7 @@ class PipeConfig(_StrictRun):
                 raise ValueError("a {\"frame\": \"prompt\"} dict needs a prompt for frame 0")
             return dict(sorted(keys.items()))
         if not isinstance(value, list) or not value:
-            raise ValueError(f'must be a non-empty list of prompts or a {{"frame": "prompt"}} dict, got {_short(value)}')
+            raise ValueError(f'must hold at least 1 prompt (a list, or a {{"frame": "prompt"}} dict), got {_short(value)}')
         return value
 
     @property
@@ -317,7 +317,8 @@ def format_validation_error(exc: ValidationError) -> str:
         return str(exc).splitlines()[0]
     # An unknown key first: a misspelt key usually also shows up as a missing required one.
     error = next((e for e in errors if e["type"] == "extra_forbidden"), errors[0])
-    loc = tuple(error.get("loc", ()))
+    # Drop a union's branch tags (``list[constrained-str]``): field names have no brackets.
+    loc = tuple(part for part in error.get("loc", ()) if not (isinstance(part, str) and "[" in part))
     cause = error.get("ctx", {}).get("error")
     if isinstance(cause, _FieldError):
         loc = (*loc, *cause.field.split("."))
