@@ -142,4 +142,16 @@ def test_cli_on_two_cpu_ranks_writes_the_video(folders, offline_env):
     video, fps = read_video(folders["root"] / "out" / "animatediff.mp4")
     assert video.shape == (frames, 32, 32, 3) and fps == 8 and video.std() > 1
     sidecar = json.loads((folders["root"] / "out" / "animatediff.json").read_text())
-    assert sidecar["world_size"] == 2 and sidecar["total_frames"] == frames
+    assert sidecar["world_size"] == 2 and sidecar["total_frames"] == frames and sidecar["family"] == "animatediff"
+
+
+@pytest.mark.unit
+def test_preflight_refuses_a_folder_that_is_no_motion_adapter(folders):
+    from video_infinity.errors import ConfigError
+    from video_infinity.run.preflight import check_motion_adapter_folder
+
+    check_motion_adapter_folder(str(folders["adapter"]))
+    with pytest.raises(ConfigError, match="^motion_adapter: .* is incomplete"):
+        check_motion_adapter_folder(str(folders["base"]))
+    with pytest.raises(ConfigError, match="^motion_adapter: .* does not exist"):
+        check_motion_adapter_folder(str(folders["root"] / "missing"))
