@@ -29,7 +29,7 @@ from diffusers.models.attention_processor import Attention
 from diffusers.models.embeddings import SinusoidalPositionalEmbedding
 from torch import nn
 
-from ..config import EngineConfig, MotionConfig
+from ..config import EngineConfig
 from ..context import ClipContext, DenoiseState
 from ..frames import global_frame_indices
 from ..halo import start_exchange
@@ -40,7 +40,7 @@ from .handle import ParallelHandle
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["MotionConfig", "is_motion_family", "parallelize_motion"]  # MotionConfig re-exported (defined in config)
+__all__ = ["WindowedMotionAttnProcessor", "is_motion_family", "parallelize_motion"]
 
 
 def is_motion_family(model: nn.Module) -> bool:
