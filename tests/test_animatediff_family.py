@@ -1,28 +1,29 @@
-"""AnimateDiff loading (pipeline folder; SD base + motion adapter), per-frame prompts (FreeNoise's
-``{frame: prompt}`` rule), and one rank's sampling loop: 2 gloo ranks give the 1-process video bit for bit."""
+"""AnimateDiff through the pipeline: loading (pipeline folder; SD base + motion adapter; from_pipe),
+per-frame prompts (FreeNoise's ``{frame: prompt}`` rule), equality with diffusers' AnimateDiffPipeline
+at 16 frames, 2 gloo ranks == 1 process past the 32-position table, and the CLI on 2 CPU ranks."""
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from video_infinity import ClipContext
+from video_infinity import ClipContext, VideoInfinityPipeline
 from video_infinity.demo.random_animatediff import build_random_animatediff
-from video_infinity.families.animatediff import (
-    encode_frame_prompts,
-    frame_prompt_plan,
-    load_animatediff,
-    sample_on_rank,
-)
+from video_infinity.families import AnimateDiffFamily
+from video_infinity.families.animatediff import load_animatediff
 
 from engine_utils import run_distributed
 
-FRAMES = 21  # past the 16-frame window: several windows, uneven clips on 2 ranks
+ROOT = Path(__file__).resolve().parents[1]
 KEYFRAMES = {0: "a red circle", 7: "a blue square moving left", 15: "a red circle"}
-SAMPLING = dict(num_inference_steps=2, guidance_scale=3.0, seed=5, height=32, width=32,
-                engine_config={"attn": {"top_k": 4}})
+WHOLE_WINDOW = {"attn": {"top_k": 0, "local_phase": None, "global_phase": None}}
+LONG_FRAMES = 41  # past the adapter's 32-position table; uneven clips on 2 ranks
+SIZE = dict(height=32, width=32)
 
 
 @pytest.fixture(scope="module")
@@ -34,56 +35,123 @@ def folders(tmp_path_factory) -> dict[str, Path]:
             "adapter": root / "split" / "motion_adapter"}
 
 
+def _ddim(pipe: VideoInfinityPipeline):
+    from diffusers import DDIMScheduler
+
+    return DDIMScheduler.from_config(pipe.family.scheduler_config)
+
+
 @pytest.mark.unit
-def test_both_layouts_load_the_same_motion_unet(folders):
+def test_every_way_of_loading_gives_the_same_motion_unet(folders):
     from diffusers import UNetMotionModel
 
-    whole = load_animatediff(folders["pipeline"])
-    combined = load_animatediff(folders["base"], folders["adapter"])
-    assert isinstance(whole.unet, UNetMotionModel) and isinstance(combined.unet, UNetMotionModel)
-    a, b = whole.unet.state_dict(), combined.unet.state_dict()
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    ways = {
+        "pipeline folder": VideoInfinityPipeline.from_pretrained(folders["pipeline"], device="cpu"),
+        "base + motion_adapter": VideoInfinityPipeline.from_pretrained(base_model=folders["base"],
+                                                                       motion_adapter=folders["adapter"], device="cpu"),
+        "adapter as model": VideoInfinityPipeline.from_pretrained(folders["adapter"], base_model=folders["base"], device="cpu"),
+        "from_pipe": VideoInfinityPipeline.from_pipe(load_animatediff(folders["pipeline"])),
+    }
+    reference = ways["pipeline folder"].family.model.state_dict()
+    for name, pipe in ways.items():
+        assert isinstance(pipe.family, AnimateDiffFamily) and isinstance(pipe.family.model, UNetMotionModel), name
+        state = pipe.family.model.state_dict()
+        assert state.keys() == reference.keys() and all(torch.equal(state[k], reference[k]) for k in state), name
     with pytest.raises(ValueError, match="motion_adapter"):
         load_animatediff(folders["base"])  # an SD folder alone is no AnimateDiff model
+    with pytest.raises(ValueError, match="base_model"):
+        VideoInfinityPipeline.from_pretrained(folders["adapter"], device="cpu")  # an adapter needs its base
+    with pytest.raises(ValueError, match="motion_adapter"):
+        VideoInfinityPipeline.from_pretrained(motion_adapter=folders["adapter"], device="cpu")
 
 
 @pytest.mark.unit
 def test_keyframe_prompts_follow_free_noise(folders):
-    pipe = load_animatediff(folders["pipeline"])
-    positive, negative = encode_frame_prompts(pipe, KEYFRAMES, FRAMES, range(FRAMES), guidance_scale=2.0)
-    pipe.enable_free_noise(16, 4)
-    free_noise, _ = pipe._encode_prompt_free_noise(KEYFRAMES, FRAMES, pipe.device, 1, True)
-    pipe.disable_free_noise()
-    torch.testing.assert_close(positive[0], free_noise[FRAMES:], atol=1e-6, rtol=0)
-    torch.testing.assert_close(negative.expand(FRAMES, -1, -1), free_noise[:FRAMES], atol=1e-6, rtol=0)
+    diffusers_pipe = load_animatediff(folders["pipeline"])
+    pipe = VideoInfinityPipeline.from_pipe(diffusers_pipe)
+    frames = 21
+    request = pipe.check_inputs(KEYFRAMES, num_frames=frames, num_inference_steps=1, guidance_scale=2.0, **SIZE)
+    cond = pipe.conditioning(request, ClipContext(total_frames=frames))
+    diffusers_pipe.enable_free_noise(16, 4)
+    free_noise, _ = diffusers_pipe._encode_prompt_free_noise(KEYFRAMES, frames, diffusers_pipe.device, 1, True)
+    diffusers_pipe.disable_free_noise()
+    assert cond.prompt_embeds.shape[:2] == (1, frames)  # one embedding per frame
+    torch.testing.assert_close(cond.prompt_embeds[0], free_noise[frames:], atol=1e-6, rtol=0)
+    torch.testing.assert_close(cond.negative_embeds.expand(frames, -1, -1), free_noise[:frames], atol=1e-6, rtol=0)
     # A rank's frames are the matching rows of the whole video's.
-    part, _ = encode_frame_prompts(pipe, KEYFRAMES, FRAMES, range(9, 14), guidance_scale=2.0)
-    assert torch.equal(part[0], positive[0, 9:14])
+    part = pipe.conditioning(request, ClipContext(rank=1, world_size=2, total_frames=frames))
+    assert torch.equal(part.prompt_embeds[0], cond.prompt_embeds[0, 11:])
 
 
 @pytest.mark.unit
-def test_prompt_plans():
-    distinct, mixes = frame_prompt_plan({0: "a", 4: "b"}, 6)
-    assert distinct == ["a", "b"]
-    assert [(m.first, m.second, m.weight) for m in mixes] == [
-        (0, 1, 0.0), (0, 1, 0.25), (0, 1, 0.5), (0, 1, 0.75), (1, 1, 0.0), (1, 1, 0.0)]
-    distinct, mixes = frame_prompt_plan(["a", "b", "a"], 6)
-    assert distinct == ["a", "b"] and [m.first for m in mixes] == [0, 0, 1, 1, 0, 0]
-    for bad, field in (({1: "a"}, "frame 0"), ({0: "a", 6: "b"}, "past"), ([], "non-empty"), ({0: ""}, "non-empty")):
-        with pytest.raises(ValueError, match=field):
-            frame_prompt_plan(bad, 6)
+def test_sixteen_frames_whole_window_equal_diffusers(folders):
+    from diffusers import AnimateDiffPipeline
+
+    diffusers_pipe = AnimateDiffPipeline.from_pretrained(folders["pipeline"])
+    pipe = VideoInfinityPipeline.from_pipe(diffusers_pipe, engine=WHOLE_WINDOW)
+    prompt, frames, steps, guidance = "a red circle", 16, 2, 3.0
+    latents = torch.randn(1, 4, frames, 4, 4, generator=torch.Generator().manual_seed(7))
+    ours = pipe(prompt, num_frames=frames, num_inference_steps=steps, guidance_scale=guidance, latents=latents,
+                scheduler=_ddim(pipe), output_type="latent", progress=False, **SIZE).frames[0]
+    diffusers_pipe.scheduler = _ddim(pipe)
+    theirs = diffusers_pipe(prompt, num_frames=frames, num_inference_steps=steps, guidance_scale=guidance,
+                            latents=latents.clone(), output_type="latent", **SIZE).frames[0]
+    assert ours.shape == theirs.shape == (4, frames, 4, 4)
+    difference = (ours - theirs).abs().max().item()
+    assert difference <= 1e-4 and theirs.abs().max() > 0.1, difference
 
 
-def _sample(rank: int, world_size: int, folder: Path) -> torch.Tensor:
-    pipe = load_animatediff(folder)
-    context = ClipContext(rank=rank, world_size=world_size, total_frames=FRAMES)
-    return sample_on_rank(pipe, KEYFRAMES, total_frames=FRAMES, context=context, **SAMPLING)
+def _clip_latents(rank: int, world_size: int, folder: Path) -> torch.Tensor:
+    pipe = VideoInfinityPipeline.from_pretrained(folder, engine={"attn": {"top_k": 4}}, device="cpu")
+    context = ClipContext(rank=rank, world_size=world_size, total_frames=LONG_FRAMES)
+    request = pipe.check_inputs({0: "a red circle", 20: "a blue square moving left"}, num_frames=LONG_FRAMES,
+                                num_inference_steps=2, guidance_scale=3.0, world_size=world_size, **SIZE)
+    scheduler = pipe.make_scheduler(None)
+    latents = pipe.initial_latents(request, context, scheduler, seed=5)
+    return pipe.generate_latents(request, context, scheduler, latents, seed=5)
 
 
 @pytest.mark.distributed
-def test_sampling_on_two_ranks_equals_one_process(folders):
-    single = _sample(0, 1, folders["pipeline"])
-    assert single.shape == (1, 4, FRAMES, 4, 4) and single.abs().max() > 0.1
-    parts = run_distributed(_sample, 2, folders["pipeline"], tmp_dir=folders["root"])
+def test_long_video_on_two_ranks_equals_one_process(folders):
+    single = _clip_latents(0, 1, folders["pipeline"])
+    assert single.shape == (1, 4, LONG_FRAMES, 4, 4) and single.abs().max() > 0.1
+    parts = run_distributed(_clip_latents, 2, folders["pipeline"], tmp_dir=folders["root"])
+    assert [p.shape[2] for p in parts] == [21, 20]
     final = torch.cat(parts, dim=2)
     assert torch.equal(final, single), f"max difference {(final - single).abs().max().item():.3g}"
+
+
+@pytest.mark.e2e
+def test_cli_on_two_cpu_ranks_writes_the_video(folders, offline_env):
+    from video_infinity.video_io import read_video
+
+    frames = 18
+    config = {
+        "dtype": "float32", "devices": ["cpu", "cpu"], "seed": 2, "base_path": str(folders["root"] / "out"),
+        "base_model": str(folders["base"]), "motion_adapter": str(folders["adapter"]),
+        "pipe_configs": {"prompts": {"0": "a red circle", "9": "a blue square moving left"}, "steps": 2,
+                         "guidance_scale": 3.0, "total_frames": frames, "file_name": "animatediff", "export_fps": 8,
+                         "scheduler": "ddim", **SIZE},
+        "plugin_configs": {"attn": {"top_k": 2}, "motion": {"window_frames": 8, "query_block_frames": 2}},
+    }
+    path = folders["root"] / "cli.json"
+    path.write_text(json.dumps(config))
+    result = subprocess.run([sys.executable, "-m", "video_infinity.cli", "generate", "--config", str(path)], env=offline_env,
+                            cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    video, fps = read_video(folders["root"] / "out" / "animatediff.mp4")
+    assert video.shape == (frames, 32, 32, 3) and fps == 8 and video.std() > 1
+    sidecar = json.loads((folders["root"] / "out" / "animatediff.json").read_text())
+    assert sidecar["world_size"] == 2 and sidecar["total_frames"] == frames and sidecar["family"] == "animatediff"
+
+
+@pytest.mark.unit
+def test_preflight_refuses_a_folder_that_is_no_motion_adapter(folders):
+    from video_infinity.errors import ConfigError
+    from video_infinity.run.preflight import check_motion_adapter_folder
+
+    check_motion_adapter_folder(str(folders["adapter"]))
+    with pytest.raises(ConfigError, match="^motion_adapter: .* is incomplete"):
+        check_motion_adapter_folder(str(folders["base"]))
+    with pytest.raises(ConfigError, match="^motion_adapter: .* does not exist"):
+        check_motion_adapter_folder(str(folders["root"] / "missing"))

@@ -359,3 +359,32 @@ def test_fuzz_overrides(overrides: list[str]) -> None:
         assert "\n" not in str(exc)
         return
     _assert_validates_or_config_error(data)
+
+
+@pytest.mark.parametrize(
+    "prompts,world,field,hint",
+    [
+        ({"4": "a"}, 1, "pipe_configs.prompts", "frame 0"),
+        ({"0": "a", "x": "b"}, 1, "pipe_configs.prompts", "frame numbers"),
+        ({"0": "a", "5": ""}, 1, "pipe_configs.prompts", "frame 5"),
+        ({"0": "a", "10": "b"}, 1, "pipe_configs.prompts", "keyframe 10 is past"),
+        ({"0": "a", "12": "b"}, 2, "pipe_configs.prompts", "keyframe 12 is past"),
+        ({}, 1, "pipe_configs.prompts", "dict is empty"),
+    ],
+)
+def test_keyframe_prompts_are_checked_against_the_video(prompts: dict, world: int, field: str, hint: str) -> None:
+    data = {"devices": ["cpu"] * world, "pipe_configs": {"prompts": prompts, "total_frames": 10 if world == 1 else 12}}
+    message = config_error(data)
+    assert message.startswith(field) and hint in message, message
+
+
+def test_keyframe_prompts_take_json_string_keys() -> None:
+    config = validate_run_config({"devices": ["cpu"], "pipe_configs": {"prompts": {"8": "b", "0": "a"}, "total_frames": 9}})
+    assert config.pipe_configs.prompts == {0: "a", 8: "b"} and config.pipe_configs.first_prompt == "a"
+
+
+def test_motion_adapter_needs_one_stable_diffusion_base() -> None:
+    base = {"devices": ["cpu"], "pipe_configs": {"prompts": ["a"]}, "motion_adapter": "adapter"}
+    assert config_error(base).startswith("motion_adapter: also set base_model")
+    assert config_error({**base, "model": "a", "base_model": "b"}).startswith("motion_adapter: give its")
+    assert validate_run_config({**base, "base_model": "sd"}).motion_adapter == "adapter"

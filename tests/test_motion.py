@@ -13,7 +13,8 @@ from diffusers.models.unets.unet_motion_model import AnimateDiffTransformer3D
 
 from video_infinity import ClipContext, EngineConfig, parallelize
 from video_infinity.context import DenoiseState
-from video_infinity.engine.motion import MotionConfig, WindowedMotionAttnProcessor
+from video_infinity.config import MotionConfig
+from video_infinity.engine.motion import WindowedMotionAttnProcessor
 from video_infinity.frames import global_frame_indices, partition_frames
 from video_infinity.window_attention import MotionWindows
 
@@ -116,7 +117,7 @@ def test_windowed_attention_matches_the_per_window_definition(tmp_path, split_in
     windows = MotionWindows.for_video(total, 16, 4)
     expected = _reference_windowed_attention(attn, x, pe, windows, global_frame_indices(total, DUAL_SCOPE["top_k"]),
                                              *config.attn.phase_biases(TIMESTEP))
-    attn.set_processor(WindowedMotionAttnProcessor(config, MotionConfig(), ClipContext(), state, block.pos_embed))
+    attn.set_processor(WindowedMotionAttnProcessor(config, ClipContext(), state, block.pos_embed))
     with torch.no_grad():
         got = attn(x)
     attn.set_processor(AttnProcessor2_0())
@@ -210,3 +211,22 @@ def test_long_video_is_bit_identical_on_any_number_of_ranks(motion_setup, world_
             f"{name}, world {world_size}: max difference {(got - single['outputs'][name]).abs().max().item():.3g}")
     fused = torch.cat([r["outputs"]["fused"] for r in results], dim=2)
     torch.testing.assert_close(fused, single["outputs"]["fused"], atol=1e-5, rtol=0)
+
+
+@pytest.mark.unit
+def test_engine_config_motion_reaches_the_motion_attention(motion_setup):
+    # EngineConfig.motion is what parallelize uses: a window past the position table is refused,
+    # a smaller window changes a 16-frame output, and its validation names the field.
+    unet = load_motion_unet(motion_setup["unet_dir"])
+    with pytest.raises(ValueError, match="motion.window_frames"):
+        parallelize(unet, {"motion": {"window_frames": 40}})
+    x, text = motion_setup["inputs"]["x16"], motion_setup["inputs"]["text"][:, :16]
+    outputs = {}
+    with torch.no_grad():
+        for window in (16, 8):
+            handle = parallelize(unet, {**WHOLE_WINDOW, "motion": {"window_frames": window, "query_block_frames": 4}})
+            outputs[window] = unet(x, TIMESTEP, text).sample
+            handle.remove()
+    assert (outputs[16] - outputs[8]).abs().max() > 1e-3
+    with pytest.raises(ValueError, match="query_block_frames"):
+        EngineConfig.model_validate({"motion": {"window_frames": 4, "query_block_frames": 8}})

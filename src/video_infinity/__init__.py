@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from .config import AttentionConfig, EngineConfig, PhaseConfig
+from .config import AttentionConfig, EngineConfig, MotionConfig, PhaseConfig
 from .errors import VideoInfinityError
 
 if TYPE_CHECKING:
@@ -36,5 +36,5 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-__all__ = ["AttentionConfig", "VideoInfinityError", "ClipContext", "EngineConfig", "FrameLayout", "ParallelHandle", "PhaseConfig",
+__all__ = ["AttentionConfig", "VideoInfinityError", "ClipContext", "EngineConfig", "FrameLayout", "MotionConfig", "ParallelHandle", "PhaseConfig",
            "VideoInfinityPipeline", "VideoInfinityPipelineOutput", "export_to_video", "parallelize"]

@@ -105,12 +105,35 @@ class ConvLayerConfig(_Strict):
     convolutions see only its own frames (zero padding at clip borders): for comparisons only."""
 
 
+class MotionConfig(_Strict):
+    """How motion modules see a video longer than the clips they were trained on."""
+
+    window_frames: int = Field(default=16, ge=1)
+    """Frames of each key window: the clip length the motion adapter was trained on (16 for
+    AnimateDiff v1-v3). Must not exceed the motion modules' position table (32)."""
+    query_block_frames: int = Field(default=4, ge=1)
+    """Query frames that share one key window. Positions cost nothing per window (they are added to
+    projections made once per frame), so this trades only kernel calls (fewer, larger with bigger
+    blocks) against how well centred each query sits in its window (positions (L-B)/2 .. (L+B)/2-1)."""
+
+    @model_validator(mode="after")
+    def _block_fits_window(self) -> "MotionConfig":
+        if self.query_block_frames > self.window_frames:
+            raise _FieldError(
+                "query_block_frames",
+                f"query_block_frames ({self.query_block_frames}) must be <= window_frames ({self.window_frames})"
+            )
+        return self
+
+
 class EngineConfig(_Strict):
     """All engine knobs: the original ``plugin_configs`` plus ``norm_scope``."""
 
     attn: AttentionConfig = AttentionConfig()
     conv_layer: ConvLayerConfig = ConvLayerConfig()
     conv_3d: Conv3dConfig = Conv3dConfig()
+    motion: MotionConfig = MotionConfig()
+    """AnimateDiff (``UNetMotionModel``) only: the key windows of the motion modules' temporal attention."""
     norm_scope: Literal["video", "clip"] = "video"
     """GroupNorm statistics of temporal modules over the whole ``video`` (exact, default) or
     over each rank's ``clip`` (as the original method did)."""

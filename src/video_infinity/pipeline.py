@@ -35,7 +35,7 @@ from .config import EngineConfig
 from .context import ClipContext
 from .denoise import StepEnd, StopSampling, sample
 from .engine import parallelize
-from .families import ModelFamily, family_from_pipe, load_family
+from .families import AnimateDiffFamily, ModelFamily, family_from_pipe, load_family
 from .families.base import Conditioning
 from .gather import comm_device, gather_frames, stream_to_rank0
 from .noise import INITIAL, frame_noise
@@ -103,23 +103,37 @@ class VideoInfinityPipeline:
         model: str | os.PathLike[str] | None = None,
         *,
         base_model: str | os.PathLike[str] | None = None,
+        motion_adapter: str | os.PathLike[str] | None = None,
         engine: EngineConfig | dict | None = None,
         torch_dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
     ) -> VideoInfinityPipeline:
         """Load a model: ``None`` is the embedded demo model; else a diffusers folder or hub id (a
-        UNet-only VideoCrafter2 folder takes the other components from ``base_model``).
+        UNet-only VideoCrafter2 folder takes the other components from ``base_model``; an AnimateDiff
+        pipeline folder loads as is).
+
+        ``motion_adapter``: an AnimateDiff ``MotionAdapter`` folder, put on the Stable Diffusion 1.5
+        pipeline at ``base_model`` (or ``model``; give one of the two).
 
         ``engine``: an :class:`EngineConfig` or the original's ``plugin_configs`` dict (default: the
         published settings). ``device``: default ``cuda:$LOCAL_RANK`` when there is a GPU, else CPU.
         ``torch_dtype``: default float32.
         """
         engine = engine if isinstance(engine, EngineConfig) else EngineConfig.model_validate(engine or {})
+        if motion_adapter is not None:
+            if model is not None and base_model is not None and str(model) != str(base_model):
+                raise ValueError("motion_adapter: give its Stable Diffusion base as base_model or as model, not both")
+            if model is None and base_model is None:
+                raise ValueError("motion_adapter: also give the Stable Diffusion 1.5 pipeline it extends (base_model)")
+        device = torch.device(device) if device is not None else _default_device()
+        if motion_adapter is not None:
+            base = str(base_model if base_model is not None else model)
+            return cls(AnimateDiffFamily.load_with_adapter(base, str(motion_adapter), torch_dtype or torch.float32,
+                                                           device), engine)
         if model is None:
             from .demo import default_model_path
 
             model = default_model_path()
-        device = torch.device(device) if device is not None else _default_device()
         family = load_family(str(model), None if base_model is None else str(base_model),
                              torch_dtype or torch.float32, device)
         return cls(family, engine)

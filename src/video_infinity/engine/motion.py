@@ -27,7 +27,6 @@ from diffusers.hooks import ModelHook
 from diffusers.models.attention import BasicTransformerBlock, FreeNoiseTransformerBlock
 from diffusers.models.attention_processor import Attention
 from diffusers.models.embeddings import SinusoidalPositionalEmbedding
-from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
 from ..config import EngineConfig
@@ -35,37 +34,13 @@ from ..context import ClipContext, DenoiseState
 from ..frames import global_frame_indices
 from ..halo import start_exchange
 from ..window_attention import MotionWindows, window_attention
+from .common import PointwiseConvAsMatmul, TrackDenoiseStep, VideoGroupNorm, is_pointwise_conv
 from .handle import ParallelHandle
 
-# Shared with the UNet3D family (bookkeeping of the UNet call, whole-video GroupNorm, 1x1 convolutions
-# as matrix products). TODO(lead): move these to a shared engine module; they are imported, not copied.
-from .unet3d import _is_pointwise_conv, _PointwiseConvAsMatmul, _TrackDenoiseStep, _VideoGroupNorm
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["MotionConfig", "is_motion_family", "parallelize_motion"]
-
-
-class MotionConfig(BaseModel):
-    """How motion modules see a video longer than the clips they were trained on."""
-
-    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, frozen=True)
-
-    window_frames: int = Field(default=16, ge=1)
-    """Frames of each key window: the clip length the motion adapter was trained on (16 for
-    AnimateDiff v1-v3). Must not exceed the motion modules' position table (32)."""
-    query_block_frames: int = Field(default=4, ge=1)
-    """Query frames that share one key window. Positions cost nothing per window (they are added to
-    projections made once per frame), so this trades only kernel calls (fewer, larger with bigger
-    blocks) against how well centred each query sits in its window (positions (L-B)/2 .. (L+B)/2-1)."""
-
-    @model_validator(mode="after")
-    def _block_fits_window(self) -> "MotionConfig":
-        if self.query_block_frames > self.window_frames:
-            raise ValueError(
-                f"query_block_frames ({self.query_block_frames}) must be <= window_frames ({self.window_frames})"
-            )
-        return self
+__all__ = ["WindowedMotionAttnProcessor", "is_motion_family", "parallelize_motion"]
 
 
 def is_motion_family(model: nn.Module) -> bool:
@@ -77,7 +52,7 @@ def is_motion_family(model: nn.Module) -> bool:
     return isinstance(model, UNetMotionModel)
 
 
-class _TrackMotionDenoiseStep(_TrackDenoiseStep):
+class _TrackMotionDenoiseStep(TrackDenoiseStep):
     """On the UNet: the UNet3D bookkeeping (layout, timestep), with text in the motion UNet's layout.
 
     ``UNetMotionModel`` expects one embedding per frame, ``(batch*frames, seq, dim)`` batch-major, and
@@ -133,9 +108,9 @@ class WindowedMotionAttnProcessor:
     added. See :mod:`video_infinity.window_attention` for what each query attends.
     """
 
-    def __init__(self, config: EngineConfig, motion: MotionConfig, ctx: ClipContext, state: DenoiseState,
+    def __init__(self, config: EngineConfig, ctx: ClipContext, state: DenoiseState,
                  pos_embed: SinusoidalPositionalEmbedding | None) -> None:
-        self.engine_config, self.config, self.motion = config, config.attn, motion
+        self.engine_config, self.config, self.motion = config, config.attn, config.motion
         self.ctx, self.state, self.pos_embed = ctx, state, pos_embed
 
     def __call__(self, attn: Attention, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
@@ -265,17 +240,16 @@ class _Heads:
         return t.transpose(2, 3).reshape(b, n * f, h * d)
 
 
-def parallelize_motion(unet: nn.Module, config: EngineConfig, context: ClipContext,
-                       motion: MotionConfig | dict | None = None) -> ParallelHandle:
+def parallelize_motion(unet: nn.Module, config: EngineConfig, context: ClipContext) -> ParallelHandle:
     """Hooks and processors for an AnimateDiff ``UNetMotionModel`` (see :func:`video_infinity.engine.parallelize`).
 
     ``config.attn`` gives the global frames (``top_k``), phase biases, ``token_num_scale``,
     ``attn_scale`` and ``query_chunk_size``; its ``padding`` does not apply (the local window is
-    ``motion.window_frames``). ``config.norm_scope`` and ``split_invariant`` apply as for UNet3D.
+    ``config.motion.window_frames``). ``config.norm_scope`` and ``split_invariant`` apply as for UNet3D.
     """
     from diffusers.models.unets.unet_motion_model import AnimateDiffTransformer3D
 
-    motion = motion if isinstance(motion, MotionConfig) else MotionConfig.model_validate(motion or {})
+    motion = config.motion
     if not is_motion_family(unet):
         raise TypeError(f"{type(unet).__name__} is not a UNetMotionModel")
     if any(isinstance(m, FreeNoiseTransformerBlock) for m in unet.modules()):
@@ -295,11 +269,11 @@ def parallelize_motion(unet: nn.Module, config: EngineConfig, context: ClipConte
     handle = ParallelHandle(unet, config, context, state)
     handle.hook(unet, _TrackMotionDenoiseStep(context, state))
     for module in unet.modules():
-        if _is_pointwise_conv(module):
-            handle.hook(module, _PointwiseConvAsMatmul(config))
+        if is_pointwise_conv(module):
+            handle.hook(module, PointwiseConvAsMatmul(config))
     attentions = 0
     for module in motion_modules:
-        handle.hook(module.norm, _VideoGroupNorm(config, context))
+        handle.hook(module.norm, VideoGroupNorm(config, context))
         for block in module.transformer_blocks:
             if not isinstance(block, BasicTransformerBlock):
                 raise TypeError(f"unsupported motion transformer block {type(block).__name__}")
@@ -309,7 +283,7 @@ def parallelize_motion(unet: nn.Module, config: EngineConfig, context: ClipConte
                 handle.hook(block.pos_embed, _PositionsInsideAttention())
             for attn in (block.attn1, block.attn2):
                 if isinstance(attn, Attention):
-                    handle.set_processor(attn, WindowedMotionAttnProcessor(config, motion, context, state, block.pos_embed))
+                    handle.set_processor(attn, WindowedMotionAttnProcessor(config, context, state, block.pos_embed))
                     attentions += 1
     logger.debug("parallelized %d motion modules, %d temporal attentions", len(motion_modules), attentions)
     return handle

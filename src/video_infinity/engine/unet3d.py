@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import torch
-import torch.nn.functional as F
 from diffusers.hooks import ModelHook
 from diffusers.models.attention_processor import Attention
 from diffusers.models.embeddings import SinusoidalPositionalEmbedding
@@ -23,6 +22,7 @@ from ..config import EngineConfig
 from ..context import ClipContext, DenoiseState
 from ..frame_conv import frame_conv, is_frame_conv
 from ..halo import start_exchange
+from .common import PointwiseConvAsMatmul, TrackDenoiseStep, VideoGroupNorm, is_pointwise_conv
 from .handle import ParallelHandle
 from ..norm import apply_group_norm, video_group_norm, video_group_statistics
 from ..per_frame import PerFrameCall, PerFrameRows
@@ -37,78 +37,6 @@ SPATIAL_LEAVES = (nn.Conv2d, nn.GroupNorm, nn.Linear, nn.LayerNorm)
 ``conv_out``, ...): also one frame per call when their input holds ``batch * frames`` images."""
 TEMPORAL_ROW_LAYERS = (nn.Linear, nn.LayerNorm)
 """Layers inside a temporal transformer (input (positions, frames, C)): one frame's rows per call."""
-
-class _PointwiseConvAsMatmul(ModelHook):
-    """On a 1x1 ``Conv2d`` (frames are its batch): a matrix product when computing split-invariantly.
-
-    oneDNN picks its 1x1-convolution algorithm by batch size, so a frame rounds differently in a
-    13-frame clip and in a 7-frame one; a matrix product over channels gives every frame the same
-    arithmetic whatever the clip length. Otherwise the module's own convolution.
-    """
-
-    def __init__(self, config: EngineConfig) -> None:
-        super().__init__()
-        self.config = config
-
-    def new_forward(self, module: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
-        if not self.config.split_invariant_on(x.device.type):
-            return F.conv2d(x, module.weight, module.bias)
-        return F.linear(x.movedim(1, -1), module.weight[:, :, 0, 0], module.bias).movedim(-1, 1)
-
-
-def _is_pointwise_conv(module: nn.Module) -> bool:
-    return (
-        type(module) is nn.Conv2d
-        and module.kernel_size == (1, 1)
-        and module.stride == (1, 1)
-        and module.padding == (0, 0)
-        and module.dilation == (1, 1)
-        and module.groups == 1
-    )
-
-
-class _TrackDenoiseStep(ModelHook):
-    """On the UNet: record this call's frame layout and timestep for the temporal hooks."""
-
-    def __init__(self, ctx: ClipContext, state: DenoiseState) -> None:
-        super().__init__()
-        self.ctx, self.state = ctx, state
-
-    def pre_forward(self, module: nn.Module, *args, **kwargs):
-        sample = args[0] if args else kwargs["sample"]
-        timestep = args[1] if len(args) > 1 else kwargs["timestep"]
-        self.state.layout = self.ctx.layout_for(sample.shape[2])
-        self.state.batch = sample.shape[0]
-        self.state.timestep = _scalar_timestep(timestep)
-        self.state.frame_text = None
-        text = args[2] if len(args) > 2 else kwargs.get("encoder_hidden_states")
-        if text is not None and text.dim() == 4:
-            # (batch, frames, seq, dim): one embedding per frame. The UNet itself repeats one
-            # embedding per sample over frames, so hand it frame 0 and let the cross-attention
-            # processors swap in each frame's own embedding (batch-major, as the UNet flattens).
-            if text.shape[1] != sample.shape[2]:
-                raise ValueError(f"per-frame text embeddings cover {text.shape[1]} frames, the sample has {sample.shape[2]}")
-            self.state.frame_text = text.flatten(0, 1)
-            args, kwargs = list(args), dict(kwargs)
-            if len(args) > 2:
-                args[2] = text[:, 0]
-            else:
-                kwargs["encoder_hidden_states"] = text[:, 0]
-            args = tuple(args)
-        return args, kwargs
-
-    def post_forward(self, module: nn.Module, output):
-        self.state.frame_text = None  # do not keep the call's embeddings alive
-        return output
-
-
-def _scalar_timestep(timestep: torch.Tensor | float | int) -> float:
-    if not torch.is_tensor(timestep):
-        return float(timestep)
-    values = timestep.detach().flatten().float().cpu()
-    if values.numel() > 1 and not torch.all(values == values[0]):
-        raise ValueError("the engine needs one timestep per UNet call (phase biases); got different per-sample values")
-    return float(values[0])
 
 
 class _ClipParallelTemporalConv(ModelHook):
@@ -157,18 +85,6 @@ class _ClipParallelTemporalConv(ModelHook):
                 h = frame_conv(h, layer) if exact and tap_by_tap else layer(h)
         x = x + (h if own is None else h[:, :, own])
         return x.permute(0, 2, 1, 3, 4).reshape((x.shape[0] * x.shape[2], -1) + x.shape[3:])
-
-
-class _VideoGroupNorm(ModelHook):
-    """On a temporal transformer's input GroupNorm (input (batch, C, frames, H, W)): whole-video statistics."""
-
-    def __init__(self, config: EngineConfig, ctx: ClipContext) -> None:
-        super().__init__()
-        self.config, self.ctx = config, ctx
-
-    def new_forward(self, module: nn.GroupNorm, x: torch.Tensor) -> torch.Tensor:
-        return video_group_norm(x, module, self.ctx, self.config.norm_scope,
-                                split_invariant=self.config.split_invariant_on(x.device.type))
 
 
 class _GlobalFramePositions(ModelHook):
@@ -235,12 +151,12 @@ def parallelize_unet3d(unet: nn.Module, config: EngineConfig, context: ClipConte
     handle = ParallelHandle(unet, config, context, state)
     hook = handle.hook
 
-    hook(unet, _TrackDenoiseStep(context, state))
+    hook(unet, TrackDenoiseStep(context, state))
     for conv in temporal_convs:
         hook(conv, _ClipParallelTemporalConv(config, context, state, conv))
     temporal_modules = {m for temporal in (*temporal_convs, *temporal_transformers) for m in temporal.modules()}
     for transformer in temporal_transformers:
-        hook(transformer.norm, _VideoGroupNorm(config, context))
+        hook(transformer.norm, VideoGroupNorm(config, context))
         for module in transformer.modules():
             if isinstance(module, Attention):
                 handle.set_processor(module, DualScopeAttnProcessor(config, context, state))
@@ -250,8 +166,8 @@ def parallelize_unet3d(unet: nn.Module, config: EngineConfig, context: ClipConte
                 hook(module, PerFrameRows(config))
     _hook_spatial_per_frame(unet, handle, temporal_modules)
     for module in unet.modules():
-        if _is_pointwise_conv(module):
-            hook(module, _PointwiseConvAsMatmul(config))
+        if is_pointwise_conv(module):
+            hook(module, PointwiseConvAsMatmul(config))
     for module in unet.modules():
         if isinstance(module, Attention) and module.is_cross_attention and module not in temporal_modules:
             handle.set_processor(module, _PerFrameTextProcessor(module.processor, state))

@@ -70,12 +70,12 @@ def model_fingerprint(model: str | None) -> str | None:
 def result_parts(config: RunConfig, model: str, world_size: int, dtype: str) -> dict[str, Any]:
     """The parts of a run that determine its latents (``dtype``: the compute dtype actually used)."""
     pipe = config.pipe_configs
-    return {
+    parts = {
         "model": model_fingerprint(model),
         "base_model": model_fingerprint(config.base_model),
         "seed": config.seed,
         "dtype": dtype,
-        "pipe_configs.prompts": list(pipe.prompts),
+        "pipe_configs.prompts": pipe.prompts if isinstance(pipe.prompts, list) else {str(f): p for f, p in pipe.prompts.items()},
         "pipe_configs.steps": pipe.steps,
         "pipe_configs.guidance_scale": pipe.guidance_scale,
         "pipe_configs.fps": pipe.fps,
@@ -87,6 +87,9 @@ def result_parts(config: RunConfig, model: str, world_size: int, dtype: str) -> 
         "pipe_configs.eta": pipe.eta,
         "plugin_configs": config.plugin_configs.model_dump(mode="json"),
     }
+    if config.motion_adapter is not None:  # only then: earlier runs' checkpoints keep their hash
+        parts["motion_adapter"] = model_fingerprint(config.motion_adapter)
+    return parts
 
 
 def hash_parts(parts: dict[str, Any]) -> str:

@@ -48,8 +48,10 @@ _DTYPES: dict[str, str] = {
 class PipeConfig(_StrictRun):
     """What to generate (the original's ``pipe_configs``)."""
 
-    prompts: list[Annotated[str, StringConstraints(min_length=1)]] = Field(min_length=1)
-    """Text prompts, spread over the video as consecutive segments of (nearly) equal length."""
+    prompts: list[Annotated[str, StringConstraints(min_length=1)]] | dict[int, Annotated[str, StringConstraints(min_length=1)]]
+    """Text prompts: a list, spread over the video as consecutive segments of (nearly) equal length;
+    or FreeNoise's ``{"frame": "prompt"}`` keyframes (frame 0 required, every key a frame of the
+    video; embeddings blend linearly from one keyframe to the next, the last one holds to the end)."""
     steps: int = Field(default=30, ge=1)
     """Number of denoising steps."""
     guidance_scale: float = Field(default=12.0, ge=0, allow_inf_nan=False)
@@ -93,6 +95,35 @@ class PipeConfig(_StrictRun):
             if num is None and total is None:  # the original's default: 24 frames per device
                 data = {**data, "num_frames": 24}
         return data
+
+    @field_validator("prompts", mode="before")
+    @classmethod
+    def _prompt_form(cls, value: Any) -> Any:
+        # Checked by hand: the union of a list and a dict gives unreadable errors.
+        if isinstance(value, dict):
+            if not value:
+                raise ValueError('the {"frame": "prompt"} dict is empty (give at least {"0": "..."})')
+            keys = {}
+            for key, prompt in value.items():
+                text = str(key).strip()
+                if isinstance(key, bool) or not (text.isdigit()):
+                    raise ValueError(f"keys must be frame numbers (0, 1, ...), got {_short(key)}")
+                if not isinstance(prompt, str) or not prompt:
+                    raise ValueError(f"frame {text}: the prompt must be a non-empty string, got {_short(prompt)}")
+                if int(text) in keys:
+                    raise ValueError(f"frame {int(text)} is given twice")
+                keys[int(text)] = prompt
+            if 0 not in keys:
+                raise ValueError("a {\"frame\": \"prompt\"} dict needs a prompt for frame 0")
+            return dict(sorted(keys.items()))
+        if not isinstance(value, list) or not value:
+            raise ValueError(f'must hold at least 1 prompt (a list, or a {{"frame": "prompt"}} dict), got {_short(value)}')
+        return value
+
+    @property
+    def first_prompt(self) -> str:
+        """The prompt the video starts with (list item or frame 0's)."""
+        return self.prompts[0]
 
     @field_validator("height", "width")
     @classmethod
@@ -147,11 +178,20 @@ class PipeConfig(_StrictRun):
             return f"the video has {total} frames but there are {world_size} devices (use at least one frame per device)"
         return None
 
+    def _keyframe_problem(self, world_size: int) -> str | None:
+        if not isinstance(self.prompts, dict):
+            return None
+        total = self.total_frames_for(world_size)
+        late = [k for k in self.prompts if k >= total]
+        if late:
+            return f"keyframe {late[0]} is past the video's last frame ({total - 1}; the video has {total} frames)"
+        return None
+
     def resolved_file_name(self, now: datetime | None = None) -> str:
         """The output stem: ``file_name`` (a trailing ``.mp4`` dropped) or ``<first prompt>_<timestamp>``."""
         if self.file_name is not None:
             return self.file_name[:-4] if self.file_name.lower().endswith(".mp4") and len(self.file_name) > 4 else self.file_name
-        slug = re.sub(r"[^a-z0-9]+", "_", self.prompts[0].lower()).strip("_")[:48] or "video"
+        slug = re.sub(r"[^a-z0-9]+", "_", self.first_prompt.lower()).strip("_")[:48] or "video"
         return f"{slug}_{(now or datetime.now()).strftime('%Y%m%d-%H%M%S')}"
 
 
@@ -175,7 +215,12 @@ class RunConfig(_StrictRun):
     """Local diffusers folder or hub id; None: the embedded demo model."""
     base_model: str | None = None
     """Where the VAE, text encoder, tokenizer and scheduler come from when ``model`` is a UNet-only
-    folder (such as VideoCrafter2's diffusers UNet); None: same as ``model``."""
+    folder (such as VideoCrafter2's diffusers UNet), or the Stable Diffusion 1.5 pipeline that
+    ``motion_adapter`` extends; None: same as ``model``."""
+    motion_adapter: str | None = None
+    """An AnimateDiff ``MotionAdapter`` folder: the run's model is then the Stable Diffusion 1.5
+    pipeline at ``base_model`` (or ``model``) with this adapter (an AnimateDiff pipeline folder
+    needs no adapter: give it as ``model``)."""
     pipe_configs: PipeConfig
     """What to generate."""
     plugin_configs: EngineConfig = EngineConfig()
@@ -208,6 +253,19 @@ class RunConfig(_StrictRun):
         message = self.pipe_configs._world_size_problem(self.world_size)
         if message is not None:
             raise _FieldError("pipe_configs.total_frames", message)
+        message = self.pipe_configs._keyframe_problem(self.world_size)
+        if message is not None:
+            raise _FieldError("pipe_configs.prompts", message)
+        return self
+
+    @model_validator(mode="after")
+    def _adapter_has_a_base(self) -> RunConfig:
+        if self.motion_adapter is None:
+            return self
+        if self.model is not None and self.base_model is not None and self.model != self.base_model:
+            raise _FieldError("motion_adapter", "give its Stable Diffusion base as base_model or as model, not both")
+        if self.model is None and self.base_model is None:
+            raise _FieldError("motion_adapter", "also set base_model to the Stable Diffusion 1.5 pipeline it extends")
         return self
 
     @property
@@ -259,7 +317,8 @@ def format_validation_error(exc: ValidationError) -> str:
         return str(exc).splitlines()[0]
     # An unknown key first: a misspelt key usually also shows up as a missing required one.
     error = next((e for e in errors if e["type"] == "extra_forbidden"), errors[0])
-    loc = tuple(error.get("loc", ()))
+    # Drop a union's branch tags (``list[constrained-str]``): field names have no brackets.
+    loc = tuple(part for part in error.get("loc", ()) if not (isinstance(part, str) and "[" in part))
     cause = error.get("ctx", {}).get("error")
     if isinstance(cause, _FieldError):
         loc = (*loc, *cause.field.split("."))

@@ -24,7 +24,10 @@ from .outputs import check_outputs, output_paths
 logger = logging.getLogger(__name__)
 
 def resolve_model(config: RunConfig) -> str:
-    """The model folder or hub id; without one, the embedded demo model."""
+    """The model folder or hub id (with a motion adapter: its Stable Diffusion base); without one,
+    the embedded demo model."""
+    if config.motion_adapter is not None:
+        return config.model if config.model is not None else str(config.base_model)
     if config.model is not None:
         return config.model
     from .demo import default_model_path
@@ -126,6 +129,17 @@ def check_model_folder(model: str, base_model: str | None) -> None:
                       "with unet/ vae/ text_encoder/ tokenizer/ scheduler/) nor a UNet config.json")
 
 
+def check_motion_adapter_folder(adapter: str) -> None:
+    """Refuse a motion adapter that is not a complete local ``MotionAdapter`` folder."""
+    path = Path(adapter).expanduser()
+    if not path.is_dir():
+        raise ConfigError(f"motion_adapter: folder '{adapter}' does not exist (give a diffusers MotionAdapter folder)")
+    if not (path / "config.json").is_file() or not any(path.glob("diffusion_pytorch_model*")):
+        raise ConfigError(f"motion_adapter: folder '{adapter}' is incomplete: it needs config.json and "
+                          "diffusion_pytorch_model weights (a diffusers MotionAdapter folder)")
+    _check_files(path, adapter, "motion_adapter")
+
+
 def _model_config(model: str, sub: str) -> dict[str, Any]:
     for candidate in (Path(model) / sub / "config.json", Path(model) / "config.json"):
         try:
@@ -205,6 +219,8 @@ def prepare(config: RunConfig, overwrite: bool = False, resume: str | os.PathLik
     _check_base_path(config)
     model = resolve_model(config)
     check_model_folder(model, config.base_model)
+    if config.motion_adapter is not None:
+        check_motion_adapter_folder(config.motion_adapter)
     pipe = config.pipe_configs
     data: dict[str, Any] | None = None
     resume_path = Path(resume) if resume is not None else None

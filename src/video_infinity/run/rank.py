@@ -124,10 +124,11 @@ def generate_on_rank(config: RunConfig, model: str, ctx: ClipContext, device: to
         dtype = torch.float32
     started = time.perf_counter()
     with timer.stage("load"):
-        pipe = VideoInfinityPipeline.from_pretrained(model, base_model=config.base_model, engine=config.plugin_configs,
+        pipe = VideoInfinityPipeline.from_pretrained(model, base_model=config.base_model,
+                                                     motion_adapter=config.motion_adapter, engine=config.plugin_configs,
                                                      torch_dtype=dtype, device=device)
     request = pipe.check_inputs(
-        list(pipe_config.prompts), num_frames=ctx.total_frames, height=pipe_config.height, width=pipe_config.width,
+        pipe_config.prompts, num_frames=ctx.total_frames, height=pipe_config.height, width=pipe_config.width,
         num_inference_steps=pipe_config.steps, guidance_scale=pipe_config.guidance_scale, fps=pipe_config.fps,
         eta=pipe_config.eta, transition_frames=pipe_config.transition_frames, world_size=ctx.world_size)
     scheduler = pipe.make_scheduler(pipe_config.scheduler)
