@@ -169,3 +169,23 @@ def test_engine_accepts_the_original_plugin_configs_dict(tiny_model):
     pipe = VideoInfinityPipeline.from_pretrained(tiny_model, engine=original, device="cpu")
     assert pipe.engine == EngineConfig.model_validate(original)
     assert pipe.engine.attn.phase_biases(900) == (0.0, 10.0) and pipe.engine.attn.phase_biases(100) == (10.0, 0.0)
+
+
+@pytest.mark.unit
+def test_loop_argument_puts_the_frames_on_a_ring(pipe):
+    # With loop=True (no global frames) rolling the initial latents rolls the whole sampled video:
+    # the ring has no first frame. Without it the video has ends, and its end frames differ.
+    common = dict(num_frames=5, height=HEIGHT, width=WIDTH, num_inference_steps=2, guidance_scale=3.0, progress=False,
+                  output_type="latent", scheduler="ddim")
+    latents = _latents(5)
+    ring_pipe = VideoInfinityPipeline(pipe.family, engine={"attn": {"padding": 1, "top_k": 0}})
+    ring = ring_pipe("a red circle", latents=latents, loop=True, **common).frames[0]  # (C, frames, h, w)
+    rolled = ring_pipe("a red circle", latents=torch.roll(latents, 2, 2), loop=True, **common).frames[0]
+    assert torch.equal(rolled, torch.roll(ring, 2, 1))
+    plain = ring_pipe("a red circle", latents=latents, **common).frames[0]
+    for frame in (0, 4):  # the ends see each other only on the ring
+        assert (plain[:, frame] - ring[:, frame]).abs().max() > 1e-4
+    assert ring_pipe.engine.loop is False  # the call's setting does not stick
+    with pytest.raises(ValueError, match="conv_layer"):
+        VideoInfinityPipeline(pipe.family, engine={"conv_layer": {"enabled": False}})("a", latents=latents, loop=True,
+                                                                                        **common)

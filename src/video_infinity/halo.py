@@ -103,9 +103,10 @@ def start_exchange(
         ops.append(dist.P2POp(dist.isend, payload, ctx.global_rank(peer), ctx.group))
         ctx.stats.add(stat, payload.numel() * payload.element_size())
 
-    if ctx.distributed and (left or right):
+    if (ctx.distributed or loop) and (left or right):
         # Not only when this rank's own window reaches past its clip: with a one-sided window
-        # (e.g. left only) the first rank needs nothing but must still send.
+        # (e.g. left only) the first rank needs nothing but must still send. In a loop one
+        # process also has a window past its clip: its own frames across the wrap.
         # Messages between one pair of ranks match in posting order: window first, then globals.
         plan = window_transfer_plan(partition, layout.rank, left, right, loop)
         window_parts = [(piece.at, _frames(x, dim, piece.frames, owned.start)) for piece in plan.local]

@@ -249,14 +249,16 @@ class VideoInfinityPipeline:
         start_step: int = 0,
         restore_scheduler: Callable[[Any], None] | None = None,
         on_step_end: StepEnd | None = None,
+        engine: EngineConfig | None = None,
     ) -> torch.Tensor:
         """Denoise this rank's ``latents`` (from ``initial_latents`` or a checkpoint) with the engine on.
 
         ``seed`` draws the per-frame noise of stochastic samplers; ``start_step`` / ``restore_scheduler``
-        continue a run; ``on_step_end`` as in :func:`video_infinity.denoise.sample`.
+        continue a run; ``on_step_end`` as in :func:`video_infinity.denoise.sample`; ``engine``: this
+        call's engine settings (default: the pipeline's).
         """
         cond = self.conditioning(request, ctx)
-        handle = parallelize(self.family.model, self.engine, ctx)
+        handle = parallelize(self.family.model, engine or self.engine, ctx)
         try:
             with torch.no_grad():
                 return sample(lambda x, t: self.family.predict_noise(x, t, cond), scheduler, latents, seed=seed,
@@ -299,6 +301,7 @@ class VideoInfinityPipeline:
         return_dict: bool = True,
         eta: float = 0.0,
         transition_frames: int = 0,
+        loop: bool | None = None,
     ) -> VideoInfinityPipelineOutput | tuple[Any]:
         """Make a video of ``num_frames`` frames (the whole video, on however many ranks).
 
@@ -315,13 +318,18 @@ class VideoInfinityPipeline:
         ``"latent"`` ((C, frames, h, w)), each as ``frames[0]``; other ranks get ``frames=None``.
         ``callback_on_step_end(pipe, step, timestep, {"latents": this rank's latents})`` may return
         replacement latents under ``"latents"`` and stop the run by setting ``pipe._interrupt = True``
-        (every rank must do the same). ``eta``: DDIM's eta. Writes no file.
+        (every rank must do the same). ``eta``: DDIM's eta. ``loop``: a seamless loop (the frames on a
+        ring, the last flowing into the first; see ``EngineConfig.loop``) for this call; default: the
+        pipeline's engine setting. Writes no file.
         """
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type: must be one of {', '.join(OUTPUT_TYPES)}, got {output_type!r}")
         if isinstance(scheduler, str) and scheduler not in SCHEDULER_NAMES:
             raise ValueError(f"scheduler: unknown name {scheduler!r} (use one of {', '.join(SCHEDULER_NAMES)}, "
                              "or pass a diffusers scheduler object)")
+        engine = self.engine
+        if loop is not None and loop != engine.loop:  # validated: a loop needs the conv halos
+            engine = EngineConfig.model_validate({**engine.model_dump(), "loop": loop})
         world_size = context.world_size if context is not None else (dist.get_world_size() if dist.is_initialized() else 1)
         request = self.check_inputs(prompt, negative_prompt=negative_prompt, num_frames=num_frames, height=height,
                                     width=width, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
@@ -358,7 +366,8 @@ class VideoInfinityPipeline:
             return replaced
 
         try:
-            result = self.generate_latents(request, context, scheduler, initial, seed=seed, on_step_end=on_step_end)
+            result = self.generate_latents(request, context, scheduler, initial, seed=seed, on_step_end=on_step_end,
+                                           engine=engine)
         finally:
             bar.close()
         frames = self._output(result, context, output_type)
