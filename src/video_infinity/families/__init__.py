@@ -8,7 +8,8 @@ denoising step (classifier-free guidance included) and decode a rank's latents. 
 To add a family, implement :class:`ModelFamily` (``families/base.py``) in a module of its own and
 list the class in ``FAMILIES`` below: ``load_family`` asks each class, in order, whether it can
 load a folder (``can_load``), ``family_from_pipe`` whether it can take a diffusers pipeline
-(``can_take``). UNet3D is last: it is the fallback for folders.
+(``can_take``). Wan (recognised by its ``model_index.json``) comes first; UNet3D is last: it is
+the fallback for folders.
 """
 
 from __future__ import annotations
@@ -19,11 +20,12 @@ import torch
 
 from .base import Conditioning, ModelFamily
 from .unet3d import UNet3DFamily
+from .wan import WanFamily
 
-FAMILIES: list[type[ModelFamily]] = [UNet3DFamily]
+FAMILIES: list[type[ModelFamily]] = [WanFamily, UNet3DFamily]
 """Families tried in order; the first that accepts the model wins."""
 
-__all__ = ["Conditioning", "FAMILIES", "ModelFamily", "UNet3DFamily", "family_from_pipe", "load_family"]
+__all__ = ["Conditioning", "FAMILIES", "ModelFamily", "UNet3DFamily", "WanFamily", "family_from_pipe", "load_family"]
 
 
 def load_family(model: str, base_model: str | None, torch_dtype: torch.dtype, device: torch.device) -> ModelFamily:
