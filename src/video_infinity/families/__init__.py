@@ -3,7 +3,7 @@
 The pipeline (:mod:`video_infinity.pipeline`) runs one sampling loop for every family; a family
 says how to load its components, encode prompts, shape and draw latents, call its model for one
 denoising step (classifier-free guidance included) and decode a rank's latents. The engine
-(:func:`video_infinity.parallelize`) attaches to ``family.model``.
+(:func:`video_infinity.parallelize`) attaches to each of ``family.denoisers``.
 
 To add a family, implement :class:`ModelFamily` (``families/base.py``) in a module of its own and
 list the class in ``FAMILIES`` below: ``load_family`` asks each class, in order, whether it can

@@ -66,7 +66,8 @@ class ModelFamily(Protocol):
     @property
     def device(self) -> torch.device: ...
     @property
-    def dtype(self) -> torch.dtype: ...
+    def dtype(self) -> torch.dtype:
+        """The dtype of the latents the sampling loop carries."""
     @property
     def spatial_multiple(self) -> int:
         """Height and width must be multiples of this (the VAE's downsampling)."""

@@ -253,7 +253,9 @@ class WanFamily:
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.transformer.dtype
+        # The sampling loop's latents stay float32, as WanPipeline keeps them; each model call casts
+        # its input to the transformer's dtype (bfloat16 for the published weights).
+        return torch.float32
 
     @property
     def spatial_multiple(self) -> int:
@@ -295,7 +297,7 @@ class WanFamily:
             return embeds
 
         shape = (len(prompts), self.max_sequence_length, self.transformer.config.text_dim)
-        return broadcast_from_rank0(ctx, encode, shape, self.dtype, self.device)
+        return broadcast_from_rank0(ctx, encode, shape, self.transformer.dtype, self.device)
 
     def conditioning(self, frame_embeds: torch.Tensor, negative_embeds: torch.Tensor | None, guidance_scale: float,
                      fps: int | None) -> Conditioning:
