@@ -59,7 +59,7 @@ def test_original_examples_validate(name: str, strip_new_keys: bool) -> None:
     assert config.seed == 123 and config.master_port == 29516 and config.base_path == "./exp"
     assert config.pipe_configs.num_frames == 24 and config.pipe_configs.total_frames is None
     assert config.total_frames == 24 * config.world_size
-    assert config.pipe_configs.scheduler == "sde-dpmsolver++"
+    assert config.pipe_configs.scheduler is None  # the family's default (sde-dpmsolver++ for UNet3D models)
     assert config.plugin_configs == EngineConfig.model_validate(data["plugin_configs"])
     assert config.model == (None if strip_new_keys else "adamdad/videocrafterv2_diffusers")
 

@@ -1,29 +1,35 @@
 """Wan family pieces: frame rule, folder recognition, rank-0 text encoding, the parallel VAE decode
-(equal to vae.decode of the whole latent video), and generate_wan end to end on a tiny folder."""
+(equal to vae.decode of the whole latent video), and the family end to end on a tiny folder through
+VideoInfinityPipeline (one and two ranks, against diffusers' WanPipeline) and the CLI."""
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+
+import numpy as np
 import pytest
 import torch
 from diffusers import AutoencoderKLWan, WanPipeline
 
 from engine_utils import run_distributed
 from video_infinity.context import ClipContext
+from video_infinity import VideoInfinityPipeline
+from video_infinity.families import WanFamily
 from video_infinity.families.wan import (
     broadcast_from_rank0,
-    check_wan_size,
     decode_wan_clip,
     decode_wan_window,
     denormalize_wan_latents,
-    generate_wan,
-    is_wan_folder,
     latent_frame_count,
-    load_wan_scheduler,
     video_frame_count,
     video_frames_of,
     wan_decoder_receptive_field,
 )
 from video_infinity.noise import frame_noise
+from video_infinity.schedulers import make_scheduler
+from video_infinity.video_io import read_video
 from wan_pipeline_utils import build_tiny_wan_folder
 
 
@@ -39,21 +45,24 @@ def test_frame_rule_and_sizes():
         latent_frame_count(80)
     with pytest.raises(ValueError, match=r"use 81 or 85"):
         latent_frame_count(82)
-    check_wan_size(480, 832)
-    with pytest.raises(ValueError, match=r"width: .*multiple of 16.*use 832"):
-        check_wan_size(480, 840)
 
 
 @pytest.mark.unit
-def test_tiny_folder_is_recognised_and_loads_in_diffusers(wan_folder, tmp_path):
-    assert is_wan_folder(wan_folder)
+def test_tiny_folder_is_recognised_with_its_scheduler_and_checked_sizes(wan_folder, tmp_path):
+    assert WanFamily.can_load(str(wan_folder))
     (tmp_path / "model_index.json").write_text('{"_class_name": "TextToVideoSDPipeline"}')
-    assert not is_wan_folder(tmp_path)
-    scheduler = load_wan_scheduler(wan_folder)
+    assert not WanFamily.can_load(str(tmp_path))
+    pipe = VideoInfinityPipeline.from_pretrained(wan_folder, device="cpu")
+    assert pipe.family.name == "wan" and pipe.family.text_pipeline is None  # the encoder loads on first use
+    scheduler = pipe.make_scheduler(None)  # the family's default: the folder's own flow-matching UniPC
     assert type(scheduler).__name__ == "UniPCMultistepScheduler" and scheduler.config.flow_shift == 3.0
-    assert load_wan_scheduler(wan_folder, flow_shift=5.0).config.flow_shift == 5.0
-    pipe = WanPipeline.from_pretrained(wan_folder)
-    assert pipe.transformer is not None and pipe.vae.config.scale_factor_temporal == 4
+    assert make_scheduler("model", {**pipe.family.scheduler_config, "flow_shift": 5.0}).config.flow_shift == 5.0
+    common = dict(num_inference_steps=1, guidance_scale=1.0)
+    assert pipe.check_inputs("a cat", num_frames=17, height=32, width=48, **common).latent_frames == 5
+    with pytest.raises(ValueError, match=r"num_frames.*use 13 or 17"):
+        pipe.check_inputs("a cat", num_frames=16, height=32, width=48, **common)
+    with pytest.raises(ValueError, match=r"width: must be a positive multiple of 16"):
+        pipe.check_inputs("a cat", num_frames=17, height=32, width=40, **common)
 
 
 # ----------------------------------------------------------------------------------- VAE
@@ -102,7 +111,7 @@ def test_parallel_decode_equals_whole_video_decode_and_text_comes_from_rank_zero
     with torch.no_grad():
         whole = vae.decode(denormalize_wan_latents(vae, latents)).sample
     assert whole.shape[2] == video_frame_count(VAE_LATENT_FRAMES)
-    # (One rank: generate_wan's tests decode through decode_wan_clip.) 3 ranks own latent frames
+    # 3 ranks own latent frames
     # 0-10, 11-21, 22-32: rank 1's halo reaches the video's start, rank 2 warms up from latent frame 1
     # with fresh caches.
     parts = run_distributed(_decode_worker, 3, latents, tmp_dir=tmp_path)
@@ -120,7 +129,10 @@ def test_parallel_decode_equals_whole_video_decode_and_text_comes_from_rank_zero
 
 # ----------------------------------------------------------------------------------- end to end
 LATENT_FRAMES, NUM_FRAMES, SIZE, STEPS = 5, 17, 16, 2
-GENERATE = dict(num_frames=NUM_FRAMES, height=SIZE, width=SIZE, num_inference_steps=STEPS, max_sequence_length=8, seed=4)
+CALL = dict(num_frames=NUM_FRAMES, height=SIZE, width=SIZE, num_inference_steps=STEPS, guidance_scale=5.0)
+WHOLE_WINDOW = {"attn": {"padding": 100, "top_k": 0}}
+BAND = {"attn": {"padding": 1, "top_k": 1}}
+PROMPTS = ["a cat runs on the beach", "a dog jumps in snow"]  # multi-prompt: one embedding per latent frame
 
 
 @pytest.fixture(scope="module")
@@ -133,47 +145,72 @@ def two_expert_folder(tmp_path_factory):
     return build_tiny_wan_folder(tmp_path_factory.mktemp("wan_a14b") / "pipe", two_experts=True)
 
 
-def _generate_worker(rank: int, world_size: int, folder: str, prompts: list[str], engine: dict) -> dict:
-    ctx = ClipContext.from_process_group(total_frames=LATENT_FRAMES)
-    clip = generate_wan(folder, prompts, ctx, engine_config=engine, **GENERATE)
-    return {"latents": clip.latents, "video": clip.video}
-
-
-BAND = {"attn": {"padding": 1, "top_k": 1}}
-
-
 @pytest.mark.unit
-def test_generate_with_a_whole_window_equals_diffusers_wan_pipeline(two_expert_folder):
-    # Both experts (boundary_ratio 0.5 over 2 steps: one step each), WanPipeline given the same noise.
-    ctx = ClipContext(total_frames=LATENT_FRAMES)
-    clip = generate_wan(two_expert_folder, "a cat runs on the beach", ctx, engine_config={"attn": {"padding": 100, "top_k": 0}},
-                        **GENERATE)
-    noise = frame_noise(GENERATE["seed"], range(LATENT_FRAMES), (1, 4, 2, 2))
-    pipe = WanPipeline.from_pretrained(two_expert_folder)
-    expected = pipe("a cat runs on the beach", num_frames=NUM_FRAMES, height=SIZE, width=SIZE, num_inference_steps=STEPS,
-                    max_sequence_length=8, latents=noise, output_type="latent").frames
-    torch.testing.assert_close(clip.latents, expected, atol=1e-5, rtol=0)
-    assert clip.video.shape == (1, 3, NUM_FRAMES, SIZE, SIZE)
-    with pytest.raises(ValueError, match="num_frames"):
-        generate_wan(two_expert_folder, "a cat", ctx, **{**GENERATE, "num_frames": 16})
+def test_whole_window_equals_diffusers_wan_pipeline_with_both_experts(two_expert_folder):
+    # WanPipeline given the same initial latents. With flow_shift 3, 2 steps run at t = 999 and 750:
+    # a boundary at 0.8 gives one step per expert (the folder's 0.5 would give both to the first).
+    noise = frame_noise(4, range(LATENT_FRAMES), (1, 4, 2, 2))
+    reference = WanPipeline.from_pretrained(two_expert_folder)
+    reference.register_to_config(boundary_ratio=0.8)
+    expected = reference("a cat runs on the beach", latents=noise, output_type="np", **CALL).frames[0]
+    calls = {"transformer": 0, "transformer_2": 0}
+    hooks = [getattr(reference, name).register_forward_pre_hook(lambda *_, n=name: calls.__setitem__(n, calls[n] + 1))
+             for name in calls]
+    expected_latents = reference("a cat runs on the beach", latents=noise, output_type="latent", **CALL).frames
+    for hook in hooks:
+        hook.remove()
+    assert calls == {"transformer": 2, "transformer_2": 2}  # conditional + unconditional pass per step
+
+    pipe = VideoInfinityPipeline.from_pipe(reference, engine=WHOLE_WINDOW)
+    assert pipe.family.denoisers == (reference.transformer, reference.transformer_2)
+    latents = pipe("a cat runs on the beach", latents=noise, output_type="latent", progress=False, **CALL).frames[0]
+    torch.testing.assert_close(latents, expected_latents[0], atol=1e-4, rtol=0)  # guidance 5 amplifies rounding
+    frames = pipe("a cat runs on the beach", latents=noise, output_type="np", progress=False, **CALL).frames[0]
+    assert frames.shape == (NUM_FRAMES, SIZE, SIZE, 3)
+    np.testing.assert_allclose(frames, expected, atol=1e-4, rtol=0)
+
+
+def _pipeline_worker(rank: int, world_size: int, folder: str) -> dict:
+    pipe = VideoInfinityPipeline.from_pretrained(folder, engine=BAND, device="cpu")
+    latents = pipe(PROMPTS, seed=4, output_type="latent", progress=False, **CALL).frames
+    frames = pipe(PROMPTS, seed=4, output_type="pt", progress=False, **CALL).frames  # (1, frames, 3, H, W)
+    return {"latents": latents, "frames": frames, "text_encoder_loaded": pipe.family.text_pipeline is not None}
 
 
 @pytest.mark.distributed
 def test_two_ranks_give_the_same_latents_and_frames_as_one(wan_folder, tmp_path):
-    prompts = ["a cat runs on the beach", "a dog jumps in snow"]  # multi-prompt: per latent frame
+    one, two = (run_distributed(_pipeline_worker, world, str(wan_folder), tmp_dir=tmp_path) for world in (1, 2))
+    assert torch.equal(two[0]["latents"], one[0]["latents"]), \
+        f"max diff {(two[0]['latents'] - one[0]['latents']).abs().max():.3g}"
+    assert two[1]["latents"] is None and two[1]["frames"] is None  # rank 0 receives the whole video
+    assert two[0]["frames"].shape == (1, NUM_FRAMES, 3, SIZE, SIZE)
+    torch.testing.assert_close(two[0]["frames"], one[0]["frames"], atol=1e-5, rtol=0)
+    assert [r["text_encoder_loaded"] for r in two] == [True, False]  # only rank 0 loads UMT5
+    # The second prompt matters (not a test that cannot fail).
+    pipe = VideoInfinityPipeline.from_pretrained(wan_folder, engine=BAND, device="cpu")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as each rank
     try:
-        one = generate_wan(wan_folder, prompts, ClipContext(total_frames=LATENT_FRAMES), engine_config=BAND, **GENERATE)
+        single = pipe(PROMPTS[:1], seed=4, output_type="latent", progress=False, **CALL).frames[0]
     finally:
         torch.set_num_threads(threads)
-    parts = run_distributed(_generate_worker, 2, str(wan_folder), prompts, BAND, tmp_dir=tmp_path)
-    latents = torch.cat([p["latents"] for p in parts], dim=2)
-    assert torch.equal(latents, one.latents), f"max diff {(latents - one.latents).abs().max():.3g}"
-    video = torch.cat([p["video"] for p in parts], dim=2)
-    assert video.shape == (1, 3, NUM_FRAMES, SIZE, SIZE)
-    torch.testing.assert_close(video, one.video, atol=1e-5, rtol=0)
-    # The second prompt matters (not a test that cannot fail).
-    single_prompt = generate_wan(wan_folder, prompts[:1], ClipContext(total_frames=LATENT_FRAMES), engine_config=BAND,
-                                 **GENERATE, decode=False)
-    assert (single_prompt.latents - one.latents).abs().max() > 1e-3
+    assert (single - one[0]["latents"][0]).abs().max() > 1e-3
+
+
+@pytest.mark.e2e
+def test_cli_on_two_cpu_ranks_writes_the_expected_frame_count(wan_folder, tmp_path, offline_env):
+    config = {
+        "dtype": "float32", "devices": ["cpu", "cpu"], "seed": 3, "base_path": str(tmp_path / "out"),
+        "model": str(wan_folder), "plugin_configs": "wan",
+        "pipe_configs": {"prompts": PROMPTS, "steps": 1, "guidance_scale": 5.0, "total_frames": NUM_FRAMES,
+                         "height": SIZE, "width": SIZE, "export_fps": 16, "file_name": "wan"},
+    }
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    cli = [sys.executable, "-m", "video_infinity.cli", "generate", "--config", str(tmp_path / "config.json")]
+    result = subprocess.run(cli, env=offline_env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    frames, fps = read_video(tmp_path / "out" / "wan.mp4")
+    assert frames.shape == (NUM_FRAMES, SIZE, SIZE, 3) and fps == 16
+    sidecar = json.loads((tmp_path / "out" / "wan.json").read_text())
+    assert sidecar["family"] == "wan" and sidecar["total_frames"] == NUM_FRAMES
+    assert sidecar["frames_per_rank"] == [3, 2]  # latent frames

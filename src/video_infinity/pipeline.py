@@ -39,6 +39,7 @@ from .families import AnimateDiffFamily, ModelFamily, family_from_pipe, load_fam
 from .families.base import Conditioning
 from .gather import comm_device, gather_frames, stream_to_rank0
 from .noise import INITIAL, frame_noise
+from .presets import engine_preset
 from .prompts import Prompt, check_prompt, frame_embeddings, prompt_mix
 from .schedulers import SCHEDULER_NAMES, make_scheduler
 
@@ -81,6 +82,22 @@ def _default_device() -> torch.device:
     return torch.device("cpu")
 
 
+def _engine_config(engine: EngineConfig | dict | str | None) -> EngineConfig:
+    if isinstance(engine, EngineConfig):
+        return engine
+    if isinstance(engine, str):
+        return engine_preset(engine)
+    return EngineConfig.model_validate(engine or {})
+
+
+def _latent_index(family: ModelFamily, video_frame: int) -> int:
+    """The latent frame whose decoded frames hold ``video_frame`` (the same index for UNet3D)."""
+    latent = 0
+    while family.video_frames(latent + 1) <= video_frame:
+        latent += 1
+    return latent
+
+
 def _positive_int(name: str, value: Any, what: str = "a positive integer") -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{name}: must be {what}, got {value!r}")
@@ -89,9 +106,9 @@ def _positive_int(name: str, value: Any, what: str = "a positive integer") -> No
 class VideoInfinityPipeline:
     """Text to long video with a diffusers text-to-video model and Video-Infinity's engine."""
 
-    def __init__(self, family: ModelFamily, engine: EngineConfig | dict | None = None) -> None:
+    def __init__(self, family: ModelFamily, engine: EngineConfig | dict | str | None = None) -> None:
         self.family = family
-        self.engine = engine if isinstance(engine, EngineConfig) else EngineConfig.model_validate(engine or {})
+        self.engine = _engine_config(engine)
         self._interrupt = False
 
     # ------------------------------------------------------------------------------------------
@@ -104,7 +121,7 @@ class VideoInfinityPipeline:
         *,
         base_model: str | os.PathLike[str] | None = None,
         motion_adapter: str | os.PathLike[str] | None = None,
-        engine: EngineConfig | dict | None = None,
+        engine: EngineConfig | dict | str | None = None,
         torch_dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
     ) -> VideoInfinityPipeline:
@@ -115,11 +132,11 @@ class VideoInfinityPipeline:
         ``motion_adapter``: an AnimateDiff ``MotionAdapter`` folder, put on the Stable Diffusion 1.5
         pipeline at ``base_model`` (or ``model``; give one of the two).
 
-        ``engine``: an :class:`EngineConfig` or the original's ``plugin_configs`` dict (default: the
-        published settings). ``device``: default ``cuda:$LOCAL_RANK`` when there is a GPU, else CPU.
+        ``engine``: an :class:`EngineConfig`, the original's ``plugin_configs`` dict or a preset name
+        from :data:`video_infinity.presets.PRESETS` (e.g. ``"wan"``) (default: the published settings). ``device``: default ``cuda:$LOCAL_RANK`` when there is a GPU, else CPU.
         ``torch_dtype``: default float32.
         """
-        engine = engine if isinstance(engine, EngineConfig) else EngineConfig.model_validate(engine or {})
+        engine = _engine_config(engine)
         if motion_adapter is not None:
             if model is not None and base_model is not None and str(model) != str(base_model):
                 raise ValueError("motion_adapter: give its Stable Diffusion base as base_model or as model, not both")
@@ -139,7 +156,7 @@ class VideoInfinityPipeline:
         return cls(family, engine)
 
     @classmethod
-    def from_pipe(cls, pipeline: Any, engine: EngineConfig | dict | None = None) -> VideoInfinityPipeline:
+    def from_pipe(cls, pipeline: Any, engine: EngineConfig | dict | str | None = None) -> VideoInfinityPipeline:
         """Reuse a loaded diffusers text-to-video pipeline's components (the same modules, no copy)."""
         return cls(family_from_pipe(pipeline), engine)
 
@@ -209,11 +226,11 @@ class VideoInfinityPipeline:
         """Text for this rank's frames: each frame's (blended) prompt embedding, and the negative one."""
         family = self.family
         prompt = request.prompt
-        if isinstance(prompt, Mapping):  # keyframes are video frames: move each to its latent frame
-            prompt = {family.latent_frames(k + 1) - 1: p for k, p in sorted(prompt.items())}
+        if isinstance(prompt, Mapping):  # keyframes are video frames: move each to the latent frame decoded into it
+            prompt = {_latent_index(family, k): p for k, p in sorted(prompt.items())}
         distinct, mixes = prompt_mix(prompt, request.latent_frames, ctx.frames, request.transition_frames)
-        per_frame = frame_embeddings(family.encode_prompts(distinct), mixes)
-        negative = family.encode_prompts([request.negative_prompt or ""]) if request.guidance_scale > 1.0 else None
+        per_frame = frame_embeddings(family.encode_prompts(distinct, ctx), mixes)
+        negative = family.encode_prompts([request.negative_prompt or ""], ctx) if request.guidance_scale > 1.0 else None
         return family.conditioning(per_frame, negative, request.guidance_scale, request.fps)
 
     def initial_latents(self, request: GenerationRequest, ctx: ClipContext, scheduler: Any, seed: int,
@@ -258,20 +275,21 @@ class VideoInfinityPipeline:
         call's engine settings (default: the pipeline's).
         """
         cond = self.conditioning(request, ctx)
-        handle = parallelize(self.family.model, engine or self.engine, ctx)
+        handles = [parallelize(model, engine or self.engine, ctx) for model in self.family.denoisers]
         try:
             with torch.no_grad():
                 return sample(lambda x, t: self.family.predict_noise(x, t, cond), scheduler, latents, seed=seed,
                               frames=ctx.frames, num_steps=request.num_inference_steps, eta=request.eta,
                               start_step=start_step, restore_scheduler=restore_scheduler, on_step_end=on_step_end)
         finally:
-            handle.remove()
+            for handle in handles:
+                handle.remove()
 
     def stream_frames(self, latents: torch.Tensor, ctx: ClipContext, *, uint8: bool = False) -> Iterator[torch.Tensor]:
         """Decode every rank's latents; rank 0 iterates over the whole video's frames in order, chunk by
         chunk (float (n, H, W, 3) in [0, 1], or uint8 with ``uint8``), the others only send theirs."""
         split_invariant = self.engine.split_invariant_on(latents.device.type)
-        chunks: Iterator[torch.Tensor] = self.family.decode(latents, split_invariant)
+        chunks: Iterator[torch.Tensor] = self.family.decode(latents, split_invariant, ctx)
         if uint8:
             chunks = ((c * 255).round().to(torch.uint8) for c in chunks)
         yield from stream_to_rank0(chunks, ctx, latents.device, torch.uint8 if uint8 else torch.float32)
@@ -308,8 +326,9 @@ class VideoInfinityPipeline:
         ``prompt``: a string, a list (consecutive segments of equal length, blended over
         ``transition_frames``) or FreeNoise's ``{start_frame: prompt}`` dict (frame 0 required;
         embeddings blend linearly from one keyframe to the next). ``scheduler``: a name
-        (``ddim``, ``dpmsolver++``, ``dpmsolver++-karras``, ``sde-dpmsolver++`` (default),
-        ``sde-dpmsolver++-karras``) or a diffusers scheduler object (used as is). Noise: ``latents``
+        (``model``: the folder's own, ``ddim``, ``dpmsolver++``, ``dpmsolver++-karras``,
+        ``sde-dpmsolver++``, ``sde-dpmsolver++-karras``; default: the family's, ``sde-dpmsolver++``
+        for UNet3D models, ``model`` for Wan) or a diffusers scheduler object (used as is). Noise: ``latents``
         (the whole video's, unscaled, as diffusers takes them), else ``generator`` (draws the whole
         video's noise as diffusers does), else per-frame noise from ``seed`` (default: random, shared
         by the ranks). ``context``: the frames this process owns (default: from ``torch.distributed``

@@ -7,17 +7,27 @@ from typing import Any, Literal, get_args
 
 logger = logging.getLogger(__name__)
 
-SchedulerName = Literal["ddim", "dpmsolver++", "dpmsolver++-karras", "sde-dpmsolver++", "sde-dpmsolver++-karras"]
+SchedulerName = Literal["model", "ddim", "dpmsolver++", "dpmsolver++-karras", "sde-dpmsolver++", "sde-dpmsolver++-karras"]
 SCHEDULER_NAMES: tuple[str, ...] = get_args(SchedulerName)
 
 
 def make_scheduler(name: str, scheduler_config: dict[str, Any]) -> Any:
-    """The scheduler called ``name`` (one of ``SCHEDULER_NAMES``) on ``scheduler_config``'s noise schedule."""
+    """The scheduler called ``name`` (one of ``SCHEDULER_NAMES``) on ``scheduler_config``'s noise schedule;
+    ``"model"`` is the class and settings the model folder ships (e.g. Wan's flow-matching UniPC with
+    its ``flow_shift``)."""
+    import diffusers
     from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
 
     if name not in SCHEDULER_NAMES:
         raise ValueError(f"scheduler: unknown name {name!r} (use one of {', '.join(SCHEDULER_NAMES)}, "
                          "or pass a diffusers scheduler object)")
+    if name == "model":
+        class_name = scheduler_config.get("_class_name")
+        scheduler_class = getattr(diffusers, str(class_name), None)
+        if scheduler_class is None or not hasattr(scheduler_class, "from_config"):
+            raise ValueError(f"scheduler: the model's scheduler {class_name!r} is not a diffusers scheduler; "
+                             "choose a named one")
+        return scheduler_class.from_config(scheduler_config)
     if name == "ddim":
         return DDIMScheduler.from_config(scheduler_config)
     algorithm = name.removesuffix("-karras")

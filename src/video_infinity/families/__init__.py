@@ -3,12 +3,13 @@
 The pipeline (:mod:`video_infinity.pipeline`) runs one sampling loop for every family; a family
 says how to load its components, encode prompts, shape and draw latents, call its model for one
 denoising step (classifier-free guidance included) and decode a rank's latents. The engine
-(:func:`video_infinity.parallelize`) attaches to ``family.model``.
+(:func:`video_infinity.parallelize`) attaches to each of ``family.denoisers``.
 
 To add a family, implement :class:`ModelFamily` (``families/base.py``) in a module of its own and
 list the class in ``FAMILIES`` below: ``load_family`` asks each class, in order, whether it can
 load a folder (``can_load``), ``family_from_pipe`` whether it can take a diffusers pipeline
-(``can_take``). AnimateDiff comes before UNet3D (its UNet has temporal layers too); UNet3D is last: it is the fallback for folders.
+(``can_take``). Wan (recognised by its ``model_index.json``) comes first; AnimateDiff before UNet3D
+(its UNet has temporal layers too); UNet3D is last: it is the fallback for folders.
 """
 
 from __future__ import annotations
@@ -20,11 +21,13 @@ import torch
 from .animatediff import AnimateDiffFamily
 from .base import Conditioning, ModelFamily
 from .unet3d import UNet3DFamily
+from .wan import WanFamily
 
-FAMILIES: list[type[ModelFamily]] = [AnimateDiffFamily, UNet3DFamily]
+FAMILIES: list[type[ModelFamily]] = [WanFamily, AnimateDiffFamily, UNet3DFamily]
 """Families tried in order; the first that accepts the model wins."""
 
-__all__ = ["AnimateDiffFamily", "Conditioning", "FAMILIES", "ModelFamily", "UNet3DFamily", "family_from_pipe", "load_family"]
+__all__ = ["AnimateDiffFamily", "Conditioning", "FAMILIES", "ModelFamily", "UNet3DFamily", "WanFamily", "family_from_pipe",
+           "load_family"]
 
 
 def load_family(model: str, base_model: str | None, torch_dtype: torch.dtype, device: torch.device) -> ModelFamily:

@@ -12,10 +12,13 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Protocol
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from ..context import ClipContext
 
 
 @dataclass
@@ -29,7 +32,8 @@ class Conditioning:
     guidance_scale: float
     """Classifier-free guidance scale; <= 1 runs the conditional pass only (diffusers' rule)."""
     extra: dict[str, Any] = field(default_factory=dict)
-    """Family-specific model keyword arguments (e.g. ``fps`` for VideoCrafter2)."""
+    """Family-specific settings of the model call (e.g. ``fps`` for VideoCrafter2, the second
+    expert's guidance scale for Wan2.2 A14B)."""
 
 
 class ModelFamily(Protocol):
@@ -38,7 +42,9 @@ class ModelFamily(Protocol):
     name: ClassVar[str]
     """Short name, e.g. ``"unet3d"``."""
     model: nn.Module
-    """The denoiser the engine parallelizes (UNet, transformer)."""
+    """The denoiser (UNet, transformer; for two-expert models the first)."""
+    denoisers: tuple[nn.Module, ...]
+    """Every denoiser a step may call; the engine parallelizes each (Wan2.2 A14B has two experts)."""
     source: str
     """Where it was loaded from (for sidecars and logs)."""
 
@@ -60,7 +66,8 @@ class ModelFamily(Protocol):
     @property
     def device(self) -> torch.device: ...
     @property
-    def dtype(self) -> torch.dtype: ...
+    def dtype(self) -> torch.dtype:
+        """The dtype of the latents the sampling loop carries."""
     @property
     def spatial_multiple(self) -> int:
         """Height and width must be multiples of this (the VAE's downsampling)."""
@@ -72,15 +79,18 @@ class ModelFamily(Protocol):
         """One latent frame's (channels, h, w)."""
 
     # ---- text, noise, model call, decode --------------------------------------------------------
-    def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
-        """Text embeddings (len(prompts), seq, dim) on the model's device."""
+    def encode_prompts(self, prompts: list[str], ctx: ClipContext | None = None) -> torch.Tensor:
+        """Text embeddings (len(prompts), seq, dim) on the model's device, on every rank of ``ctx``
+        (all ranks call it with the same prompts; a family may encode on rank 0 only and broadcast)."""
     def conditioning(self, frame_embeds: torch.Tensor, negative_embeds: torch.Tensor | None, guidance_scale: float,
                      fps: int | None) -> Conditioning:
         """Prepare a rank's conditioning from its per-frame embeddings (frames, seq, dim)."""
     def predict_noise(self, latents: torch.Tensor, timestep: torch.Tensor, cond: Conditioning) -> torch.Tensor:
         """The guided model output for ``latents`` (already ``scale_model_input``-ed) at ``timestep``."""
-    def decode(self, latents: torch.Tensor, split_invariant: bool) -> Iterator[torch.Tensor]:
-        """A rank's latents (1, C, f, h, w) as float frames (n, H, W, 3) in [0, 1], chunk by chunk.
+    def decode(self, latents: torch.Tensor, split_invariant: bool, ctx: ClipContext | None = None) -> Iterator[torch.Tensor]:
+        """A rank's latents (1, C, f, h, w) as float frames (n, H, W, 3) in [0, 1], chunk by chunk:
+        the video frames of the rank's latent frames (all ranks call it together: a family whose
+        decoder looks across clip borders exchanges latents over ``ctx``; None: one process).
 
         ``split_invariant``: a frame must decode to the same pixels whatever clip it belongs to."""
 
@@ -89,4 +99,5 @@ class ModelFamily(Protocol):
     def scheduler_config(self) -> dict[str, Any]:
         """The model's own noise schedule (a diffusers scheduler config)."""
     default_scheduler: ClassVar[str]
-    """Name of the sampler used when the caller gives none (see ``video_infinity.schedulers``)."""
+    """Name of the sampler used when the caller gives none (see ``video_infinity.schedulers``;
+    ``"model"`` is the model folder's own scheduler)."""

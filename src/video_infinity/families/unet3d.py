@@ -13,6 +13,7 @@ from typing import Any, ClassVar
 
 import torch
 
+from ..context import ClipContext
 from ..models import DEFAULT_FPS, FpsUNet3DConditionModel, load_model
 from .base import Conditioning
 
@@ -40,6 +41,10 @@ class UNet3DFamily:
     @property
     def model(self) -> torch.nn.Module:
         return self.unet
+
+    @property
+    def denoisers(self) -> tuple[torch.nn.Module, ...]:
+        return (self.unet,)
 
     # ---- finding and loading
     @classmethod
@@ -90,9 +95,9 @@ class UNet3DFamily:
         return (self.unet.config.in_channels, height // scale, width // scale)
 
     # ---- text
-    def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
+    def encode_prompts(self, prompts: list[str], ctx: ClipContext | None = None) -> torch.Tensor:
         """CLIP embeddings (len(prompts), seq, dim), as diffusers' text-to-video pipeline encodes them;
-        too-long prompts are truncated with a warning."""
+        too-long prompts are truncated with a warning. Every rank encodes (CLIP is small)."""
         tokenizer = self.tokenizer
         max_length = tokenizer.model_max_length
         for prompt in prompts:
@@ -134,10 +139,10 @@ class UNet3DFamily:
         return uncond + cond.guidance_scale * (conditional - uncond)
 
     # ---- decode
-    def decode(self, latents: torch.Tensor, split_invariant: bool) -> Iterator[torch.Tensor]:
+    def decode(self, latents: torch.Tensor, split_invariant: bool, ctx: ClipContext | None = None) -> Iterator[torch.Tensor]:
         """Decode (1, C, F, h, w) latents to float frames (n, H, W, 3) in [0, 1], ``DECODE_CHUNK_FRAMES`` at a time.
 
-        ``split_invariant``: every VAE call gets exactly ``DECODE_CHUNK_FRAMES`` frames (the last chunk
+        Frames decode independently (``ctx`` is not needed). ``split_invariant``: every VAE call gets exactly ``DECODE_CHUNK_FRAMES`` frames (the last chunk
         padded with copies of its last frame), because convolution kernels pick their algorithm by
         batch size: a frame then decodes to the same pixels whatever the clip it belongs to.
         """

@@ -6,8 +6,9 @@
 * VAE: each rank decodes its own latent frames, after warming the causal decoder up on a halo of
   preceding latent frames as long as the decoder's temporal receptive field (derived from its
   layers), so the frames equal those of ``vae.decode`` on the whole latent video;
-* :func:`generate_wan`: one rank's sampling loop, with WanPipeline's denoising structure (two experts
-  switched at the boundary timestep for Wan2.2 A14B, separate conditional/unconditional passes).
+* :class:`WanFamily`: the :class:`~video_infinity.families.ModelFamily` the pipeline drives, with
+  WanPipeline's model call (two experts switched at the boundary timestep for Wan2.2 A14B, separate
+  conditional and unconditional passes); sampling is the pipeline's one loop.
 """
 
 from __future__ import annotations
@@ -15,9 +16,10 @@ from __future__ import annotations
 import json
 import logging
 import math
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, ClassVar
 
 import diffusers
 import torch
@@ -25,40 +27,14 @@ import torch.distributed as dist
 from diffusers import AutoencoderKLWan, WanPipeline, WanTransformer3DModel
 from diffusers.models.autoencoders.autoencoder_kl_wan import WanCausalConv3d, WanResample
 
-from ..config import EngineConfig
 from ..context import ClipContext
-from ..denoise import initial_latents
-from ..engine import parallelize
 from ..halo import start_exchange
-from ..prompts import frame_embeddings, frame_prompt_mix, unique_prompts
+from .base import Conditioning
 
 logger = logging.getLogger(__name__)
 
 WAN_PIPELINE_CLASSES = ("WanPipeline",)
 """``_class_name`` values of ``model_index.json`` that this family serves (text-to-video)."""
-
-
-# ----------------------------------------------------------------------------------- the folder
-def read_model_index(folder: str | Path) -> dict:
-    path = Path(folder) / "model_index.json"
-    if not path.is_file():
-        raise ValueError(f"model: {folder} has no model_index.json; give a diffusers pipeline folder")
-    return json.loads(path.read_text())
-
-
-def is_wan_folder(folder: str | Path) -> bool:
-    """Whether ``folder`` is a diffusers Wan text-to-video pipeline (by its ``model_index.json``)."""
-    path = Path(folder) / "model_index.json"
-    return path.is_file() and json.loads(path.read_text()).get("_class_name") in WAN_PIPELINE_CLASSES
-
-
-def load_wan_scheduler(folder: str | Path, flow_shift: float | None = None):
-    """The folder's own scheduler (UniPC with its ``flow_shift`` for Wan); ``flow_shift`` overrides it."""
-    library, class_name = read_model_index(folder)["scheduler"]
-    if library != "diffusers" or not hasattr(diffusers, class_name):
-        raise ValueError(f"model: unsupported scheduler {library}.{class_name} in {folder}/model_index.json")
-    overrides = {} if flow_shift is None else {"flow_shift": flow_shift}
-    return getattr(diffusers, class_name).from_pretrained(folder, subfolder="scheduler", **overrides)
 
 
 # ----------------------------------------------------------------------------------- frames
@@ -85,14 +61,6 @@ def video_frames_of(latent_frames: range, temporal_compression: int = 4) -> rang
     return range(start, video_frame_count(latent_frames.stop, temporal_compression))
 
 
-def check_wan_size(height: int, width: int, multiple: int = 16) -> None:
-    """Height and width must be positive multiples of VAE compression x patch size (16 for Wan2.1)."""
-    for name, value in (("height", height), ("width", width)):
-        if value < multiple or value % multiple:
-            nearest = max(multiple, value // multiple * multiple)
-            raise ValueError(f"{name}: Wan needs a positive multiple of {multiple}, got {value}; use {nearest}")
-
-
 # ----------------------------------------------------------------------------------- text
 def broadcast_from_rank0(
     ctx: ClipContext, produce: Callable[[], torch.Tensor], shape: tuple[int, ...], dtype: torch.dtype,
@@ -108,49 +76,6 @@ def broadcast_from_rank0(
     if ctx.distributed:
         dist.broadcast(tensor, src=ctx.global_rank(0), group=ctx.group)
     return tensor
-
-
-def encode_wan_prompts(
-    folder: str | Path,
-    prompts: list[str],
-    ctx: ClipContext,
-    *,
-    text_dim: int,
-    negative_prompt: str = "",
-    max_sequence_length: int = 512,
-    dtype: torch.dtype = torch.float32,
-    device: torch.device | str = "cpu",
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(prompt embeddings (len(prompts), seq, dim), negative embedding (1, seq, dim)), on every rank.
-
-    Rank 0 loads the tokenizer and the UMT5 encoder (diffusers' ``WanPipeline.encode_prompt``, so
-    the same cleaning, padding and zeroed tail) and broadcasts; other ranks never load the encoder.
-    Each distinct prompt is encoded once.
-    """
-    distinct, index = unique_prompts(prompts)
-
-    def encode() -> torch.Tensor:
-        pipe = WanPipeline.from_pretrained(folder, transformer=None, transformer_2=None, vae=None, torch_dtype=dtype)
-        with torch.no_grad():
-            embeds, negative = pipe.encode_prompt(
-                prompt=distinct, negative_prompt=[negative_prompt] * len(distinct), do_classifier_free_guidance=True,
-                max_sequence_length=max_sequence_length, device=torch.device(device),
-            )
-        return torch.cat([embeds, negative[:1]])
-
-    both = broadcast_from_rank0(ctx, encode, (len(distinct) + 1, max_sequence_length, text_dim), dtype, device)
-    return both[:-1][index], both[-1:]
-
-
-def frame_text(
-    embeds: torch.Tensor, total_latent_frames: int, owned: range, transition_frames: int = 0
-) -> torch.Tensor:
-    """Text for the rank's transformer calls: (1, seq, dim) for one prompt, else (1, frames, seq, dim)
-    with each owned latent frame's (possibly blended) prompt embedding."""
-    if embeds.shape[0] == 1:
-        return embeds
-    mixes = frame_prompt_mix(total_latent_frames, embeds.shape[0], transition_frames)
-    return frame_embeddings(embeds, [mixes[f] for f in owned])[None]
 
 
 # ----------------------------------------------------------------------------------- VAE
@@ -207,105 +132,211 @@ def decode_wan_clip(
         return decode_wan_window(vae, latents, layout.owned.start - span.start)
 
 
-# ----------------------------------------------------------------------------------- sampling
-@dataclass
-class WanClip:
-    """One rank's result: its latent frames ``frames`` and, if decoded, their video frames."""
+# ----------------------------------------------------------------------------------- the family
+def _model_index(model: str) -> dict[str, Any] | None:
+    """``model_index.json`` of a local folder, or of a hub id already in the Hugging Face cache; None
+    when there is none (config files only, nothing downloaded)."""
+    path = Path(model).expanduser()
+    if path.is_dir():
+        index = path / "model_index.json"
+    else:
+        from huggingface_hub import try_to_load_from_cache
 
-    latents: torch.Tensor
-    frames: range
-    video: torch.Tensor | None
-
-
-def generate_wan(
-    folder: str | Path,
-    prompts: list[str] | str,
-    ctx: ClipContext,
-    *,
-    num_frames: int,
-    height: int = 480,
-    width: int = 832,
-    num_inference_steps: int = 50,
-    guidance_scale: float = 5.0,
-    guidance_scale_2: float | None = None,
-    negative_prompt: str = "",
-    seed: int = 0,
-    engine_config: EngineConfig | dict | None = None,
-    transition_frames: int = 0,
-    max_sequence_length: int = 512,
-    flow_shift: float | None = None,
-    dtype: torch.dtype = torch.float32,
-    device: torch.device | str = "cpu",
-    decode: bool = True,
-) -> WanClip:
-    """Sample this rank's latent frames of one Wan video (every rank calls it with the same arguments).
-
-    ``ctx.total_frames`` must be the video's latent frame count. The loop is WanPipeline's (expert
-    switch at ``boundary_ratio``, conditional and unconditional passes, the folder's scheduler), with
-    the transformers parallelized by the engine and the initial noise drawn per latent frame from
-    (seed, frame), so the result does not depend on the number of ranks.
-    """
-    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-    if not prompts:
-        raise ValueError("prompts: give at least one prompt")
-    index = read_model_index(folder)
-    if index.get("_class_name") not in WAN_PIPELINE_CLASSES:
-        raise ValueError(
-            f"model: {folder} is a {index.get('_class_name')}, not a Wan text-to-video pipeline (WanPipeline)"
-        )
-    vae_config = AutoencoderKLWan.load_config(folder, subfolder="vae")
-    temporal, spatial = vae_config.get("scale_factor_temporal", 4), vae_config.get("scale_factor_spatial", 8)
-    latent_frames = latent_frame_count(num_frames, temporal)
-    patch = WanTransformer3DModel.load_config(folder, subfolder="transformer")["patch_size"]
-    check_wan_size(height, width, spatial * max(patch[1], patch[2]))
-    if ctx.total_frames != latent_frames:
-        raise ValueError(
-            f"context: total_frames must be the video's latent frame count {latent_frames}, got {ctx.total_frames}"
-        )
-
-    def load_transformer(subfolder: str) -> WanTransformer3DModel:
-        return WanTransformer3DModel.from_pretrained(folder, subfolder=subfolder, torch_dtype=dtype).to(device).eval()
-
-    transformer = load_transformer("transformer")
-    experts = [transformer]
-    if index.get("transformer_2") and index["transformer_2"][0] is not None:
-        experts.append(load_transformer("transformer_2"))
-    guidance_scale_2 = guidance_scale if guidance_scale_2 is None else guidance_scale_2
-    guided = guidance_scale > 1.0 or (len(experts) > 1 and guidance_scale_2 > 1.0)
-
-    embeds, negative = encode_wan_prompts(
-        folder, prompts, ctx, text_dim=transformer.config.text_dim, negative_prompt=negative_prompt,
-        max_sequence_length=max_sequence_length, dtype=dtype, device=device,
-    )
-    text = frame_text(embeds, latent_frames, ctx.frames, transition_frames)
-    scheduler = load_wan_scheduler(folder, flow_shift)
-    handles = [parallelize(expert, engine_config, ctx) for expert in experts]
+        try:
+            cached = try_to_load_from_cache(model, "model_index.json")
+        except ValueError:  # not a valid repo id
+            return None
+        if not isinstance(cached, str):
+            return None
+        index = Path(cached)
     try:
-        latents = initial_latents(
-            seed, ctx.frames, (1, transformer.config.in_channels, height // spatial, width // spatial),
-            scheduler.init_noise_sigma, torch.float32, device,
+        return dict(json.loads(index.read_text()))
+    except (OSError, ValueError):
+        return None
+
+
+def _has_component(index: dict[str, Any], name: str) -> bool:
+    entry = index.get(name)
+    return isinstance(entry, list) and len(entry) == 2 and entry[1] is not None
+
+
+@dataclass
+class WanFamily:
+    """Loaded components of a Wan2.1 / Wan2.2 text-to-video model (see :class:`~video_infinity.families.ModelFamily`).
+
+    The UMT5 text encoder is loaded on first use, and only by the rank that encodes (rank 0 of the
+    call's :class:`ClipContext`): the other ranks receive the embeddings and never load it.
+    ``guidance_scale_2``: the low-noise expert's guidance scale for Wan2.2 A14B (None: the call's
+    ``guidance_scale``, as WanPipeline).
+    """
+
+    name: ClassVar[str] = "wan"
+    default_scheduler: ClassVar[str] = "model"  # the folder's flow-matching UniPC with its flow_shift
+
+    transformer: WanTransformer3DModel
+    transformer_2: WanTransformer3DModel | None
+    vae: AutoencoderKLWan
+    scheduler_config: dict[str, Any]
+    boundary_ratio: float | None
+    expand_timesteps: bool
+    source: str
+    text_pipeline: WanPipeline | None = None
+    """Tokenizer and text encoder (a WanPipeline without transformer and VAE), or None until loaded."""
+    max_sequence_length: int = 512
+    guidance_scale_2: float | None = None
+    text_dtype: torch.dtype = field(default=torch.float32, repr=False)
+
+    @property
+    def model(self) -> torch.nn.Module:
+        return self.transformer
+
+    @property
+    def denoisers(self) -> tuple[torch.nn.Module, ...]:
+        return (self.transformer,) if self.transformer_2 is None else (self.transformer, self.transformer_2)
+
+    # ---- finding and loading
+    @classmethod
+    def can_load(cls, model: str) -> bool:
+        index = _model_index(model)
+        return index is not None and index.get("_class_name") in WAN_PIPELINE_CLASSES
+
+    @classmethod
+    def load(cls, model: str, base_model: str | None, torch_dtype: torch.dtype, device: torch.device) -> WanFamily:
+        if base_model is not None:
+            raise ValueError("base_model: a Wan folder holds every component; leave base_model unset")
+        index = _model_index(model) or {}
+
+        def transformer(subfolder: str) -> WanTransformer3DModel:
+            loaded = WanTransformer3DModel.from_pretrained(model, subfolder=subfolder, torch_dtype=torch_dtype)
+            return loaded.to(device).eval().requires_grad_(False)
+
+        # The VAE stays in float32, as diffusers' Wan examples load it (its decode is a small part of a run).
+        vae = AutoencoderKLWan.from_pretrained(model, subfolder="vae", torch_dtype=torch.float32)
+        scheduler_class = getattr(diffusers, index["scheduler"][1])
+        return cls(
+            transformer=transformer("transformer"),
+            transformer_2=transformer("transformer_2") if _has_component(index, "transformer_2") else None,
+            vae=vae.to(device).eval().requires_grad_(False),
+            scheduler_config=dict(scheduler_class.load_config(model, subfolder="scheduler")),
+            boundary_ratio=index.get("boundary_ratio"),
+            expand_timesteps=bool(index.get("expand_timesteps", False)),
+            source=str(model),
+            text_dtype=torch_dtype,
         )
-        scheduler.set_timesteps(num_inference_steps, device=device)
-        boundary = index.get("boundary_ratio")
-        boundary_timestep = None if boundary is None else boundary * scheduler.config.num_train_timesteps
-        tokens = len(ctx.frames) * (height // spatial // patch[1]) * (width // spatial // patch[2])
-        for t in scheduler.timesteps:
-            high_noise = boundary_timestep is None or t >= boundary_timestep
-            model = experts[0] if high_noise or len(experts) == 1 else experts[1]
-            scale = guidance_scale if high_noise else guidance_scale_2
-            model_input = latents.to(dtype)
-            timestep = t.expand(1, tokens) if index.get("expand_timesteps") else t.expand(1)
+
+    @classmethod
+    def can_take(cls, pipeline: Any) -> bool:
+        return isinstance(pipeline, WanPipeline) and isinstance(pipeline.transformer, WanTransformer3DModel)
+
+    @classmethod
+    def from_pipe(cls, pipeline: Any) -> WanFamily:
+        source = getattr(pipeline, "name_or_path", None) or getattr(pipeline.config, "_name_or_path", None) or type(pipeline).__name__
+        text = None
+        if pipeline.text_encoder is not None:
+            text = WanPipeline(tokenizer=pipeline.tokenizer, text_encoder=pipeline.text_encoder, vae=None, scheduler=None)
+        return cls(
+            transformer=pipeline.transformer,
+            transformer_2=pipeline.transformer_2,
+            vae=pipeline.vae,
+            scheduler_config=dict(pipeline.scheduler.config),
+            boundary_ratio=pipeline.config.boundary_ratio,
+            expand_timesteps=bool(pipeline.config.expand_timesteps),
+            source=str(source),
+            text_pipeline=text,
+            text_dtype=pipeline.transformer.dtype,
+        )
+
+    # ---- shapes
+    @property
+    def device(self) -> torch.device:
+        return self.transformer.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        # The sampling loop's latents stay float32, as WanPipeline keeps them; each model call casts
+        # its input to the transformer's dtype (bfloat16 for the published weights).
+        return torch.float32
+
+    @property
+    def spatial_multiple(self) -> int:
+        # The VAE's compression times the transformer's spatial patch: 16 for Wan2.1.
+        _, patch_h, patch_w = self.transformer.config.patch_size
+        return self.vae.config.scale_factor_spatial * max(patch_h, patch_w)
+
+    def latent_frames(self, video_frames: int) -> int:
+        return latent_frame_count(video_frames, self.vae.config.scale_factor_temporal)
+
+    def video_frames(self, latent_frames: int) -> int:
+        return video_frame_count(latent_frames, self.vae.config.scale_factor_temporal)
+
+    def latent_shape(self, height: int, width: int) -> tuple[int, int, int]:
+        scale = self.vae.config.scale_factor_spatial
+        return (self.transformer.config.in_channels, height // scale, width // scale)
+
+    # ---- text
+    def _text(self) -> WanPipeline:
+        if self.text_pipeline is None:
+            # Loaded here, on the encoding rank only (UMT5-XXL is ~11 GB).
+            logger.info("loading the text encoder from %s", self.source)
+            pipe = WanPipeline.from_pretrained(self.source, transformer=None, transformer_2=None, vae=None,
+                                               torch_dtype=self.text_dtype)
+            pipe.text_encoder.to(self.device).eval().requires_grad_(False)
+            self.text_pipeline = pipe
+        return self.text_pipeline
+
+    def encode_prompts(self, prompts: list[str], ctx: ClipContext | None = None) -> torch.Tensor:
+        """UMT5 embeddings (len(prompts), max_sequence_length, text_dim) as ``WanPipeline.encode_prompt``
+        makes them (cleaning, padding, zeroed tail); rank 0 encodes and broadcasts to the others."""
+        ctx = ctx or ClipContext()
+
+        def encode() -> torch.Tensor:
             with torch.no_grad():
-                noise_pred = model(model_input, timestep, text, return_dict=False)[0]
-                if guided:
-                    noise_uncond = model(model_input, timestep, negative, return_dict=False)[0]
-                    noise_pred = noise_uncond + scale * (noise_pred - noise_uncond)
-            latents = scheduler.step(noise_pred, t, latents, return_dict=False)[0]
-    finally:
-        for handle in handles:
-            handle.remove()
-    video = None
-    if decode:
-        vae = AutoencoderKLWan.from_pretrained(folder, subfolder="vae", torch_dtype=torch.float32).to(device).eval()
-        video = decode_wan_clip(vae, latents, ctx)
-    return WanClip(latents, ctx.frames, video)
+                embeds, _ = self._text().encode_prompt(
+                    prompt=list(prompts), do_classifier_free_guidance=False,
+                    max_sequence_length=self.max_sequence_length, device=self.device)
+            return embeds
+
+        shape = (len(prompts), self.max_sequence_length, self.transformer.config.text_dim)
+        return broadcast_from_rank0(ctx, encode, shape, self.transformer.dtype, self.device)
+
+    def conditioning(self, frame_embeds: torch.Tensor, negative_embeds: torch.Tensor | None, guidance_scale: float,
+                     fps: int | None) -> Conditioning:
+        # One embedding for the whole clip takes the transformer's ordinary path; otherwise one per
+        # latent frame (the engine's cross-attention processor gives each frame its own).
+        same = all(torch.equal(frame_embeds[0], e) for e in frame_embeds[1:])
+        text = frame_embeds[:1] if same else frame_embeds[None]
+        second = guidance_scale if self.guidance_scale_2 is None else self.guidance_scale_2
+        return Conditioning(text, negative_embeds if guidance_scale > 1.0 else None, guidance_scale,
+                            {"guidance_scale_2": second})
+
+    # ---- one step
+    def predict_noise(self, latents: torch.Tensor, timestep: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+        """WanPipeline's step: the high-noise expert (and ``guidance_scale``) while ``timestep`` >= the
+        boundary, else the low-noise one (and ``guidance_scale_2``); conditional and unconditional passes."""
+        boundary = None if self.boundary_ratio is None else self.boundary_ratio * self.scheduler_config["num_train_timesteps"]
+        high_noise = boundary is None or self.transformer_2 is None or timestep >= boundary
+        model = self.transformer if high_noise else self.transformer_2
+        scale = cond.guidance_scale if high_noise else cond.extra["guidance_scale_2"]
+        x = latents.to(model.dtype)
+        if self.expand_timesteps:  # Wan2.2 TI2V: one timestep per token (text-to-video: all equal)
+            _, patch_h, patch_w = model.config.patch_size
+            tokens = x.shape[2] * (x.shape[3] // patch_h) * (x.shape[4] // patch_w)
+            t = timestep.expand(x.shape[0], tokens)
+        else:
+            t = timestep.expand(x.shape[0])
+        pred = model(x, t, cond.prompt_embeds, return_dict=False)[0]
+        if cond.negative_embeds is None:
+            return pred
+        uncond = model(x, t, cond.negative_embeds, return_dict=False)[0]
+        return uncond + scale * (pred - uncond)
+
+    # ---- decode
+    def decode(self, latents: torch.Tensor, split_invariant: bool, ctx: ClipContext | None = None) -> Iterator[torch.Tensor]:
+        """The video frames of this rank's latent frames, float (n, H, W, 3) in [0, 1].
+
+        The halo of preceding latent frames is exchanged now (every rank calls this together); the
+        frames equal those of ``vae.decode`` of the whole latent video (see :func:`decode_wan_clip`).
+        ``split_invariant`` needs nothing more: the VAE decodes one latent frame per call."""
+        ctx = ctx or ClipContext(total_frames=latents.shape[2])
+        video = decode_wan_clip(self.vae, latents, ctx)  # (1, 3, frames, H, W) in [-1, 1]
+        return iter([(video[0].float().permute(1, 2, 3, 0) / 2 + 0.5).clamp(0, 1).contiguous()])

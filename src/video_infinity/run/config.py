@@ -72,8 +72,9 @@ class PipeConfig(_StrictRun):
     """Output name inside ``base_path`` (no directories); None: derived from the first prompt and a timestamp."""
     transition_frames: int = Field(default=0, ge=0)
     """Frames over which the text embeddings of neighbouring prompt segments are blended."""
-    scheduler: SchedulerName = "sde-dpmsolver++"
-    """Sampler; ``sde-dpmsolver++`` is what the original's published runs used."""
+    scheduler: SchedulerName | None = None
+    """Sampler; None: the model family's default (``sde-dpmsolver++`` for UNet3D models, what the
+    original's published runs used; ``model``, the folder's own flow-matching UniPC, for Wan)."""
     save_latents: bool = False
     """Also write the final latents as ``<base_path>/<file_name>.latents.npy`` (float32)."""
     eta: float = Field(default=0.0, ge=0, allow_inf_nan=False)
@@ -224,7 +225,19 @@ class RunConfig(_StrictRun):
     pipe_configs: PipeConfig
     """What to generate."""
     plugin_configs: EngineConfig = EngineConfig()
-    """Engine knobs (the original's ``plugin_configs``)."""
+    """Engine knobs (the original's ``plugin_configs``), or the name of a preset (``"wan"``, see
+    :mod:`video_infinity.presets`)."""
+
+    @field_validator("plugin_configs", mode="before")
+    @classmethod
+    def _preset_by_name(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            from ..presets import PRESETS
+
+            if value not in PRESETS:
+                raise ValueError(f"unknown preset {_short(value)}; give engine knobs or one of {sorted(PRESETS)}")
+            return EngineConfig.model_validate(PRESETS[value])
+        return value
 
     @field_validator("dtype", mode="before")
     @classmethod

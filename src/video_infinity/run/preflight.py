@@ -92,6 +92,22 @@ def _check_files(folder: Path, label: str, field: str) -> None:
                 raise ConfigError(f"{field}: '{label}': {rel.as_posix()} {problem} (download or copy the model again)")
 
 
+def _pipeline_components(path: Path) -> dict[str, list[tuple[str, tuple[str, ...]]]]:
+    """The component subfolders a pipeline folder must hold: a transformer-based pipeline (Wan) lists
+    ``transformer`` (and ``transformer_2``) in its ``model_index.json`` instead of ``unet``."""
+    try:
+        index = json.loads((path / "model_index.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        index = {}
+    components = dict(_COMPONENT_FILES)
+    transformers = [name for name in ("transformer", "transformer_2")
+                    if isinstance(index, dict) and isinstance(index.get(name), list) and index[name][-1] is not None]
+    if transformers:
+        del components["unet"]
+        components.update({name: _COMPONENT_FILES["unet"] for name in transformers})
+    return components
+
+
 def check_model_folder(model: str, base_model: str | None) -> None:
     """Refuse a local model folder that cannot load, before any rank starts (a hub id is left to the ranks).
 
@@ -108,7 +124,7 @@ def check_model_folder(model: str, base_model: str | None) -> None:
         raise ConfigError(f"model: '{model}' is a file; expected a diffusers model folder or a hub id")
     if (path / "model_index.json").is_file() or (path / "unet").is_dir():
         missing = []
-        for component, needs in _COMPONENT_FILES.items():
+        for component, needs in _pipeline_components(path).items():
             sub = path / component
             if not sub.is_dir():
                 missing.append(f"{component}/")

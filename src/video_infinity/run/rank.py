@@ -128,9 +128,12 @@ def generate_on_rank(config: RunConfig, model: str, ctx: ClipContext, device: to
                                                      motion_adapter=config.motion_adapter, engine=config.plugin_configs,
                                                      torch_dtype=dtype, device=device)
     request = pipe.check_inputs(
-        pipe_config.prompts, num_frames=ctx.total_frames, height=pipe_config.height, width=pipe_config.width,
+        pipe_config.prompts if isinstance(pipe_config.prompts, dict) else list(pipe_config.prompts),
+        num_frames=pipe_config.total_frames_for(ctx.world_size), height=pipe_config.height, width=pipe_config.width,
         num_inference_steps=pipe_config.steps, guidance_scale=pipe_config.guidance_scale, fps=pipe_config.fps,
         eta=pipe_config.eta, transition_frames=pipe_config.transition_frames, world_size=ctx.world_size)
+    if ctx.total_frames != request.latent_frames:  # the engine counts the model's frames (Wan: latent frames)
+        ctx = ClipContext.from_process_group(request.latent_frames, ctx.group)
     scheduler = pipe.make_scheduler(pipe_config.scheduler)
     resume = _Resume.load(checkpoint.resume, ctx, device, dtype) if checkpoint is not None and checkpoint.resume else None
     after_step = _checkpointer(checkpoint, ctx, device, paths, pipe_config.steps) if checkpoint is not None else None
@@ -181,7 +184,7 @@ def generate_on_rank(config: RunConfig, model: str, ctx: ClipContext, device: to
     if not is_writer:
         return None
     assert reports is not None
-    sidecar = _sidecar(config, model, pipe, ctx, reports, elapsed, paths)
+    sidecar = _sidecar(config, model, pipe, ctx, request.num_frames, reports, elapsed, paths)
     sidecar["resumed_from"] = None if resume is None else {
         "checkpoint": str(checkpoint.resume), "step": resume.step, "saved_by_world_size": resume.world_size,
         "world_size": ctx.world_size}
@@ -189,7 +192,7 @@ def generate_on_rank(config: RunConfig, model: str, ctx: ClipContext, device: to
     if checkpoint is not None and checkpoint.path.exists():
         checkpoint.path.unlink()  # the video is complete: its checkpoint is no longer needed
         logger.info("removed the checkpoint %s (the video is complete)", checkpoint.path)
-    total = ctx.total_frames
+    total = request.num_frames
     logger.info("wrote %s: %d frames %dx%d at %d fps in %.1f s (%.2f frames/s) on %d rank(s)", paths["video"], total,
                 pipe_config.width, pipe_config.height, pipe_config.export_fps, elapsed, total / elapsed, ctx.world_size)
     return sidecar
@@ -247,11 +250,10 @@ def _checkpointer(plan: CheckpointPlan, ctx: ClipContext, device: torch.device, 
     return after_step
 
 
-def _sidecar(config: RunConfig, model: str, pipe: VideoInfinityPipeline, ctx: ClipContext,
+def _sidecar(config: RunConfig, model: str, pipe: VideoInfinityPipeline, ctx: ClipContext, total: int,
              reports: list[dict], elapsed: float, paths: dict[str, Path]) -> dict[str, Any]:
     import diffusers
 
-    total = ctx.total_frames
     family = pipe.family
     return {
         "video": paths["video"].name,
@@ -263,7 +265,7 @@ def _sidecar(config: RunConfig, model: str, pipe: VideoInfinityPipeline, ctx: Cl
         "fps_conditioned": bool(getattr(family, "fps_conditioned", False)),
         "total_frames": total,
         "world_size": ctx.world_size,
-        "frames_per_rank": [len(c) for c in ctx.layout.partition],
+        "frames_per_rank": [len(c) for c in ctx.layout.partition],  # the model's frames (Wan: latent frames)
         "versions": {"video_infinity": __version__, "torch": torch.__version__, "diffusers": diffusers.__version__,
                      "python": platform.python_version()},
         "seconds": {"total": elapsed, **reports[0]["seconds"]},
