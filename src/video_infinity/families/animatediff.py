@@ -22,6 +22,7 @@ from typing import Any, ClassVar
 
 import torch
 
+from ..context import ClipContext
 from .unet3d import UNet3DFamily
 
 logger = logging.getLogger(__name__)
@@ -135,7 +136,7 @@ class AnimateDiffFamily(UNet3DFamily):
                    dict(pipeline.scheduler.config), False, str(source), pipeline)
 
     # ---- text
-    def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
+    def encode_prompts(self, prompts: list[str], ctx: ClipContext | None = None) -> torch.Tensor:
         """Text embeddings (len(prompts), seq, dim) by diffusers' own ``encode_prompt`` (LoRA scales,
         textual inversions and truncation warnings as in ``AnimateDiffPipeline``)."""
         with torch.no_grad():
