@@ -192,8 +192,8 @@ def test_loop_is_roll_equivariant_and_equals_the_middle_of_the_video_tiled():
     """One process. The ring of T latent frames against an independent reference: diffusers'
     processor under a band mask on the video repeated 3 times (no loop): its middle copy lies T
     frames from the ends, beyond the 2 layers' reach of 2 frames each, so it sees ring neighbours
-    at their ring distances -- in rotary positions too. (A key across the wrap at the angle of its
-    own frame instead is off by 0.1.)"""
+    at their ring distances -- in rotary positions too. (Keys across the wrap left at the angle of
+    their own frame are off by 1e-3 here, and break the roll-equivariance.)"""
     model = build_tiny_wan_transformer()
     for name in ("window_in_ring", "ring_in_window"):
         total, settings = LOOP_CASES[name]
