@@ -212,11 +212,11 @@ def test_loop_is_roll_equivariant_and_equals_the_middle_of_the_video_tiled():
         least = 1e-2 if name == "window_in_ring" else 1e-4
         for frame in (0, total - 1):
             assert (out[:, :, frame] - plain[:, :, frame]).abs().max() > least
-    total, _ = LOOP_CASES["window_in_ring"]
-    x = _inputs(frames=total, seed=4)["x"]
-    text = _inputs(frames=total, seed=4)["text"]
+    total, settings = LOOP_CASES["window_in_ring"]
+    inputs = _inputs(frames=total, seed=4)
+    x, text = inputs["x"], inputs["text"]
     tiled = band_reference(model, torch.cat([x] * 3, dim=2), torch.tensor([900.0]), text, padding=2)
-    loop = _run_loop(model, LOOP_CASES["window_in_ring"][1], x, text)
+    loop = _run_loop(model, settings, x, text)
     torch.testing.assert_close(loop, tiled[:, :, total : 2 * total], atol=1e-5, rtol=0)
 
 
