@@ -7,7 +7,7 @@ import pytest
 import torch
 from diffusers import WanTransformer3DModel
 
-from engine_utils import run_distributed
+from engine_utils import run_distributed, torch_threads
 from video_infinity.context import ClipContext
 from video_infinity.engine import parallelize
 from wan_utils import TEXT_DIM, band_reference, build_tiny_wan_transformer, save_tiny_wan_transformer
@@ -165,3 +165,78 @@ def test_two_experts_are_parallelized_independently_and_removed():
             handle.remove()
         for model, reference in zip((high, low), plain):
             assert torch.equal(model(inputs["x"], t, inputs["text"]).sample, reference)
+
+
+# ---------------------------------------------------------------- seamless loops (EngineConfig.loop)
+# (frames, settings): a ring longer than the window, and a ring of even length shorter than the
+# window (every frame once, one more back than forward); global frames only across ranks.
+LOOP_CASES = {
+    "window_in_ring": (7, {"loop": True, **BAND}),
+    "ring_in_window": (6, {"loop": True, "attn": {"padding": 5, "top_k": 0, "token_num_scale": True}}),
+    "globals": (7, {"loop": True, **DUAL}),
+}
+
+
+def _run_loop(model: WanTransformer3DModel, settings: dict, x: torch.Tensor, text: torch.Tensor,
+              ctx: ClipContext | None = None, t: float = 900.0) -> torch.Tensor:
+    handle = parallelize(model, settings, ctx or ClipContext(total_frames=x.shape[2]))
+    try:
+        with torch.no_grad():
+            return model(x, torch.tensor([t]), text).sample
+    finally:
+        handle.remove()
+
+
+@pytest.mark.unit
+def test_loop_is_roll_equivariant_and_equals_the_middle_of_the_video_tiled():
+    """One process. The ring of T latent frames against an independent reference: diffusers'
+    processor under a band mask on the video repeated 3 times (no loop): its middle copy lies T
+    frames from the ends, beyond the 2 layers' reach of 2 frames each, so it sees ring neighbours
+    at their ring distances -- in rotary positions too. (Keys across the wrap left at the angle of
+    their own frame are off by 1e-3 here, and break the roll-equivariance.)"""
+    model = build_tiny_wan_transformer()
+    for name in ("window_in_ring", "ring_in_window"):
+        total, settings = LOOP_CASES[name]
+        inputs = _inputs(frames=total, seed=4)
+        x, text = inputs["x"], inputs["text"]
+        out = _run_loop(model, settings, x, text)
+        for shift in (1, 3, total - 1):  # split-invariant (the CPU default): bit for bit
+            rolled = _run_loop(model, settings, torch.roll(x, shift, 2), text)
+            assert torch.equal(rolled, torch.roll(out, shift, 2)), (
+                f"{name}, roll {shift}: max difference {(rolled - torch.roll(out, shift, 2)).abs().max():.3g}")
+        fused = _run_loop(model, {**settings, "split_invariant": False}, x, text)  # absolute angles
+        torch.testing.assert_close(fused, out, atol=1e-5, rtol=0)
+        plain = _run_loop(model, {**settings, "loop": False}, x, text)
+        # The video's ends see the other end now. A ring inside the window sees the same frames as
+        # the whole window without a loop, only at other (ring) rotary distances: a smaller change.
+        least = 1e-2 if name == "window_in_ring" else 1e-4
+        for frame in (0, total - 1):
+            assert (out[:, :, frame] - plain[:, :, frame]).abs().max() > least
+    total, settings = LOOP_CASES["window_in_ring"]
+    inputs = _inputs(frames=total, seed=4)
+    x, text = inputs["x"], inputs["text"]
+    tiled = band_reference(model, torch.cat([x] * 3, dim=2), torch.tensor([900.0]), text, padding=2)
+    loop = _run_loop(model, settings, x, text)
+    torch.testing.assert_close(loop, tiled[:, :, total : 2 * total], atol=1e-5, rtol=0)
+
+
+def _loop_rank_worker(rank: int, world_size: int, model_dir: str, inputs: dict) -> dict:
+    model = WanTransformer3DModel.from_pretrained(model_dir).eval()
+    results = {}
+    for name, (total, settings) in LOOP_CASES.items():
+        ctx = ClipContext.from_process_group(total_frames=total)
+        x = inputs[name]["x"][:, :, ctx.frames.start : ctx.frames.stop]
+        results[name] = _run_loop(model, settings, x, inputs[name]["text"], ctx)
+    return results
+
+
+@pytest.mark.distributed
+def test_loop_on_three_uneven_ranks_equals_one_process(single):
+    inputs = {name: _inputs(frames=total, seed=5) for name, (total, _) in LOOP_CASES.items()}
+    with torch_threads(1):  # as each rank
+        expected = {name: _run_loop(single["model"], settings, inputs[name]["x"], inputs[name]["text"])
+                    for name, (_, settings) in LOOP_CASES.items()}
+    results = run_distributed(_loop_rank_worker, 3, single["model_dir"], inputs, tmp_dir=single["root"])
+    for name in LOOP_CASES:  # clips 3+2+2 and 2+2+2
+        got = torch.cat([r[name] for r in results], dim=2)
+        assert torch.equal(got, expected[name]), f"{name}: max difference {(got - expected[name]).abs().max():.3g}"

@@ -151,7 +151,9 @@ class EngineConfig(_Strict):
     too), local attention windows are taken modulo the number of frames (never a frame twice; with
     2 * padding + 1 >= frames every frame once), global frames stay at their fixed indices and
     GroupNorm is over the whole video as without a loop. Without global frames the model is then
-    exactly equivariant to rolling the video in time. Needs ``conv_layer.enabled``."""
+    exactly equivariant to rolling the video in time. On Wan (latent frames) a key across the wrap
+    gets the rotary angle of its unwrapped position, so rotary distances are ring distances. Needs
+    ``conv_layer.enabled``."""
 
     @model_validator(mode="after")
     def _loop_needs_conv_halos(self) -> EngineConfig:

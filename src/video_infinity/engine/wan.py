@@ -11,7 +11,9 @@ contiguous range of latent frames; only self-attention needs other ranks:
 * every self-attention (``WanAttention`` that is not cross-attention) gets
   :class:`WanDualScopeAttnProcessor`: keys and values are computed after the key norm and the
   rotary embedding, the neighbours' frames arrive point-to-point (and the global frames from their
-  owners) while the queries are computed, then dual-scope attention over latent frames;
+  owners) while the queries are computed, then dual-scope attention over latent frames; in a loop
+  (``EngineConfig.loop``) the latent frames lie on a ring and a key's temporal rotary angle is that of
+  its unwrapped position, so query-key distances are ring distances;
 * cross-attentions get :class:`WanFrameCrossAttnProcessor`: one text embedding per latent frame
   (multi-prompt) and, when computing split-invariantly, arithmetic fixed per latent frame.
 
@@ -35,7 +37,7 @@ from torch import nn
 from ..attention import dual_scope_attention
 from ..config import EngineConfig
 from ..context import ClipContext, DenoiseState
-from ..frames import global_frame_indices
+from ..frames import attention_reach, global_frame_indices, window
 from ..halo import start_exchange
 from .handle import ParallelHandle
 
@@ -205,20 +207,63 @@ def _apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torc
     return out.type_as(x)
 
 
+def _temporal_rotation(rope: WanRotaryPosEmbed, offsets: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(cos, sin) of shape (len(offsets), t_dim) rotating the temporal rotary channels by ``offsets``
+    latent frames (negative too), in the layout of the rotary tables.
+
+    An offset beyond the table (``rope_max_seq_len`` rows) is composed from two rows by the angle
+    sum formulas (in the tables' float64); a row inside the table is taken as is (times 1, plus 0).
+    """
+    rows = rope.max_seq_len - 1
+    if any(abs(d) > 2 * rows for d in offsets):
+        raise ValueError(
+            f"rope_max_seq_len: rotary offsets up to {max(abs(d) for d in offsets)} latent frames are needed "
+            f"(loop), the table reaches {2 * rows}; use fewer latent frames or a larger rope_max_seq_len"
+        )
+    cos_t, sin_t = rope.freqs_cos[:, : rope.t_dim], rope.freqs_sin[:, : rope.t_dim]
+    first = torch.tensor([min(abs(d), rows) for d in offsets], dtype=torch.long, device=cos_t.device)
+    second = torch.tensor([abs(d) - min(abs(d), rows) for d in offsets], dtype=torch.long, device=cos_t.device)
+    sign = torch.tensor([-1.0 if d < 0 else 1.0 for d in offsets], dtype=sin_t.dtype, device=sin_t.device)[:, None]
+    ca, sa, cb, sb = cos_t[first], sin_t[first], cos_t[second], sin_t[second]
+    return ca * cb - sa * sb, sign * (sa * cb + ca * sb)
+
+
+def _rotate_temporal(x: torch.Tensor, rope: WanRotaryPosEmbed, frames: int, offsets: list[int]) -> torch.Tensor:
+    """``x`` (batch, frames*tokens, heads, head_dim), frame-major: rotate frame i's temporal rotary
+    channels by ``offsets[i]`` latent frames (RoPE: adding an angle is one more rotation)."""
+    if not frames:
+        return x
+    cos, sin = _temporal_rotation(rope, offsets)
+    tokens = x.shape[1] // frames
+    cos, sin = (t.repeat_interleave(tokens, dim=0)[None, :, None, :] for t in (cos, sin))
+    temporal = _apply_rotary(x[..., : rope.t_dim], cos, sin)
+    return torch.cat([temporal, x[..., rope.t_dim :]], dim=-1)
+
+
 class WanDualScopeAttnProcessor:
     """Self-attention of ``WanAttention`` over latent frames: dual-scope windows, keys from neighbours.
 
     A query token of latent frame g attends every token of the latent frames within ``padding`` of g
-    (clipped at the video's ends) and every token of the ``top_k`` global latent frames, with the
-    phase biases and ``token_num_scale`` of the engine config. With a window covering the whole video
-    this is diffusers' ``WanAttnProcessor``.
+    (clipped at the video's ends; in a loop taken around the ring, see ``frames.attention_reach``)
+    and every token of the ``top_k`` global latent frames, with the phase biases and
+    ``token_num_scale`` of the engine config. With a window covering the whole video this is
+    diffusers' ``WanAttnProcessor``.
+
+    In a loop a key frame that arrives across the wrap (unwrapped position u < 0 or u >= frames)
+    carries the rotary angle of u, not of its frame u mod frames, so every query-key distance is a
+    ring distance; global frames keep their fixed index. When computing split-invariantly the
+    temporal rotation is applied relative to each query frame (query at angle 0, key at u - g: the
+    same product by RoPE's rotation identity), so no frame has angles of its own and rolling the
+    video rolls the result bit for bit; otherwise queries and keys keep their absolute angles and
+    the keys across the wrap get one more rotation by +-frames.
     """
 
-    def __init__(self, config: EngineConfig, ctx: ClipContext, state: DenoiseState) -> None:
+    def __init__(self, config: EngineConfig, ctx: ClipContext, state: DenoiseState, rope: WanRotaryPosEmbed) -> None:
         self.engine_config = config
         self.config = config.attn
         self.ctx = ctx
         self.state = state
+        self.rope = rope
 
     def __call__(
         self,
@@ -234,65 +279,103 @@ class WanDualScopeAttnProcessor:
                 "Wan dual-scope attention handles self-attention only (no encoder states, no mask)"
             )
         layout, config, timestep = self.state.layout, self.config, self.state.timestep
+        total = layout.total_frames
         batch, num_tokens, _ = hidden_states.shape
         frames = len(layout.owned)
         if num_tokens % frames:
             raise ValueError(f"{num_tokens} tokens do not split into the rank's {frames} latent frames")
         tokens = num_tokens // frames
+        loop = self.engine_config.loop
+        split_invariant = self.engine_config.split_invariant_on(hidden_states.device.type)
+        # Relative temporal angles (split-invariant ring): rotate only the spatial channels here.
+        relative = loop and split_invariant and rotary_emb is not None
+        t_dim = self.rope.t_dim
+
+        def rotate(x: torch.Tensor) -> torch.Tensor:
+            if rotary_emb is None:
+                return x
+            if relative:
+                cos, sin = (t[..., t_dim:] for t in rotary_emb)
+                return torch.cat([x[..., :t_dim], _apply_rotary(x[..., t_dim:], cos, sin)], dim=-1)
+            return _apply_rotary(x, *rotary_emb)
+
         fused = getattr(attn, "fused_projections", False)
         if fused:
             query, key, value = attn.to_qkv(hidden_states).chunk(3, dim=-1)
         else:
             key, value = attn.to_k(hidden_states), attn.to_v(hidden_states)
-        key = attn.norm_k(key).unflatten(2, (attn.heads, -1))
+        key = rotate(attn.norm_k(key).unflatten(2, (attn.heads, -1)))
         value = value.unflatten(2, (attn.heads, -1))
-        if rotary_emb is not None:
-            key = _apply_rotary(key, *rotary_emb)
         head_dim = key.shape[-1]
 
         # Neighbours need our keys/values as they enter attention (normed, rotated): send them now,
         # as one (batch, frames, tokens, heads, 2*head_dim) tensor, and compute the queries meanwhile.
-        padding = min(config.padding, layout.total_frames - 1)
-        global_frames = global_frame_indices(layout.total_frames, config.global_frame_count(timestep))
+        left, right = attention_reach(config.padding, total, loop)
+        global_frames = global_frame_indices(total, config.global_frame_count(timestep))
         key_value = torch.cat([key, value], dim=-1).unflatten(1, (frames, tokens))
-        pending = start_exchange(key_value, 1, layout, padding, padding, self.ctx, global_frames, kind="attn_halo")
+        pending = start_exchange(key_value, 1, layout, left, right, self.ctx, global_frames, kind="attn_halo",
+                                 loop=loop)
         if not fused:
             query = attn.to_q(hidden_states)
-        query = attn.norm_q(query).unflatten(2, (attn.heads, -1))
-        if rotary_emb is not None:
-            query = _apply_rotary(query, *rotary_emb)
+        query = rotate(attn.norm_q(query).unflatten(2, (attn.heads, -1)))
         context, context_frames, global_key_value = pending.wait()
+        local_bias, global_bias = config.phase_biases(timestep)
+        # Several query frames under a band window need a (frames*tokens)^2 mask; one query frame at
+        # a time sees its whole key span and needs none (and a whole window needs none either; a
+        # ring's unwrapped spans differ per query frame, so never there).
+        whole_window = not loop and max(left, right) >= total - 1
+        attend = dict(total_frames=total, padding=config.padding, scale=head_dim**-0.5 * config.attn_scale,
+                      local_bias=local_bias, global_bias=global_bias, token_num_scale=config.token_num_scale,
+                      chunk_size=config.query_chunk_size if whole_window else 1, split_invariant=split_invariant,
+                      loop=loop, tokens_per_frame=tokens)
 
-        def split(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # -> 2x (batch, heads, frames*tokens, d)
-            k, v = t.flatten(1, 2).transpose(1, 2).split(head_dim, dim=-1)
-            return k, v
+        def split(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            """(batch, frames, tokens, heads, 2d) -> keys (batch, frames*tokens, heads, d) and values."""
+            return t.flatten(1, 2).split(head_dim, dim=-1)
+
+        def heads_first(t: torch.Tensor) -> torch.Tensor:
+            return t.transpose(1, 2)
 
         key, value = split(context)
         global_key, global_value = split(global_key_value)
-        local_bias, global_bias = config.phase_biases(timestep)
-        split_invariant = self.engine_config.split_invariant_on(hidden_states.device.type)
-        whole_window = padding >= layout.total_frames - 1
-        # Several query frames under a band window need a (frames*tokens)^2 mask; one query frame at
-        # a time sees its whole key span and needs none (and a whole window needs none either).
-        chunk_size = config.query_chunk_size if whole_window else 1
-        out = dual_scope_attention(
-            query.transpose(1, 2),
-            key,
-            value,
-            global_key,
-            global_value,
-            query_frames=layout.owned,
-            key_frames=context_frames,
-            total_frames=layout.total_frames,
-            padding=padding,
-            scale=head_dim**-0.5 * config.attn_scale,
-            local_bias=local_bias,
-            global_bias=global_bias,
-            token_num_scale=config.token_num_scale,
-            chunk_size=chunk_size,
-            split_invariant=split_invariant,
-            tokens_per_frame=tokens,
-        )
+        if relative:
+            # One query frame at a time (as the split-invariant ring computes anyway): its window's
+            # keys and the global keys rotated by their distance from it, the query not at all.
+            outputs = []
+            for index, frame in enumerate(layout.owned):
+                span = window(range(frame, frame + 1), left, right, total, loop=True)
+                at = (span.start - context_frames.start) * tokens
+                span_key = key[:, at : at + len(span) * tokens]
+                span_key = _rotate_temporal(span_key, self.rope, len(span), [u - frame for u in span])
+                frame_global_key = _rotate_temporal(global_key, self.rope, len(global_frames),
+                                                    [g - frame for g in global_frames])
+                outputs.append(dual_scope_attention(
+                    heads_first(query[:, index * tokens : (index + 1) * tokens]),
+                    heads_first(span_key),
+                    heads_first(value[:, at : at + len(span) * tokens]),
+                    heads_first(frame_global_key),
+                    heads_first(global_value),
+                    query_frames=range(frame, frame + 1),
+                    key_frames=span,
+                    **attend,
+                ))
+            out = torch.cat(outputs, dim=-2)
+        else:
+            if loop and rotary_emb is not None:
+                # Keys across the wrap were rotated for their frame u mod total: shift them to u.
+                laps = [u - u % total for u in context_frames]
+                if any(laps):
+                    key = _rotate_temporal(key, self.rope, len(context_frames), laps)
+            out = dual_scope_attention(
+                heads_first(query),
+                heads_first(key),
+                heads_first(value),
+                heads_first(global_key),
+                heads_first(global_value),
+                query_frames=layout.owned,
+                key_frames=context_frames,
+                **attend,
+            )
         out = out.transpose(1, 2).flatten(2, 3).type_as(query)
         out = attn.to_out[0](out)
         return attn.to_out[1](out)
@@ -384,7 +467,7 @@ def parallelize_wan(transformer: WanTransformer3DModel, config: EngineConfig, co
     for linear in _token_path_linears(transformer):
         handle.hook(linear, _PerFrameLinear(config, state))
     for attn in self_attentions:
-        handle.set_processor(attn, WanDualScopeAttnProcessor(config, context, state))
+        handle.set_processor(attn, WanDualScopeAttnProcessor(config, context, state, ropes[0]))
     for attn in attentions:
         if attn.is_cross_attention:
             handle.set_processor(attn, WanFrameCrossAttnProcessor(attn.processor, config, state))
