@@ -87,7 +87,7 @@ def scalar_timestep(timestep: torch.Tensor | float | int) -> float:
         return float(timestep)
     values = timestep.detach().flatten().float().cpu()
     if values.numel() > 1 and not torch.all(values == values[0]):
-        raise ValueError("the engine needs one timestep per UNet call (phase biases); got different per-sample values")
+        raise ValueError("timestep: the engine needs one timestep per model call (phase biases); got different per-sample values")
     return float(values[0])
 
 

@@ -39,6 +39,7 @@ from ..config import EngineConfig
 from ..context import ClipContext, DenoiseState
 from ..frames import attention_reach, global_frame_indices, window
 from ..halo import start_exchange
+from .common import scalar_timestep
 from .handle import ParallelHandle
 
 logger = logging.getLogger(__name__)
@@ -48,16 +49,6 @@ __all__ = ["WanDualScopeAttnProcessor", "WanFrameCrossAttnProcessor", "is_wan_tr
 
 def is_wan_transformer(model: nn.Module) -> bool:
     return isinstance(model, WanTransformer3DModel)
-
-
-def _one_timestep(timestep: torch.Tensor | float | int) -> float:
-    """The call's single timestep (the phase biases need one); per-token timesteps must all agree."""
-    if not torch.is_tensor(timestep):
-        return float(timestep)
-    values = timestep.detach().flatten().float().cpu()
-    if values.numel() > 1 and not torch.all(values == values[0]):
-        raise ValueError("timestep: the engine needs one timestep per transformer call (phase biases); got several")
-    return float(values[0])
 
 
 class _TrackWanCall(ModelHook):
@@ -71,7 +62,7 @@ class _TrackWanCall(ModelHook):
         sample = args[0] if args else kwargs["hidden_states"]
         timestep = args[1] if len(args) > 1 else kwargs["timestep"]
         self.state.layout = self.ctx.layout_for(sample.shape[2])
-        self.state.timestep = _one_timestep(timestep)
+        self.state.timestep = scalar_timestep(timestep)
         text = args[2] if len(args) > 2 else kwargs.get("encoder_hidden_states")
         if text is not None and text.dim() == 4 and text.shape[1] != sample.shape[2]:
             raise ValueError(
