@@ -5,6 +5,7 @@ VideoInfinityPipeline (one and two ranks, against diffusers' WanPipeline) and th
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
@@ -214,3 +215,21 @@ def test_cli_on_two_cpu_ranks_writes_the_expected_frame_count(wan_folder, tmp_pa
     sidecar = json.loads((tmp_path / "out" / "wan.json").read_text())
     assert sidecar["family"] == "wan" and sidecar["total_frames"] == NUM_FRAMES
     assert sidecar["frames_per_rank"] == [3, 2]  # latent frames
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("change, message", [
+    ({"total_frames": 8}, r"pipe_configs\.total_frames: Wan videos have 4k\+1 frames; 8 is not one, use 5 or 9"),
+    ({"height": 40}, r"pipe_configs\.height: this model needs a multiple of 16, got 40 \(use 32 or 48\)$"),
+])
+def test_cli_refuses_a_shape_wan_cannot_make_before_any_rank_starts(wan_folder, tmp_path, offline_env, change, message):
+    pipe = {"prompts": PROMPTS, "steps": 1, "total_frames": NUM_FRAMES, "height": SIZE, "width": SIZE, **change}
+    config = {"dtype": "float32", "devices": ["cpu", "cpu"], "base_path": str(tmp_path / "out"), "model": str(wan_folder),
+              "pipe_configs": pipe}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    cli = [sys.executable, "-m", "video_infinity.cli", "generate", "--config", str(tmp_path / "config.json")]
+    result = subprocess.run(cli, env=offline_env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2, result.stderr[-2000:]
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and re.match(message, lines[0].removeprefix("video-infinity: error: ")), result.stderr
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())

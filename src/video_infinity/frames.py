@@ -150,3 +150,17 @@ def owners(partition: list[range], frames: list[int]) -> list[list[int]]:
         else:
             raise ValueError(f"frame {frame} is outside the video (0..{partition[-1].stop - 1})")
     return result
+
+
+def latent_frame_count(num_frames: int, temporal_compression: int = 4) -> int:
+    """Latent frames of a ``num_frames`` video under a causal video VAE that keeps the first frame and
+    compresses every later ``temporal_compression`` frames into one (Wan): (num_frames - 1) / 4 + 1;
+    other counts are an error naming the two nearest valid counts."""
+    if num_frames < 1 or (num_frames - 1) % temporal_compression:
+        below = max(1, num_frames - (num_frames - 1) % temporal_compression)
+        above = below + temporal_compression
+        raise ValueError(
+            f"num_frames: Wan videos have {temporal_compression}k+1 frames; {num_frames} is not one, "
+            f"use {below} or {above}"
+        )
+    return (num_frames - 1) // temporal_compression + 1

@@ -28,6 +28,7 @@ from diffusers import AutoencoderKLWan, WanPipeline, WanTransformer3DModel
 from diffusers.models.autoencoders.autoencoder_kl_wan import WanCausalConv3d, WanResample
 
 from ..context import ClipContext
+from ..frames import latent_frame_count
 from ..halo import start_exchange
 from .base import Conditioning
 
@@ -38,18 +39,6 @@ WAN_PIPELINE_CLASSES = ("WanPipeline",)
 
 
 # ----------------------------------------------------------------------------------- frames
-def latent_frame_count(num_frames: int, temporal_compression: int = 4) -> int:
-    """Latent frames of a ``num_frames`` video: (num_frames - 1) / 4 + 1; other counts are an error."""
-    if num_frames < 1 or (num_frames - 1) % temporal_compression:
-        below = max(1, num_frames - (num_frames - 1) % temporal_compression)
-        above = below + temporal_compression
-        raise ValueError(
-            f"num_frames: Wan videos have {temporal_compression}k+1 frames; {num_frames} is not one, "
-            f"use {below} or {above}"
-        )
-    return (num_frames - 1) // temporal_compression + 1
-
-
 def video_frame_count(latent_frames: int, temporal_compression: int = 4) -> int:
     """Video frames decoded from ``latent_frames`` latent frames (the first gives 1, every later one 4)."""
     return temporal_compression * (latent_frames - 1) + 1

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError
+from ..frames import latent_frame_count
 from .checkpoint import CheckpointPlan, check_compatible, estimate_bytes, hash_parts, load_checkpoint, result_parts
 from .config import RunConfig
 from .outputs import check_outputs, output_paths
@@ -145,6 +146,31 @@ def check_model_folder(model: str, base_model: str | None) -> None:
                       "with unet/ vae/ text_encoder/ tokenizer/ scheduler/) nor a UNet config.json")
 
 
+def check_video_shape(config: RunConfig, model: str, world_size: int) -> None:
+    """Refuse a frame count or size a local transformer-based (Wan) folder cannot make, before any rank
+    starts: video frames ``t*k + 1`` for the VAE's temporal compression ``t``, height and width
+    multiples of its spatial compression times the transformer's patch size (16 for Wan)."""
+    path = Path(model).expanduser()
+    if not (path / "transformer" / "config.json").is_file() or not (path / "vae" / "config.json").is_file():
+        return  # a UNet family (checked by the pipeline's own rules) or a hub id (checked by the ranks)
+    vae = json.loads((path / "vae" / "config.json").read_text(encoding="utf-8"))
+    transformer = json.loads((path / "transformer" / "config.json").read_text(encoding="utf-8"))
+    pipe = config.pipe_configs
+    field = "pipe_configs.total_frames" if pipe.total_frames is not None else "pipe_configs.num_frames"
+    try:
+        latent_frame_count(pipe.total_frames_for(world_size), int(vae.get("scale_factor_temporal", 4)))
+    except ValueError as exc:
+        raise ConfigError(f"{field}: {str(exc).removeprefix('num_frames: ')} (the whole video's frames)") from None
+    patch = transformer.get("patch_size") or [1, 1, 1]
+    multiple = int(vae.get("scale_factor_spatial", 8)) * int(patch[-1])
+    for name in ("height", "width"):
+        value = getattr(pipe, name)
+        if value % multiple:
+            lower = value - value % multiple
+            raise ConfigError(f"pipe_configs.{name}: this model needs a multiple of {multiple}, got {value} "
+                              f"(use {max(lower, multiple)} or {lower + multiple})")
+
+
 def check_motion_adapter_folder(adapter: str) -> None:
     """Refuse a motion adapter that is not a complete local ``MotionAdapter`` folder."""
     path = Path(adapter).expanduser()
@@ -235,6 +261,7 @@ def prepare(config: RunConfig, overwrite: bool = False, resume: str | os.PathLik
     _check_base_path(config)
     model = resolve_model(config)
     check_model_folder(model, config.base_model)
+    check_video_shape(config, model, world_size)
     if config.motion_adapter is not None:
         check_motion_adapter_folder(config.motion_adapter)
     pipe = config.pipe_configs
