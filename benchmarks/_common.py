@@ -293,3 +293,36 @@ def run_ranks(fn: Callable, world_size: int, *args: Any, threads: int = 1) -> li
 
 def mib(nbytes: float) -> float:
     return nbytes / 2**20
+
+
+def largest_fitting(fits: Callable[[int], tuple[bool, float | str]], start: int, max_frames: int, budget_s: float,
+                    resolution: Callable[[int], int] = lambda ok: 1, unit: str = "frames") -> dict[str, Any]:
+    """The largest frame count for which ``fits(frames)`` holds: doubling from ``start``, then bisection
+    until the gap to the smallest failing count is at most ``resolution(largest fitting)``, within
+    ``budget_s`` seconds. ``fits`` returns (whether it fit, seconds or the failure's description)."""
+    began = time.perf_counter()
+    tried: dict[int, float | str] = {}
+    ok, bad = 0, None
+    frames = start
+
+    def attempt(count: int) -> bool:
+        fit, seconds = fits(count)
+        tried[count] = seconds
+        logger.info("  %5d %s: %s", count, unit, f"{seconds:.2f} s" if fit else seconds)
+        return fit
+
+    while frames <= max_frames and time.perf_counter() - began < budget_s:
+        if not attempt(frames):
+            bad = frames
+            break
+        ok = frames
+        if frames == max_frames:
+            break
+        frames = min(frames * 2, max_frames)
+    while bad is not None and bad - ok > resolution(ok) and time.perf_counter() - began < budget_s:
+        mid = (ok + bad) // 2
+        ok, bad = (mid, bad) if attempt(mid) else (ok, mid)
+    complete = bad is not None and bad - ok <= resolution(ok)
+    return {"largest_fitting": ok, "smallest_failing": bad, "search_complete": complete or ok == max_frames,
+            "capped_at_max_frames": bad is None and ok == max_frames, "tried_seconds": tried,
+            "search_seconds": time.perf_counter() - began}

@@ -35,7 +35,7 @@ import sys
 import time
 from typing import Any
 
-from _common import PeakMemory, machine, mib, paired_ratio, setup_logging, write_result
+from _common import PeakMemory, largest_fitting, machine, mib, paired_ratio, setup_logging, write_result
 
 logger = logging.getLogger("gpu_wan")
 
@@ -142,26 +142,9 @@ def _cpu_peak(args: tuple[str, int, int, int, int]) -> int:
 
 
 def largest_clip(runner: Runner, start: int, max_frames: int, budget_s: float) -> dict[str, Any]:
-    began, tried, ok, bad, frames = time.perf_counter(), {}, 0, None, start
-    while frames <= max_frames and time.perf_counter() - began < budget_s:
-        fits, seconds = runner.fits(frames)
-        tried[frames] = seconds
-        logger.info("  %4d latent frames: %s", frames, f"{seconds:.2f} s" if fits else seconds)
-        if not fits:
-            bad = frames
-            break
-        ok = frames
-        if frames == max_frames:
-            break
-        frames = min(frames * 2, max_frames)
-    while bad is not None and bad - ok > 1 and time.perf_counter() - began < budget_s:
-        mid = (ok + bad) // 2
-        fits, seconds = runner.fits(mid)
-        tried[mid] = seconds
-        logger.info("  %4d latent frames: %s", mid, f"{seconds:.2f} s" if fits else seconds)
-        ok, bad = (mid, bad) if fits else (ok, mid)
-    return {"largest_fitting_latent_frames": ok, "smallest_failing": bad,
-            "search_complete": (bad is not None and bad - ok <= 1) or ok == max_frames, "tried_seconds": tried}
+    result = largest_fitting(runner.fits, start, max_frames, budget_s, unit="latent frames")
+    result["largest_fitting_latent_frames"] = result.pop("largest_fitting")
+    return result
 
 
 def main() -> int:
