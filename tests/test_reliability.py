@@ -6,7 +6,7 @@ bit for bit through its saved latents; the H.264 encoder is not deterministic fr
 process (identical frames can encode to slightly different pictures), so decoded MP4s are
 compared by PSNR. Two test hooks of the pipeline make
 the kills land mid-denoising: every rank records its pid and step in a folder after each step
-(``VIDEO_INFINITY_TEST_PROGRESS``) and sleeps a little (``VIDEO_INFINITY_TEST_STEP_SLEEP``).
+(``VIDEO_INFINITY_PROGRESS_DIR``) and sleeps a little (``VIDEO_INFINITY_TEST_STEP_SLEEP``).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from video_infinity.run import PROGRESS_ENV, STEP_SLEEP_ENV
+from video_infinity.run import PROGRESS_DIR_ENV, STEP_SLEEP_ENV
 from video_infinity.run.checkpoint import load_checkpoint
 from video_infinity.demo.random_model import build_random_model
 from video_infinity.video_io import read_video
@@ -147,7 +147,7 @@ class Interrupted:
         progress = root / f"progress-{name}"
         progress.mkdir()
         self.stem = root / "out" / name
-        run_env = {**env, PROGRESS_ENV: str(progress), STEP_SLEEP_ENV: "0.3"}
+        run_env = {**env, PROGRESS_DIR_ENV: str(progress), STEP_SLEEP_ENV: "0.3"}
         proc = subprocess.Popen(
             [*CLI, "--config", str(root / "config.json"), *_sets(devices=["cpu"] * world, pipe_configs__file_name=name)],
             env=run_env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)

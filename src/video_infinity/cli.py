@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from .errors import RunInterrupted, UserError, VideoInfinityError
 from .run.config import check_devices_available, load_run_config
+from .ui.form import Limits
 
 PROG = "video-infinity"
 
@@ -48,7 +51,31 @@ def build_parser() -> argparse.ArgumentParser:
         help="continue an interrupted run from its checkpoint (<base_path>/<file_name>.ckpt, written every "
         "pipe_configs.checkpoint_every steps); the config must be the one it was made with, the devices may differ",
     )
+    generate.add_argument("--progress-dir", metavar="DIR",
+                          help="keep each rank's progress in DIR/rank<r>.json (phase, step, timing), for front-ends")
     generate.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    serve = commands.add_parser(
+        "serve",
+        help="start the web UI (needs: pip install 'video-infinity[ui]')",
+        description="A web UI (Gradio) on the same launcher: a prompt timeline, live progress, cancel and resume, "
+        "the result and past runs. Listens on 127.0.0.1 unless --host says otherwise.",
+    )
+    serve.add_argument("--config", metavar="FILE", help="a run config whose values fill the form (and give base_path)")
+    serve.add_argument("--base-path", metavar="DIR", help="where runs are written and read back (default: the "
+                       "config's base_path, else ./outputs); the only folder the UI lists or serves")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    serve.add_argument("--port", type=int, default=7860, help="port (default 7860)")
+    limits = Limits()
+    serve.add_argument("--max-frames", type=int, default=limits.max_frames, metavar="N",
+                       help=f"the most frames a form may ask for (default {limits.max_frames})")
+    serve.add_argument("--max-side", type=int, default=limits.max_side, metavar="PX",
+                       help=f"the largest height or width a form may ask for (default {limits.max_side})")
+    serve.add_argument("--max-steps", type=int, default=limits.max_steps, metavar="N",
+                       help=f"the most denoising steps a form may ask for (default {limits.max_steps})")
+    serve.add_argument("--max-cpu-processes", type=int, default=limits.max_cpu_processes, metavar="N",
+                       help=f"the most CPU processes a form may ask for (default {limits.max_cpu_processes}: this "
+                       "machine's cores, at least 2)")
+    serve.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     inspect = commands.add_parser(
         "inspect",
         help="probe a demo video: object colour, motion, jumps at clip borders",
@@ -82,6 +109,31 @@ def _inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve(args: argparse.Namespace) -> int:
+    from .ui import require_gradio, serve
+
+    for name in ("max_frames", "max_side", "max_steps", "max_cpu_processes", "port"):
+        if getattr(args, name) < 1:
+            return _error(f"--{name.replace('_', '-')}: must be a positive number, got {getattr(args, name)}")
+    try:
+        template = load_run_config(args.config) if args.config is not None else None
+        require_gradio()
+    except UserError as exc:
+        return _error(str(exc))
+    base_path = args.base_path or (template.base_path if template is not None else "./outputs")
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    limits = Limits(max_frames=args.max_frames, max_side=args.max_side, max_steps=args.max_steps,
+                    max_cpu_processes=args.max_cpu_processes)
+    try:
+        serve(base_path=base_path, host=args.host, port=args.port, limits=limits, template=template)
+    except OSError as exc:  # e.g. the port is taken
+        return _error(f"--port: cannot serve on {args.host}:{args.port} ({exc})")
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
 def _error(message: str) -> int:
     print(f"{PROG}: error: {message}", file=sys.stderr)
     return 2
@@ -95,6 +147,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return exc.code if isinstance(exc.code, int) else 2
     if args.command == "inspect":
         return _inspect(args)
+    if args.command == "serve":
+        return _serve(args)
     try:
         config = load_run_config(args.config, args.overrides)
         check_devices_available(config)
@@ -105,6 +159,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    if args.progress_dir is not None:
+        from .run.progress import PROGRESS_DIR_ENV
+
+        # Through the environment: the ranks (and a torchrun job's) inherit it.
+        os.environ[PROGRESS_DIR_ENV] = str(Path(args.progress_dir).resolve())
     from .run import launch  # lazily: the ranks pull in torch, diffusers and the models
 
     try:

@@ -3,7 +3,8 @@ device, one supervised process per device, or this process's part of a torchrun 
 
 Modules: ``config`` (the run config), ``outputs`` (what a run writes, and what it may not replace),
 ``preflight`` (checks before any rank starts), ``checkpoint`` (save / resume), ``supervise``
-(process supervision, signals, temporary files), ``failures`` (what a rank's exception means for
+(process supervision, signals, temporary files), ``progress`` (each rank's live progress, for
+front-ends), ``failures`` (what a rank's exception means for
 the user), ``rank`` (one rank's work, on :class:`~video_infinity.pipeline.VideoInfinityPipeline`).
 Importing this package does not import torch: a refused run fails fast.
 """
@@ -18,8 +19,9 @@ from pathlib import Path
 from ..errors import RunError, RunInterrupted, UserError
 from .config import RunConfig
 from .failures import describe_failure
-from .hooks import PROGRESS_ENV, STEP_SLEEP_ENV
+from .hooks import STEP_SLEEP_ENV
 from .preflight import prepare
+from .progress import PROGRESS_DIR_ENV
 from .supervise import (
     Terminated,
     checkpoint_note,
@@ -33,7 +35,7 @@ from .supervise import (
 logger = logging.getLogger(__name__)
 
 
-__all__ = ["PROGRESS_ENV", "STEP_SLEEP_ENV", "launch"]
+__all__ = ["PROGRESS_DIR_ENV", "STEP_SLEEP_ENV", "launch"]
 
 
 def _in_torchrun() -> bool:

@@ -87,7 +87,9 @@ def result_parts(config: RunConfig, model: str, world_size: int, dtype: str) -> 
         "pipe_configs.eta": pipe.eta,
         "plugin_configs": config.plugin_configs.model_dump(mode="json"),
     }
-    if config.motion_adapter is not None:  # only then: earlier runs' checkpoints keep their hash
+    if pipe.negative_prompt:  # only then (likewise below): earlier runs' checkpoints keep their hash
+        parts["pipe_configs.negative_prompt"] = pipe.negative_prompt
+    if config.motion_adapter is not None:
         parts["motion_adapter"] = model_fingerprint(config.motion_adapter)
     return parts
 

@@ -52,6 +52,8 @@ class PipeConfig(_StrictRun):
     """Text prompts: a list, spread over the video as consecutive segments of (nearly) equal length;
     or FreeNoise's ``{"frame": "prompt"}`` keyframes (frame 0 required, every key a frame of the
     video; embeddings blend linearly from one keyframe to the next, the last one holds to the end)."""
+    negative_prompt: str | None = None
+    """What the video should not show (classifier-free guidance's unconditional text); None: empty."""
     steps: int = Field(default=30, ge=1)
     """Number of denoising steps."""
     guidance_scale: float = Field(default=12.0, ge=0, allow_inf_nan=False)

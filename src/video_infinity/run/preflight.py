@@ -31,7 +31,7 @@ def resolve_model(config: RunConfig) -> str:
         return config.model if config.model is not None else str(config.base_model)
     if config.model is not None:
         return config.model
-    from .demo import default_model_path
+    from ..demo import default_model_path
 
     return str(default_model_path())
 

@@ -34,7 +34,8 @@ from .checkpoint import (
     save_checkpoint,
     split_scheduler_state,
 )
-from .hooks import TestHooks
+from .hooks import step_sleep_s
+from .progress import ProgressReporter
 from .config import RunConfig
 
 logger = logging.getLogger(__name__)
@@ -123,13 +124,14 @@ def generate_on_rank(config: RunConfig, model: str, ctx: ClipContext, device: to
         logger.warning("%s is slow or unsupported on CPU: running in float32", config.dtype)
         dtype = torch.float32
     started = time.perf_counter()
+    progress = ProgressReporter(ctx.rank, ctx.world_size)
     with timer.stage("load"):
         pipe = VideoInfinityPipeline.from_pretrained(model, base_model=config.base_model,
                                                      motion_adapter=config.motion_adapter, engine=config.plugin_configs,
                                                      torch_dtype=dtype, device=device)
     request = pipe.check_inputs(
         pipe_config.prompts if isinstance(pipe_config.prompts, dict) else list(pipe_config.prompts),
-        num_frames=pipe_config.total_frames_for(ctx.world_size), height=pipe_config.height, width=pipe_config.width,
+        negative_prompt=pipe_config.negative_prompt, num_frames=pipe_config.total_frames_for(ctx.world_size), height=pipe_config.height, width=pipe_config.width,
         num_inference_steps=pipe_config.steps, guidance_scale=pipe_config.guidance_scale, fps=pipe_config.fps,
         eta=pipe_config.eta, transition_frames=pipe_config.transition_frames, world_size=ctx.world_size)
     if ctx.total_frames != request.latent_frames:  # the engine counts the model's frames (Wan: latent frames)
@@ -137,14 +139,17 @@ def generate_on_rank(config: RunConfig, model: str, ctx: ClipContext, device: to
     scheduler = pipe.make_scheduler(pipe_config.scheduler)
     resume = _Resume.load(checkpoint.resume, ctx, device, dtype) if checkpoint is not None and checkpoint.resume else None
     after_step = _checkpointer(checkpoint, ctx, device, paths, pipe_config.steps) if checkpoint is not None else None
-    hooks = TestHooks(ctx.rank)
+    sleep = step_sleep_s()
 
     def on_step_end(index: int, t: torch.Tensor, latents: torch.Tensor, scheduler: Any) -> None:
         if after_step is not None:
             after_step(index, latents, scheduler)
-        hooks.step_done(index)
+        progress.step_done(index)
+        if sleep:
+            time.sleep(sleep)
 
     ctx.stats.reset()
+    progress.denoising(pipe_config.steps, resume.step if resume is not None else 0)
     with timer.stage("denoise"):
         if resume is not None:
             logger.info("resuming from %s at step %d of %d", checkpoint.resume, resume.step, pipe_config.steps)
@@ -164,6 +169,7 @@ def generate_on_rank(config: RunConfig, model: str, ctx: ClipContext, device: to
                 with atomic_output(paths["latents"]) as tmp, open(tmp, "wb") as fh:
                     np.save(fh, whole[0].numpy())
 
+    progress.phase("decoding")
     with timer.stage("decode_and_write"):
         chunks = pipe.stream_frames(latents, ctx, uint8=True)
         if is_writer:
@@ -182,6 +188,7 @@ def generate_on_rank(config: RunConfig, model: str, ctx: ClipContext, device: to
         reports = [None] * ctx.world_size if is_writer else None
         dist.gather_object(report, reports, dst=ctx.global_rank(0), group=ctx.group)
     if not is_writer:
+        progress.phase("done")
         return None
     assert reports is not None
     sidecar = _sidecar(config, model, pipe, ctx, request.num_frames, reports, elapsed, paths)
@@ -192,6 +199,7 @@ def generate_on_rank(config: RunConfig, model: str, ctx: ClipContext, device: to
     if checkpoint is not None and checkpoint.path.exists():
         checkpoint.path.unlink()  # the video is complete: its checkpoint is no longer needed
         logger.info("removed the checkpoint %s (the video is complete)", checkpoint.path)
+    progress.phase("done")
     total = request.num_frames
     logger.info("wrote %s: %d frames %dx%d at %d fps in %.1f s (%.2f frames/s) on %d rank(s)", paths["video"], total,
                 pipe_config.width, pipe_config.height, pipe_config.export_fps, elapsed, total / elapsed, ctx.world_size)

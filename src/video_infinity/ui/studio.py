@@ -1,0 +1,201 @@
+"""What the web UI does, without the web: check a form, start, follow, cancel and resume one
+generation at a time, and turn a finished run into what the page shows (video, contact sheet, the
+demo probe's report, the sidecar's facts). :mod:`video_infinity.ui.app` only wires this to Gradio,
+so all of it is testable in one process. Imports neither torch nor gradio.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from ..atomic import write_json_atomic
+from ..errors import UserError
+from ..run.config import RunConfig
+from ..run.preflight import prepare
+from ..run.progress import RunProgress
+from .form import FormError, GenerationForm, Limits, field_of, run_config
+from .jobs import GenerationJob
+from .runs import CONFIG_SUFFIX, CONTACT_SHEET_SUFFIX, RunRecord, find_run, inside
+
+logger = logging.getLogger(__name__)
+
+POLL_S = 0.25
+"""How often a running job's progress files are read."""
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """How a run ended, and what the page shows of it."""
+
+    status: str
+    """``done``, ``cancelled`` or ``failed``."""
+    message: str
+    record: RunRecord | None
+    probe_report: str | None = None
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "_", text.lower()).strip("_")[:40] or "video"
+
+
+class Studio:
+    """The server's state: where runs go (``base_path``), its ceilings, and the one job running."""
+
+    def __init__(self, base_path: str | Path, *, limits: Limits | None = None, template: RunConfig | None = None,
+                 env: dict[str, str] | None = None) -> None:
+        self.base = Path(base_path).expanduser().resolve()
+        self.limits = limits or Limits()
+        self.template = template
+        self.env = env
+        self._lock = threading.Lock()
+        self._job: GenerationJob | None = None
+
+    # -- checking -----------------------------------------------------------------------------------
+
+    def new_name(self, form: GenerationForm) -> str:
+        """A fresh output stem: the first prompt and the time, made unique under ``base_path``."""
+        stem = f"{_slug(form.prompts[min(form.prompts)])}_{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+        name, index = stem, 1
+        while any(self.base.glob(f"{name}.*")):  # a slug: no glob characters
+            index += 1
+            name = f"{stem}-{index}"
+        return name
+
+    def check(self, form: GenerationForm, name: str | None = None) -> tuple[RunConfig, str]:
+        """The run config of ``form`` and its name, after every check the CLI makes before a rank
+        starts (model folder, sizes, outputs, disk); FormError names the field."""
+        name = name or self.new_name(form)
+        config = run_config(form, base_path=str(self.base), file_name=name, limits=self.limits, template=self.template)
+        self._preflight(config, self.base / f"{name}{CONFIG_SUFFIX}")
+        return config, name
+
+    def _preflight(self, config: RunConfig, config_path: Path, resume: Path | None = None) -> None:
+        try:
+            if not config.uses_cpu:
+                from ..run.config import check_devices_available  # imports torch: GPU runs only
+
+                check_devices_available(config)
+            prepare(config, resume=resume, config_path=config_path)
+        except UserError as exc:
+            raise FormError(field_of(str(exc)), str(exc)) from None
+
+    # -- running ------------------------------------------------------------------------------------
+
+    @property
+    def running(self) -> GenerationJob | None:
+        job = self._job
+        return job if job is not None and job.returncode is None else None
+
+    def _start(self, config_path: Path, resume: Path | None = None) -> GenerationJob:
+        if self.running is not None:
+            raise FormError(None, "a generation is already running (one at a time: wait for it or cancel it)")
+        self._job = GenerationJob(config_path, resume=resume, env=self.env)
+        return self._job
+
+    def start(self, form: GenerationForm) -> tuple[GenerationJob, str]:
+        """Check ``form``, save its config as ``<base_path>/<name>.config.json`` and start the run."""
+        with self._lock:
+            config, name = self.check(form)
+            config_path = self.base / f"{name}{CONFIG_SUFFIX}"
+            write_json_atomic(config_path, config.model_dump(mode="json"))
+            return self._start(config_path), name
+
+    def resume(self, name: str) -> tuple[GenerationJob, str]:
+        """Continue the unfinished run ``name`` from its checkpoint (same config, this server's devices
+        as saved)."""
+        with self._lock:
+            try:
+                record = find_run(self.base, name)
+            except ValueError as exc:
+                raise FormError(None, str(exc)) from None
+            if record.status != "unfinished" or record.config_path is None or record.checkpoint is None:
+                raise FormError(None, f"run: {name} has no checkpoint to resume (status: {record.status})")
+            config = RunConfig.model_validate(record.config)
+            self._preflight(config, record.config_path, resume=record.checkpoint)
+            return self._start(record.config_path, resume=record.checkpoint), name
+
+    def cancel(self) -> bool:
+        """Stop the running job, if any (every rank within seconds; its checkpoint is kept)."""
+        job = self.running
+        if job is None:
+            return False
+        job.cancel()
+        return True
+
+    def follow(self, job: GenerationJob) -> Iterator[RunProgress]:
+        """The job's progress each time it changes, until the job ends."""
+        last = None
+        while True:
+            done = job.returncode is not None
+            progress = job.progress()
+            key = (progress.phase, progress.step, progress.ranks_reporting)
+            if key != last:
+                last = key
+                yield progress
+            if done:
+                return
+            time.sleep(POLL_S)
+
+    def finish(self, job: GenerationJob, name: str) -> Outcome:
+        """Wait for ``job`` and describe how it ended (a finished video gets its contact sheet and,
+        for the demo model, the probe's report)."""
+        code = job.wait()
+        message = job.error_line()
+        job.close()
+        try:
+            record: RunRecord | None = find_run(self.base, name)
+        except ValueError:
+            record = None
+        if code == 0 and record is not None and record.video is not None:
+            report = self._contact_sheet_and_probe(record)
+            return Outcome("done", record.video.name, find_run(self.base, name), report)
+        if job.cancelled:
+            kept = record is not None and record.checkpoint is not None
+            note = "the checkpoint is kept: Resume continues it" if kept else "no checkpoint was saved yet"
+            return Outcome("cancelled", f"every rank stopped; {note}", record)
+        return Outcome("failed", message or f"the run failed (exit code {code})", record)
+
+    def _contact_sheet_and_probe(self, record: RunRecord) -> str | None:
+        assert record.video is not None
+        sheet = self.base / f"{record.name}{CONTACT_SHEET_SUFFIX}"
+        is_demo = (record.config or {}).get("model") is None and (record.config or {}).get("motion_adapter") is None
+        world = int((record.sidecar or {}).get("world_size") or 1)
+        try:
+            if is_demo:
+                from ..demo.probe import inspect_video
+
+                return inspect_video(str(record.video), ranks=world,
+                                     contact_sheet_path=None if sheet.exists() else str(sheet))
+            if not sheet.exists():
+                from ..video_io import contact_sheet, read_video, write_png
+
+                write_png(sheet, contact_sheet(read_video(record.video)[0], columns=8, max_frames=32))
+        except (OSError, ValueError) as exc:
+            logger.warning("%s: no contact sheet or probe (%s)", record.video, exc)
+        return None
+
+    def probe_report(self, record: RunRecord) -> str | None:
+        """The demo probe's report of a finished demo-model run (None for other models)."""
+        if record.video is None or (record.config or {}).get("model") is not None:
+            return None
+        from ..demo.probe import inspect_video
+
+        try:
+            return inspect_video(str(record.video), ranks=int((record.sidecar or {}).get("world_size") or 1))
+        except (OSError, ValueError) as exc:
+            return f"probe failed: {exc}"
+
+    def servable(self, path: Path | None) -> str | None:
+        """``path`` as a string when it lies under ``base_path`` (the only files the UI hands out)."""
+        return str(path) if path is not None and inside(self.base, path) else None
+
+    def describe(self, record: RunRecord) -> dict[str, Any]:
+        return {"run": record.name, "status": record.status, **record.facts()}
