@@ -15,7 +15,7 @@ import pytest
 _FILE_MARKERS = {
     "test_engine_units.py": "unit", "test_engine_distributed.py": "distributed", "test_config.py": "unit",
     "test_models.py": "unit", "test_probe.py": "unit", "test_video_io.py": "unit", "test_demo_model.py": "unit",
-    "test_demo_train.py": "e2e",
+    "test_demo_train.py": "e2e", "test_ui_units.py": "unit", "test_ui_api.py": "e2e", "test_ui_browser.py": "e2e",
 }
 
 
@@ -37,5 +37,6 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def offline_env() -> dict[str, str]:
     """The environment for subprocesses: no hub, no tokenizer threads, no test hooks left over."""
-    clean = {k: v for k, v in os.environ.items() if not k.startswith("VIDEO_INFINITY_TEST")}
+    clean = {k: v for k, v in os.environ.items()
+             if not k.startswith("VIDEO_INFINITY_TEST") and k != "VIDEO_INFINITY_PROGRESS_DIR"}
     return {**clean, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}

@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from process_utils import descendants as _descendants, still_running as _still_running
 from video_infinity.run import PROGRESS_DIR_ENV, STEP_SLEEP_ENV
 from video_infinity.run.checkpoint import load_checkpoint
 from video_infinity.demo.random_model import build_random_model
@@ -97,47 +98,6 @@ def _one_line_error(result: subprocess.CompletedProcess, code: int, *words: str)
     for word in words:
         assert word in ours[0], ours[0]
     return ours[0]
-
-
-def _state(pid: int) -> str | None:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return None
-
-
-def _descendants(pid: int) -> set[int]:
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(ppid, []).append(int(entry.name))
-    found, todo = set(), [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            if child not in found:
-                found.add(child)
-                todo.append(child)
-    return found
-
-
-def _still_running(pids: set[int], within: float = 2.0) -> list[str]:
-    """The command lines of ``pids`` still running ``within`` seconds from now (zombies count as gone)."""
-    deadline = time.monotonic() + within
-    alive = pids
-    while alive and time.monotonic() < deadline:
-        time.sleep(0.05)
-        alive = {pid for pid in alive if _state(pid) not in (None, "Z")}
-    names = []
-    for pid in alive:
-        try:
-            names.append(f"{pid}: {Path(f'/proc/{pid}/cmdline').read_bytes()[:100]!r}")
-        except OSError:
-            pass
-    return names
 
 
 class Interrupted:

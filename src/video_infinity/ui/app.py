@@ -8,8 +8,10 @@ timeline as rows) and the ``generate`` API endpoint (the timeline as JSON text),
 
 from __future__ import annotations
 
+import html
 import json
 import logging
+import urllib.parse
 from collections.abc import Iterator
 from dataclasses import fields
 from typing import Any
@@ -143,7 +145,7 @@ def build_app(studio: Studio) -> gr.Blocks:
             use = gr.Button("Use these settings", size="sm", elem_id="use-settings")
             resume = gr.Button("Resume", size="sm", elem_id="resume")
             refresh = gr.Button("Refresh", size="sm", elem_id="refresh")
-        gallery = gr.Dataframe(headers=GALLERY_COLUMNS, interactive=False, wrap=True, elem_id="gallery")
+        gallery = gr.HTML(_gallery_html([]), elem_id="gallery")
 
         # Form inputs in GenerationForm's order (the timeline rows first).
         by_field: dict[str, Any] = {
@@ -222,7 +224,7 @@ def build_app(studio: Studio) -> gr.Blocks:
 
         def refresh_gallery() -> dict[Any, Any]:
             records = list_runs(studio.base)
-            return {gallery: [r.row() for r in records],
+            return {gallery: _gallery_html(records, studio),
                     chosen: gr.update(choices=[r.name for r in records])}
 
         def show_run(name: str | None) -> dict[Any, Any]:
@@ -276,6 +278,22 @@ def build_app(studio: Studio) -> gr.Blocks:
         app.load(refresh_gallery, None, [gallery, chosen], queue=False)  # each page load sees the runs of now
         _api_endpoint(studio, start)
     return app
+
+
+def _gallery_html(records: list[RunRecord], studio: Studio | None = None) -> str:
+    """The past runs as a table, one row each, with the contact sheet when there is one."""
+    if not records:
+        return "<p>No runs yet under this server's base_path.</p>"
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in ["", *GALLERY_COLUMNS])
+    body = []
+    for record in records:
+        sheet = studio.servable(record.contact_sheet) if studio is not None else None
+        thumb = (f'<img src="/gradio_api/file={urllib.parse.quote(sheet)}" alt="contact sheet" '
+                 'style="height:48px;max-width:160px;object-fit:cover">' if sheet else "")
+        cells = "".join(f"<td>{html.escape('' if v is None else str(v))}</td>" for v in record.row())
+        body.append(f'<tr data-run="{html.escape(record.name)}" data-status="{html.escape(record.status)}">'
+                    f"<td>{thumb}</td>{cells}</tr>")
+    return f'<table class="runs"><thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody></table>'
 
 
 def _form(timeline: dict[int, str], values: dict[str, Any]) -> GenerationForm:
