@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 # index serves for the platform (see README: set PIP_INDEX_URL for the CPU-only wheel).
 CPU_TORCH := torch==2.13.0
 
-.PHONY: install test demo clean
+.PHONY: install test demo serve clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -17,7 +17,7 @@ $(BIN)/python:
 		echo "no GPU found: installing $(CPU_TORCH) (the build your package index serves for this platform)"; \
 		$(BIN)/pip install --quiet "$(CPU_TORCH)"; \
 	fi
-	$(BIN)/pip install --quiet -e ".[test]"
+	$(BIN)/pip install --quiet -e ".[test,ui]"
 	@touch $@
 
 install: .make-install.stamp
@@ -29,6 +29,10 @@ test: install
 demo: install
 	HF_HUB_OFFLINE=1 $(BIN)/video-infinity generate --config examples/cpu_demo.json --overwrite
 	$(BIN)/video-infinity inspect outputs/cpu_demo.mp4 --ranks 2 --contact-sheet outputs/cpu_demo.png --overwrite
+
+# The web UI on http://127.0.0.1:7860 (runs go to ./outputs).
+serve: install
+	HF_HUB_OFFLINE=1 $(BIN)/video-infinity serve
 
 clean:
 	rm -rf $(VENV) .make-install.stamp build dist src/*.egg-info
