@@ -89,12 +89,13 @@ def test_each_refusal_names_its_form_field_with_the_cli_message(changes, field, 
 
 def test_timelines_from_rows_and_json():
     assert timeline_from_rows([(0, " a "), (8.0, "b"), (None, ""), (3, "  ")]) == {0: "a", 8: "b"}
-    assert parse_timeline('{"0": "a", "8": "b"}') == {0: "a", 8: "b"}
-    assert parse_timeline("just one prompt") == {0: "just one prompt"}
+    assert parse_timeline('{"0": "a", "8": "b"}', 16) == {0: "a", 8: "b"}
+    assert parse_timeline("just one prompt", 16) == {0: "just one prompt"}
+    assert parse_timeline('["a", "b", "c"]', 12) == {0: "a", 4: "b", 8: "c"}
     for bad, words in [("{\"0\": ", "invalid JSON"), ('{"x": "a"}', "start frames must be numbers"),
-                       ('{"0": ""}', "must be non-empty"), ("", "no prompt given")]:
+                       ('{"0": ""}', "must be non-empty"), ("", "no prompt given"), ("[]", "non-empty texts")]:
         with pytest.raises(FormError, match=words) as info:
-            parse_timeline(bad)
+            parse_timeline(bad, 16)
         assert info.value.field == "prompts"
     with pytest.raises(FormError, match="has no start frame"):
         timeline_from_rows([(None, "orphan")])

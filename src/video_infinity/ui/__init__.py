@@ -56,8 +56,12 @@ def serve(*, base_path: str | Path, host: str = "127.0.0.1", port: int = 7860, l
     app = build_app(studio)
     app.queue(default_concurrency_limit=1)
     # Only base_path is served: the videos and contact sheets the app shows come from there.
-    app.launch(server_name=host, server_port=port, allowed_paths=[str(studio.base)], prevent_thread_lock=not block,
-               show_error=True, quiet=False, footer_links=["api"])
+    try:
+        app.launch(server_name=host, server_port=port, allowed_paths=[str(studio.base)], prevent_thread_lock=not block,
+                   show_error=True, quiet=False, footer_links=["api"])
+    finally:
+        if block:  # the server is closing (Ctrl-C): a run in progress stops with it, its checkpoint kept
+            studio.cancel()
     return app
 
 

@@ -346,7 +346,7 @@ def _api_endpoint(studio: Studio, start: GenerationForm) -> None:
                  progress: gr.Progress = gr.Progress()) -> tuple[str | None, dict[str, Any]]:
         """Generate a video; returns the MP4 and the run's sidecar (JSON)."""
         try:
-            form = _form(parse_timeline(prompts), {
+            form = _form(parse_timeline(prompts, int(num_frames or 0)), {
                 "num_frames": num_frames, "height": height, "width": width, "steps": steps, "devices": devices,
                 "seed": seed, "guidance_scale": guidance_scale, "negative_prompt": negative_prompt,
                 "transition_frames": transition_frames, "scheduler": scheduler, "model": model, "preset": preset,

@@ -154,21 +154,26 @@ def parse_devices(text: str | int, limits: Limits) -> list[Any]:
     raise FormError("devices", f"devices: cannot read {raw!r} ({hint})")
 
 
-def parse_timeline(text: str | dict[Any, Any]) -> dict[int, str]:
-    """The API's timeline: JSON text ``{"0": "...", "8": "..."}`` (a plain prompt is frame 0's)."""
-    if isinstance(text, dict):
+def parse_timeline(text: str | dict[Any, Any] | list[Any], num_frames: int) -> dict[int, str]:
+    """The API's timeline: JSON text ``{"0": "...", "8": "..."}``; a JSON list of prompts is spread
+    over the ``num_frames`` frames in equal segments, as in a config file; plain text is one prompt."""
+    if isinstance(text, (dict, list)):
         value: Any = text
     else:
         raw = str(text).strip()
         if not raw:
             raise FormError("prompts", "pipe_configs.prompts: no prompt given (e.g. {\"0\": \"a red circle moving right\"})")
-        if not raw.startswith("{"):
+        if not raw.startswith(("{", "[")):
             return {0: raw}
         try:
             value = json.loads(raw)
         except ValueError as exc:
             raise FormError("prompts", f"pipe_configs.prompts: invalid JSON ({exc.msg} at column {exc.colno}); "
                                        'expected {"0": "first prompt", "8": "second prompt"}') from None
+    if isinstance(value, list):
+        if not value or not all(isinstance(p, str) and p.strip() for p in value):
+            raise FormError("prompts", "pipe_configs.prompts: a list of prompts must hold non-empty texts")
+        return {index * num_frames // len(value): p.strip() for index, p in enumerate(value)}
     if not isinstance(value, dict):
         raise FormError("prompts", 'pipe_configs.prompts: expected a {"start frame": "prompt"} object')
     timeline: dict[int, str] = {}
@@ -300,9 +305,8 @@ def form_from_config(config: RunConfig | dict[str, Any]) -> GenerationForm:
     prompts = pipe.prompts
     if isinstance(prompts, dict):
         timeline = dict(prompts)
-    else:  # a list: consecutive segments of (nearly) equal length, as the engine spreads them
-        total = config.total_frames
-        timeline = {index * total // len(prompts): prompt for index, prompt in enumerate(prompts)}
+    else:
+        timeline = parse_timeline(list(prompts), config.total_frames)
     cpu = config.uses_cpu
     return GenerationForm(
         prompts=timeline, num_frames=config.total_frames, height=pipe.height, width=pipe.width, steps=pipe.steps,
