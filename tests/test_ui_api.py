@@ -100,7 +100,7 @@ def test_only_files_under_base_path_are_served(server, two_ranks):
 
 
 def test_a_second_request_waits_in_the_queue(client):
-    first = client.submit(prompts=TIMELINE, devices="1", seed=1, num_frames=16, height=64, width=64, steps=4,
+    first = client.submit(prompts=TIMELINE, devices="1", seed=1, num_frames=16, height=64, width=64, steps=3,
                           api_name="/generate")
     deadline = time.monotonic() + 60
     while first.status().code in (Status.STARTING, Status.JOINING_QUEUE) and time.monotonic() < deadline:

@@ -22,6 +22,7 @@ from video_infinity.ui.form import (
     Limits,
     field_of,
     form_from_config,
+    form_from_values,
     parse_devices,
     parse_timeline,
     run_config,
@@ -205,3 +206,15 @@ def test_serve_refuses_a_bad_config_or_ceiling(tmp_path, capsys):
         "video-infinity: error: pipe_configs.height: must be a positive multiple of 8, got 65 (use e.g. 64 or 72)")
     assert main(["serve", "--max-frames", "0"]) == 2
     assert "--max-frames: must be a positive number" in capsys.readouterr().err
+
+
+def test_widget_values_become_a_typed_form():
+    form = form_from_values({0: "a"}, {"num_frames": 16.0, "height": "64", "padding": None, "phase_t": "", "loop": 1,
+                                       "guidance_scale": 5, "model": None, "devices": 2})
+    assert (form.num_frames, form.height, form.padding, form.phase_t, form.loop) == (16, 64, None, None, True)
+    assert (form.guidance_scale, form.model, form.devices) == (5.0, "", "2")
+    for values, words in [({"steps": 2.5}, "pipe_configs.steps: must be a whole number"),
+                          ({"seed": None}, "seed: a number is required"),
+                          ({"width": "wide"}, "pipe_configs.width: must be a number")]:
+        with pytest.raises(FormError, match=words):
+            form_from_values({0: "a"}, values)

@@ -21,7 +21,16 @@ import gradio as gr
 from ..presets import PRESETS
 from ..run.progress import RunProgress
 from ..schedulers import SCHEDULER_NAMES
-from .form import DEFAULT_PRESET, DEFAULT_SCHEDULER, FormError, GenerationForm, form_from_config, parse_timeline, timeline_from_rows
+from .form import (
+    DEFAULT_PRESET,
+    DEFAULT_SCHEDULER,
+    FormError,
+    GenerationForm,
+    form_from_config,
+    form_from_values,
+    parse_timeline,
+    timeline_from_rows,
+)
 from .runs import GALLERY_COLUMNS, RunRecord, find_run, list_runs
 from .studio import Outcome, Studio
 
@@ -162,7 +171,7 @@ def build_app(studio: Studio) -> gr.Blocks:
             row_starts, row_prompts = values[:TIMELINE_ROWS], values[TIMELINE_ROWS:2 * TIMELINE_ROWS]
             rest = dict(zip(field_names, values[2 * TIMELINE_ROWS:], strict=True))
             timeline = timeline_from_rows(list(zip(row_starts, row_prompts, strict=True)))
-            return _form(timeline, rest)
+            return form_from_values(timeline, rest)
 
         def validate(*values: Any) -> list[Any]:
             """Each field's message where the CLI would refuse the run (nothing starts)."""
@@ -296,47 +305,6 @@ def _gallery_html(records: list[RunRecord], studio: Studio | None = None) -> str
     return f'<table class="runs"><thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody></table>'
 
 
-def _form(timeline: dict[int, str], values: dict[str, Any]) -> GenerationForm:
-    """A GenerationForm from loosely typed widget/API values (numbers may come as floats or None)."""
-    def as_int(name: str, value: Any, optional: bool = False) -> int | None:
-        if value is None or value == "":
-            if optional:
-                return None
-            raise FormError(name, f"{_CONFIG_PATH.get(name, name)}: a number is required")
-        number = float(value)
-        if number != int(number):
-            raise FormError(name, f"{_CONFIG_PATH.get(name, name)}: must be a whole number, got {value}")
-        return int(number)
-
-    ints = ("num_frames", "height", "width", "steps", "seed", "transition_frames", "export_fps", "checkpoint_every")
-    optional_ints = ("padding", "top_k")
-    floats = ("phase_t", "phase_bias")
-    converted: dict[str, Any] = dict(values)
-    for name in ints:
-        if name in converted:
-            converted[name] = as_int(name, converted[name])
-    for name in optional_ints:
-        if name in converted:
-            converted[name] = as_int(name, converted[name], optional=True)
-    for name in floats:
-        if name in converted:
-            converted[name] = None if converted[name] in (None, "") else float(converted[name])
-    if "guidance_scale" in converted:
-        converted["guidance_scale"] = float(converted["guidance_scale"] if converted["guidance_scale"] is not None else 0)
-    for name in ("negative_prompt", "model", "base_model", "engine_json", "devices", "scheduler", "preset"):
-        if name in converted:
-            converted[name] = "" if converted[name] is None else str(converted[name])
-    if "loop" in converted:
-        converted["loop"] = bool(converted["loop"])
-    return GenerationForm(prompts=timeline, **converted)
-
-
-_CONFIG_PATH = {"num_frames": "pipe_configs.total_frames", "height": "pipe_configs.height", "width": "pipe_configs.width",
-                "steps": "pipe_configs.steps", "seed": "seed", "transition_frames": "pipe_configs.transition_frames",
-                "export_fps": "pipe_configs.export_fps", "checkpoint_every": "pipe_configs.checkpoint_every",
-                "padding": "plugin_configs.attn.padding", "top_k": "plugin_configs.attn.top_k"}
-
-
 def _api_endpoint(studio: Studio, start: GenerationForm) -> None:
     """The ``generate`` endpoint: hidden inputs whose names and defaults are the API's."""
 
@@ -346,7 +314,7 @@ def _api_endpoint(studio: Studio, start: GenerationForm) -> None:
                  progress: gr.Progress = gr.Progress()) -> tuple[str | None, dict[str, Any]]:
         """Generate a video; returns the MP4 and the run's sidecar (JSON)."""
         try:
-            form = _form(parse_timeline(prompts, int(num_frames or 0)), {
+            form = form_from_values(parse_timeline(prompts, int(num_frames or 0)), {
                 "num_frames": num_frames, "height": height, "width": width, "steps": steps, "devices": devices,
                 "seed": seed, "guidance_scale": guidance_scale, "negative_prompt": negative_prompt,
                 "transition_frames": transition_frames, "scheduler": scheduler, "model": model, "preset": preset,

@@ -207,6 +207,45 @@ def timeline_from_rows(rows: list[tuple[Any, Any]]) -> dict[int, str]:
     return timeline
 
 
+def form_from_values(timeline: dict[int, str], values: dict[str, Any]) -> GenerationForm:
+    """A form from loosely typed widget or API values (numbers may come as floats, text or None)."""
+    def config_path(name: str) -> str:
+        return next((path for path, field in _FIELD_OF_CONFIG_PATH.items() if field == name), name)
+
+    def whole(name: str, value: Any, optional: bool) -> int | None:
+        if value is None or value == "":
+            if optional:
+                return None
+            raise FormError(name, f"{config_path(name)}: a number is required")
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            raise FormError(name, f"{config_path(name)}: must be a number, got {value!r}") from None
+        if not number.is_integer():
+            raise FormError(name, f"{config_path(name)}: must be a whole number, got {value}")
+        return int(number)
+
+    converted: dict[str, Any] = {}
+    for spec in fields(GenerationForm):
+        if spec.name == "prompts" or spec.name not in values:
+            continue
+        value, kind = values[spec.name], spec.type
+        if kind in ("int", "int | None"):
+            converted[spec.name] = whole(spec.name, value, optional=kind != "int")
+        elif kind in ("float", "float | None"):
+            if value is None or value == "":
+                if kind == "float":
+                    raise FormError(spec.name, f"{config_path(spec.name)}: a number is required")
+                converted[spec.name] = None
+            else:
+                converted[spec.name] = float(value)
+        elif kind == "bool":
+            converted[spec.name] = bool(value)
+        else:
+            converted[spec.name] = "" if value is None else str(value)
+    return GenerationForm(prompts=timeline, **converted)
+
+
 def _engine(form: GenerationForm) -> dict[str, Any]:
     from ..presets import PRESETS
 
@@ -321,4 +360,4 @@ def form_from_config(config: RunConfig | dict[str, Any]) -> GenerationForm:
 
 
 __all__ = ["DEFAULT_PRESET", "DEFAULT_SCHEDULER", "FORM_FIELDS", "FormError", "GenerationForm", "Limits", "field_of",
-           "form_from_config", "parse_devices", "parse_timeline", "run_config", "timeline_from_rows"]
+           "form_from_config", "form_from_values", "parse_devices", "parse_timeline", "run_config", "timeline_from_rows"]

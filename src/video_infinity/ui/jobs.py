@@ -20,7 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from ..run.progress import PROGRESS_DIR_ENV, RunProgress, read_progress
+from ..run.progress import RunProgress, read_progress
 
 logger = logging.getLogger(__name__)
 
@@ -43,7 +43,7 @@ class GenerationJob:
                    "--progress-dir", str(self.progress_dir)]
         if resume is not None:
             command += ["--resume", str(resume)]
-        run_env = {**os.environ, **(env or {}), PROGRESS_DIR_ENV: str(self.progress_dir)}
+        run_env = {**os.environ, **(env or {})}
         self.cancelled = False
         self.started = time.time()
         with open(self._stderr_path, "wb") as stderr:
