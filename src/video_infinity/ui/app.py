@@ -11,6 +11,7 @@ from __future__ import annotations
 import html
 import json
 import logging
+import threading
 import urllib.parse
 from collections.abc import Iterator
 from dataclasses import fields
@@ -36,7 +37,7 @@ from .studio import Outcome, Studio
 
 logger = logging.getLogger(__name__)
 
-TIMELINE_ROWS = 8
+TIMELINE_ROWS = 12
 """Prompt rows the timeline offers."""
 GENERATION = "generation"
 """The concurrency group of everything that runs a generation (one at a time)."""
@@ -211,11 +212,18 @@ def build_app(studio: Studio) -> gr.Blocks:
             except FormError as exc:
                 yield {status: f"**refused**: {exc}", progress: ""}
                 return
-            yield {status: f"**running**: {name}", progress: "starting the ranks", video: None, sheet: None,
-                   facts: "", report: "", sidecar: None}
-            for state in studio.follow(job):
-                yield {progress: _progress_text(state)}
-            yield show_outcome(studio.finish(job, name))
+            finished = False
+            try:
+                yield {status: f"**running**: {name}", progress: "starting the ranks", video: None, sheet: None,
+                       facts: "", report: "", sidecar: None}
+                for state in studio.follow(job):
+                    yield {progress: _progress_text(state)}
+                outcome = studio.finish(job, name)
+                finished = True
+                yield show_outcome(outcome)
+            finally:
+                if not finished:  # the page went away: the run goes on and is finished off in the background
+                    threading.Thread(target=studio.finish, args=(job, name), name=f"finish-{name}", daemon=True).start()
 
         def generate_from_form(*values: Any) -> Iterator[dict[Any, Any]]:
             try:
@@ -254,7 +262,11 @@ def build_app(studio: Studio) -> gr.Blocks:
             return _form_values(form)
 
         def _form_values(form: GenerationForm) -> list[Any]:
-            timeline = sorted(form.prompts.items())[:TIMELINE_ROWS]
+            timeline = sorted(form.prompts.items())
+            if len(timeline) > TIMELINE_ROWS:
+                gr.Warning(f"the run has {len(timeline)} prompts; the form shows the first {TIMELINE_ROWS} "
+                           f"(run its config file with the CLI for all of them)")
+                timeline = timeline[:TIMELINE_ROWS]
             count = max(2, len(timeline))
             padded = timeline + [(None, "")] * (TIMELINE_ROWS - len(timeline))
             values = [frame for frame, _ in padded] + [text for _, text in padded]
