@@ -112,11 +112,15 @@ def dual_scope_attention(
 def _zero_filled(t: torch.Tensor, frames: range, wanted: range, tokens: int = 1) -> torch.Tensor:
     """``t`` (..., len(frames)*tokens, d) holds ``frames``: a contiguous (..., len(wanted)*tokens, d)
     tensor for ``wanted``, with the frames of ``wanted`` that ``t`` lacks as zeros."""
-    out = t.new_zeros(*t.shape[:-2], len(wanted) * tokens, t.shape[-1])
+    out = t.new_empty(*t.shape[:-2], len(wanted) * tokens, t.shape[-1])
     held = intersect(wanted, frames)
-    if len(held):
-        dst, src = (held.start - wanted.start) * tokens, (held.start - frames.start) * tokens
-        out[..., dst : dst + len(held) * tokens, :] = t[..., src : src + len(held) * tokens, :]
+    if not len(held):
+        return out.zero_()
+    dst, src = (held.start - wanted.start) * tokens, (held.start - frames.start) * tokens
+    end = dst + len(held) * tokens
+    out[..., dst:end, :] = t[..., src : src + len(held) * tokens, :]
+    out[..., :dst, :].zero_()  # only the frames not held
+    out[..., end:, :].zero_()
     return out
 
 
@@ -234,6 +238,7 @@ class DualScopeAttnProcessor:
             key, global_key = attn.norm_k(key), attn.norm_k(global_key)
 
         local_bias, global_bias = config.phase_biases(timestep)
+        split_invariant = self.engine_config.split_invariant_on(hidden_states.device.type)
         out = dual_scope_attention(
             query,
             key,
@@ -249,10 +254,15 @@ class DualScopeAttnProcessor:
             global_bias=global_bias,
             token_num_scale=config.token_num_scale,
             chunk_size=config.query_chunk_size,
-            split_invariant=self.engine_config.split_invariant_on(hidden_states.device.type),
+            split_invariant=split_invariant,
             loop=loop,
         )
-        out = out.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim).to(query.dtype)
+        if split_invariant:
+            # Heads merged frames-first, returned as a (batch, frames, C) view: ``to_out``'s
+            # per-frame products (``per_frame.PerFrameRows``) then take each frame's rows as they are.
+            out = out.permute(2, 0, 1, 3).reshape(out.shape[2], batch, -1).transpose(0, 1).to(query.dtype)
+        else:
+            out = out.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim).to(query.dtype)
         out = attn.to_out[0](out)
         out = attn.to_out[1](out)
         if attn.residual_connection:
