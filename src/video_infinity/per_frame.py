@@ -86,7 +86,8 @@ class PerFrameCall(ModelHook):
             for f in range(frames):
                 if frame_text is not None:
                     state.frame_text = frame_of(frame_text, f)
-                outputs.append(forward(*(frame_of(a, f) for a in args), **{k: frame_of(v, f) for k, v in kwargs.items()}))
+                frame_kwargs = {k: frame_of(v, f) for k, v in kwargs.items()}
+                outputs.append(forward(*(frame_of(a, f) for a in args), **frame_kwargs))
         finally:
             state.frame_text = frame_text
         return _combine(outputs)
