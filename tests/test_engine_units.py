@@ -292,7 +292,7 @@ def test_each_per_frame_op_gives_a_frame_the_same_bits_in_any_clip():
     # batches would let kernels round differently).
     from video_infinity.context import DenoiseState
     from video_infinity.frame_conv import frame_conv
-    from video_infinity.per_frame import PerFrameCall, PerFrameRows
+    from video_infinity.per_frame import FramesFirstRowNorm, PerFrameCall, PerFrameRows
 
     torch.manual_seed(0)
     config = EngineConfig(split_invariant=True)
@@ -304,11 +304,13 @@ def test_each_per_frame_op_gives_a_frame_the_same_bits_in_any_clip():
         whole, clip = frame_conv(x, conv3d), frame_conv(x[:, :, 2:9], conv3d)
         torch.testing.assert_close(whole, conv3d(x), atol=1e-5, rtol=0)
     assert torch.equal(clip[:, :, 1:6], whole[:, :, part])
-    # temporal transformer rows (positions, frames, C): Linear and LayerNorm one frame's rows per call
+    # temporal transformer rows (positions, frames, C): Linear one frame's rows per call, LayerNorm
+    # (row-local) one call frames-first
     rows = torch.randn(24, frames, 40)
-    for layer in (nn.Linear(40, 56), nn.LayerNorm(40)):
+    for layer, hook in ((nn.Linear(40, 56), PerFrameRows), (nn.Linear(40, 56, bias=False), PerFrameRows),
+                        (nn.LayerNorm(40), FramesFirstRowNorm)):
         plain = layer(rows)
-        _hooked(layer, PerFrameRows(config))
+        _hooked(layer, hook(config))
         with torch.no_grad():
             whole, clip = layer(rows), layer(rows[:, part].contiguous())
         torch.testing.assert_close(whole, plain, atol=1e-5, rtol=0)

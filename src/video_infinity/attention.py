@@ -88,7 +88,7 @@ def dual_scope_attention(
                   for b in range(query_frames.start // chunk_size, (query_frames.stop - 1) // chunk_size + 1)]
     else:
         blocks = [query_frames[c0 : c0 + chunk_size] for c0 in range(0, len(query_frames), chunk_size)]
-    global_k, global_v = (k_global.contiguous(), v_global.contiguous()) if split_invariant else (k_global, v_global)
+    num_global = k_global.shape[-2]
     for rows in blocks:
         span = window(rows, left, right, total_frames, loop)
         owned = intersect(rows, query_frames)
@@ -97,37 +97,49 @@ def dual_scope_attention(
             raise ValueError(f"key_frames {key_frames} lack frames of the windows of queries {owned}")
         if split_invariant:  # fresh contiguous tensors: shapes and layout fixed by the block
             block_q = _zero_filled(q, query_frames, rows, tokens)
-            block_k = _zero_filled(k_local, key_frames, span, tokens)
-            block_v = _zero_filled(v_local, key_frames, span, tokens)
+            block_k = _zero_filled(k_local, key_frames, span, tokens, then=k_global)
+            block_v = _zero_filled(v_local, key_frames, span, tokens, then=v_global)
         else:
             k0 = (span.start - key_frames.start) * tokens
             q0 = (owned.start - query_frames.start) * tokens
             block_q = q[..., q0 : q0 + len(owned) * tokens, :]
             block_k, block_v = (t[..., k0 : k0 + len(span) * tokens, :] for t in (k_local, v_local))
-        out = _fused_attention(block_q, block_k, block_v, global_k, global_v, chunk=rows, span=span, **settings)
+            if num_global:
+                block_k, block_v = torch.cat([block_k, k_global], dim=-2), torch.cat([block_v, v_global], dim=-2)
+        out = _fused_attention(block_q, block_k, block_v, num_global, chunk=rows, span=span, **settings)
         outputs.append(out[..., (owned.start - rows.start) * tokens : (owned.stop - rows.start) * tokens, :])
     return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=-2)
 
 
-def _zero_filled(t: torch.Tensor, frames: range, wanted: range, tokens: int = 1) -> torch.Tensor:
+def _zero_filled(t: torch.Tensor, frames: range, wanted: range, tokens: int = 1,
+                 then: torch.Tensor | None = None) -> torch.Tensor:
     """``t`` (..., len(frames)*tokens, d) holds ``frames``: a contiguous (..., len(wanted)*tokens, d)
-    tensor for ``wanted``, with the frames of ``wanted`` that ``t`` lacks as zeros."""
-    out = t.new_zeros(*t.shape[:-2], len(wanted) * tokens, t.shape[-1])
+    tensor for ``wanted``, with the frames of ``wanted`` that ``t`` lacks as zeros; followed along
+    the token axis by ``then`` (..., n, d) if given (the global keys: one copy, no concatenation)."""
+    size = len(wanted) * tokens
+    out = t.new_empty(*t.shape[:-2], size + (then.shape[-2] if then is not None else 0), t.shape[-1])
+    if then is not None:
+        out[..., size:, :] = then
     held = intersect(wanted, frames)
-    if len(held):
-        dst, src = (held.start - wanted.start) * tokens, (held.start - frames.start) * tokens
-        out[..., dst : dst + len(held) * tokens, :] = t[..., src : src + len(held) * tokens, :]
+    if not len(held):
+        out[..., :size, :].zero_()
+        return out
+    dst, src = (held.start - wanted.start) * tokens, (held.start - frames.start) * tokens
+    end = dst + len(held) * tokens
+    out[..., dst:end, :] = t[..., src : src + len(held) * tokens, :]
+    out[..., :dst, :].zero_()  # only the frames not held
+    out[..., end:size, :].zero_()
     return out
 
 
-def _fused_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, k_global: torch.Tensor,
-                     v_global: torch.Tensor, *, chunk: range, span: range, padding: int, scale: float,
-                     local_bias: float, global_bias: float, token_num_scale: bool, tokens: int = 1) -> torch.Tensor:
-    """One chunk with one fused attention call over the chunk's key span, masked to each query's window."""
-    num_global = k_global.shape[-2]
+def _fused_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, num_global: int, *, chunk: range,
+                     span: range, padding: int, scale: float, local_bias: float, global_bias: float,
+                     token_num_scale: bool, tokens: int = 1) -> torch.Tensor:
+    """One chunk with one fused attention call over the chunk's key span, masked to each query's window.
+
+    ``keys``/``values``: the span's tokens followed by ``num_global`` global tokens.
+    """
     num_local = len(span) * tokens
-    if num_global:
-        keys, values = torch.cat([keys, k_global], dim=-2), torch.cat([values, v_global], dim=-2)
     if max(chunk[-1] - span.start, span[-1] - chunk.start) <= padding:
         # Every query of the chunk sees every key of the span: the mask is constant per key
         # column, and a bias shared by all keys cancels in the softmax.
@@ -234,6 +246,7 @@ class DualScopeAttnProcessor:
             key, global_key = attn.norm_k(key), attn.norm_k(global_key)
 
         local_bias, global_bias = config.phase_biases(timestep)
+        split_invariant = self.engine_config.split_invariant_on(hidden_states.device.type)
         out = dual_scope_attention(
             query,
             key,
@@ -249,10 +262,15 @@ class DualScopeAttnProcessor:
             global_bias=global_bias,
             token_num_scale=config.token_num_scale,
             chunk_size=config.query_chunk_size,
-            split_invariant=self.engine_config.split_invariant_on(hidden_states.device.type),
+            split_invariant=split_invariant,
             loop=loop,
         )
-        out = out.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim).to(query.dtype)
+        if split_invariant:
+            # Heads merged frames-first, returned as a (batch, frames, C) view: ``to_out``'s
+            # per-frame products (``per_frame.PerFrameRows``) then take each frame's rows as they are.
+            out = out.permute(2, 0, 1, 3).reshape(out.shape[2], batch, -1).transpose(0, 1).to(query.dtype)
+        else:
+            out = out.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim).to(query.dtype)
         out = attn.to_out[0](out)
         out = attn.to_out[1](out)
         if attn.residual_connection:

@@ -8,7 +8,12 @@ differ (measured on an AVX-512 CPU under ``MKL_CBWR=COMPATIBLE``: a ``Linear`` o
 over 10 rows rounds a shared row differently). A frame's bits would then depend on how many other
 frames its rank holds. The hooks here give every frame its own call on a contiguous tensor of the
 frame's own shape, so its arithmetic is the same on any number of ranks whatever the CPU, BLAS
-mode or thread count. They act only when the engine computes split-invariantly.
+mode or thread count; the one exception is LayerNorm, whose kernel computes each row on its own
+(:class:`FramesFirstRowNorm`). They act only when the engine computes split-invariantly.
+
+Copies are what this costs beyond the arithmetic, so: each frame's input is copied just before its
+call, outputs go once into the UNet's order, and a temporal transformer's activations stay
+frames-first between its layers (each frame's rows one contiguous block, no copy per layer).
 """
 
 from __future__ import annotations
@@ -24,21 +29,15 @@ from .config import EngineConfig
 from .context import DenoiseState
 
 
-def frames_first(t: torch.Tensor, batch: int, frames: int) -> torch.Tensor:
-    """(batch * frames, ...) in the UNet's batch-major order -> contiguous (frames, batch, ...)."""
-    return t.reshape(batch, frames, *t.shape[1:]).transpose(0, 1).contiguous()
-
-
-def frames_back(t: torch.Tensor) -> torch.Tensor:
-    """(frames, batch, ...) -> contiguous (batch * frames, ...), the inverse of :func:`frames_first`."""
-    return t.transpose(0, 1).reshape(t.shape[0] * t.shape[1], *t.shape[2:])
-
-
 def _combine(outputs: list[Any]) -> Any:
-    """Per-frame outputs (each with leading dim ``batch``) -> the folded output (batch * frames, ...)."""
+    """Per-frame outputs (each with leading dim ``batch``) -> the folded output (batch * frames, ...).
+
+    Stacked along a new frame axis after the batch: one copy, straight into the UNet's batch-major
+    order, whose folding is then a view.
+    """
     first = outputs[0]
     if torch.is_tensor(first):
-        return frames_back(torch.stack(outputs))
+        return torch.stack(outputs, dim=1).flatten(0, 1)
     if isinstance(first, BaseOutput):
         return type(first)(**{key: _combine([o[key] for o in outputs]) for key in first.keys()})
     if isinstance(first, tuple):
@@ -74,44 +73,77 @@ class PerFrameCall(ModelHook):
             # One frame: the call already has that frame's shape. Other leading sizes hold no frames.
             return forward(*args, **kwargs)
 
-        def cut(value: Any) -> Any:
+        def frame_of(value: Any, f: int) -> Any:
+            # Frame f's ``batch`` images, copied into a tensor of their own just before the call
+            # (while they are used, in cache); a view when ``batch`` is 1.
             if torch.is_tensor(value) and value.dim() > 0 and value.shape[0] == batch * frames:
-                return frames_first(value, batch, frames)
-            return None
+                return value.unflatten(0, (batch, frames))[:, f].contiguous()
+            return value
 
-        cut_args = [cut(a) for a in args]
-        cut_kwargs = {k: cut(v) for k, v in kwargs.items()}
         frame_text = state.frame_text
-        cut_text = frames_first(frame_text, batch, frames) if frame_text is not None else None
         outputs = []
         try:
             for f in range(frames):
-                frame_args = [a if c is None else c[f] for a, c in zip(args, cut_args)]
-                frame_kwargs = {k: v if cut_kwargs[k] is None else cut_kwargs[k][f] for k, v in kwargs.items()}
-                if cut_text is not None:
-                    state.frame_text = cut_text[f]
-                outputs.append(forward(*frame_args, **frame_kwargs))
+                if frame_text is not None:
+                    state.frame_text = frame_of(frame_text, f)
+                frame_kwargs = {k: frame_of(v, f) for k, v in kwargs.items()}
+                outputs.append(forward(*(frame_of(a, f) for a in args), **frame_kwargs))
         finally:
             state.frame_text = frame_text
         return _combine(outputs)
 
 
 class PerFrameRows(ModelHook):
-    """On a ``Linear`` or ``LayerNorm`` inside a temporal transformer (input (positions, frames, C):
-    each spatial position's frames are one sequence): one call per frame, on that frame's rows.
+    """On a ``Linear`` inside a temporal transformer (input (..., frames, C): each spatial position's
+    frames are one sequence): one matrix product per frame, on that frame's rows.
 
-    Keys and values of halo and global frames go through the same per-frame call, so a frame's key
-    has the same bits whether its rank projected it as an owned, halo or global frame.
+    The frames' rows are gathered frames-first into one contiguous (frames, ..., C) tensor, so each
+    frame's rows are one contiguous block; each frame's product is written into its block of a
+    frames-first output, returned as a (..., frames, C_out) view. The next layer of the transformer
+    finds its input already frames-first (no copy), so the activations stay frames-first between
+    layers. Keys and values of halo and global frames go through the same per-frame call, so a
+    frame's key has the same bits whether its rank projected it as an owned, halo or global frame.
     """
 
     def __init__(self, config: EngineConfig) -> None:
         super().__init__()
         self.config = config
 
-    def new_forward(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    def new_forward(self, module: nn.Linear, x: torch.Tensor) -> torch.Tensor:
         forward: Callable[..., Any] = self.fn_ref.original_forward
         if x.dim() < 2 or not self.config.split_invariant_on(x.device.type):
             return forward(x)
-        per_frame = x.movedim(-2, 0).contiguous()  # (frames, ..., C): each frame's rows one contiguous block
-        out = torch.stack([forward(rows) for rows in per_frame])
-        return out.movedim(0, -2).contiguous()
+        per_frame = x.movedim(-2, 0).contiguous()  # no copy when x is a frames-first view already
+        if type(module).forward is not nn.Linear.forward:  # a subclass computing something else
+            return torch.stack([forward(rows) for rows in per_frame]).movedim(0, -2)
+        rows = per_frame.reshape(per_frame.shape[0], -1, per_frame.shape[-1])  # a view: (frames, rows, C)
+        out = per_frame.new_empty(*rows.shape[:2], module.out_features)
+        weight = module.weight.t()
+        for frame_rows, frame_out in zip(rows, out):
+            # What F.linear computes on 2-D input, written straight into the frame's block.
+            if module.bias is None:
+                torch.mm(frame_rows, weight, out=frame_out)
+            else:
+                torch.addmm(module.bias, frame_rows, weight, out=frame_out)
+        return out.view(*per_frame.shape[:-1], module.out_features).movedim(0, -2)
+
+
+class FramesFirstRowNorm(ModelHook):
+    """On a ``LayerNorm`` inside a temporal transformer: one call over all rows, frames-first.
+
+    LayerNorm normalises each row over its own channels; torch's CPU kernel reduces every row
+    separately, in an order fixed by the row's length, and splits the work between threads by whole
+    rows, so a row's result does not depend on how many rows share the call (unlike a matrix product,
+    whose blocking depends on the row count). No per-frame call is needed; computing on the
+    frames-first tensor keeps the transformer's activations frames-first (see :class:`PerFrameRows`).
+    """
+
+    def __init__(self, config: EngineConfig) -> None:
+        super().__init__()
+        self.config = config
+
+    def new_forward(self, module: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
+        forward: Callable[..., Any] = self.fn_ref.original_forward
+        if x.dim() < 2 or not self.config.split_invariant_on(x.device.type):
+            return forward(x)
+        return forward(x.movedim(-2, 0)).movedim(0, -2)

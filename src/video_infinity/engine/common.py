@@ -92,12 +92,20 @@ def scalar_timestep(timestep: torch.Tensor | float | int) -> float:
 
 
 class VideoGroupNorm(ModelHook):
-    """On a temporal transformer's input GroupNorm (input (batch, C, frames, H, W)): whole-video statistics."""
+    """On a temporal transformer's input GroupNorm (input (batch, C, frames, H, W)): whole-video statistics.
 
-    def __init__(self, config: EngineConfig, ctx: ClipContext) -> None:
+    ``split_invariant_memory_order``: when computing split-invariantly, the output's memory order
+    (see :func:`video_infinity.norm.apply_group_norm`), chosen so that the transformer's reshape of
+    it is a frames-first view and its per-frame layers need no copy.
+    """
+
+    def __init__(self, config: EngineConfig, ctx: ClipContext,
+                 split_invariant_memory_order: tuple[int, ...] | None = None) -> None:
         super().__init__()
         self.config, self.ctx = config, ctx
+        self.memory_order = split_invariant_memory_order
 
     def new_forward(self, module: nn.GroupNorm, x: torch.Tensor) -> torch.Tensor:
-        return video_group_norm(x, module, self.ctx, self.config.norm_scope,
-                                split_invariant=self.config.split_invariant_on(x.device.type))
+        exact = self.config.split_invariant_on(x.device.type)
+        return video_group_norm(x, module, self.ctx, self.config.norm_scope, split_invariant=exact,
+                                memory_order=self.memory_order if exact else None)

@@ -25,7 +25,7 @@ from ..halo import start_exchange
 from .common import PointwiseConvAsMatmul, TrackDenoiseStep, VideoGroupNorm, is_pointwise_conv
 from .handle import ParallelHandle
 from ..norm import apply_group_norm, video_group_norm, video_group_statistics
-from ..per_frame import PerFrameCall, PerFrameRows
+from ..per_frame import FramesFirstRowNorm, PerFrameCall, PerFrameRows
 
 logger = logging.getLogger(__name__)
 
@@ -35,8 +35,6 @@ frame per call when split-invariant (see :mod:`video_infinity.per_frame`)."""
 SPATIAL_LEAVES = (nn.Conv2d, nn.GroupNorm, nn.Linear, nn.LayerNorm)
 """Layers outside those blocks and the temporal modules (``conv_in``, ``conv_norm_out``,
 ``conv_out``, ...): also one frame per call when their input holds ``batch * frames`` images."""
-TEMPORAL_ROW_LAYERS = (nn.Linear, nn.LayerNorm)
-"""Layers inside a temporal transformer (input (positions, frames, C)): one frame's rows per call."""
 
 
 class _ClipParallelTemporalConv(ModelHook):
@@ -76,15 +74,22 @@ class _ClipParallelTemporalConv(ModelHook):
             first_stats = video_group_statistics(x, self.blocks[0][0], self.ctx, scope, exact)
             h, span, _ = pending.wait()
             own = slice(layout.owned.start - span.start, layout.owned.stop - span.start)
+        # Split-invariant: the first norm writes (frames, C, batch, H, W) memory, the layout in which
+        # frame_conv reads its input (and writes its output), so no convolution copies its input.
+        order = (2, 1, 0, 3, 4) if exact else None
         for index, (norm, layers) in enumerate(self.blocks):
             if index == 0 and own is not None:
-                h = apply_group_norm(h, norm, *first_stats)
+                h = apply_group_norm(h, norm, *first_stats, memory_order=order)
             else:
-                h = video_group_norm(h, norm, self.ctx, scope, owned=own, split_invariant=exact)
+                h = video_group_norm(h, norm, self.ctx, scope, owned=own, split_invariant=exact, memory_order=order)
             for layer, tap_by_tap in layers:
                 h = frame_conv(h, layer) if exact and tap_by_tap else layer(h)
-        x = x + (h if own is None else h[:, :, own])
-        return x.permute(0, 2, 1, 3, 4).reshape((x.shape[0] * x.shape[2], -1) + x.shape[3:])
+        # The residual sum written straight into the folded (batch * frames, C, H, W) output.
+        batch, channels, frames = x.shape[:3]
+        out = x.new_empty((batch * frames, channels) + x.shape[3:])
+        folded = out.view((batch, frames, channels) + x.shape[3:]).transpose(1, 2)
+        torch.add(x, h if own is None else h[:, :, own], out=folded)
+        return out
 
 
 class _GlobalFramePositions(ModelHook):
@@ -156,14 +161,18 @@ def parallelize_unet3d(unet: nn.Module, config: EngineConfig, context: ClipConte
         hook(conv, _ClipParallelTemporalConv(config, context, state, conv))
     temporal_modules = {m for temporal in (*temporal_convs, *temporal_transformers) for m in temporal.modules()}
     for transformer in temporal_transformers:
-        hook(transformer.norm, VideoGroupNorm(config, context))
+        # (batch, C, frames, H, W) stored as (frames, batch, H, W, C): the transformer's
+        # permute(0, 3, 4, 2, 1).reshape(batch * H * W, frames, C) is then a frames-first view.
+        hook(transformer.norm, VideoGroupNorm(config, context, split_invariant_memory_order=(2, 0, 3, 4, 1)))
         for module in transformer.modules():
             if isinstance(module, Attention):
                 handle.set_processor(module, DualScopeAttnProcessor(config, context, state))
             elif isinstance(module, SinusoidalPositionalEmbedding):
                 hook(module, _GlobalFramePositions(state))
-            elif isinstance(module, TEMPORAL_ROW_LAYERS):
+            elif isinstance(module, nn.Linear):  # input (positions, frames, C): one frame's rows per call
                 hook(module, PerFrameRows(config))
+            elif isinstance(module, nn.LayerNorm):  # row-local: one call, frames-first
+                hook(module, FramesFirstRowNorm(config))
     _hook_spatial_per_frame(unet, handle, temporal_modules)
     for module in unet.modules():
         if is_pointwise_conv(module):
