@@ -107,3 +107,34 @@ def test_keyframe_weights_are_freenoise_interpolation():
     expected = [(0, 1, f / 4) for f in range(4)] + [(1, 2, (f - 4) / 6) for f in range(4, 10)] + [(2, 2, 0.0)] * 6
     assert [(m.first, m.second, m.weight) for m in mixes] == expected
     assert keyframe_prompt_mix([0, 4, 10], 16, range(5, 7)) == mixes[5:7]
+
+
+def test_held_keyframes_cut_and_cross_fade_at_each_start():
+    from video_infinity.prompts import prompt_mix
+
+    _, hard = prompt_mix({0: "a", 8: "b"}, 16, range(16), transition_frames=0, keyframe_mode="hold")
+    assert [m.first if m.weight == 0 else None for m in hard] == [0] * 8 + [1] * 8  # a cut at frame 8
+    _, faded = prompt_mix({0: "a", 8: "b"}, 16, range(16), transition_frames=4, keyframe_mode="hold")
+    weights = [(m.first, m.second, m.weight) for m in faded]
+    assert weights[:6] == [(0, 0, 0.0)] * 6 and weights[10:] == [(1, 1, 0.0)] * 6
+    assert [w for _, _, w in weights[6:10]] == [0.125, 0.375, 0.625, 0.875]  # frames 6-9 fade a -> b
+    _, smooth = prompt_mix({0: "a", 8: "b"}, 16, range(16), transition_frames=4)  # interpolate: FreeNoise
+    assert smooth[4] == FrameMix(0, 1, 0.5)
+    from video_infinity.errors import ConfigError
+    from video_infinity.run.config import validate_run_config
+
+    with pytest.raises(ConfigError, match="pipe_configs.keyframe_mode"):
+        validate_run_config({"pipe_configs": {"prompts": {"0": "a"}, "keyframe_mode": "cut"}})
+
+
+@pytest.mark.parametrize("total, prompts, transition", [(10, 3, 2), (16, 2, 4), (7, 7, 1), (23, 4, 9)])
+def test_a_list_is_its_segment_starts_held(total, prompts, transition):
+    """A list of prompts and the held timeline of its segments' starts give every frame the same mix
+    (what the web UI relies on when it loads a list config into its timeline)."""
+    from video_infinity.prompts import prompt_mix
+    from video_infinity.ui.form import parse_timeline
+
+    texts = [f"prompt {i}" for i in range(prompts)]
+    timeline = parse_timeline(json.dumps(texts), total)
+    assert prompt_mix(texts, total, range(total), transition) == prompt_mix(
+        timeline, total, range(total), transition, keyframe_mode="hold")

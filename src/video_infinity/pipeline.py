@@ -40,7 +40,7 @@ from .families.base import Conditioning
 from .gather import comm_device, gather_frames, stream_to_rank0
 from .noise import INITIAL, frame_noise
 from .presets import engine_preset
-from .prompts import Prompt, check_prompt, frame_embeddings, prompt_mix
+from .prompts import KEYFRAME_MODES, Prompt, check_prompt, frame_embeddings, prompt_mix
 from .schedulers import SCHEDULER_NAMES, make_scheduler
 
 logger = logging.getLogger(__name__)
@@ -74,6 +74,7 @@ class GenerationRequest:
     fps: int | None
     eta: float
     transition_frames: int
+    keyframe_mode: str = "interpolate"
 
 
 def _default_device() -> torch.device:
@@ -185,6 +186,7 @@ class VideoInfinityPipeline:
         fps: int | None = None,
         eta: float = 0.0,
         transition_frames: int = 0,
+        keyframe_mode: str = "interpolate",
         world_size: int = 1,
     ) -> GenerationRequest:
         """Validate a call's arguments (one-line ValueErrors naming the argument), before any model work."""
@@ -204,13 +206,15 @@ class VideoInfinityPipeline:
             raise ValueError(f"transition_frames: must be >= 0, got {transition_frames}")
         if eta < 0:
             raise ValueError(f"eta: must be >= 0, got {eta}")
+        if keyframe_mode not in KEYFRAME_MODES:
+            raise ValueError(f"keyframe_mode: must be one of {', '.join(KEYFRAME_MODES)}, got {keyframe_mode!r}")
         check_prompt(prompt, num_frames)
         latent_frames = self.family.latent_frames(num_frames)
         if latent_frames < world_size:
             raise ValueError(f"num_frames: {num_frames} frames ({latent_frames} latent frames) cannot be split over "
                              f"{world_size} ranks (give every rank at least one frame)")
         return GenerationRequest(prompt, negative_prompt, num_frames, latent_frames, height, width, num_inference_steps,
-                                 float(guidance_scale), fps, float(eta), transition_frames)
+                                 float(guidance_scale), fps, float(eta), transition_frames, keyframe_mode)
 
     def make_scheduler(self, scheduler: str | Any | None) -> Any:
         """A scheduler object: a name from ``SCHEDULER_NAMES`` on the model's schedule, an object as
@@ -228,7 +232,8 @@ class VideoInfinityPipeline:
         prompt = request.prompt
         if isinstance(prompt, Mapping):  # keyframes are video frames: move each to the latent frame decoded into it
             prompt = {_latent_index(family, k): p for k, p in sorted(prompt.items())}
-        distinct, mixes = prompt_mix(prompt, request.latent_frames, ctx.frames, request.transition_frames)
+        distinct, mixes = prompt_mix(prompt, request.latent_frames, ctx.frames, request.transition_frames,
+                                     request.keyframe_mode)
         per_frame = frame_embeddings(family.encode_prompts(distinct, ctx), mixes)
         negative = family.encode_prompts([request.negative_prompt or ""], ctx) if request.guidance_scale > 1.0 else None
         return family.conditioning(per_frame, negative, request.guidance_scale, request.fps)
@@ -319,13 +324,15 @@ class VideoInfinityPipeline:
         return_dict: bool = True,
         eta: float = 0.0,
         transition_frames: int = 0,
+        keyframe_mode: str = "interpolate",
         loop: bool | None = None,
     ) -> VideoInfinityPipelineOutput | tuple[Any]:
         """Make a video of ``num_frames`` frames (the whole video, on however many ranks).
 
         ``prompt``: a string, a list (consecutive segments of equal length, blended over
         ``transition_frames``) or FreeNoise's ``{start_frame: prompt}`` dict (frame 0 required;
-        embeddings blend linearly from one keyframe to the next). ``scheduler``: a name
+        embeddings blend linearly from one keyframe to the next; ``keyframe_mode="hold"``: each prompt
+        holds from its frame, blended over ``transition_frames`` at each change). ``scheduler``: a name
         (``model``: the folder's own, ``ddim``, ``dpmsolver++``, ``dpmsolver++-karras``,
         ``sde-dpmsolver++``, ``sde-dpmsolver++-karras``; default: the family's, ``sde-dpmsolver++``
         for UNet3D models, ``model`` for Wan) or a diffusers scheduler object (used as is). Noise: ``latents``
@@ -352,7 +359,8 @@ class VideoInfinityPipeline:
         world_size = context.world_size if context is not None else (dist.get_world_size() if dist.is_initialized() else 1)
         request = self.check_inputs(prompt, negative_prompt=negative_prompt, num_frames=num_frames, height=height,
                                     width=width, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
-                                    fps=fps, eta=eta, transition_frames=transition_frames, world_size=world_size)
+                                    fps=fps, eta=eta, transition_frames=transition_frames,
+                                    keyframe_mode=keyframe_mode, world_size=world_size)
         if context is None:
             context = ClipContext.from_process_group(request.latent_frames)
         elif context.total_frames is None:  # one process, length from the input: this video's

@@ -4,9 +4,12 @@ Two ways to spread prompts over a video, both independent of the number of ranks
 
 * a list: consecutive segments of (nearly) equal length; across each border ``transition_frames``
   frames blend the two neighbouring text embeddings linearly;
-* diffusers FreeNoise's ``{start_frame: prompt}`` dict (frame 0 required): the embedding goes
-  linearly from one keyframe's prompt to the next one's, and the last keyframe's prompt holds to
-  the end, exactly as ``diffusers.pipelines.free_noise_utils`` interpolates.
+* diffusers FreeNoise's ``{start_frame: prompt}`` dict (frame 0 required): by default
+  (``keyframe_mode="interpolate"``) the embedding goes linearly from one keyframe's prompt to the
+  next one's, and the last keyframe's prompt holds to the end, exactly as
+  ``diffusers.pipelines.free_noise_utils`` interpolates; with ``keyframe_mode="hold"`` each prompt
+  holds from its frame until the next keyframe, ``transition_frames`` frames blending across each
+  change, as the list's segments do at their borders (a timeline of cuts and cross-fades).
 
 Each frame is described by a :class:`FrameMix` (a, b, w): embedding = lerp(E[a], E[b], w), which is
 exactly E[a] when w = 0 or the two prompts are equal. Every function here costs O(log prompts) per frame asked for.
@@ -55,11 +58,18 @@ def frame_prompt_mix(total_frames: int, num_prompts: int, transition_frames: int
     if num_prompts < 1:
         raise ValueError("at least one prompt is needed")
     num_prompts = min(num_prompts, total_frames)  # more prompts than frames: the extra ones get no frame
-    segments = partition_frames(total_frames, num_prompts)
+    starts = [s.start for s in partition_frames(total_frames, num_prompts)]
+    return held_prompt_mix(starts, total_frames, transition_frames, frames)
+
+
+def held_prompt_mix(starts: Sequence[int], total_frames: int, transition_frames: int = 0,
+                    frames: range | None = None) -> list[FrameMix]:
+    """Segments starting at ``starts`` (sorted, the first 0; indices into them): each prompt holds
+    over its segment, and ``transition_frames`` frames blend linearly across each border."""
+    ends = [*starts[1:], total_frames]
     # A transition never reaches past the middle of its neighbouring segments.
-    width = min(transition_frames, min(len(s) for s in segments))
-    starts = [s.start for s in segments]
-    return [_segment_mix(frame, starts, width, num_prompts) for frame in (frames or range(total_frames))]
+    width = min([transition_frames, *(end - start for start, end in zip(starts, ends))])
+    return [_segment_mix(frame, list(starts), width, len(starts)) for frame in (frames or range(total_frames))]
 
 
 def keyframe_prompt_mix(keyframes: Sequence[int], total_frames: int, frames: range | None = None) -> list[FrameMix]:
@@ -102,7 +112,12 @@ def check_prompt(prompt: Prompt, total_frames: int) -> None:
                      f"got {type(prompt).__name__}")
 
 
-def prompt_mix(prompt: Prompt, total_frames: int, frames: range, transition_frames: int = 0) -> tuple[list[str], list[FrameMix]]:
+KEYFRAME_MODES = ("interpolate", "hold")
+"""How a ``{start_frame: prompt}`` dict spreads over the frames (see the module's docstring)."""
+
+
+def prompt_mix(prompt: Prompt, total_frames: int, frames: range, transition_frames: int = 0,
+               keyframe_mode: str = "interpolate") -> tuple[list[str], list[FrameMix]]:
     """The distinct prompts to encode and, for each frame of ``frames``, its mix (indices into them).
 
     Encoding each distinct prompt once makes repeated prompts give bit-identical embeddings.
@@ -112,7 +127,11 @@ def prompt_mix(prompt: Prompt, total_frames: int, frames: range, transition_fram
         ordered, mixes = [prompt], [FrameMix(0, 0, 0.0)] * len(frames)
     elif isinstance(prompt, Mapping):
         keys = sorted(prompt)
-        ordered, mixes = [prompt[k] for k in keys], keyframe_prompt_mix(keys, total_frames, frames)
+        ordered = [prompt[k] for k in keys]
+        if keyframe_mode == "hold":
+            mixes = held_prompt_mix(keys, total_frames, transition_frames, frames)
+        else:
+            mixes = keyframe_prompt_mix(keys, total_frames, frames)
     else:
         ordered = list(prompt)
         mixes = frame_prompt_mix(total_frames, len(ordered), transition_frames, frames)

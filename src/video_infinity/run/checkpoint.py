@@ -87,6 +87,8 @@ def result_parts(config: RunConfig, model: str, world_size: int, dtype: str) -> 
         "pipe_configs.eta": pipe.eta,
         "plugin_configs": config.plugin_configs.model_dump(mode="json"),
     }
+    if pipe.keyframe_mode != "interpolate":
+        parts["pipe_configs.keyframe_mode"] = pipe.keyframe_mode
     if pipe.negative_prompt:  # only then (likewise below): earlier runs' checkpoints keep their hash
         parts["pipe_configs.negative_prompt"] = pipe.negative_prompt
     if config.motion_adapter is not None:

@@ -73,7 +73,12 @@ class PipeConfig(_StrictRun):
     file_name: str | None = None
     """Output name inside ``base_path`` (no directories); None: derived from the first prompt and a timestamp."""
     transition_frames: int = Field(default=0, ge=0)
-    """Frames over which the text embeddings of neighbouring prompt segments are blended."""
+    """Frames over which the text embeddings of neighbouring prompt segments are blended (a list of
+    prompts, or keyframes with ``keyframe_mode: "hold"``)."""
+    keyframe_mode: Literal["interpolate", "hold"] = "interpolate"
+    """How ``{"frame": "prompt"}`` keyframes spread: ``interpolate`` (FreeNoise: the embedding goes
+    linearly from each keyframe to the next) or ``hold`` (each prompt holds from its frame until the
+    next keyframe, ``transition_frames`` frames blending across each change)."""
     scheduler: SchedulerName | None = None
     """Sampler; None: the model family's default (``sde-dpmsolver++`` for UNet3D models, what the
     original's published runs used; ``model``, the folder's own flow-matching UniPC, for Wan)."""

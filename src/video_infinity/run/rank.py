@@ -133,7 +133,8 @@ def generate_on_rank(config: RunConfig, model: str, ctx: ClipContext, device: to
         pipe_config.prompts if isinstance(pipe_config.prompts, dict) else list(pipe_config.prompts),
         negative_prompt=pipe_config.negative_prompt, num_frames=pipe_config.total_frames_for(ctx.world_size), height=pipe_config.height, width=pipe_config.width,
         num_inference_steps=pipe_config.steps, guidance_scale=pipe_config.guidance_scale, fps=pipe_config.fps,
-        eta=pipe_config.eta, transition_frames=pipe_config.transition_frames, world_size=ctx.world_size)
+        eta=pipe_config.eta, transition_frames=pipe_config.transition_frames,
+        keyframe_mode=pipe_config.keyframe_mode, world_size=ctx.world_size)
     if ctx.total_frames != request.latent_frames:  # the engine counts the model's frames (Wan: latent frames)
         ctx = ClipContext.from_process_group(request.latent_frames, ctx.group)
     scheduler = pipe.make_scheduler(pipe_config.scheduler)

@@ -98,8 +98,11 @@ def build_app(studio: Studio) -> gr.Blocks:
                     add_row = gr.Button("Add prompt", size="sm", elem_id="add-prompt")
                     remove_row = gr.Button("Remove last prompt", size="sm", elem_id="remove-prompt")
                 with gr.Row():
-                    transition = gr.Number(start.transition_frames, label="transition frames", precision=0, minimum=0,
-                                           elem_id="transition-frames")
+                    keyframe_mode = gr.Radio([("hold each prompt, then cross-fade", "hold"),
+                                              ("blend gradually from prompt to prompt (FreeNoise)", "interpolate")],
+                                             value=start.keyframe_mode, label="between prompts", elem_id="keyframe-mode")
+                    transition = gr.Number(start.transition_frames, label="cross-fade frames (hold)", precision=0,
+                                           minimum=0, elem_id="transition-frames")
                     negative = gr.Textbox(start.negative_prompt, label="negative prompt", elem_id="negative-prompt")
                 with gr.Row():
                     num_frames = gr.Number(start.num_frames, label="frames", precision=0, minimum=1, elem_id="num-frames")
@@ -159,7 +162,7 @@ def build_app(studio: Studio) -> gr.Blocks:
 
         # Form inputs in GenerationForm's order (the timeline rows first).
         by_field: dict[str, Any] = {
-            "transition_frames": transition, "negative_prompt": negative, "num_frames": num_frames, "height": height,
+            "transition_frames": transition, "keyframe_mode": keyframe_mode, "negative_prompt": negative, "num_frames": num_frames, "height": height,
             "width": width, "steps": steps, "devices": devices, "seed": seed, "guidance_scale": guidance,
             "scheduler": scheduler, "model": model, "base_model": base_model, "preset": preset,
             "engine_json": engine_json, "padding": padding, "top_k": top_k, "phase_t": phase_t,
@@ -321,15 +324,15 @@ def _api_endpoint(studio: Studio, start: GenerationForm) -> None:
     """The ``generate`` endpoint: hidden inputs whose names and defaults are the API's."""
 
     def generate(prompts: str, num_frames: int, height: int, width: int, steps: int, devices: str, seed: int,
-                 guidance_scale: float, negative_prompt: str, transition_frames: int, scheduler: str, model: str,
-                 preset: str, loop: bool, checkpoint_every: int,
+                 guidance_scale: float, negative_prompt: str, transition_frames: int, keyframe_mode: str,
+                 scheduler: str, model: str, preset: str, loop: bool, checkpoint_every: int,
                  progress: gr.Progress = gr.Progress()) -> tuple[str | None, dict[str, Any]]:
         """Generate a video; returns the MP4 and the run's sidecar (JSON)."""
         try:
             form = form_from_values(parse_timeline(prompts, int(num_frames or 0)), {
                 "num_frames": num_frames, "height": height, "width": width, "steps": steps, "devices": devices,
                 "seed": seed, "guidance_scale": guidance_scale, "negative_prompt": negative_prompt,
-                "transition_frames": transition_frames, "scheduler": scheduler, "model": model, "preset": preset,
+                "transition_frames": transition_frames, "keyframe_mode": keyframe_mode, "scheduler": scheduler, "model": model, "preset": preset,
                 "loop": loop, "checkpoint_every": checkpoint_every,
                 # the server's --config engine settings go with its preset choice
                 "engine_json": start.engine_json if preset == start.preset else ""})
@@ -351,7 +354,8 @@ def _api_endpoint(studio: Studio, start: GenerationForm) -> None:
         gr.Number(start.width, precision=0, **hidden), gr.Number(start.steps, precision=0, **hidden),
         gr.Textbox(start.devices, **hidden), gr.Number(start.seed, precision=0, **hidden),
         gr.Number(start.guidance_scale, **hidden), gr.Textbox(start.negative_prompt, **hidden),
-        gr.Number(start.transition_frames, precision=0, **hidden), gr.Textbox(start.scheduler, **hidden),
+        gr.Number(start.transition_frames, precision=0, **hidden), gr.Textbox(start.keyframe_mode, **hidden),
+        gr.Textbox(start.scheduler, **hidden),
         gr.Textbox(start.model, **hidden), gr.Textbox(start.preset, **hidden), gr.Checkbox(start.loop, **hidden),
         gr.Number(start.checkpoint_every, precision=0, **hidden),
     ]

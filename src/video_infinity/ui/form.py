@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 from ..errors import ConfigError
+from ..frames import partition_frames
 from ..run.config import RunConfig, validate_run_config
 from ..schedulers import SCHEDULER_NAMES
 
@@ -58,6 +59,9 @@ class GenerationForm:
     guidance_scale: float = 5.0
     negative_prompt: str = ""
     transition_frames: int = 0
+    keyframe_mode: str = "hold"
+    """``hold``: each prompt from its start frame, blended over ``transition_frames`` at each change;
+    ``interpolate``: FreeNoise's blend from each keyframe to the next (``pipe_configs.keyframe_mode``)."""
     scheduler: str = DEFAULT_SCHEDULER
     model: str = ""
     """A diffusers folder or hub id; empty: the embedded demo model."""
@@ -96,6 +100,7 @@ _FIELD_OF_CONFIG_PATH: dict[str, str] = {
     "pipe_configs.guidance_scale": "guidance_scale",
     "pipe_configs.negative_prompt": "negative_prompt",
     "pipe_configs.transition_frames": "transition_frames",
+    "pipe_configs.keyframe_mode": "keyframe_mode",
     "pipe_configs.scheduler": "scheduler",
     "pipe_configs.export_fps": "export_fps",
     "pipe_configs.checkpoint_every": "checkpoint_every",
@@ -155,8 +160,9 @@ def parse_devices(text: str | int, limits: Limits) -> list[Any]:
 
 
 def parse_timeline(text: str | dict[Any, Any] | list[Any], num_frames: int) -> dict[int, str]:
-    """The API's timeline: JSON text ``{"0": "...", "8": "..."}``; a JSON list of prompts is spread
-    over the ``num_frames`` frames in equal segments, as in a config file; plain text is one prompt."""
+    """The API's timeline: JSON text ``{"0": "...", "8": "..."}``; a JSON list of prompts starts
+    them where a config file's list segments start (held, with ``keyframe_mode`` "hold", that is
+    the list's video); plain text is one prompt."""
     if isinstance(text, (dict, list)):
         value: Any = text
     else:
@@ -173,7 +179,8 @@ def parse_timeline(text: str | dict[Any, Any] | list[Any], num_frames: int) -> d
     if isinstance(value, list):
         if not value or not all(isinstance(p, str) and p.strip() for p in value):
             raise FormError("prompts", "pipe_configs.prompts: a list of prompts must hold non-empty texts")
-        return {index * num_frames // len(value): p.strip() for index, p in enumerate(value)}
+        segments = partition_frames(num_frames, min(len(value), num_frames)) if num_frames >= 1 else [range(0)]
+        return {segment.start: p.strip() for segment, p in zip(segments, value)}
     if not isinstance(value, dict):
         raise FormError("prompts", 'pipe_configs.prompts: expected a {"start frame": "prompt"} object')
     timeline: dict[int, str] = {}
@@ -309,7 +316,8 @@ def run_config(form: GenerationForm, *, base_path: str, file_name: str, limits: 
         prompts={str(k): v for k, v in sorted(form.prompts.items())},
         total_frames=form.num_frames, height=form.height, width=form.width, steps=form.steps,
         guidance_scale=float(form.guidance_scale), negative_prompt=form.negative_prompt.strip() or None,
-        transition_frames=form.transition_frames, export_fps=form.export_fps, file_name=file_name,
+        transition_frames=form.transition_frames, keyframe_mode=form.keyframe_mode, export_fps=form.export_fps,
+        file_name=file_name,
         scheduler=None if form.scheduler == DEFAULT_SCHEDULER else form.scheduler,
         checkpoint_every=form.checkpoint_every or None, save_latents=False,
     )
@@ -343,15 +351,15 @@ def form_from_config(config: RunConfig | dict[str, Any]) -> GenerationForm:
     pipe = config.pipe_configs
     prompts = pipe.prompts
     if isinstance(prompts, dict):
-        timeline = dict(prompts)
-    else:
-        timeline = parse_timeline(list(prompts), config.total_frames)
+        timeline, mode = dict(prompts), pipe.keyframe_mode
+    else:  # a list: its segments' starts, held (the same video)
+        timeline, mode = parse_timeline(list(prompts), config.total_frames), "hold"
     cpu = config.uses_cpu
     return GenerationForm(
         prompts=timeline, num_frames=config.total_frames, height=pipe.height, width=pipe.width, steps=pipe.steps,
         devices=str(config.world_size) if cpu else "gpu:" + ",".join(str(d) for d in config.devices),
         seed=config.seed, guidance_scale=pipe.guidance_scale, negative_prompt=pipe.negative_prompt or "",
-        transition_frames=pipe.transition_frames, scheduler=pipe.scheduler or DEFAULT_SCHEDULER,
+        transition_frames=pipe.transition_frames, keyframe_mode=mode, scheduler=pipe.scheduler or DEFAULT_SCHEDULER,
         model=config.model or "", base_model=config.base_model or "",
         engine_json=json.dumps(config.plugin_configs.model_dump(mode="json"), indent=1),
         loop=config.plugin_configs.loop,  # the knobs stay empty: the engine JSON holds them
