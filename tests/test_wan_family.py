@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import re
+import signal
 import subprocess
 import sys
 
@@ -14,6 +15,7 @@ import pytest
 import torch
 from diffusers import AutoencoderKLWan, WanPipeline
 
+from cli_utils import Interrupted, ok, one_line_error, run_cli, sets
 from engine_utils import run_distributed
 from video_infinity.context import ClipContext
 from video_infinity import VideoInfinityPipeline
@@ -29,6 +31,7 @@ from video_infinity.families.wan import (
     wan_decoder_receptive_field,
 )
 from video_infinity.noise import frame_noise
+from video_infinity.run.checkpoint import load_checkpoint
 from video_infinity.schedulers import make_scheduler
 from video_infinity.video_io import read_video
 from wan_pipeline_utils import build_tiny_wan_folder
@@ -233,3 +236,41 @@ def test_cli_refuses_a_shape_wan_cannot_make_before_any_rank_starts(wan_folder, 
     lines = result.stderr.splitlines()
     assert len(lines) == 1 and re.match(message, lines[0].removeprefix("video-infinity: error: ")), result.stderr
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+@pytest.mark.e2e
+def test_cli_resume_on_another_world_size_is_bit_identical(wan_folder, tmp_path, offline_env):
+    # Checkpoints after every step, Ctrl-C on 2 ranks mid-denoising, --resume on 3 ranks: the final
+    # latents equal an uninterrupted run's bit for bit. The flow-matching UniPC keeps a history of
+    # model outputs and the last sample (per latent frame), re-split between the two world sizes.
+    steps, out = 4, tmp_path / "out"
+    config = {
+        "dtype": "float32", "devices": ["cpu", "cpu"], "seed": 3, "base_path": str(out), "model": str(wan_folder),
+        "plugin_configs": BAND, "collective_timeout_s": 60,
+        "pipe_configs": {"prompts": PROMPTS, "steps": steps, "guidance_scale": 5.0, "total_frames": NUM_FRAMES,
+                         "height": SIZE, "width": SIZE, "save_latents": True, "checkpoint_every": 1},
+    }
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    stopped = Interrupted(tmp_path / "config.json", out, offline_env, "resumed", world=2, sig=signal.SIGINT,
+                          target="group", after_step=2)
+    one_line_error(stopped.result(), 130, "interrupted", "--resume")
+    stopped.assert_clean()
+    saved = load_checkpoint(stopped.copy)
+    assert 2 <= saved["step"] < steps and saved["world_size"] == 2
+    assert saved["latents"].shape == (1, 4, LATENT_FRAMES, 2, 2)  # latent frames, not video frames
+    assert len(saved["scheduler_tensors"]) >= 2  # UniPC's model outputs and last sample, whole video
+    assert all(t.shape == saved["latents"].shape for t in saved["scheduler_tensors"])
+
+    checkpoint = f"{stopped.stem}.ckpt"
+    ok(run_cli(tmp_path / "config.json", offline_env, "--resume", checkpoint,
+               *sets(devices=["cpu"] * 3, pipe_configs__file_name="resumed")))
+    ok(run_cli(tmp_path / "config.json", offline_env,
+               *sets(devices=["cpu"], pipe_configs__file_name="reference", pipe_configs__checkpoint_every=None)))
+    resumed, reference = (np.load(out / f"{name}.latents.npy") for name in ("resumed", "reference"))
+    assert resumed.shape == (4, LATENT_FRAMES, 2, 2)
+    np.testing.assert_array_equal(resumed, reference)
+    sidecar = json.loads((out / "resumed.json").read_text())
+    assert sidecar["resumed_from"] == {"checkpoint": checkpoint, "step": saved["step"], "saved_by_world_size": 2,
+                                       "world_size": 3}
+    assert sidecar["frames_per_rank"] == [2, 2, 1] and sidecar["total_frames"] == NUM_FRAMES
+    assert not (out / "resumed.ckpt").exists()  # the video is complete: its checkpoint is gone
