@@ -1,7 +1,8 @@
-"""Pre-flight checks, once, before any rank starts: the output folder is writable and has room for the
-estimated outputs, no output would replace a file the user did not ask to replace (and none is the
-config being run), the model folder is complete and its files readable, a ``--resume`` checkpoint
-belongs to this config and model. Each refusal is a one-line :class:`ConfigError` or
+"""Pre-flight checks, once, before any rank starts: the model is one video-infinity runs (e.g. not an
+image-to-video Wan folder), the output folder is writable and has room for the estimated outputs,
+no output would replace a file the user did not ask to replace (and none is the config being run),
+the model folder is complete and its files readable, a ``--resume`` checkpoint belongs to this
+config and model. Each refusal is a one-line :class:`ConfigError` or
 :class:`CheckpointError` (exit code 2). Imports neither torch nor diffusers (but for a checkpoint).
 """
 
@@ -18,6 +19,7 @@ from typing import Any
 
 from ..errors import ConfigError
 from ..frames import latent_frame_count
+from ..supported_models import unsupported_model
 from .checkpoint import CheckpointPlan, check_compatible, estimate_bytes, hash_parts, load_checkpoint, result_parts
 from .config import RunConfig
 from .outputs import check_outputs, output_paths
@@ -258,8 +260,11 @@ def prepare(config: RunConfig, overwrite: bool = False, resume: str | os.PathLik
 
     ``config_path``: the config file being run, which no output may replace."""
     world_size = world_size or config.world_size
-    _check_base_path(config)
     model = resolve_model(config)
+    problem = None if config.motion_adapter is not None else unsupported_model(model)  # else: the SD base
+    if problem is not None:  # before base_path is created: nothing is written
+        raise ConfigError(problem)
+    _check_base_path(config)
     check_model_folder(model, config.base_model)
     check_video_shape(config, model, world_size)
     if config.motion_adapter is not None:
