@@ -32,6 +32,8 @@ from video_infinity.families.wan import (
 )
 from video_infinity.noise import frame_noise
 from video_infinity.run.checkpoint import load_checkpoint
+from video_infinity.run.config import load_run_config
+from video_infinity.run.preflight import estimate_output_bytes
 from video_infinity.schedulers import make_scheduler
 from video_infinity.supported_models import unsupported_model
 from video_infinity.video_io import read_video
@@ -331,7 +333,11 @@ def test_cli_resume_on_another_world_size_is_bit_identical(wan_folder, tmp_path,
                                        "world_size": 3}
     assert sidecar["frames_per_rank"] == [2, 2, 1] and sidecar["total_frames"] == NUM_FRAMES
     assert not (out / "resumed.ckpt").exists()  # the video is complete: its checkpoint is gone
-
+    # The pre-flight disk estimate counts Wan's latent layout (latent frames, the transformer's
+    # channels, float32) and UniPC's history (solver_order model outputs + the last sample).
+    needs = estimate_output_bytes(load_run_config(tmp_path / "config.json"), str(wan_folder))
+    assert needs["latents"] == resumed.nbytes
+    assert needs["checkpoint"] == 2 * sum(t.nbytes for t in [saved["latents"], *saved["scheduler_tensors"]])
 
 
 @pytest.mark.e2e
