@@ -4,9 +4,8 @@ and user mistakes (each one line on stderr and exit code 2, never a traceback).
 The runs use a tiny random model, 6 frames of 32x32 and 8 steps. The generated video is compared
 bit for bit through its saved latents; the H.264 encoder is not deterministic from process to
 process (identical frames can encode to slightly different pictures), so decoded MP4s are
-compared by PSNR. Two test hooks of the pipeline make
-the kills land mid-denoising: every rank records its pid and step in a folder after each step
-(``VIDEO_INFINITY_PROGRESS_DIR``) and sleeps a little (``VIDEO_INFINITY_TEST_STEP_SLEEP``).
+compared by PSNR. The kills land mid-denoising through the pipeline's test hooks (see
+``cli_utils.Interrupted``).
 """
 
 from __future__ import annotations
@@ -16,23 +15,19 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from process_utils import descendants as _descendants, still_running as _still_running
-from video_infinity.run import PROGRESS_DIR_ENV, STEP_SLEEP_ENV
+from cli_utils import Interrupted, ok, one_line_error, our_lines, run_cli, sets
 from video_infinity.run.checkpoint import load_checkpoint
 from video_infinity.demo.random_model import build_random_model
 from video_infinity.video_io import read_video
 
 pytestmark = pytest.mark.e2e
 
-ROOT = Path(__file__).resolve().parents[1]
-CLI = [str(Path(sys.executable).parent / "video-infinity"), "generate"]
 STEPS, EVERY, FRAMES = 8, 2, 6
 
 
@@ -71,117 +66,31 @@ def root(tmp_path_factory):
     return root
 
 
-def _sets(**values) -> list[str]:
-    return [x for key, value in values.items() for x in ("--set", f"{key.replace('__', '.')}={json.dumps(value)}")]
-
-
 def _run(root: Path, env: dict, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([*CLI, "--config", str(root / "config.json"), *args], env=env, cwd=ROOT,
-                          capture_output=True, text=True, timeout=timeout)
+    return run_cli(root / "config.json", env, *args, timeout=timeout)
 
 
-def _ok(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
-    assert result.returncode == 0, f"exit {result.returncode}:\n{result.stderr[-3000:]}"
-    return result
-
-
-def _our_lines(stderr: str) -> list[str]:
-    lines = [line.strip() for chunk in stderr.splitlines() for line in chunk.split("\r")]
-    return [line[line.index("video-infinity: "):] for line in lines if "video-infinity: " in line]
-
-
-def _one_line_error(result: subprocess.CompletedProcess, code: int, *words: str) -> str:
-    assert result.returncode == code, f"exit {result.returncode}:\n{result.stderr[-3000:]}"
-    assert "Traceback" not in result.stderr, result.stderr
-    ours = _our_lines(result.stderr)
-    assert len(ours) == 1, result.stderr
-    for word in words:
-        assert word in ours[0], ours[0]
-    return ours[0]
-
-
-class Interrupted:
-    """A run stopped mid-denoising by a signal, with what the test saw."""
-
-    def __init__(self, root: Path, env: dict, name: str, world: int, sig: int, target: str) -> None:
-        progress = root / f"progress-{name}"
-        progress.mkdir()
-        self.stem = root / "out" / name
-        run_env = {**env, PROGRESS_DIR_ENV: str(progress), STEP_SLEEP_ENV: "0.3"}
-        proc = subprocess.Popen(
-            [*CLI, "--config", str(root / "config.json"), *_sets(devices=["cpu"] * world, pipe_configs__file_name=name)],
-            env=run_env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
-        try:
-            reports = self._wait_for_step(progress, world, EVERY + 1, proc)
-            self.ranks = {rank: report["pid"] for rank, report in reports.items()}
-            self.processes = _descendants(proc.pid)
-            assert set(self.ranks.values()) <= self.processes  # the ranks are the CLI's descendants
-            self.signalled = time.monotonic()
-            if target == "group":  # as Ctrl-C in a terminal: the whole foreground process group
-                os.killpg(proc.pid, sig)
-            elif target == "launcher":
-                os.kill(proc.pid, sig)
-            else:
-                os.kill(self.ranks[int(target)], sig)
-            _, self.stderr = proc.communicate(timeout=60)
-            self.seconds = time.monotonic() - self.signalled
-            self.returncode = proc.returncode
-            self.left_behind = _still_running(self.processes, within=5.0)
-            out = self.stem.parent
-            self.video_written = self.stem.with_suffix(".mp4").exists()
-            self.temporary = [p.name for p in out.iterdir() if p.name.startswith(".")]
-            self.checkpoint_kept = Path(f"{self.stem}.ckpt").is_file()
-            self.copy = root / f"{name}-copy.ckpt"
-            if self.checkpoint_kept:
-                shutil.copy(f"{self.stem}.ckpt", self.copy)
-        finally:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
-
-    @staticmethod
-    def _wait_for_step(progress: Path, world: int, step: int, proc: subprocess.Popen) -> dict[int, dict]:
-        deadline = time.monotonic() + 90
-        while time.monotonic() < deadline:
-            assert proc.poll() is None, f"the run ended early ({proc.returncode}):\n{proc.stderr.read()[-3000:]}"
-            reports = {}
-            for rank in range(world):
-                try:
-                    reports[rank] = json.loads((progress / f"rank{rank}.json").read_text())
-                except (OSError, ValueError):
-                    break
-            if len(reports) == world and all(r["step"] >= step for r in reports.values()):
-                return reports
-            time.sleep(0.05)
-        raise AssertionError("the ranks did not reach the step in time")
-
-    def result(self) -> subprocess.CompletedProcess:
-        return subprocess.CompletedProcess([], self.returncode, "", self.stderr)
-
-    def assert_clean(self) -> None:
-        """No process, no video, no temporary file was left; the checkpoint was kept."""
-        assert not self.left_behind, self.left_behind
-        assert not self.video_written
-        assert not self.temporary, self.temporary
-        assert self.checkpoint_kept
+def _interrupted(root: Path, env: dict, name: str, world: int, sig: int, target: str) -> Interrupted:
+    """A run stopped by ``sig`` once every rank is past the checkpoint of step ``EVERY``."""
+    return Interrupted(root / "config.json", root / "out", env, name, world, sig, target, after_step=EVERY + 1)
 
 
 @pytest.fixture(scope="module")
 def killed(root, env):
     """kill -9 of rank 1 of 3 after the checkpoint of step 2."""
-    return Interrupted(root, env, "killed", world=3, sig=signal.SIGKILL, target="1")
+    return _interrupted(root, env, "killed", world=3, sig=signal.SIGKILL, target="1")
 
 
 @pytest.fixture(scope="module")
 def interrupted(root, env):
     """Ctrl-C (SIGINT to the process group) of a 2-rank run after the checkpoint of step 2."""
-    return Interrupted(root, env, "interrupted", world=2, sig=signal.SIGINT, target="group")
+    return _interrupted(root, env, "interrupted", world=2, sig=signal.SIGINT, target="group")
 
 
 @pytest.fixture(scope="module")
 def reference3(root, env):
     """An uninterrupted run on 3 ranks (without checkpoints)."""
-    _ok(_run(root, env, *_sets(pipe_configs__file_name="reference3", pipe_configs__checkpoint_every=None)))
+    ok(_run(root, env, *sets(pipe_configs__file_name="reference3", pipe_configs__checkpoint_every=None)))
     return root / "out" / "reference3"
 
 
@@ -192,7 +101,7 @@ def _outputs(stem: Path) -> tuple[np.ndarray, np.ndarray]:
 def test_killed_rank_stops_the_run_with_one_line(killed):
     print(f"kill -9 of rank 1 of 3: the launcher exited {killed.seconds:.2f} s later")
     assert killed.seconds < 30
-    message = _one_line_error(killed.result(), 1, "rank 1 was killed (SIGKILL)", "--resume")
+    message = one_line_error(killed.result(), 1, "rank 1 was killed (SIGKILL)", "--resume")
     assert message.startswith("video-infinity: error: ")
     killed.assert_clean()
 
@@ -200,7 +109,7 @@ def test_killed_rank_stops_the_run_with_one_line(killed):
 def test_ctrl_c_stops_every_rank_and_keeps_the_checkpoint(interrupted):
     print(f"Ctrl-C of 2 ranks: the launcher exited {interrupted.seconds:.2f} s later")
     assert interrupted.seconds < 10
-    _one_line_error(interrupted.result(), 130, "interrupted", "--resume")
+    one_line_error(interrupted.result(), 130, "interrupted", "--resume")
     interrupted.assert_clean()
     checkpoint = load_checkpoint(interrupted.copy)
     assert checkpoint["step"] % EVERY == 0 and 0 < checkpoint["step"] < STEPS
@@ -208,7 +117,7 @@ def test_ctrl_c_stops_every_rank_and_keeps_the_checkpoint(interrupted):
 
 
 def test_killed_launcher_leaves_no_rank_behind(root, env):
-    run = Interrupted(root, env, "launcher-killed", world=2, sig=signal.SIGKILL, target="launcher")
+    run = _interrupted(root, env, "launcher-killed", world=2, sig=signal.SIGKILL, target="launcher")
     print(f"launcher killed: its {len(run.processes)} descendants gone within 5 s")
     assert len(run.processes) >= 2  # the two ranks (and the fork server) were running when it was killed
     assert not run.left_behind, run.left_behind
@@ -225,7 +134,7 @@ def _assert_same_video(frames: np.ndarray, reference: np.ndarray) -> None:
 def test_resume_after_a_kill_is_bit_identical(root, env, killed, reference3):
     checkpoint = Path(f"{killed.stem}.ckpt")
     saved_step = load_checkpoint(checkpoint)["step"]
-    _ok(_run(root, env, "--resume", str(checkpoint), *_sets(pipe_configs__file_name="killed")))
+    ok(_run(root, env, "--resume", str(checkpoint), *sets(pipe_configs__file_name="killed")))
     latents, frames = _outputs(killed.stem)
     reference_latents, reference_frames = _outputs(reference3)
     np.testing.assert_array_equal(latents, reference_latents)
@@ -242,7 +151,7 @@ def test_resume_on_another_world_size(root, env, interrupted, reference3):
     # Saved by 2 ranks, continued by 3: bit-identical to an uninterrupted 3-rank run, since on CPU
     # the engine's results do not depend on the number of ranks.
     saved_step = load_checkpoint(f"{interrupted.stem}.ckpt")["step"]
-    _ok(_run(root, env, "--resume", f"{interrupted.stem}.ckpt", *_sets(pipe_configs__file_name="interrupted")))
+    ok(_run(root, env, "--resume", f"{interrupted.stem}.ckpt", *sets(pipe_configs__file_name="interrupted")))
     resumed = json.loads(interrupted.stem.with_suffix(".json").read_text())["resumed_from"]
     assert resumed["step"] == saved_step and 0 < saved_step < STEPS
     assert resumed["saved_by_world_size"] == 2 and resumed["world_size"] == 3
@@ -262,26 +171,26 @@ def test_checkpoint_from_another_config_or_model_is_refused(root, env, killed, c
         if not (root / "model2").exists():
             build_random_model(root / "model2", seed=1)  # same shapes and sizes, other weights
         change = {"model": str(root / "model2")}
-    result = _run(root, env, "--resume", str(killed.copy), *_sets(pipe_configs__file_name="other", **change))
-    _one_line_error(result, 2, "different config or model", differs)
+    result = _run(root, env, "--resume", str(killed.copy), *sets(pipe_configs__file_name="other", **change))
+    one_line_error(result, 2, "different config or model", differs)
     assert not (root / "out" / "other.mp4").exists()
 
 
 def test_unfinished_checkpoint_is_not_overwritten_by_a_new_run(root, env, killed):
     checkpoint = root / "out" / "unfinished.ckpt"
     shutil.copy(killed.copy, checkpoint)
-    result = _run(root, env, *_sets(pipe_configs__file_name="unfinished"))
-    _one_line_error(result, 2, "--resume", "--overwrite")
+    result = _run(root, env, *sets(pipe_configs__file_name="unfinished"))
+    one_line_error(result, 2, "--resume", "--overwrite")
     assert checkpoint.read_bytes() == killed.copy.read_bytes()
 
 
 def test_broken_checkpoint_file_is_refused(root, env, tmp_path, killed):
     broken = tmp_path / "broken.ckpt"
     broken.write_bytes(b"PK\x03\x04 not really a zip")
-    _one_line_error(_run(root, env, "--resume", str(broken)), 2, "not a video-infinity checkpoint")
+    one_line_error(_run(root, env, "--resume", str(broken)), 2, "not a video-infinity checkpoint")
     truncated = tmp_path / "truncated.ckpt"
     truncated.write_bytes(killed.copy.read_bytes()[:-100])
-    _one_line_error(_run(root, env, "--resume", str(truncated)), 2, "checkpoint")
+    one_line_error(_run(root, env, "--resume", str(truncated)), 2, "checkpoint")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -291,20 +200,20 @@ def test_broken_checkpoint_file_is_refused(root, env, tmp_path, killed):
 @pytest.mark.parametrize("name", ["../escape", "sub/video", "/tmp/absolute", ".."])
 def test_file_name_outside_base_path_is_refused(root, env, tmp_path, name):
     base = tmp_path / "base"
-    result = _run(root, env, *_sets(base_path=str(base), pipe_configs__file_name=name))
-    _one_line_error(result, 2, "pipe_configs.file_name")
+    result = _run(root, env, *sets(base_path=str(base), pipe_configs__file_name=name))
+    one_line_error(result, 2, "pipe_configs.file_name")
     assert not base.exists() and list(tmp_path.iterdir()) == []
 
 
 def test_unwritable_base_path_is_refused(root, env, tmp_path):
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder")
-    _one_line_error(_run(root, env, *_sets(base_path=str(blocker / "out"))), 2, "base_path", "cannot create")
-    _one_line_error(_run(root, env, *_sets(base_path=str(blocker))), 2, "base_path", "not a folder")
+    one_line_error(_run(root, env, *sets(base_path=str(blocker / "out"))), 2, "base_path", "cannot create")
+    one_line_error(_run(root, env, *sets(base_path=str(blocker))), 2, "base_path", "not a folder")
     if os.geteuid() != 0:  # root writes into read-only folders anyway
         locked = tmp_path / "locked"
         locked.mkdir(mode=0o500)
-        _one_line_error(_run(root, env, *_sets(base_path=str(locked))), 2, "base_path", "not writable")
+        one_line_error(_run(root, env, *sets(base_path=str(locked))), 2, "base_path", "not writable")
 
 
 def _broken_model(root: Path, tmp_path: Path, breakage: str) -> Path:
@@ -331,8 +240,8 @@ def _broken_model(root: Path, tmp_path: Path, breakage: str) -> Path:
 def test_broken_model_is_refused_before_any_rank_starts(root, env, tmp_path, breakage, words):
     model = _broken_model(root, tmp_path, breakage)
     started = time.monotonic()
-    result = _run(root, env, *_sets(model=str(model), base_path=str(tmp_path / "out")))
-    _one_line_error(result, 2, *words)
+    result = _run(root, env, *sets(model=str(model), base_path=str(tmp_path / "out")))
+    one_line_error(result, 2, *words)
     assert time.monotonic() - started < 20  # no rank was started (each would import torch and diffusers)
     assert not (tmp_path / "out" / "video.mp4").exists()
 
@@ -343,16 +252,16 @@ def test_model_with_wrong_shapes_fails_in_the_ranks_with_one_line(root, env, tmp
     config = json.loads((model / "unet" / "config.json").read_text())
     config["cross_attention_dim"] *= 2  # the weights no longer fit the config
     (model / "unet" / "config.json").write_text(json.dumps(config))
-    result = _run(root, env, *_sets(model=str(model), base_path=str(tmp_path / "out"), devices=["cpu"] * 2))
-    _one_line_error(result, 2, "cannot load unet")
+    result = _run(root, env, *sets(model=str(model), base_path=str(tmp_path / "out"), devices=["cpu"] * 2))
+    one_line_error(result, 2, "cannot load unet")
     assert list((tmp_path / "out").iterdir()) == []
 
 
 def test_existing_output_is_kept_without_overwrite(root, env, reference3):
     video = reference3.with_suffix(".mp4")
     before = video.read_bytes()
-    result = _run(root, env, *_sets(pipe_configs__file_name="reference3"))
-    _one_line_error(result, 2, "exists", "--overwrite")
+    result = _run(root, env, *sets(pipe_configs__file_name="reference3"))
+    one_line_error(result, 2, "exists", "--overwrite")
     assert video.read_bytes() == before
 
 
@@ -363,10 +272,10 @@ def test_too_little_disk_space_is_refused(root, tmp_path, monkeypatch, capsys):
 
     usage = shutil_module.disk_usage(tmp_path)
     monkeypatch.setattr("video_infinity.run.preflight.shutil.disk_usage", lambda path: usage._replace(free=10_000))
-    code = cli.main(["generate", "--config", str(root / "config.json"), *_sets(base_path=str(tmp_path / "out"))])
+    code = cli.main(["generate", "--config", str(root / "config.json"), *sets(base_path=str(tmp_path / "out"))])
     err = capsys.readouterr().err
     assert code == 2 and "Traceback" not in err
-    ours = _our_lines(err)
+    ours = our_lines(err)
     assert len(ours) == 1 and "not enough disk space" in ours[0] and "checkpoint" in ours[0], err
 
 

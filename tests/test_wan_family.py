@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import re
+import signal
 import subprocess
 import sys
 
@@ -14,6 +15,7 @@ import pytest
 import torch
 from diffusers import AutoencoderKLWan, WanPipeline
 
+from cli_utils import Interrupted, ok, one_line_error, run_cli, sets
 from engine_utils import run_distributed
 from video_infinity.context import ClipContext
 from video_infinity import VideoInfinityPipeline
@@ -29,7 +31,11 @@ from video_infinity.families.wan import (
     wan_decoder_receptive_field,
 )
 from video_infinity.noise import frame_noise
+from video_infinity.run.checkpoint import load_checkpoint
+from video_infinity.run.config import load_run_config
+from video_infinity.run.preflight import estimate_output_bytes
 from video_infinity.schedulers import make_scheduler
+from video_infinity.supported_models import unsupported_model
 from video_infinity.video_io import read_video
 from wan_pipeline_utils import build_tiny_wan_folder
 
@@ -64,6 +70,62 @@ def test_tiny_folder_is_recognised_with_its_scheduler_and_checked_sizes(wan_fold
         pipe.check_inputs("a cat", num_frames=16, height=32, width=48, **common)
     with pytest.raises(ValueError, match=r"width: must be a positive multiple of 16"):
         pipe.check_inputs("a cat", num_frames=17, height=32, width=40, **common)
+
+
+def _config_only_folder(path, index: dict, **configs: dict):
+    """A pipeline folder of config files only (no weights): what the refusal of a model reads."""
+    path.mkdir(parents=True)
+    (path / "model_index.json").write_text(json.dumps(index))
+    for component, config in configs.items():
+        (path / component).mkdir()
+        (path / component / "config.json").write_text(json.dumps(config))
+    return path
+
+
+# As diffusers saves Wan2.1-I2V-14B-480P-Diffusers: a CLIP image encoder, an image embedder in the
+# transformer and the image latents concatenated to the noise (36 input, 16 output channels).
+WAN_I2V_INDEX = {"_class_name": "WanImageToVideoPipeline", "image_encoder": ["transformers", "CLIPVisionModel"],
+                 "image_processor": ["transformers", "CLIPImageProcessor"], "transformer": ["diffusers", "WanTransformer3DModel"],
+                 "vae": ["diffusers", "AutoencoderKLWan"], "scheduler": ["diffusers", "UniPCMultistepScheduler"]}
+WAN_I2V_TRANSFORMER = {"_class_name": "WanTransformer3DModel", "image_dim": 1280, "in_channels": 36, "out_channels": 16}
+SUPPORTED = ("supported: text-to-video Wan (WanPipeline), UNet3D text-to-video (TextToVideoSDPipeline) and "
+             "AnimateDiff (AnimateDiffPipeline, or a MotionAdapter on Stable Diffusion 1.5)")
+
+
+@pytest.mark.unit
+def test_image_to_video_and_other_pipelines_are_refused_by_what_their_folder_holds(wan_folder, tmp_path):
+    t2v = {**WAN_I2V_INDEX, "_class_name": "WanPipeline"}
+    del t2v["image_encoder"], t2v["image_processor"]
+    refusals = {
+        "i2v": (_config_only_folder(tmp_path / "i2v", WAN_I2V_INDEX, transformer=WAN_I2V_TRANSFORMER),
+                "holds a WanImageToVideoPipeline (image-to-video: an image_encoder component, an image_processor "
+                "component, transformer image_dim 1280, transformer in_channels 36 != out_channels 16)"),
+        # saved as a WanPipeline, yet its transformer takes an image (Wan2.2 I2V: concatenated latents only)
+        "wan22_i2v": (_config_only_folder(tmp_path / "wan22_i2v", t2v, transformer={"in_channels": 36, "out_channels": 16}),
+                      "holds a WanPipeline (image-to-video: transformer in_channels 36 != out_channels 16)"),
+        "sd": (_config_only_folder(tmp_path / "sd", {"_class_name": "StableDiffusionPipeline",
+                                                     "unet": ["diffusers", "UNet2DConditionModel"]}),
+               "holds a StableDiffusionPipeline (unet UNet2DConditionModel)"),
+        "flux": (_config_only_folder(tmp_path / "flux", {"_class_name": "FluxPipeline"},
+                                     transformer={"_class_name": "FluxTransformer2DModel"}),
+                 "holds a FluxPipeline (transformer FluxTransformer2DModel)"),
+    }
+    for name, (folder, what) in refusals.items():
+        assert unsupported_model(folder) == f"model: '{folder}' {what}, which video-infinity does not run; {SUPPORTED}"
+    supported = [
+        wan_folder,
+        _config_only_folder(tmp_path / "wan22_t2v", t2v, transformer={"in_channels": 16, "out_channels": 16}),
+        _config_only_folder(tmp_path / "ms", {"_class_name": "TextToVideoSDPipeline", "unet": ["diffusers", "UNet3DConditionModel"]}),
+        # AnimateDiff's image_encoder is an optional IP-Adapter: still text-to-video
+        _config_only_folder(tmp_path / "ad", {"_class_name": "AnimateDiffPipeline", "unet": ["diffusers", "UNetMotionModel"],
+                                              "image_encoder": ["transformers", "CLIPVisionModelWithProjection"]}),
+        tmp_path / "no_index",  # a UNet-only folder or a missing one: judged elsewhere
+    ]
+    assert [unsupported_model(folder) for folder in supported] == [None] * len(supported)
+    # The Python API refuses with the same line, before loading anything (the folder has no weights).
+    with pytest.raises(ValueError) as refused:
+        VideoInfinityPipeline.from_pretrained(refusals["i2v"][0], device="cpu")
+    assert str(refused.value) == unsupported_model(refusals["i2v"][0])
 
 
 # ----------------------------------------------------------------------------------- VAE
@@ -233,3 +295,58 @@ def test_cli_refuses_a_shape_wan_cannot_make_before_any_rank_starts(wan_folder, 
     lines = result.stderr.splitlines()
     assert len(lines) == 1 and re.match(message, lines[0].removeprefix("video-infinity: error: ")), result.stderr
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+@pytest.mark.e2e
+def test_cli_resume_on_another_world_size_is_bit_identical(wan_folder, tmp_path, offline_env):
+    # Checkpoints after every step, Ctrl-C on 2 ranks mid-denoising, --resume on 3 ranks: the final
+    # latents equal an uninterrupted run's bit for bit. The flow-matching UniPC keeps a history of
+    # model outputs and the last sample (per latent frame), re-split between the two world sizes.
+    steps, out = 4, tmp_path / "out"
+    config = {
+        "dtype": "float32", "devices": ["cpu", "cpu"], "seed": 3, "base_path": str(out), "model": str(wan_folder),
+        "plugin_configs": BAND, "collective_timeout_s": 60,
+        "pipe_configs": {"prompts": PROMPTS, "steps": steps, "guidance_scale": 5.0, "total_frames": NUM_FRAMES,
+                         "height": SIZE, "width": SIZE, "save_latents": True, "checkpoint_every": 1},
+    }
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    stopped = Interrupted(tmp_path / "config.json", out, offline_env, "resumed", world=2, sig=signal.SIGINT,
+                          target="group", after_step=2)
+    one_line_error(stopped.result(), 130, "interrupted", "--resume")
+    stopped.assert_clean()
+    saved = load_checkpoint(stopped.copy)
+    assert 2 <= saved["step"] < steps and saved["world_size"] == 2
+    assert saved["latents"].shape == (1, 4, LATENT_FRAMES, 2, 2)  # latent frames, not video frames
+    assert len(saved["scheduler_tensors"]) >= 2  # UniPC's model outputs and last sample, whole video
+    assert all(t.shape == saved["latents"].shape for t in saved["scheduler_tensors"])
+
+    checkpoint = f"{stopped.stem}.ckpt"
+    ok(run_cli(tmp_path / "config.json", offline_env, "--resume", checkpoint,
+               *sets(devices=["cpu"] * 3, pipe_configs__file_name="resumed")))
+    ok(run_cli(tmp_path / "config.json", offline_env,
+               *sets(devices=["cpu"], pipe_configs__file_name="reference", pipe_configs__checkpoint_every=None)))
+    resumed, reference = (np.load(out / f"{name}.latents.npy") for name in ("resumed", "reference"))
+    assert resumed.shape == (4, LATENT_FRAMES, 2, 2)
+    np.testing.assert_array_equal(resumed, reference)
+    sidecar = json.loads((out / "resumed.json").read_text())
+    assert sidecar["resumed_from"] == {"checkpoint": checkpoint, "step": saved["step"], "saved_by_world_size": 2,
+                                       "world_size": 3}
+    assert sidecar["frames_per_rank"] == [2, 2, 1] and sidecar["total_frames"] == NUM_FRAMES
+    assert not (out / "resumed.ckpt").exists()  # the video is complete: its checkpoint is gone
+    # The pre-flight disk estimate counts Wan's latent layout (latent frames, the transformer's
+    # channels, float32) and UniPC's history (solver_order model outputs + the last sample).
+    needs = estimate_output_bytes(load_run_config(tmp_path / "config.json"), str(wan_folder))
+    assert needs["latents"] == resumed.nbytes
+    assert needs["checkpoint"] == 2 * sum(t.nbytes for t in [saved["latents"], *saved["scheduler_tensors"]])
+
+
+@pytest.mark.e2e
+def test_cli_refuses_an_image_to_video_wan_folder_before_any_rank_starts(tmp_path, offline_env):
+    folder = _config_only_folder(tmp_path / "wan_i2v", WAN_I2V_INDEX, transformer=WAN_I2V_TRANSFORMER)
+    config = {"dtype": "float32", "devices": ["cpu", "cpu"], "base_path": str(tmp_path / "out"), "model": str(folder),
+              "pipe_configs": {"prompts": PROMPTS, "steps": 1, "total_frames": NUM_FRAMES, "height": SIZE, "width": SIZE}}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    line = one_line_error(run_cli(tmp_path / "config.json", offline_env), 2, "WanImageToVideoPipeline", "image-to-video")
+    assert line == f"video-infinity: error: {unsupported_model(folder)}"
+    assert line.startswith(f"video-infinity: error: model: '{folder}' ") and line.endswith(SUPPORTED)
+    assert not (tmp_path / "out").exists()  # nothing written, not even the output folder

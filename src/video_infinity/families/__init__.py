@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from ..supported_models import SUPPORTED_MODELS, unsupported_model
 from .animatediff import AnimateDiffFamily
 from .base import Conditioning, ModelFamily
 from .unet3d import UNet3DFamily
@@ -31,7 +32,11 @@ __all__ = ["AnimateDiffFamily", "Conditioning", "FAMILIES", "ModelFamily", "UNet
 
 
 def load_family(model: str, base_model: str | None, torch_dtype: torch.dtype, device: torch.device) -> ModelFamily:
-    """Load ``model`` (a diffusers folder or hub id) with the first family that recognises it."""
+    """Load ``model`` (a diffusers folder or hub id) with the first family that recognises it; a
+    pipeline no family runs (e.g. image-to-video Wan) is refused from its config files first."""
+    problem = unsupported_model(model)
+    if problem is not None:
+        raise ValueError(problem)
     for family in FAMILIES:
         if family.can_load(model):
             return family.load(model, base_model, torch_dtype, device)
@@ -44,4 +49,4 @@ def family_from_pipe(pipeline: Any) -> ModelFamily:
         if family.can_take(pipeline):
             return family.from_pipe(pipeline)
     raise ValueError(f"from_pipe: {type(pipeline).__name__} is not a supported text-to-video pipeline "
-                     f"(supported families: {', '.join(f.name for f in FAMILIES)})")
+                     f"(supported: {SUPPORTED_MODELS})")

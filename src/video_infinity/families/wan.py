@@ -30,12 +30,10 @@ from diffusers.models.autoencoders.autoencoder_kl_wan import WanCausalConv3d, Wa
 from ..context import ClipContext
 from ..frames import latent_frame_count
 from ..halo import start_exchange
+from ..supported_models import WAN_PIPELINE_CLASSES
 from .base import Conditioning
 
 logger = logging.getLogger(__name__)
-
-WAN_PIPELINE_CLASSES = ("WanPipeline",)
-"""``_class_name`` values of ``model_index.json`` that this family serves (text-to-video)."""
 
 
 # ----------------------------------------------------------------------------------- frames

@@ -231,7 +231,7 @@ def check_compatible(data: dict[str, Any], path: Path, plan: CheckpointPlan) -> 
     )
 
 
-def estimate_bytes(latent_bytes: int, scheduler: str) -> int:
-    """Disk for one checkpoint plus the temporary copy written beside it before the rename."""
-    history = 1 if scheduler == "ddim" else 2  # DPM-Solver keeps the last solver_order model outputs
+def estimate_bytes(latent_bytes: int, history: int) -> int:
+    """Disk for one checkpoint (the latents and ``history`` latent-sized scheduler tensors) plus the
+    temporary copy written beside it before the rename."""
     return 2 * (1 + history) * latent_bytes

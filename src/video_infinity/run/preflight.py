@@ -1,7 +1,8 @@
-"""Pre-flight checks, once, before any rank starts: the output folder is writable and has room for the
-estimated outputs, no output would replace a file the user did not ask to replace (and none is the
-config being run), the model folder is complete and its files readable, a ``--resume`` checkpoint
-belongs to this config and model. Each refusal is a one-line :class:`ConfigError` or
+"""Pre-flight checks, once, before any rank starts: the model is one video-infinity runs (e.g. not an
+image-to-video Wan folder), the output folder is writable and has room for the estimated outputs,
+no output would replace a file the user did not ask to replace (and none is the config being run),
+the model folder is complete and its files readable, a ``--resume`` checkpoint belongs to this
+config and model. Each refusal is a one-line :class:`ConfigError` or
 :class:`CheckpointError` (exit code 2). Imports neither torch nor diffusers (but for a checkpoint).
 """
 
@@ -18,6 +19,7 @@ from typing import Any
 
 from ..errors import ConfigError
 from ..frames import latent_frame_count
+from ..supported_models import unsupported_model
 from .checkpoint import CheckpointPlan, check_compatible, estimate_bytes, hash_parts, load_checkpoint, result_parts
 from .config import RunConfig
 from .outputs import check_outputs, output_paths
@@ -199,19 +201,55 @@ def _human(nbytes: float) -> str:
     return f"{nbytes:.1f} TB"
 
 
+def _latent_layout(config: RunConfig, model: str) -> tuple[int, int]:
+    """``(values, bytes per value)`` of the whole video's latents in the sampling loop: UNet models have
+    one latent frame per video frame and latents in the run's dtype; Wan (a ``transformer/``) has
+    ``(frames - 1) / 4 + 1`` latent frames, the transformer's channels, the VAE's spatial factor and
+    float32 latents."""
+    pipe = config.pipe_configs
+    vae = _model_config(model, "vae")
+    try:
+        transformer = dict(json.loads((Path(model) / "transformer" / "config.json").read_text(encoding="utf-8")))
+    except (OSError, ValueError, TypeError):
+        transformer = {}
+    if transformer:
+        channels = int(transformer.get("out_channels") or transformer.get("in_channels") or 16)
+        frames = latent_frame_count(config.total_frames, int(vae.get("scale_factor_temporal", 4)))
+        scale, element = int(vae.get("scale_factor_spatial", 8)), 4
+    else:
+        channels, frames = int(_model_config(model, "unet").get("in_channels", 4)), config.total_frames
+        scale = 2 ** (len(vae.get("block_out_channels", [0, 0, 0, 0])) - 1)
+        element = 4 if config.uses_cpu or config.dtype == "float32" else 2
+    return channels * frames * (pipe.height // scale) * (pipe.width // scale), element
+
+
+def _scheduler_history(config: RunConfig, model: str) -> int:
+    """Latent-sized tensors the sampler keeps between steps (what a checkpoint saves besides the latents)."""
+    name = config.pipe_configs.scheduler
+    if name is None:  # the family's default: the folder's own for Wan, DPM-Solver++ for UNet models
+        name = "model" if (Path(model) / "transformer").is_dir() else "sde-dpmsolver++"
+    if name == "ddim":
+        return 1
+    if name != "model":
+        return 2  # DPM-Solver++ keeps its last solver_order (2) model outputs
+    try:
+        scheduler = dict(json.loads((Path(model) / "scheduler" / "scheduler_config.json").read_text(encoding="utf-8")))
+    except (OSError, ValueError, TypeError):
+        scheduler = {}
+    kind, order = scheduler.get("_class_name"), int(scheduler.get("solver_order", 2))
+    return 1 if kind == "DDIMScheduler" else order + 1 if kind == "UniPCMultistepScheduler" else order  # UniPC: + last sample
+
+
 def estimate_output_bytes(config: RunConfig, model: str) -> dict[str, int]:
     """Rough disk needs of a run: the MP4, the latents file, the checkpoint (with its temporary copy)."""
     pipe = config.pipe_configs
     frames = config.total_frames
-    channels = int(_model_config(model, "unet").get("in_channels", 4))
-    scale = 2 ** (len(_model_config(model, "vae").get("block_out_channels", [0, 0, 0, 0])) - 1)
-    element = 4 if config.uses_cpu or config.dtype == "float32" else 2
-    latent_values = channels * frames * (pipe.height // scale) * (pipe.width // scale)
+    latent_values, element = _latent_layout(config, model)
     needs = {"video": frames * pipe.height * pipe.width * 3 // 8}  # H.264 at crf 18; noise-like frames compress poorly
     if pipe.save_latents:
         needs["latents"] = latent_values * 4
     if pipe.checkpoint_every is not None:
-        needs["checkpoint"] = estimate_bytes(latent_values * element, pipe.scheduler)
+        needs["checkpoint"] = estimate_bytes(latent_values * element, _scheduler_history(config, model))
     return needs
 
 
@@ -258,8 +296,11 @@ def prepare(config: RunConfig, overwrite: bool = False, resume: str | os.PathLik
 
     ``config_path``: the config file being run, which no output may replace."""
     world_size = world_size or config.world_size
-    _check_base_path(config)
     model = resolve_model(config)
+    problem = None if config.motion_adapter is not None else unsupported_model(model)  # else: the SD base
+    if problem is not None:  # before base_path is created: nothing is written
+        raise ConfigError(problem)
+    _check_base_path(config)
     check_model_folder(model, config.base_model)
     check_video_shape(config, model, world_size)
     if config.motion_adapter is not None:
