@@ -332,3 +332,76 @@ def test_each_per_frame_op_gives_a_frame_the_same_bits_in_any_clip():
             clip = layer(frames_of(images, part).contiguous())
         torch.testing.assert_close(whole, plain, atol=1e-5, rtol=0)
         assert torch.equal(clip, frames_of(whole, part))
+
+
+@pytest.mark.unit
+def test_each_wan_per_frame_op_gives_a_latent_frame_the_same_bits_in_any_clip():
+    # The Wan token path's per-frame ops on a whole 11-latent-frame clip and on a 5-frame part of it
+    # (batch 2, 5 tokens per frame, frame-major): the shared frames must be equal bit for bit, and
+    # the hooked ops must compute what the plain modules compute. Sizes are chosen so that a frame's
+    # element count is no multiple of a vector width (the tanh-GELU's scalar tail then moves with
+    # the clip's size).
+    from diffusers.models.attention import FeedForward
+    from diffusers.models.transformers.transformer_wan import WanAttention, WanAttnProcessor
+
+    from video_infinity.context import DenoiseState
+    from video_infinity.engine.wan import (
+        WanFrameCrossAttnProcessor,
+        _PatchEmbeddingAsMatmul,
+        _PerFrameLinear,
+        _PerFrameTokenwise,
+    )
+
+    torch.manual_seed(0)
+    config = EngineConfig(split_invariant=True)
+    batch, frames, tokens, part = 2, 11, 5, slice(3, 8)
+    state = DenoiseState(batch=batch)
+
+    def call(module: nn.Module, x: torch.Tensor, clip_frames: int, *args) -> torch.Tensor:
+        state.layout = ClipContext().layout_for(clip_frames)
+        with torch.no_grad():
+            return module(x, *args)
+
+    def tokens_of(t: torch.Tensor, f: slice) -> torch.Tensor:  # (batch, frames*tokens, C) -> the frames f
+        return t.unflatten(1, (-1, tokens))[:, f].flatten(1, 2).contiguous()
+
+    x = torch.randn(batch, frames * tokens, 40)
+    layers = [(nn.Linear(40, 56), _PerFrameLinear(config, state)),
+              (nn.Linear(40, 56, bias=False), _PerFrameLinear(config, state)),
+              (FeedForward(40, inner_dim=36, activation_fn="gelu-approximate"), _PerFrameTokenwise(config, state, False))]
+    for layer, hook in layers:
+        with torch.no_grad():
+            plain = layer(x)
+        _hooked(layer, hook)
+        whole, clip = call(layer, x, frames), call(layer, tokens_of(x, part), part.stop - part.start)
+        torch.testing.assert_close(whole, plain, atol=1e-5, rtol=0)
+        assert torch.equal(clip, tokens_of(whole, part))
+
+    # the patch embedding (a Conv3d whose kernel is its stride) as one product per frame
+    patchify = nn.Conv3d(4, 24, (1, 2, 2), stride=(1, 2, 2))
+    video = torch.randn(batch, 4, frames, 4, 6)
+    with torch.no_grad():
+        plain = patchify(video)
+    _hooked(patchify, _PatchEmbeddingAsMatmul(config))
+    whole = call(patchify, video, frames)
+    clip = call(patchify, video[:, :, part].contiguous(), part.stop - part.start)
+    torch.testing.assert_close(whole, plain, atol=1e-5, rtol=0)
+    assert torch.equal(clip, whole[:, :, part])
+
+    # cross-attention to shared (3-D) and per-frame (4-D) text, one attention call per frame
+    attn = WanAttention(dim=24, heads=2, dim_head=12, cross_attention_dim_head=12, processor=WanAttnProcessor())
+    for linear in (attn.to_q, attn.to_out[0]):
+        _hooked(linear, _PerFrameLinear(config, state))
+    attn.set_processor(WanFrameCrossAttnProcessor(WanAttnProcessor(), config, state))
+    hidden = torch.randn(batch, frames * tokens, 24)
+    shared_text, frame_text = torch.randn(batch, 7, 24), torch.randn(batch, frames, 7, 24)
+    for text, text_part in ((shared_text, shared_text), (frame_text, frame_text[:, part].contiguous())):
+        whole = call(attn, hidden, frames, text)
+        clip = call(attn, tokens_of(hidden, part), part.stop - part.start, text_part)
+        assert torch.equal(clip, tokens_of(whole, part))
+    # against diffusers' processor, frame by frame with that frame's text
+    whole = call(attn, hidden, frames, frame_text)
+    attn.set_processor(WanAttnProcessor())
+    for f in (0, 6):
+        expected = call(attn, tokens_of(hidden, slice(f, f + 1)), 1, frame_text[:, f])
+        torch.testing.assert_close(tokens_of(whole, slice(f, f + 1)), expected, atol=1e-5, rtol=0)
