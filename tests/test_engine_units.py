@@ -342,7 +342,7 @@ def test_each_wan_per_frame_op_gives_a_latent_frame_the_same_bits_in_any_clip():
     # element count is no multiple of a vector width (the tanh-GELU's scalar tail then moves with
     # the clip's size).
     from diffusers.models.attention import FeedForward
-    from diffusers.models.transformers.transformer_wan import WanAttention, WanAttnProcessor
+    from diffusers.models.transformers.transformer_wan import WanAttention, WanAttnProcessor, WanTimeTextImageEmbedding
 
     from video_infinity.context import DenoiseState
     from video_infinity.engine.wan import (
@@ -368,7 +368,7 @@ def test_each_wan_per_frame_op_gives_a_latent_frame_the_same_bits_in_any_clip():
     x = torch.randn(batch, frames * tokens, 40)
     layers = [(nn.Linear(40, 56), _PerFrameLinear(config, state)),
               (nn.Linear(40, 56, bias=False), _PerFrameLinear(config, state)),
-              (FeedForward(40, inner_dim=36, activation_fn="gelu-approximate"), _PerFrameTokenwise(config, state, False))]
+              (FeedForward(40, inner_dim=36, activation_fn="gelu-approximate"), _PerFrameTokenwise(config, state, "tokens"))]
     for layer, hook in layers:
         with torch.no_grad():
             plain = layer(x)
@@ -405,3 +405,29 @@ def test_each_wan_per_frame_op_gives_a_latent_frame_the_same_bits_in_any_clip():
     for f in (0, 6):
         expected = call(attn, tokens_of(hidden, slice(f, f + 1)), 1, frame_text[:, f])
         torch.testing.assert_close(tokens_of(whole, slice(f, f + 1)), expected, atol=1e-5, rtol=0)
+
+    # the condition embedder: per-frame text, and one timestep per token (Wan2.2 TI2V)
+    embedder = WanTimeTextImageEmbedding(dim=24, time_freq_dim=32, time_proj_dim=6 * 24, text_embed_dim=20)
+    _hooked(embedder.text_embedder, _PerFrameTokenwise(config, state, "frame_text"))
+    for module in (embedder.timesteps_proj, embedder.time_embedder, embedder.act_fn, embedder.time_proj):
+        _hooked(module, _PerFrameTokenwise(config, state, "token_timesteps"))
+    steps = torch.rand(batch, frames * tokens) * 1000
+    text = torch.randn(batch, frames, 7, 20)
+
+    def embed(f: slice) -> tuple[torch.Tensor, ...]:
+        clip_steps, clip_text = tokens_of(steps[..., None], f)[..., 0], text[:, f].contiguous()
+        state.token_timesteps = True
+        state.layout = ClipContext().layout_for(f.stop - f.start)
+        with torch.no_grad():
+            temb, projected, embedded, _ = embedder(clip_steps.flatten(), clip_text, timestep_seq_len=clip_steps.shape[1])
+        return temb, projected, embedded
+
+    whole, clip = embed(slice(0, frames)), embed(part)
+    for got, full in zip(clip[:2], whole[:2]):  # (batch, tokens, C)
+        assert torch.equal(got, tokens_of(full, part))
+    assert torch.equal(clip[2], whole[2][:, part])
+    state.token_timesteps = False
+    with torch.no_grad():
+        plain = embedder(steps.flatten(), text, timestep_seq_len=steps.shape[1])
+    for got, expected in zip(whole, plain[:3]):
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)

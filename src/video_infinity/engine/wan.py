@@ -29,6 +29,7 @@ from diffusers.hooks import ModelHook
 from diffusers.models.transformers.transformer_wan import (
     WanAttention,
     WanRotaryPosEmbed,
+    WanTimeTextImageEmbedding,
     WanTransformer3DModel,
     WanTransformerBlock,
 )
@@ -63,7 +64,9 @@ class _TrackWanCall(ModelHook):
         sample = args[0] if args else kwargs["hidden_states"]
         timestep = args[1] if len(args) > 1 else kwargs["timestep"]
         self.state.layout = self.ctx.layout_for(sample.shape[2])
+        self.state.batch = sample.shape[0]
         self.state.timestep = scalar_timestep(timestep)
+        self.state.token_timesteps = timestep.dim() == 2
         text = args[2] if len(args) > 2 else kwargs.get("encoder_hidden_states")
         if text is not None and text.dim() == 4 and text.shape[1] != sample.shape[2]:
             raise ValueError(
@@ -142,38 +145,57 @@ class _PerFrameLinear(ModelHook):
 
 
 class _PerFrameTokenwise(ModelHook):
-    """On a module that works token by token (the feed-forward of a block; the text projection with
-    per-frame text): one call per (batch item, latent frame), on that frame's contiguous rows, when
-    computing split-invariantly; each call's output written into the frame's block of the output.
+    """On a module that works row by row on the video's tokens (a block's feed-forward; the text
+    projection given per-frame text; the timestep embedding given one timestep per token): one call
+    per (batch item, latent frame), on that frame's contiguous rows, when computing
+    split-invariantly; each call's output written into the frame's block of the output.
 
     Besides its matrix products, such a module applies element-wise non-linearities (tanh-GELU,
-    SiLU) whose vectorised body and scalar tail round differently (measured: 8% of tanh-GELU
-    outputs differ by an ulp between the two); which elements fall in a tail depends on the
-    tensor's size and on how its elements are split between threads, i.e. on the frame count. A
-    call per frame fixes both by the frame alone. Input (batch, frames * tokens, C) (token path) or
-    (batch, frames, seq, C) (per-frame text); 3-D text (shared by every frame) and calls outside the
-    split-invariant computation take the module's own forward.
+    SiLU) whose vectorised body and scalar tail round differently (measured: 5-8% of tanh-GELU and
+    1-4% of SiLU outputs differ by an ulp between the two); which elements fall in a tail depends
+    on the tensor's size and on how its elements are split between threads, i.e. on the frame
+    count. A call per frame fixes both by the frame alone.
+
+    ``kind``: ``"tokens"``: input (batch, frames * tokens, C); ``"frame_text"``: per-frame text
+    (batch, frames, seq, C), 3-D text (shared by every frame, the same shape on every rank) takes
+    the module's own forward; ``"token_timesteps"``: per-token timesteps flattened (batch * frames *
+    tokens,) or their embeddings (batch, frames * tokens, C), only when the call has per-token
+    timesteps (one timestep per sample: rows = batch, the same on every rank). Outside the
+    split-invariant computation, the module's own forward.
     """
 
-    def __init__(self, config: EngineConfig, state: DenoiseState, frame_axis: bool) -> None:
+    KINDS = ("tokens", "frame_text", "token_timesteps")
+
+    def __init__(self, config: EngineConfig, state: DenoiseState, kind: str) -> None:
         super().__init__()
-        self.config, self.state, self.frame_axis = config, state, frame_axis
+        if kind not in self.KINDS:
+            raise ValueError(f"kind: {kind!r} is not one of {self.KINDS}")
+        self.config, self.state, self.kind = config, state, kind
+
+    def _blocks(self, x: torch.Tensor) -> torch.Tensor | None:
+        """(batch * frames, rows, ...) blocks of ``x``, or None when ``x`` holds no per-frame rows."""
+        if self.kind == "frame_text":
+            return x.contiguous().flatten(0, 1) if x.dim() == 4 else None
+        frames = len(self.state.layout.owned)
+        if self.kind == "token_timesteps":
+            if not self.state.token_timesteps:
+                return None
+            if x.dim() == 1:
+                return x.contiguous().view(self.state.batch * frames, -1)
+        return _frame_blocks(x, frames) if x.dim() == 3 else None
 
     def new_forward(self, module: nn.Module, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         forward = self.fn_ref.original_forward
-        if not self.config.split_invariant_on(x.device.type) or x.dim() != (4 if self.frame_axis else 3):
+        blocks = self._blocks(x) if self.config.split_invariant_on(x.device.type) else None
+        if blocks is None:
             return forward(x, *args, **kwargs)
-        if self.frame_axis:
-            blocks = x.contiguous().flatten(0, 1)  # (batch * frames, seq, C)
-        else:
-            blocks = _frame_blocks(x, len(self.state.layout.owned))
         out = None
         for index, block in enumerate(blocks):
             result = forward(block, *args, **kwargs)
             if out is None:
                 out = result.new_empty(blocks.shape[0], *result.shape)
             out[index] = result
-        return out.view(*x.shape[:-1], out.shape[-1])
+        return out.view(*x.shape[:-1], out.shape[-1]) if x.dim() > 1 else out.view(x.shape[0], out.shape[-1])
 
 
 class _PatchEmbeddingAsMatmul(ModelHook):
@@ -516,10 +538,14 @@ def parallelize_wan(transformer: WanTransformer3DModel, config: EngineConfig, co
         handle.hook(linear, _PerFrameLinear(config, state))
     for block in transformer.modules():
         if isinstance(block, WanTransformerBlock):
-            handle.hook(block.ffn, _PerFrameTokenwise(config, state, frame_axis=False))
-    text_embedder = getattr(transformer.condition_embedder, "text_embedder", None)
-    if isinstance(text_embedder, nn.Module):  # per-frame text: one call per (batch item, frame)
-        handle.hook(text_embedder, _PerFrameTokenwise(config, state, frame_axis=True))
+            handle.hook(block.ffn, _PerFrameTokenwise(config, state, "tokens"))
+    embedder = transformer.condition_embedder
+    if isinstance(embedder, WanTimeTextImageEmbedding):
+        handle.hook(embedder.text_embedder, _PerFrameTokenwise(config, state, "frame_text"))
+        # Per-token timesteps (Wan2.2 TI2V): the sinusoids, the embedding MLP, its SiLU and the
+        # projection to the blocks' modulation all run on token rows.
+        for module in (embedder.timesteps_proj, embedder.time_embedder, embedder.act_fn, embedder.time_proj):
+            handle.hook(module, _PerFrameTokenwise(config, state, "token_timesteps"))
     for attn in self_attentions:
         handle.set_processor(attn, WanDualScopeAttnProcessor(config, context, state, ropes[0]))
     for attn in attentions:
