@@ -6,8 +6,12 @@ contiguous range of latent frames; only self-attention needs other ranks:
 
 * ``WanRotaryPosEmbed`` gets a hook that returns the rotary angles of the rank's *global* latent
   frames, so positions are those of one process running the whole video;
-* when computing split-invariantly, the patch embedding and the linear layers of the token path
-  compute one matrix product per latent frame (shapes fixed by the frame, not by the rank's clip);
+* when computing split-invariantly, every op of the token path has shapes fixed by the latent frame,
+  not by the rank's clip: the patch embedding and the token-path linear layers compute one matrix
+  product per (batch item, latent frame); each feed-forward, the text projection of per-frame text
+  and the embedding of per-token timesteps are called once per (batch item, latent frame) (their
+  element-wise non-linearities round differently in vector body and scalar tail); norms are
+  row-local and the modulations element-wise, so they run on the whole clip;
 * every self-attention (``WanAttention`` that is not cross-attention) gets
   :class:`WanDualScopeAttnProcessor`: keys and values are computed after the key norm and the
   rotary embedding, the neighbours' frames arrive point-to-point (and the global frames from their
