@@ -332,3 +332,102 @@ def test_each_per_frame_op_gives_a_frame_the_same_bits_in_any_clip():
             clip = layer(frames_of(images, part).contiguous())
         torch.testing.assert_close(whole, plain, atol=1e-5, rtol=0)
         assert torch.equal(clip, frames_of(whole, part))
+
+
+@pytest.mark.unit
+def test_each_wan_per_frame_op_gives_a_latent_frame_the_same_bits_in_any_clip():
+    # The Wan token path's per-frame ops on a whole 11-latent-frame clip and on a 5-frame part of it
+    # (batch 2, 5 tokens per frame, frame-major): the shared frames must be equal bit for bit, and
+    # the hooked ops must compute what the plain modules compute. Sizes are chosen so that a frame's
+    # element count is no multiple of a vector width (the tanh-GELU's scalar tail then moves with
+    # the clip's size).
+    from diffusers.models.attention import FeedForward
+    from diffusers.models.transformers.transformer_wan import WanAttention, WanAttnProcessor, WanTimeTextImageEmbedding
+
+    from video_infinity.context import DenoiseState
+    from video_infinity.engine.wan import (
+        WanFrameCrossAttnProcessor,
+        _PatchEmbeddingAsMatmul,
+        _PerFrameLinear,
+        _PerFrameTokenwise,
+    )
+
+    torch.manual_seed(0)
+    config = EngineConfig(split_invariant=True)
+    batch, frames, tokens, part = 2, 11, 5, slice(3, 8)
+    state = DenoiseState(batch=batch)
+
+    def call(module: nn.Module, x: torch.Tensor, clip_frames: int, *args) -> torch.Tensor:
+        state.layout = ClipContext().layout_for(clip_frames)
+        with torch.no_grad():
+            return module(x, *args)
+
+    def tokens_of(t: torch.Tensor, f: slice) -> torch.Tensor:  # (batch, frames*tokens, C) -> the frames f
+        return t.unflatten(1, (-1, tokens))[:, f].flatten(1, 2).contiguous()
+
+    x = torch.randn(batch, frames * tokens, 40)
+    layers = [(nn.Linear(40, 56), _PerFrameLinear(config, state)),
+              (nn.Linear(40, 56, bias=False), _PerFrameLinear(config, state)),
+              (FeedForward(40, inner_dim=36, activation_fn="gelu-approximate"), _PerFrameTokenwise(config, state, "tokens"))]
+    for layer, hook in layers:
+        with torch.no_grad():
+            plain = layer(x)
+        _hooked(layer, hook)
+        whole, clip = call(layer, x, frames), call(layer, tokens_of(x, part), part.stop - part.start)
+        torch.testing.assert_close(whole, plain, atol=1e-5, rtol=0)
+        assert torch.equal(clip, tokens_of(whole, part))
+
+    # the patch embedding (a Conv3d whose kernel is its stride) as one product per frame
+    patchify = nn.Conv3d(4, 24, (1, 2, 2), stride=(1, 2, 2))
+    video = torch.randn(batch, 4, frames, 4, 6)
+    with torch.no_grad():
+        plain = patchify(video)
+    _hooked(patchify, _PatchEmbeddingAsMatmul(config))
+    whole = call(patchify, video, frames)
+    clip = call(patchify, video[:, :, part].contiguous(), part.stop - part.start)
+    torch.testing.assert_close(whole, plain, atol=1e-5, rtol=0)
+    assert torch.equal(clip, whole[:, :, part])
+
+    # cross-attention to shared (3-D) and per-frame (4-D) text, one attention call per frame
+    attn = WanAttention(dim=24, heads=2, dim_head=12, cross_attention_dim_head=12, processor=WanAttnProcessor())
+    for linear in (attn.to_q, attn.to_out[0]):
+        _hooked(linear, _PerFrameLinear(config, state))
+    attn.set_processor(WanFrameCrossAttnProcessor(WanAttnProcessor(), config, state))
+    hidden = torch.randn(batch, frames * tokens, 24)
+    shared_text, frame_text = torch.randn(batch, 7, 24), torch.randn(batch, frames, 7, 24)
+    for text, text_part in ((shared_text, shared_text), (frame_text, frame_text[:, part].contiguous())):
+        whole = call(attn, hidden, frames, text)
+        clip = call(attn, tokens_of(hidden, part), part.stop - part.start, text_part)
+        assert torch.equal(clip, tokens_of(whole, part))
+    # against diffusers' processor, frame by frame with that frame's text
+    whole = call(attn, hidden, frames, frame_text)
+    attn.set_processor(WanAttnProcessor())
+    for f in (0, 6):
+        expected = call(attn, tokens_of(hidden, slice(f, f + 1)), 1, frame_text[:, f])
+        torch.testing.assert_close(tokens_of(whole, slice(f, f + 1)), expected, atol=1e-5, rtol=0)
+
+    # the condition embedder: per-frame text, and one timestep per token (Wan2.2 TI2V)
+    embedder = WanTimeTextImageEmbedding(dim=24, time_freq_dim=32, time_proj_dim=6 * 24, text_embed_dim=20)
+    _hooked(embedder.text_embedder, _PerFrameTokenwise(config, state, "frame_text"))
+    for module in (embedder.timesteps_proj, embedder.time_embedder, embedder.act_fn, embedder.time_proj):
+        _hooked(module, _PerFrameTokenwise(config, state, "token_timesteps"))
+    steps = torch.rand(batch, frames * tokens) * 1000
+    text = torch.randn(batch, frames, 7, 20)
+
+    def embed(f: slice) -> tuple[torch.Tensor, ...]:
+        clip_steps, clip_text = tokens_of(steps[..., None], f)[..., 0], text[:, f].contiguous()
+        state.token_timesteps = True
+        state.layout = ClipContext().layout_for(f.stop - f.start)
+        with torch.no_grad():
+            temb, projected, embedded, _ = embedder(clip_steps.flatten(), clip_text, timestep_seq_len=clip_steps.shape[1])
+        return temb, projected, embedded
+
+    whole, clip = embed(slice(0, frames)), embed(part)
+    for got, full in zip(clip[:2], whole[:2]):  # (batch, tokens, C)
+        assert torch.equal(got, tokens_of(full, part))
+    assert torch.equal(clip[2], whole[2][:, part])
+    state.token_timesteps = False
+    with torch.no_grad():
+        plain = embedder(steps.flatten(), text, timestep_seq_len=steps.shape[1])
+    for got, expected in zip(whole, plain[:3]):
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)

@@ -240,3 +240,51 @@ def test_loop_on_three_uneven_ranks_equals_one_process(single):
     for name in LOOP_CASES:  # clips 3+2+2 and 2+2+2
         got = torch.cat([r[name] for r in results], dim=2)
         assert torch.equal(got, expected[name]), f"{name}: max difference {(got - expected[name]).abs().max():.3g}"
+
+
+# Environments in which kernels pick other algorithms by shape (as tests/test_engine_distributed.py).
+BLAS_ENVIRONMENTS = {
+    "mkl_cbwr_compatible": ({"MKL_CBWR": "COMPATIBLE"}, 1),
+    "mkl_avx2": ({"MKL_ENABLE_INSTRUCTIONS": "AVX2"}, 1),
+    "two_threads_per_rank": ({}, 2),
+}
+ENV_FRAMES = 11
+
+
+def _worlds_1_to_n(rank: int, world_size: int, model_dir: str, inputs: dict) -> dict:
+    """This rank's output for every world 1..world_size (each on a subgroup of the first ranks), with
+    per-frame text and one timestep per token (as Wan2.2 TI2V passes them)."""
+    import torch.distributed as dist
+
+    model = WanTransformer3DModel.from_pretrained(model_dir).eval()
+    tokens = inputs["x"].shape[3] // 2 * inputs["x"].shape[4] // 2
+    results = {}
+    for world in range(1, world_size + 1):
+        group = dist.new_group(list(range(world)))  # every rank takes part in creating each group
+        if rank >= world:
+            continue
+        ctx = ClipContext(rank=rank, world_size=world, total_frames=ENV_FRAMES, group=group)
+        own = ctx.frames
+        handle = parallelize(model, DUAL, ctx)
+        with torch.no_grad():
+            t = torch.full((1, len(own) * tokens), 900.0)
+            results[world] = model(inputs["x"][:, :, own.start : own.stop], t, inputs["text"][:, own.start : own.stop]).sample
+        handle.remove()
+    return results
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("environment", list(BLAS_ENVIRONMENTS))
+def test_worlds_agree_bit_for_bit_whatever_the_blas_environment(tmp_path, environment):
+    # A feed-forward of 36 channels: a latent frame's 6 x 36 activations are no multiple of a vector
+    # width, so an element-wise non-linearity's scalar tail would move with the clip's size.
+    model_dir = save_tiny_wan_transformer(tmp_path / "transformer", ffn_dim=36)
+    g = torch.Generator().manual_seed(5)
+    inputs = {"x": torch.randn(1, 4, ENV_FRAMES, 4, 6, generator=g),
+              "text": torch.randn(1, ENV_FRAMES, 5, TEXT_DIM, generator=g)}
+    env, threads = BLAS_ENVIRONMENTS[environment]
+    results = run_distributed(_worlds_1_to_n, 4, str(model_dir), inputs, tmp_dir=tmp_path, threads=threads, env=env)
+    reference = results[0][1]
+    for world in (2, 3, 4):
+        got = torch.cat([results[rank][world] for rank in range(world)], dim=2)
+        assert torch.equal(got, reference), f"{environment}, world {world} vs 1: max diff {(got - reference).abs().max():.3g}"

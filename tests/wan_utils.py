@@ -12,12 +12,13 @@ from diffusers.models.transformers.transformer_wan import WanAttnProcessor
 TEXT_DIM = 16
 
 
-def build_tiny_wan_transformer(seed: int = 0, rope_max_seq_len: int = 32, in_channels: int = 4) -> WanTransformer3DModel:
+def build_tiny_wan_transformer(seed: int = 0, rope_max_seq_len: int = 32, in_channels: int = 4,
+                               ffn_dim: int = 32) -> WanTransformer3DModel:
     """2 layers, 2 heads of 12 channels. Every weight random (diffusers starts some at zero), so every path matters."""
     torch.manual_seed(seed)
     model = WanTransformer3DModel(
         patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=in_channels,
-        out_channels=in_channels, text_dim=TEXT_DIM, freq_dim=32, ffn_dim=32, num_layers=2, cross_attn_norm=True,
+        out_channels=in_channels, text_dim=TEXT_DIM, freq_dim=32, ffn_dim=ffn_dim, num_layers=2, cross_attn_norm=True,
         qk_norm="rms_norm_across_heads", rope_max_seq_len=rope_max_seq_len,
     ).eval()
     with torch.no_grad():
@@ -26,8 +27,8 @@ def build_tiny_wan_transformer(seed: int = 0, rope_max_seq_len: int = 32, in_cha
     return model
 
 
-def save_tiny_wan_transformer(path: Path, seed: int = 0) -> Path:
-    build_tiny_wan_transformer(seed).save_pretrained(path)
+def save_tiny_wan_transformer(path: Path, seed: int = 0, ffn_dim: int = 32) -> Path:
+    build_tiny_wan_transformer(seed, ffn_dim=ffn_dim).save_pretrained(path)
     return path
 
 

@@ -128,3 +128,5 @@ class DenoiseState:
     timestep: float = 0.0
     frame_text: torch.Tensor | None = None
     """Per-frame text embeddings (batch*frames, seq, dim) for cross-attention, or None."""
+    token_timesteps: bool = False
+    """The call gives every token its own timestep (a DiT's (batch, tokens) timestep, Wan2.2 TI2V)."""

@@ -47,6 +47,31 @@ def _combine(outputs: list[Any]) -> Any:
     raise TypeError(f"per-frame call: cannot combine outputs of type {type(first).__name__}")
 
 
+def linear_per_block(rows: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                     out: torch.Tensor | None = None) -> torch.Tensor:
+    """``rows`` (blocks, n, C_in) -> (blocks, n, C_out): one matrix product per block, what
+    ``F.linear(rows[i], weight, bias)`` computes on that block alone (``mm``/``addmm`` of 2-D operands),
+    written straight into block i of ``out`` (a fresh contiguous tensor when None).
+
+    Each block's product is one call whose operands are a contiguous (n, C_in) matrix and the
+    layer's weight, and whose output is a contiguous (n, C_out) matrix: shapes and strides fixed by
+    the block alone, so BLAS picks the same kernel, blocking and thread split for the block whatever
+    the number of blocks. (A batched product over all blocks would not do: its kernel and thread
+    partition may depend on the batch count.)
+    """
+    if rows.dim() != 3 or not rows.is_contiguous():
+        raise ValueError(f"linear_per_block: rows must be a contiguous (blocks, n, C) tensor, got {tuple(rows.shape)}")
+    if out is None:
+        out = rows.new_empty(*rows.shape[:2], weight.shape[0])
+    weight_t = weight.t()
+    for block_rows, block_out in zip(rows, out):
+        if bias is None:
+            torch.mm(block_rows, weight_t, out=block_out)
+        else:
+            torch.addmm(bias, block_rows, weight_t, out=block_out)
+    return out
+
+
 class PerFrameCall(ModelHook):
     """On a spatial module (its inputs fold frames into the batch, ``batch * frames`` images): one
     call per frame, on that frame's ``batch`` images.
@@ -117,14 +142,7 @@ class PerFrameRows(ModelHook):
         if type(module).forward is not nn.Linear.forward:  # a subclass computing something else
             return torch.stack([forward(rows) for rows in per_frame]).movedim(0, -2)
         rows = per_frame.reshape(per_frame.shape[0], -1, per_frame.shape[-1])  # a view: (frames, rows, C)
-        out = per_frame.new_empty(*rows.shape[:2], module.out_features)
-        weight = module.weight.t()
-        for frame_rows, frame_out in zip(rows, out):
-            # What F.linear computes on 2-D input, written straight into the frame's block.
-            if module.bias is None:
-                torch.mm(frame_rows, weight, out=frame_out)
-            else:
-                torch.addmm(module.bias, frame_rows, weight, out=frame_out)
+        out = linear_per_block(rows, module.weight, module.bias)
         return out.view(*per_frame.shape[:-1], module.out_features).movedim(0, -2)
 
 

@@ -6,8 +6,12 @@ contiguous range of latent frames; only self-attention needs other ranks:
 
 * ``WanRotaryPosEmbed`` gets a hook that returns the rotary angles of the rank's *global* latent
   frames, so positions are those of one process running the whole video;
-* when computing split-invariantly, the patch embedding and the linear layers of the token path
-  compute one matrix product per latent frame (shapes fixed by the frame, not by the rank's clip);
+* when computing split-invariantly, every op of the token path has shapes fixed by the latent frame,
+  not by the rank's clip: the patch embedding and the token-path linear layers compute one matrix
+  product per (batch item, latent frame); each feed-forward, the text projection of per-frame text
+  and the embedding of per-token timesteps are called once per (batch item, latent frame) (their
+  element-wise non-linearities round differently in vector body and scalar tail); norms are
+  row-local and the modulations element-wise, so they run on the whole clip;
 * every self-attention (``WanAttention`` that is not cross-attention) gets
   :class:`WanDualScopeAttnProcessor`: keys and values are computed after the key norm and the
   rotary embedding, the neighbours' frames arrive point-to-point (and the global frames from their
@@ -29,6 +33,7 @@ from diffusers.hooks import ModelHook
 from diffusers.models.transformers.transformer_wan import (
     WanAttention,
     WanRotaryPosEmbed,
+    WanTimeTextImageEmbedding,
     WanTransformer3DModel,
     WanTransformerBlock,
 )
@@ -39,6 +44,7 @@ from ..config import EngineConfig
 from ..context import ClipContext, DenoiseState
 from ..frames import attention_reach, global_frame_indices, window
 from ..halo import start_exchange
+from ..per_frame import linear_per_block
 from .common import scalar_timestep
 from .handle import ParallelHandle
 
@@ -62,7 +68,9 @@ class _TrackWanCall(ModelHook):
         sample = args[0] if args else kwargs["hidden_states"]
         timestep = args[1] if len(args) > 1 else kwargs["timestep"]
         self.state.layout = self.ctx.layout_for(sample.shape[2])
+        self.state.batch = sample.shape[0]
         self.state.timestep = scalar_timestep(timestep)
+        self.state.token_timesteps = timestep.dim() == 2
         text = args[2] if len(args) > 2 else kwargs.get("encoder_hidden_states")
         if text is not None and text.dim() == 4 and text.shape[1] != sample.shape[2]:
             raise ValueError(
@@ -108,14 +116,24 @@ class _GlobalRotaryPositions(ModelHook):
         return table(module.freqs_cos), table(module.freqs_sin)
 
 
+def _frame_blocks(x: torch.Tensor, frames: int) -> torch.Tensor:
+    """(batch, frames * tokens, C), frame-major -> (batch * frames, tokens, C): each (batch item, latent
+    frame)'s tokens one contiguous block (a view when ``x`` is contiguous, as the token path's tensors are)."""
+    batch, num_tokens, channels = x.shape
+    if num_tokens % frames:
+        raise ValueError(f"{num_tokens} tokens do not split into the rank's {frames} latent frames")
+    return x.contiguous().view(batch * frames, num_tokens // frames, channels)
+
+
 class _PerFrameLinear(ModelHook):
-    """On a linear layer of the token path: one matrix product per latent frame when computing
-    split-invariantly.
+    """On a linear layer of the token path: one matrix product per (batch item, latent frame) when
+    computing split-invariantly (:func:`~video_infinity.per_frame.linear_per_block`), written into
+    that frame's block of the output.
 
     BLAS kernels choose their blocking by the number of rows, so a token's output could round
-    differently in a rank holding 3 latent frames and in one holding 5; a batched product with one
-    (tokens per frame x channels) matrix per frame has shapes fixed by the frame alone. Otherwise
-    the layer's own ``F.linear``.
+    differently in a rank holding 3 latent frames and in one holding 5; one product per frame, on
+    the frame's contiguous (tokens x channels) rows, has shapes and strides fixed by the frame alone.
+    Otherwise the layer's own ``F.linear``.
     """
 
     def __init__(self, config: EngineConfig, state: DenoiseState) -> None:
@@ -123,25 +141,77 @@ class _PerFrameLinear(ModelHook):
         self.config, self.state = config, state
 
     def new_forward(self, module: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-        if not self.config.split_invariant_on(x.device.type):
+        if x.dim() != 3 or not self.config.split_invariant_on(x.device.type):
+            # 2-D input: already one block's rows (e.g. inside a per-frame call).
             return nn.functional.linear(x, module.weight, module.bias)
+        blocks = _frame_blocks(x, len(self.state.layout.owned))
+        return linear_per_block(blocks, module.weight, module.bias).view(*x.shape[:-1], module.out_features)
+
+
+class _PerFrameTokenwise(ModelHook):
+    """On a module that works row by row on the video's tokens (a block's feed-forward; the text
+    projection given per-frame text; the timestep embedding given one timestep per token): one call
+    per (batch item, latent frame), on that frame's contiguous rows, when computing
+    split-invariantly; each call's output written into the frame's block of the output.
+
+    Besides its matrix products, such a module applies element-wise non-linearities (tanh-GELU,
+    SiLU) whose vectorised body and scalar tail round differently (measured: 5-8% of tanh-GELU and
+    1-4% of SiLU outputs differ by an ulp between the two); which elements fall in a tail depends
+    on the tensor's size and on how its elements are split between threads, i.e. on the frame
+    count. A call per frame fixes both by the frame alone.
+
+    ``kind``: ``"tokens"``: input (batch, frames * tokens, C); ``"frame_text"``: per-frame text
+    (batch, frames, seq, C), 3-D text (shared by every frame, the same shape on every rank) takes
+    the module's own forward; ``"token_timesteps"``: per-token timesteps flattened (batch * frames *
+    tokens,) or their embeddings (batch, frames * tokens, C), only when the call has per-token
+    timesteps (one timestep per sample: rows = batch, the same on every rank). Outside the
+    split-invariant computation, the module's own forward.
+    """
+
+    KINDS = ("tokens", "frame_text", "token_timesteps")
+
+    def __init__(self, config: EngineConfig, state: DenoiseState, kind: str) -> None:
+        super().__init__()
+        if kind not in self.KINDS:
+            raise ValueError(f"kind: {kind!r} is not one of {self.KINDS}")
+        self.config, self.state, self.kind = config, state, kind
+
+    def _blocks(self, x: torch.Tensor) -> torch.Tensor | None:
+        """(batch * frames, rows, ...) blocks of ``x``, or None when ``x`` holds no per-frame rows."""
+        if self.kind == "frame_text":
+            return x.contiguous().flatten(0, 1) if x.dim() == 4 else None
         frames = len(self.state.layout.owned)
-        batch, tokens = x.shape[0], x.shape[1]
-        per_frame = x.reshape(batch * frames, tokens // frames, x.shape[-1])
-        weight = module.weight.t().expand(per_frame.shape[0], -1, -1)
-        out = torch.bmm(per_frame, weight)
-        if module.bias is not None:
-            out = out + module.bias
-        return out.reshape(batch, tokens, -1)
+        if self.kind == "token_timesteps":
+            if not self.state.token_timesteps:
+                return None
+            if x.dim() == 1:
+                return x.contiguous().view(self.state.batch * frames, -1)
+        return _frame_blocks(x, frames) if x.dim() == 3 else None
+
+    def new_forward(self, module: nn.Module, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        forward = self.fn_ref.original_forward
+        blocks = self._blocks(x) if self.config.split_invariant_on(x.device.type) else None
+        if blocks is None:
+            return forward(x, *args, **kwargs)
+        out = None
+        for index, block in enumerate(blocks):
+            result = forward(block, *args, **kwargs)
+            if out is None:
+                out = result.new_empty(blocks.shape[0], *result.shape)
+            out[index] = result
+        return out.view(*x.shape[:-1], out.shape[-1]) if x.dim() > 1 else out.view(x.shape[0], out.shape[-1])
 
 
 class _PatchEmbeddingAsMatmul(ModelHook):
     """On the patch embedding (a ``Conv3d`` whose kernel equals its stride): one matrix product over
-    each latent frame's patches when computing split-invariantly.
+    each (batch item, latent frame)'s patches when computing split-invariantly.
 
     oneDNN picks its convolution algorithm by input size, so a latent frame rounds differently in a
-    one-frame clip and in a longer one; a product per frame gives every frame the same arithmetic.
-    Otherwise the module's own convolution.
+    one-frame clip and in a longer one; one product per frame on the frame's contiguous (patches x
+    patch values) rows (:func:`~video_infinity.per_frame.linear_per_block`) gives every frame the
+    same arithmetic. The output is laid out (batch, frames, h, w, C) and returned as the
+    convolution's (batch, C, frames, h, w) view, so the transformer's flattening to tokens is a view
+    too. Otherwise the module's own convolution.
     """
 
     def __init__(self, config: EngineConfig) -> None:
@@ -156,11 +226,8 @@ class _PatchEmbeddingAsMatmul(ModelHook):
         grid = (frames // p_t, height // p_h, width // p_w)
         patches = x.reshape(batch, channels, grid[0], p_t, grid[1], p_h, grid[2], p_w)
         patches = patches.permute(0, 2, 4, 6, 1, 3, 5, 7).reshape(batch * grid[0], grid[1] * grid[2], -1)
-        weight = module.weight.flatten(1).t().expand(patches.shape[0], -1, -1)
-        out = torch.bmm(patches, weight)  # (batch*frames, patches, channels)
-        if module.bias is not None:
-            out = out + module.bias
-        return out.reshape(batch, *grid, -1).permute(0, 4, 1, 2, 3)
+        out = linear_per_block(patches, module.weight.flatten(1), module.bias)  # (batch*frames, patches, C)
+        return out.view(batch, *grid, -1).permute(0, 4, 1, 2, 3)
 
 
 def _is_patch_embedding(module: nn.Module) -> bool:
@@ -174,7 +241,8 @@ def _is_patch_embedding(module: nn.Module) -> bool:
 
 
 def _token_path_linears(transformer: WanTransformer3DModel) -> list[nn.Linear]:
-    """The linear layers whose rows are the video's tokens (not the text's or the timestep's)."""
+    """The linear layers whose rows are the video's tokens (not the text's or the timestep's), but
+    for the feed-forwards' (each feed-forward is called per frame as a whole, :class:`_PerFrameTokenwise`)."""
     linears = [transformer.proj_out] if isinstance(transformer.proj_out, nn.Linear) else []
     for block in transformer.modules():
         if not isinstance(block, WanTransformerBlock):
@@ -184,7 +252,6 @@ def _token_path_linears(transformer: WanTransformer3DModel) -> list[nn.Linear]:
                 linears += [m for m in (attn.to_q, attn.to_out[0]) if isinstance(m, nn.Linear)]
             else:
                 linears += [m for m in attn.modules() if isinstance(m, nn.Linear)]
-        linears += [m for m in block.ffn.modules() if isinstance(m, nn.Linear)]
     return linears
 
 
@@ -377,10 +444,11 @@ class WanFrameCrossAttnProcessor:
 
     Text of shape (batch, frames, seq, dim) gives each latent frame's tokens their own frame's text
     (multi-prompt); 3-D text is shared by all frames. When computing split-invariantly, the attention
-    runs as matrix products with one batch entry per (head, latent frame), so a token's arithmetic
-    does not depend on how many frames its rank holds (torch's fused CPU attention kernel splits its
-    work by sequence length and thread count). Otherwise the wrapped processor (diffusers'), with the
-    frames moved into the batch for per-frame text.
+    runs as one fused attention call per latent frame, on that frame's queries and its text, so a
+    token's arithmetic does not depend on how many frames its rank holds (torch's fused CPU
+    attention kernel splits its work by sequence length and thread count); per-frame text is
+    projected to keys and values one frame at a time too. Otherwise the wrapped processor
+    (diffusers'), with the frames moved into the batch for per-frame text.
     """
 
     def __init__(self, inner: object, config: EngineConfig, state: DenoiseState) -> None:
@@ -403,23 +471,38 @@ class WanFrameCrossAttnProcessor:
             out = self.inner(attn, hidden_states.unflatten(1, (frames, -1)).flatten(0, 1),
                              encoder_hidden_states.flatten(0, 1), attention_mask, rotary_emb, **kwargs)
             return out.unflatten(0, (batch, frames)).flatten(1, 2)
+        def text_projection(linear: nn.Module) -> torch.Tensor:
+            # Per-frame text: one product per (batch item, frame) on its own rows, like the token path.
+            if not per_frame or not isinstance(linear, nn.Linear):
+                return linear(encoder_hidden_states)
+            blocks = encoder_hidden_states.contiguous().flatten(0, 1)
+            return linear_per_block(blocks, linear.weight, linear.bias).view(*encoder_hidden_states.shape[:-1], -1)
+
+        query = attn.to_q(hidden_states)
         if getattr(attn, "fused_projections", False):
-            query = attn.to_q(hidden_states)
-            key, value = attn.to_kv(encoder_hidden_states).chunk(2, dim=-1)
+            key, value = text_projection(attn.to_kv).chunk(2, dim=-1)
         else:
-            query = attn.to_q(hidden_states)
-            key, value = attn.to_k(encoder_hidden_states), attn.to_v(encoder_hidden_states)
+            key, value = text_projection(attn.to_k), text_projection(attn.to_v)
         query, key = attn.norm_q(query), attn.norm_k(key)
-        # (batch, tokens, heads*d) -> (batch, heads, frames, tokens per frame, d)
-        query = query.unflatten(2, (attn.heads, -1)).unflatten(1, (frames, -1)).permute(0, 3, 1, 2, 4)
-        key, value = key.unflatten(-1, (attn.heads, -1)), value.unflatten(-1, (attn.heads, -1))
-        if per_frame:  # (B, F, L, H, D) -> (B, H, F, L, D)
-            key, value = key.permute(0, 3, 1, 2, 4), value.permute(0, 3, 1, 2, 4)
-        else:  # (B, L, H, D) -> (B, H, 1, L, D), broadcast over frames
-            key, value = key.permute(0, 2, 1, 3)[:, :, None], value.permute(0, 2, 1, 3)[:, :, None]
-        logits = torch.matmul(query, key.transpose(-1, -2)) * query.shape[-1] ** -0.5
-        out = torch.matmul(torch.softmax(logits, dim=-1), value)  # (B, H, F, T, D)
-        out = out.permute(0, 2, 3, 1, 4).flatten(3, 4).flatten(1, 2).type_as(query)
+        heads = attn.heads
+        # (batch, frames, tokens per frame, heads, d): each frame's queries a view; keys and values
+        # (batch, text frames, seq, heads, d) with one text frame shared by all when the text is 3-D.
+        query = query.unflatten(2, (heads, -1)).unflatten(1, (frames, -1))
+        key, value = (t.unflatten(-1, (heads, -1)) for t in (key, value))
+        if not per_frame:
+            key, value = key[:, None], value[:, None]
+        out = query.new_empty(query.shape[:-1] + (value.shape[-1],))
+        shared = None
+        for f in range(frames):
+            # One fused attention call per latent frame on fresh heads-first copies: shapes and layout
+            # fixed by the frame (the CPU kernel splits its work by sequence lengths and threads).
+            if per_frame or shared is None:
+                text_frame = f if per_frame else 0
+                shared = tuple(t[:, text_frame].transpose(1, 2).contiguous() for t in (key, value))
+            frame_out = nn.functional.scaled_dot_product_attention(
+                query[:, f].transpose(1, 2).contiguous(), *shared)
+            out[:, f] = frame_out.transpose(1, 2)
+        out = out.flatten(3, 4).flatten(1, 2).type_as(query)
         out = attn.to_out[0](out)
         return attn.to_out[1](out)
 
@@ -457,6 +540,16 @@ def parallelize_wan(transformer: WanTransformer3DModel, config: EngineConfig, co
             handle.hook(module, _PatchEmbeddingAsMatmul(config))
     for linear in _token_path_linears(transformer):
         handle.hook(linear, _PerFrameLinear(config, state))
+    for block in transformer.modules():
+        if isinstance(block, WanTransformerBlock):
+            handle.hook(block.ffn, _PerFrameTokenwise(config, state, "tokens"))
+    embedder = transformer.condition_embedder
+    if isinstance(embedder, WanTimeTextImageEmbedding):
+        handle.hook(embedder.text_embedder, _PerFrameTokenwise(config, state, "frame_text"))
+        # Per-token timesteps (Wan2.2 TI2V): the sinusoids, the embedding MLP, its SiLU and the
+        # projection to the blocks' modulation all run on token rows.
+        for module in (embedder.timesteps_proj, embedder.time_embedder, embedder.act_fn, embedder.time_proj):
+            handle.hook(module, _PerFrameTokenwise(config, state, "token_timesteps"))
     for attn in self_attentions:
         handle.set_processor(attn, WanDualScopeAttnProcessor(config, context, state, ropes[0]))
     for attn in attentions:
