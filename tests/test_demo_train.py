@@ -22,7 +22,8 @@ def _train(*args: str) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo_train")
-    done = _train("--out", str(out), "--vae-minutes", "0.02", "--clips-per-class", "1", "--max-steps", "3",
+    done = _train("--out", str(out), "--vae-minutes", "0.02", "--vae-scale-clips", "4", "--clips-per-class", "1",
+                  "--max-steps", "3",
                   "--export", str(out / "export"))
     assert done.returncode == 0, done.stderr[-3000:]
     # Reversed trail clips would show the trail leading: no time-reversal augmentation with the trail.

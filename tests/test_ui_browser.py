@@ -27,8 +27,8 @@ pytestmark = pytest.mark.e2e
 def server(tmp_path_factory, offline_env):
     require_browser()
     base = tmp_path_factory.mktemp("ui-browser") / "runs"
-    # Slow steps (0.4 s each): progress is seen step by step, and a cancel lands mid-run.
-    server = Server(base, {**offline_env, STEP_SLEEP_ENV: "0.4"})
+    # Slow steps (0.3 s each): progress is seen step by step, and a cancel lands mid-run.
+    server = Server(base, {**offline_env, STEP_SLEEP_ENV: "0.3"})
     yield server
     server.stop()
 

@@ -197,7 +197,10 @@ def save_atomic(obj: Any, path: Path) -> None:
         torch.save(obj, tmp)
 
 
-def train_vae(out: Path, minutes: float, seed: int, batch: int = 16, shape_weight: float = 10.0) -> None:
+def train_vae(out: Path, minutes: float, seed: int, batch: int = 16, shape_weight: float = 10.0,
+              scale_clips: int = 64) -> None:
+    """Train the VAE for ``minutes``; its ``scaling_factor`` is 1 / the latent std over ``scale_clips``
+    random 8-frame clips."""
     path = out / "vae"
     if (path / "config.json").exists():
         logger.info("vae: %s exists, skipping", path)
@@ -233,7 +236,7 @@ def train_vae(out: Path, minutes: float, seed: int, batch: int = 16, shape_weigh
             rows.append((step, round(time.perf_counter() - start, 1), running))
     vae.eval()
     with torch.no_grad():
-        frames, _ = data.batch(np.random.default_rng(seed + 1), 64, 8)
+        frames, _ = data.batch(np.random.default_rng(seed + 1), scale_clips, 8)
         latents = vae.encode(to_pixels(frames.reshape(-1, data.SIZE, data.SIZE, 3))).latent_dist.mode()
         std = float(latents.std())
         recon = vae.decode(latents).sample
@@ -681,6 +684,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--minutes", type=float, default=90.0, help="UNet training time for this run")
     parser.add_argument("--max-steps", type=int, default=None)
     parser.add_argument("--vae-minutes", type=float, default=6.0)
+    parser.add_argument("--vae-scale-clips", type=int, default=64,
+                        help="random 8-frame clips whose latent std sets the VAE's scaling_factor")
     parser.add_argument("--clips-per-class", type=int, default=40)
     parser.add_argument("--trail", choices=("on", "off"), default="on",
                         help="training clips show a fading motion trail behind the shape (data.TRAIL) or not")
@@ -721,7 +726,7 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     write_tokenizer(args.out / "tokenizer")
     if args.stage in ("all", "vae"):
-        train_vae(args.out, args.vae_minutes, args.seed)
+        train_vae(args.out, args.vae_minutes, args.seed, scale_clips=args.vae_scale_clips)
     if args.stage in ("all", "latents"):
         encode_clips(args.out, args.clips_per_class, args.seed, trail=data.TRAIL if args.trail == "on" else data.NO_TRAIL)
     if args.stage in ("all", "unet"):
