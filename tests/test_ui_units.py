@@ -218,3 +218,18 @@ def test_widget_values_become_a_typed_form():
                           ({"width": "wide"}, "pipe_configs.width: must be a number")]:
         with pytest.raises(FormError, match=words):
             form_from_values({0: "a"}, values)
+
+
+def test_resume_refuses_a_run_without_a_checkpoint_or_with_a_broken_config(tmp_path):
+    base = tmp_path / "runs"
+    base.mkdir()
+    studio = Studio(base, limits=LIMITS)
+    (base / "stopped.config.json").write_text(json.dumps(_config(tmp=base).model_dump(mode="json")))
+    with pytest.raises(FormError, match="stopped has no checkpoint to resume"):
+        studio.resume("stopped")
+    (base / "broken.config.json").write_text(json.dumps({"pipe_configs": {"prompts": ["a"], "height": 65}}))
+    (base / "broken.ckpt").write_bytes(b"x")
+    with pytest.raises(FormError, match="cannot resume 'broken': pipe_configs.height"):
+        studio.resume("broken")
+    with pytest.raises(FormError, match="no run called"):
+        studio.resume("missing")

@@ -18,7 +18,7 @@ from typing import Any
 
 from ..atomic import write_json_atomic
 from ..errors import UserError
-from ..run.config import RunConfig
+from ..run.config import RunConfig, validate_run_config
 from ..run.preflight import prepare
 from ..run.progress import RunProgress
 from .form import FormError, GenerationForm, Limits, field_of, run_config
@@ -94,15 +94,18 @@ class Studio:
         job = self._job
         return job if job is not None and job.returncode is None else None
 
-    def _start(self, config_path: Path, resume: Path | None = None) -> GenerationJob:
+    def _one_at_a_time(self) -> None:
         if self.running is not None:
             raise FormError(None, "a generation is already running (one at a time: wait for it or cancel it)")
+
+    def _start(self, config_path: Path, resume: Path | None = None) -> GenerationJob:
         self._job = GenerationJob(config_path, resume=resume, env=self.env)
         return self._job
 
     def start(self, form: GenerationForm) -> tuple[GenerationJob, str]:
         """Check ``form``, save its config as ``<base_path>/<name>.config.json`` and start the run."""
         with self._lock:
+            self._one_at_a_time()
             config, name = self.check(form)
             config_path = self.base / f"{name}{CONFIG_SUFFIX}"
             write_json_atomic(config_path, config.model_dump(mode="json"))
@@ -112,13 +115,14 @@ class Studio:
         """Continue the unfinished run ``name`` from its checkpoint (same config, this server's devices
         as saved)."""
         with self._lock:
+            self._one_at_a_time()
             try:
                 record = find_run(self.base, name)
-            except ValueError as exc:
-                raise FormError(None, str(exc)) from None
+                config = validate_run_config(record.config)
+            except (ValueError, UserError) as exc:
+                raise FormError(None, f"run: cannot resume {name!r}: {exc}") from None
             if record.status != "unfinished" or record.config_path is None or record.checkpoint is None:
                 raise FormError(None, f"run: {name} has no checkpoint to resume (status: {record.status})")
-            config = RunConfig.model_validate(record.config)
             self._preflight(config, record.config_path, resume=record.checkpoint)
             return self._start(record.config_path, resume=record.checkpoint), name
 
