@@ -184,12 +184,20 @@ def check_motion_adapter_folder(adapter: str) -> None:
     _check_files(path, adapter, "motion_adapter")
 
 
+def _read_config(path: Path) -> dict[str, Any] | None:
+    """A JSON config file as a dict; None when missing or unreadable."""
+    try:
+        return dict(json.loads(path.read_text(encoding="utf-8")))
+    except (OSError, ValueError, TypeError):
+        return None
+
+
 def _model_config(model: str, sub: str) -> dict[str, Any]:
+    """Component ``sub``'s config, else the folder's own (a component-only folder); {} if neither."""
     for candidate in (Path(model) / sub / "config.json", Path(model) / "config.json"):
-        try:
-            return dict(json.loads(candidate.read_text(encoding="utf-8")))
-        except (OSError, ValueError, TypeError):
-            continue
+        config = _read_config(candidate)
+        if config is not None:
+            return config
     return {}
 
 
@@ -208,10 +216,7 @@ def _latent_layout(config: RunConfig, model: str) -> tuple[int, int]:
     float32 latents."""
     pipe = config.pipe_configs
     vae = _model_config(model, "vae")
-    try:
-        transformer = dict(json.loads((Path(model) / "transformer" / "config.json").read_text(encoding="utf-8")))
-    except (OSError, ValueError, TypeError):
-        transformer = {}
+    transformer = _read_config(Path(model) / "transformer" / "config.json") or {}  # no fallback: UNet folders
     if transformer:
         channels = int(transformer.get("out_channels") or transformer.get("in_channels") or 16)
         frames = latent_frame_count(config.total_frames, int(vae.get("scale_factor_temporal", 4)))
@@ -232,10 +237,7 @@ def _scheduler_history(config: RunConfig, model: str) -> int:
         return 1
     if name != "model":
         return 2  # DPM-Solver++ keeps its last solver_order (2) model outputs
-    try:
-        scheduler = dict(json.loads((Path(model) / "scheduler" / "scheduler_config.json").read_text(encoding="utf-8")))
-    except (OSError, ValueError, TypeError):
-        scheduler = {}
+    scheduler = _read_config(Path(model) / "scheduler" / "scheduler_config.json") or {}
     kind, order = scheduler.get("_class_name"), int(scheduler.get("solver_order", 2))
     return 1 if kind == "DDIMScheduler" else order + 1 if kind == "UniPCMultistepScheduler" else order  # UniPC: + last sample
 

@@ -14,7 +14,6 @@ import logging
 import threading
 import urllib.parse
 from collections.abc import Iterator
-from dataclasses import fields
 from typing import Any
 
 import gradio as gr
@@ -25,6 +24,7 @@ from ..schedulers import SCHEDULER_NAMES
 from .form import (
     DEFAULT_PRESET,
     DEFAULT_SCHEDULER,
+    FORM_FIELDS,
     FormError,
     GenerationForm,
     form_from_config,
@@ -168,7 +168,7 @@ def build_app(studio: Studio) -> gr.Blocks:
             "engine_json": engine_json, "padding": padding, "top_k": top_k, "phase_t": phase_t,
             "phase_bias": phase_bias, "loop": loop, "export_fps": export_fps, "checkpoint_every": checkpoint_every,
         }
-        field_names = [f.name for f in fields(GenerationForm) if f.name != "prompts"]
+        field_names = [name for name in FORM_FIELDS if name != "prompts"]
         form_inputs = [*starts, *prompts, *(by_field[name] for name in field_names)]
 
         def form_of(values: tuple[Any, ...]) -> GenerationForm:

@@ -130,16 +130,20 @@ def field_of(message: str) -> str | None:
 def parse_devices(text: str | int, limits: Limits) -> list[Any]:
     """``"2"`` -> two CPU processes; ``"gpu:0,1"`` (or ``cuda:0,1``) -> GPUs 0 and 1; a JSON list
     (``["cpu", "cpu"]``, ``[0, 1]``) as in a config file."""
-    raw = str(text).strip()
+    devices = _read_devices(str(text).strip())
+    cpu = isinstance(devices, list) and bool(devices) and all(d == "cpu" for d in devices)
+    if cpu and len(devices) > limits.max_cpu_processes:
+        raise FormError("devices", f"devices: at most {limits.max_cpu_processes} CPU processes on this server, "
+                                   f"got {len(devices)} (serve --max-cpu-processes raises it)")
+    return devices
+
+
+def _read_devices(raw: str) -> Any:
     hint = 'give a number of CPU processes ("2") or GPU ids ("gpu:0,1")'
     if raw.isdigit():
-        count = int(raw)
-        if count < 1:
+        if int(raw) < 1:
             raise FormError("devices", f"devices: at least 1 process, got {raw} ({hint})")
-        if count > limits.max_cpu_processes:
-            raise FormError("devices", f"devices: at most {limits.max_cpu_processes} CPU processes on this server, "
-                                       f"got {count} (serve --max-cpu-processes raises it)")
-        return ["cpu"] * count
+        return ["cpu"] * int(raw)
     lowered = raw.lower()
     for prefix in ("gpu:", "cuda:", "gpus:"):
         if lowered.startswith(prefix):
@@ -149,13 +153,9 @@ def parse_devices(text: str | int, limits: Limits) -> list[Any]:
             return [int(part) for part in ids]
     if raw.startswith("["):
         try:
-            value = json.loads(raw)
+            return json.loads(raw)  # the config's own validation judges the list
         except ValueError:
             raise FormError("devices", f"devices: {raw!r} is not a JSON list ({hint})") from None
-        if isinstance(value, list) and value and all(v == "cpu" for v in value) and len(value) > limits.max_cpu_processes:
-            raise FormError("devices", f"devices: at most {limits.max_cpu_processes} CPU processes on this server, "
-                                       f"got {len(value)} (serve --max-cpu-processes raises it)")
-        return value
     raise FormError("devices", f"devices: cannot read {raw!r} ({hint})")
 
 

@@ -17,7 +17,6 @@ import signal
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 from ..run.progress import RunProgress, read_progress
@@ -33,8 +32,6 @@ class GenerationJob:
     """``video-infinity generate --config CONFIG [--resume CHECKPOINT]`` in a child process."""
 
     def __init__(self, config_path: Path, *, resume: Path | None = None, env: dict[str, str] | None = None) -> None:
-        self.config_path = config_path
-        self.resume = resume
         self._folder = Path(tempfile.mkdtemp(prefix="video-infinity-ui-"))
         self.progress_dir = self._folder / "progress"
         self.progress_dir.mkdir()
@@ -45,16 +42,11 @@ class GenerationJob:
             command += ["--resume", str(resume)]
         run_env = {**os.environ, **(env or {})}
         self.cancelled = False
-        self.started = time.time()
         with open(self._stderr_path, "wb") as stderr:
             # Its own session: a cancel can reach the launcher's ranks and fork server as a group.
             self._proc = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=stderr,
                                           env=run_env, start_new_session=True)
         logger.info("started %s (pid %d)", " ".join(command[2:]), self._proc.pid)
-
-    @property
-    def pid(self) -> int:
-        return self._proc.pid
 
     @property
     def returncode(self) -> int | None:

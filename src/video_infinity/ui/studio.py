@@ -14,7 +14,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any
 
 from ..atomic import write_json_atomic
 from ..errors import UserError
@@ -40,6 +39,16 @@ class Outcome:
     message: str
     record: RunRecord | None
     probe_report: str | None = None
+
+
+def _is_demo(record: RunRecord) -> bool:
+    """Made with the embedded demo model: the one the probe's object tracking understands."""
+    config = record.config or {}
+    return config.get("model") is None and config.get("motion_adapter") is None
+
+
+def _world_size(record: RunRecord) -> int:
+    return int((record.sidecar or {}).get("world_size") or 1)
 
 
 def _slug(text: str) -> str:
@@ -170,13 +179,11 @@ class Studio:
     def _contact_sheet_and_probe(self, record: RunRecord) -> str | None:
         assert record.video is not None
         sheet = self.base / f"{record.name}{CONTACT_SHEET_SUFFIX}"
-        is_demo = (record.config or {}).get("model") is None and (record.config or {}).get("motion_adapter") is None
-        world = int((record.sidecar or {}).get("world_size") or 1)
         try:
-            if is_demo:
+            if _is_demo(record):
                 from ..demo.probe import inspect_video
 
-                return inspect_video(str(record.video), ranks=world,
+                return inspect_video(str(record.video), ranks=_world_size(record),
                                      contact_sheet_path=None if sheet.exists() else str(sheet))
             if not sheet.exists():
                 from ..video_io import contact_sheet, read_video, write_png
@@ -188,12 +195,12 @@ class Studio:
 
     def probe_report(self, record: RunRecord) -> str | None:
         """The demo probe's report of a finished demo-model run (None for other models)."""
-        if record.video is None or (record.config or {}).get("model") is not None:
+        if record.video is None or not _is_demo(record):
             return None
         from ..demo.probe import inspect_video
 
         try:
-            return inspect_video(str(record.video), ranks=int((record.sidecar or {}).get("world_size") or 1))
+            return inspect_video(str(record.video), ranks=_world_size(record))
         except (OSError, ValueError) as exc:
             return f"probe failed: {exc}"
 
@@ -201,5 +208,3 @@ class Studio:
         """``path`` as a string when it lies under ``base_path`` (the only files the UI hands out)."""
         return str(path) if path is not None and inside(self.base, path) else None
 
-    def describe(self, record: RunRecord) -> dict[str, Any]:
-        return {"run": record.name, "status": record.status, **record.facts()}
