@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import socket
 import traceback
@@ -135,3 +136,20 @@ class TemporalStack(torch.nn.Module):
         flat = sample.permute(0, 2, 1, 3, 4).reshape(batch * frames, channels, height, width)
         out = self.temporal(flat, num_frames=frames, return_dict=False)[0]
         return type("Output", (), {"sample": out.reshape(batch, frames, channels, height, width).permute(0, 2, 1, 3, 4)})
+
+
+def dense_band_attention(q, k, v, band, gidx, scale, local_bias, global_bias, token_num_scale):
+    """Dense reference of dual-scope attention: every frame a key under the (frames x frames) ``band``
+    mask, the global frames ``gidx`` appended as keys every query sees; phase biases and
+    token_num_scale as the engine applies them."""
+    total = q.shape[-2]
+    keys = torch.cat([k, k[..., gidx, :]], dim=-2)
+    values = torch.cat([v, v[..., gidx, :]], dim=-2)
+    allowed = torch.cat([band, torch.ones(total, len(gidx), dtype=torch.bool)], dim=-1)
+    bias = torch.cat([torch.full((total, total), local_bias, dtype=q.dtype),
+                      torch.full((total, len(gidx)), global_bias, dtype=q.dtype)], dim=-1)
+    factor = torch.ones(total, 1, dtype=q.dtype)
+    if token_num_scale:
+        factor = (torch.log(allowed.sum(-1, keepdim=True).double()) / math.log(16)).to(q.dtype)
+    logits = (q @ keys.transpose(-1, -2)) * scale * factor + bias
+    return torch.softmax(logits.masked_fill(~allowed, float("-inf")), dim=-1) @ values

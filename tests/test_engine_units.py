@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 
 import pytest
 import torch
@@ -15,7 +14,7 @@ from video_infinity.frames import global_frame_indices, partition_frames, window
 from video_infinity.noise import frame_noise
 from video_infinity.norm import combine_moments, group_moments, video_group_norm
 
-from engine_utils import build_tiny_unet, load_unet
+from engine_utils import build_tiny_unet, dense_band_attention, load_unet
 
 
 # ---------------------------------------------------------------- frames
@@ -61,17 +60,7 @@ def naive_dual_scope(q, k, v, gidx, padding, scale, local_bias, global_bias, tok
     total = q.shape[-2]
     i = torch.arange(total)
     band = (i[:, None] - i[None, :]).abs() <= padding
-    keys = torch.cat([k, k[..., gidx, :]], dim=-2)
-    values = torch.cat([v, v[..., gidx, :]], dim=-2)
-    allowed = torch.cat([band, torch.ones(total, len(gidx), dtype=torch.bool)], dim=-1)
-    bias = torch.cat([torch.full((total, total), local_bias, dtype=q.dtype),
-                      torch.full((total, len(gidx)), global_bias, dtype=q.dtype)], dim=-1)
-    factor = torch.ones(total, 1, dtype=q.dtype)
-    if token_num_scale:
-        factor = (torch.log(allowed.sum(-1, keepdim=True).double()) / math.log(16)).to(q.dtype)
-    logits = (q @ keys.transpose(-1, -2)) * scale * factor + bias
-    weights = torch.softmax(logits.masked_fill(~allowed, float("-inf")), dim=-1)
-    return weights @ values
+    return dense_band_attention(q, k, v, band, gidx, scale, local_bias, global_bias, token_num_scale)
 
 
 @pytest.mark.parametrize("split_invariant", [True, False])

@@ -6,7 +6,6 @@ on one process, and rank invariance plus roll-equivariance across real gloo proc
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import pytest
@@ -25,7 +24,7 @@ from video_infinity.frames import (
     window_transfer_plan,
 )
 
-from engine_utils import build_tiny_unet, load_unet, run_distributed, torch_threads
+from engine_utils import build_tiny_unet, dense_band_attention, load_unet, run_distributed, torch_threads
 
 TIMESTEP = 500
 PHASES = {"local_phase": {"t": 600, "local_biase": 1.5, "global_biase": -0.5},
@@ -126,15 +125,7 @@ def naive_ring_attention(q, k, v, gidx, padding, scale, local_bias, global_bias,
     i = torch.arange(total)
     ahead = (i[None, :] - i[:, None]) % total  # how far key j lies after query i, around the ring
     band = (ahead <= right) | (total - ahead <= left)
-    keys, values = torch.cat([k, k[..., gidx, :]], dim=-2), torch.cat([v, v[..., gidx, :]], dim=-2)
-    allowed = torch.cat([band, torch.ones(total, len(gidx), dtype=torch.bool)], dim=-1)
-    bias = torch.cat([torch.full((total, total), local_bias, dtype=q.dtype),
-                      torch.full((total, len(gidx)), global_bias, dtype=q.dtype)], dim=-1)
-    factor = torch.ones(total, 1, dtype=q.dtype)
-    if token_num_scale:
-        factor = (torch.log(allowed.sum(-1, keepdim=True).double()) / math.log(16)).to(q.dtype)
-    logits = (q @ keys.transpose(-1, -2)) * scale * factor + bias
-    return torch.softmax(logits.masked_fill(~allowed, float("-inf")), dim=-1) @ values
+    return dense_band_attention(q, k, v, band, gidx, scale, local_bias, global_bias, token_num_scale)
 
 
 @pytest.mark.unit
