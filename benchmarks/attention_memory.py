@@ -38,7 +38,7 @@ def measure(frames: int, spatial: int, channels: int, padding: int, top_k: int, 
     import torch
     from diffusers.models.attention_processor import Attention
 
-    from video_infinity.attention import DualScopeAttnProcessor
+    from video_infinity.engine.attention import DualScopeAttnProcessor
     from video_infinity.config import AttentionConfig, EngineConfig
     from video_infinity.context import ClipContext, DenoiseState
 

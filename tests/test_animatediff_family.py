@@ -14,8 +14,8 @@ import torch
 
 from video_infinity import ClipContext, VideoInfinityPipeline
 from video_infinity.demo.random_animatediff import build_random_animatediff
-from video_infinity.families import AnimateDiffFamily
-from video_infinity.families.animatediff import load_animatediff
+from video_infinity.families.animatediff.family import AnimateDiffFamily
+from video_infinity.families.animatediff.family import load_animatediff
 
 from engine_utils import run_distributed
 

@@ -41,7 +41,7 @@ def test_every_stage_writes_its_output(run):
 
 
 def test_export_loads_and_keeps_the_frozen_text_encoder(run):
-    from video_infinity.models import load_model
+    from video_infinity.families.unet3d.model import load_model
 
     components = load_model(str(run / "export"))
     fresh = train.new_text_encoder(train.load_tokenizer(run / "tokenizer"), seed=3)  # --seed 0, plus 3
@@ -71,7 +71,7 @@ def test_export_builds_the_unet_the_checkpoint_was_trained_with(tmp_path, run):
     done = _train("--out", str(other), "--max-steps", "1", "--text-at-every-level",  # vae, latents: there
                   "--export", str(other / "export"))
     assert done.returncode == 0, done.stderr[-3000:]
-    from video_infinity.models import load_model
+    from video_infinity.families.unet3d.model import load_model
 
     unet = load_model(str(other / "export")).unet
     assert tuple(unet.config.down_block_types) == train.UNET_TEXT_AT_EVERY_LEVEL["down_block_types"]

@@ -9,7 +9,8 @@ import torch
 from diffusers import DPMSolverMultistepScheduler
 
 from video_infinity import ClipContext, EngineConfig, parallelize
-from video_infinity.denoise import denoise, initial_latents
+from video_infinity.denoise import initial_latents
+from video_infinity.families.unet3d.family import denoise
 
 from engine_utils import TemporalStack, build_tiny_unet, load_unet, run_distributed
 
@@ -170,7 +171,7 @@ def test_distributed_equals_single_process(setup, world_size):
 
 
 def _exchange(rank: int, world_size: int, total: int, padding: int, global_frames: list[int]) -> dict:
-    from video_infinity.halo import start_exchange
+    from video_infinity.engine.comm import start_exchange
 
     ctx = ClipContext(rank=rank, world_size=world_size, total_frames=total)
     owned = ctx.layout.owned

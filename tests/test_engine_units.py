@@ -8,11 +8,11 @@ import torch
 from torch import nn
 
 from video_infinity import ClipContext, EngineConfig, parallelize
-from video_infinity.attention import dual_scope_attention
+from video_infinity.engine.attention import dual_scope_attention
 from video_infinity.config import AttentionConfig
 from video_infinity.frames import global_frame_indices, partition_frames, window, window_transfer_plan
 from video_infinity.noise import frame_noise
-from video_infinity.norm import combine_moments, group_moments, video_group_norm
+from video_infinity.engine.norm import combine_moments, group_moments, video_group_norm
 
 from engine_utils import build_tiny_unet, dense_band_attention, load_unet
 
@@ -232,7 +232,7 @@ def test_original_plugin_configs_validate():
 
 
 def test_single_process_exchange_returns_own_frames_and_globals_in_order():
-    from video_infinity.halo import start_exchange
+    from video_infinity.engine.comm import start_exchange
 
     ctx = ClipContext()
     x = torch.arange(2 * 7 * 3, dtype=torch.float32).view(2, 7, 3)
@@ -245,7 +245,7 @@ def test_single_process_exchange_returns_own_frames_and_globals_in_order():
 def test_global_keys_reuse_the_window_projection_and_keep_their_order():
     from diffusers.models.attention_processor import Attention
 
-    from video_infinity.attention import _project_keys_values
+    from video_infinity.engine.attention import _project_keys_values
 
     torch.manual_seed(0)
     attn = Attention(query_dim=16, heads=2, dim_head=8)
@@ -280,8 +280,8 @@ def test_each_per_frame_op_gives_a_frame_the_same_bits_in_any_clip():
     # 5-frame part of it: the shared frames must be equal bit for bit (different row counts and
     # batches would let kernels round differently).
     from video_infinity.context import DenoiseState
-    from video_infinity.frame_conv import frame_conv
-    from video_infinity.per_frame import FramesFirstRowNorm, PerFrameCall, PerFrameRows
+    from video_infinity.engine.frame_conv import frame_conv
+    from video_infinity.engine.per_frame import FramesAxis, FramesFirstRowNorm, PerFrameCall, PerFrameLinear
 
     torch.manual_seed(0)
     config = EngineConfig(split_invariant=True)
@@ -296,10 +296,11 @@ def test_each_per_frame_op_gives_a_frame_the_same_bits_in_any_clip():
     # temporal transformer rows (positions, frames, C): Linear one frame's rows per call, LayerNorm
     # (row-local) one call frames-first
     rows = torch.randn(24, frames, 40)
-    for layer, hook in ((nn.Linear(40, 56), PerFrameRows), (nn.Linear(40, 56, bias=False), PerFrameRows),
-                        (nn.LayerNorm(40), FramesFirstRowNorm)):
+    for layer, hook in ((nn.Linear(40, 56), PerFrameLinear(config, FramesAxis())),
+                        (nn.Linear(40, 56, bias=False), PerFrameLinear(config, FramesAxis())),
+                        (nn.LayerNorm(40), FramesFirstRowNorm(config))):
         plain = layer(rows)
-        _hooked(layer, hook(config))
+        _hooked(layer, hook)
         with torch.no_grad():
             whole, clip = layer(rows), layer(rows[:, part].contiguous())
         torch.testing.assert_close(whole, plain, atol=1e-5, rtol=0)
@@ -334,12 +335,8 @@ def test_each_wan_per_frame_op_gives_a_latent_frame_the_same_bits_in_any_clip():
     from diffusers.models.transformers.transformer_wan import WanAttention, WanAttnProcessor, WanTimeTextImageEmbedding
 
     from video_infinity.context import DenoiseState
-    from video_infinity.engine.wan import (
-        WanFrameCrossAttnProcessor,
-        _PatchEmbeddingAsMatmul,
-        _PerFrameLinear,
-        _PerFrameTokenwise,
-    )
+    from video_infinity.engine.per_frame import FrameMajorTokens, PerFrameLinear, PerFrameModule, PerFrameText, TokenTimesteps
+    from video_infinity.families.wan.engine import WanFrameCrossAttnProcessor, _PatchEmbeddingAsMatmul
 
     torch.manual_seed(0)
     config = EngineConfig(split_invariant=True)
@@ -355,9 +352,10 @@ def test_each_wan_per_frame_op_gives_a_latent_frame_the_same_bits_in_any_clip():
         return t.unflatten(1, (-1, tokens))[:, f].flatten(1, 2).contiguous()
 
     x = torch.randn(batch, frames * tokens, 40)
-    layers = [(nn.Linear(40, 56), _PerFrameLinear(config, state)),
-              (nn.Linear(40, 56, bias=False), _PerFrameLinear(config, state)),
-              (FeedForward(40, inner_dim=36, activation_fn="gelu-approximate"), _PerFrameTokenwise(config, state, "tokens"))]
+    rows = FrameMajorTokens(state)
+    layers = [(nn.Linear(40, 56), PerFrameLinear(config, rows)),
+              (nn.Linear(40, 56, bias=False), PerFrameLinear(config, rows)),
+              (FeedForward(40, inner_dim=36, activation_fn="gelu-approximate"), PerFrameModule(config, rows))]
     for layer, hook in layers:
         with torch.no_grad():
             plain = layer(x)
@@ -380,7 +378,7 @@ def test_each_wan_per_frame_op_gives_a_latent_frame_the_same_bits_in_any_clip():
     # cross-attention to shared (3-D) and per-frame (4-D) text, one attention call per frame
     attn = WanAttention(dim=24, heads=2, dim_head=12, cross_attention_dim_head=12, processor=WanAttnProcessor())
     for linear in (attn.to_q, attn.to_out[0]):
-        _hooked(linear, _PerFrameLinear(config, state))
+        _hooked(linear, PerFrameLinear(config, rows))
     attn.set_processor(WanFrameCrossAttnProcessor(WanAttnProcessor(), config, state))
     hidden = torch.randn(batch, frames * tokens, 24)
     shared_text, frame_text = torch.randn(batch, 7, 24), torch.randn(batch, frames, 7, 24)
@@ -397,9 +395,9 @@ def test_each_wan_per_frame_op_gives_a_latent_frame_the_same_bits_in_any_clip():
 
     # the condition embedder: per-frame text, and one timestep per token (Wan2.2 TI2V)
     embedder = WanTimeTextImageEmbedding(dim=24, time_freq_dim=32, time_proj_dim=6 * 24, text_embed_dim=20)
-    _hooked(embedder.text_embedder, _PerFrameTokenwise(config, state, "frame_text"))
+    _hooked(embedder.text_embedder, PerFrameModule(config, PerFrameText()))
     for module in (embedder.timesteps_proj, embedder.time_embedder, embedder.act_fn, embedder.time_proj):
-        _hooked(module, _PerFrameTokenwise(config, state, "token_timesteps"))
+        _hooked(module, PerFrameModule(config, TokenTimesteps(state)))
     steps = torch.rand(batch, frames * tokens) * 1000
     text = torch.randn(batch, frames, 7, 20)
 

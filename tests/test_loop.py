@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from video_infinity import ClipContext, EngineConfig, parallelize
-from video_infinity.attention import dual_scope_attention
+from video_infinity.engine.attention import dual_scope_attention
 from video_infinity.run.config import ConfigError, validate_run_config
 from video_infinity.frames import (
     attention_reach,
@@ -89,7 +89,7 @@ def test_ring_offset_finds_a_frame_in_unwrapped_and_clipped_spans():
 
 @pytest.mark.unit
 def test_single_process_ring_exchange_wraps_around():
-    from video_infinity.halo import start_exchange
+    from video_infinity.engine.comm import start_exchange
 
     ctx = ClipContext()
     x = torch.arange(5, dtype=torch.float32).view(1, 5, 1).expand(2, 5, 3).contiguous()
@@ -104,7 +104,7 @@ def test_single_process_ring_exchange_wraps_around():
 def test_global_keys_come_from_the_unwrapped_window():
     from diffusers.models.attention_processor import Attention
 
-    from video_infinity.attention import _project_keys_values
+    from video_infinity.engine.attention import _project_keys_values
 
     torch.manual_seed(0)
     attn = Attention(query_dim=16, heads=2, dim_head=8)

@@ -12,7 +12,7 @@ from diffusers import UNet3DConditionModel
 from transformers import CLIPTokenizer
 
 from video_infinity.demo.random_model import build_random_model
-from video_infinity.models import FpsUNet3DConditionModel, ModelLoadError, load_model, load_unet
+from video_infinity.families.unet3d.model import FpsUNet3DConditionModel, ModelLoadError, load_model, load_unet
 
 
 @pytest.fixture(autouse=True)

@@ -14,9 +14,9 @@ from diffusers.models.unets.unet_motion_model import AnimateDiffTransformer3D
 from video_infinity import ClipContext, EngineConfig, parallelize
 from video_infinity.context import DenoiseState
 from video_infinity.config import MotionConfig
-from video_infinity.engine.motion import WindowedMotionAttnProcessor
+from video_infinity.families.animatediff.engine import WindowedMotionAttnProcessor
 from video_infinity.frames import global_frame_indices, partition_frames
-from video_infinity.window_attention import MotionWindows
+from video_infinity.families.animatediff.windows import MotionWindows
 
 from engine_utils import run_distributed
 from motion_utils import build_tiny_motion_unet, load_motion_unet

@@ -9,7 +9,7 @@ from diffusers import WanTransformer3DModel
 
 from engine_utils import run_distributed, torch_threads
 from video_infinity.context import ClipContext
-from video_infinity.engine import parallelize
+from video_infinity import parallelize
 from wan_utils import TEXT_DIM, band_reference, build_tiny_wan_transformer, save_tiny_wan_transformer
 
 FRAMES = 7  # latent frames: uneven clips on 2, 3 and 4 ranks

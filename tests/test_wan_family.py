@@ -19,9 +19,8 @@ from cli_utils import Interrupted, ok, one_line_error, run_cli, sets
 from engine_utils import run_distributed
 from video_infinity.context import ClipContext
 from video_infinity import VideoInfinityPipeline
-from video_infinity.families import WanFamily
-from video_infinity.families.wan import (
-    broadcast_from_rank0,
+from video_infinity.engine.comm import broadcast_from_rank0
+from video_infinity.families.wan.family import (
     decode_wan_clip,
     decode_wan_window,
     denormalize_wan_latents,
@@ -35,7 +34,7 @@ from video_infinity.run.checkpoint import load_checkpoint
 from video_infinity.run.config import load_run_config
 from video_infinity.run.preflight import estimate_output_bytes
 from video_infinity.schedulers import make_scheduler
-from video_infinity.supported_models import unsupported_model
+from video_infinity.families import detect, unsupported_model
 from video_infinity.video_io import read_video
 from wan_pipeline_utils import build_tiny_wan_folder
 
@@ -56,9 +55,9 @@ def test_frame_rule_and_sizes():
 
 @pytest.mark.unit
 def test_tiny_folder_is_recognised_with_its_scheduler_and_checked_sizes(wan_folder, tmp_path):
-    assert WanFamily.can_load(str(wan_folder))
+    assert detect(wan_folder).family == "wan"
     (tmp_path / "model_index.json").write_text('{"_class_name": "TextToVideoSDPipeline"}')
-    assert not WanFamily.can_load(str(tmp_path))
+    assert detect(tmp_path).family == "unet3d"
     pipe = VideoInfinityPipeline.from_pretrained(wan_folder, device="cpu")
     assert pipe.family.name == "wan" and pipe.family.text_pipeline is None  # the encoder loads on first use
     scheduler = pipe.make_scheduler(None)  # the family's default: the folder's own flow-matching UniPC

@@ -10,7 +10,8 @@ from .errors import VideoInfinityError
 
 if TYPE_CHECKING:
     from .context import ClipContext, FrameLayout
-    from .engine import ParallelHandle, parallelize
+    from .engine.handle import ParallelHandle
+    from .parallel import parallelize
     from .pipeline import VideoInfinityPipeline, VideoInfinityPipelineOutput
     from .video_io import export_to_video
 
@@ -20,8 +21,8 @@ __version__ = "0.1.0"
 _LAZY = {
     "ClipContext": "context",
     "FrameLayout": "context",
-    "ParallelHandle": "engine",
-    "parallelize": "engine",
+    "ParallelHandle": "engine.handle",
+    "parallelize": "parallel",
     "VideoInfinityPipeline": "pipeline",
     "VideoInfinityPipelineOutput": "pipeline",
     "export_to_video": "video_io",

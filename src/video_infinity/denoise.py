@@ -112,33 +112,3 @@ def sample(
                 latents = replaced
     return latents
 
-
-def denoise(
-    unet: torch.nn.Module,
-    scheduler: Any,
-    latents: torch.Tensor,
-    prompt_embeds: torch.Tensor,
-    *,
-    seed: int,
-    frames: range,
-    num_steps: int,
-    guidance_scale: float = 1.0,
-    negative_embeds: torch.Tensor | None = None,
-    eta: float = 0.0,
-    unet_kwargs: dict[str, Any] | None = None,
-) -> torch.Tensor:
-    """``sample`` with a bare UNet3D: ``prompt_embeds`` (batch, seq, dim), or (batch, frames, seq, dim)
-    for one embedding per frame (needs a UNet prepared by ``parallelize``); guidance as diffusers."""
-    from .families.base import Conditioning
-    from .families.unet3d import UNet3DFamily
-
-    if guidance_scale > 1.0 and negative_embeds is None:
-        raise ValueError("guidance_scale > 1 needs negative_embeds (the unconditional text embedding)")
-    cond = Conditioning(prompt_embeds, negative_embeds if guidance_scale > 1.0 else None, guidance_scale,
-                        dict(unet_kwargs or {}))
-    family = UNet3DFamily(None, None, None, unet, {}, False, "unet")  # only its model call is used
-
-    def predict(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        return family.predict_noise(x, t, cond)
-
-    return sample(predict, scheduler, latents, seed=seed, frames=frames, num_steps=num_steps, eta=eta)

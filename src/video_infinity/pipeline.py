@@ -34,11 +34,11 @@ from tqdm.auto import tqdm
 from .config import EngineConfig
 from .context import ClipContext
 from .denoise import StepEnd, StopSampling, sample
-from .engine import parallelize
-from .families import AnimateDiffFamily, ModelFamily, family_from_pipe, load_family
-from .families.base import Conditioning
-from .gather import comm_device, gather_frames, stream_to_rank0
+from .families import family_from_pipe, load_family
+from .families.base import Conditioning, ModelFamily
+from .engine.comm import comm_device, gather_frames, stream_to_rank0
 from .noise import INITIAL, frame_noise
+from .parallel import parallelize
 from .presets import engine_preset
 from .prompts import KEYFRAME_MODES, Prompt, check_prompt, frame_embeddings, prompt_mix
 from .schedulers import SCHEDULER_NAMES, make_scheduler
@@ -146,8 +146,9 @@ class VideoInfinityPipeline:
         device = torch.device(device) if device is not None else _default_device()
         if motion_adapter is not None:
             base = str(base_model if base_model is not None else model)
-            return cls(AnimateDiffFamily.load_with_adapter(base, str(motion_adapter), torch_dtype or torch.float32,
-                                                           device), engine)
+            # The adapter folder is the model; its Stable Diffusion base gives the other components.
+            return cls(load_family(str(motion_adapter), base, torch_dtype or torch.float32, device,
+                                   family="animatediff"), engine)
         if model is None:
             from .demo import default_model_path
 

@@ -17,15 +17,16 @@ of a query does not depend on the split of the video, so any number of ranks giv
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from diffusers.models.attention_processor import Attention
 
-from .config import EngineConfig
-from .context import ClipContext, DenoiseState
-from .frames import attention_reach, global_frame_indices, intersect, ring_offset, window
-from .halo import start_exchange
+from ..config import EngineConfig
+from ..context import ClipContext, DenoiseState, FrameLayout
+from ..frames import attention_reach, global_frame_indices, intersect, ring_offset, window
+from .comm import start_exchange
 
 
 def dual_scope_attention(
@@ -192,61 +193,129 @@ def _project_keys_values(
     return key, value, global_key, global_value
 
 
-class DualScopeAttnProcessor:
-    """Attention processor for temporal self-attention (sequence axis = frames) over a clip of the video."""
+@dataclass(frozen=True)
+class TemporalCall:
+    """What one temporal-attention call attends, fixed by the whole video and the step (never by the
+    rank's clip), so every rank computes the same for a frame."""
+
+    layout: FrameLayout
+    timestep: float
+    left: int
+    """Frames before its own that a query's window reaches (the halo each rank fetches: the widest need)."""
+    right: int
+    global_frames: list[int]
+    local_bias: float
+    global_bias: float
+    split_invariant: bool
+    loop: bool
+
+
+class TemporalAttnProcessor:
+    """The skeleton of every family's temporal (or DiT self-) attention processor over one clip:
+
+    1. a self-attention call only (no encoder states, no mask);
+    2. the call's :class:`TemporalCall`: its layout and timestep (the handle's ``DenoiseState``), the
+       window's reach (:meth:`reach`), the global frames (``top_k``) and phase biases of the step;
+    3. what neighbours need (:meth:`exchanged`: the hidden states, or a DiT's keys and values as they
+       enter attention) leaves point-to-point, with the global frames from their owners;
+    4. meanwhile :meth:`before_wait` (the queries: computing while frames travel);
+    5. :meth:`attend` on the clip plus halo and the global frames: the family's math (dual-scope
+       attention, motion windows, rotary positions), then :meth:`output` (projection, residual).
+
+    A family specialises 3-5 (and :meth:`reach`); the communication and the per-step settings are
+    this class's alone.
+    """
+
+    kind = "dual-scope attention"
 
     def __init__(self, config: EngineConfig, ctx: ClipContext, state: DenoiseState) -> None:
-        self.engine_config = config
-        self.config = config.attn
-        self.ctx = ctx
-        self.state = state
+        self.engine_config, self.config = config, config.attn
+        self.ctx, self.state = ctx, state
 
-    def __call__(
-        self,
-        attn: Attention,
-        hidden_states: torch.Tensor,
-        encoder_hidden_states: torch.Tensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        temb: torch.Tensor | None = None,
-        **kwargs,
-    ) -> torch.Tensor:
+    def __call__(self, attn: Attention, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
+                 attention_mask: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
         if encoder_hidden_states is not None or attention_mask is not None:
-            raise NotImplementedError(
-                "dual-scope attention handles temporal self-attention only (no encoder states, no mask)"
-            )
+            raise NotImplementedError(f"{self.kind} handles self-attention only (no encoder states, no mask)")
+        self.check(attn, hidden_states)
+        layout, timestep = self.state.layout, self.state.timestep
+        left, right = self.reach(layout)
+        local_bias, global_bias = self.config.phase_biases(timestep)
+        call = TemporalCall(
+            layout=layout, timestep=timestep, left=left, right=right,
+            global_frames=global_frame_indices(layout.total_frames, self.config.global_frame_count(timestep)),
+            local_bias=local_bias, global_bias=global_bias,
+            split_invariant=self.engine_config.split_invariant_on(hidden_states.device.type),
+            loop=self.engine_config.loop,
+        )
+        sent, frame_dim, carry = self.exchanged(attn, hidden_states, call, **kwargs)
+        pending = start_exchange(sent, frame_dim, layout, left, right, self.ctx, call.global_frames,
+                                 kind="attn_halo", loop=call.loop)
+        early = self.before_wait(attn, hidden_states, call, carry, **kwargs)
+        context, context_frames, global_states = pending.wait()
+        return self.attend(attn, hidden_states, early, context, context_frames, global_states, call, **kwargs)
+
+    # ---- what a family specialises
+    def check(self, attn: Attention, hidden_states: torch.Tensor) -> None:
+        """Refuse inputs the processor does not handle (before anything is sent)."""
+
+    def reach(self, layout: FrameLayout) -> tuple[int, int]:
+        """(left, right) frames of halo: the band of ``padding`` frames (around the ring in a loop)."""
+        return attention_reach(self.config.padding, layout.total_frames, self.engine_config.loop)
+
+    def exchanged(self, attn: Attention, hidden_states: torch.Tensor, call: TemporalCall,
+                  **kwargs) -> tuple[torch.Tensor, int, object]:
+        """(tensor whose frames neighbours need, its frame dimension, anything computed on the way
+        for :meth:`before_wait`): the hidden states by default."""
+        return hidden_states, 1, None
+
+    def before_wait(self, attn: Attention, hidden_states: torch.Tensor, call: TemporalCall, carry: object,
+                    **kwargs) -> object:
+        """Work done while the frames travel (the queries), handed to :meth:`attend`."""
+        return None
+
+    def attend(self, attn: Attention, hidden_states: torch.Tensor, early: object, context: torch.Tensor,
+               context_frames: range, global_states: torch.Tensor, call: TemporalCall, **kwargs) -> torch.Tensor:
+        raise NotImplementedError
+
+    @staticmethod
+    def output(attn: Attention, out: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        """The attention module's output projection (and dropout), residual and rescaling, as diffusers'."""
+        out = attn.to_out[1](attn.to_out[0](out))
+        if getattr(attn, "residual_connection", False):
+            out = out + residual
+        factor = getattr(attn, "rescale_output_factor", 1.0)
+        return out if factor == 1.0 else out / factor
+
+
+class DualScopeAttnProcessor(TemporalAttnProcessor):
+    """Attention processor for temporal self-attention (sequence axis = frames) over a clip of the video."""
+
+    def check(self, attn: Attention, hidden_states: torch.Tensor) -> None:
         if attn.spatial_norm is not None or attn.group_norm is not None or hidden_states.dim() != 3:
             raise NotImplementedError("dual-scope attention expects (batch, frames, channels) inputs without norms")
-        layout = self.state.layout
-        config = self.config
-        timestep = self.state.timestep
-        residual = hidden_states
 
-        loop = self.engine_config.loop
-        left, right = attention_reach(config.padding, layout.total_frames, loop)
-        global_frames = global_frame_indices(layout.total_frames, config.global_frame_count(timestep))
-        pending = start_exchange(hidden_states, 1, layout, left, right, self.ctx, global_frames, kind="attn_halo",
-                                 loop=loop)
-        query = attn.to_q(hidden_states)  # while the neighbours' frames are in flight
-        context, context_frames, global_states = pending.wait()
+    def before_wait(self, attn: Attention, hidden_states: torch.Tensor, call: TemporalCall, carry: object,
+                    **kwargs) -> torch.Tensor:
+        return attn.to_q(hidden_states)
+
+    def attend(self, attn: Attention, hidden_states: torch.Tensor, early: object, context: torch.Tensor,
+               context_frames: range, global_states: torch.Tensor, call: TemporalCall, **kwargs) -> torch.Tensor:
+        config, layout = self.config, call.layout
         key, value, global_key, global_value = _project_keys_values(
-            attn, context, context_frames, global_states, global_frames, layout.total_frames
+            attn, context, context_frames, global_states, call.global_frames, layout.total_frames
         )
-
         batch = hidden_states.shape[0]
         head_dim = key.shape[-1] // attn.heads
 
         def heads(t: torch.Tensor) -> torch.Tensor:
             return t.reshape(batch, -1, attn.heads, head_dim).transpose(1, 2)
 
-        query, key, value = heads(query), heads(key), heads(value)
+        query, key, value = heads(early), heads(key), heads(value)
         global_key, global_value = heads(global_key), heads(global_value)
         if attn.norm_q is not None:
             query = attn.norm_q(query)
         if attn.norm_k is not None:
             key, global_key = attn.norm_k(key), attn.norm_k(global_key)
-
-        local_bias, global_bias = config.phase_biases(timestep)
-        split_invariant = self.engine_config.split_invariant_on(hidden_states.device.type)
         out = dual_scope_attention(
             query,
             key,
@@ -258,21 +327,17 @@ class DualScopeAttnProcessor:
             total_frames=layout.total_frames,
             padding=config.padding,
             scale=attn.scale * config.attn_scale,
-            local_bias=local_bias,
-            global_bias=global_bias,
+            local_bias=call.local_bias,
+            global_bias=call.global_bias,
             token_num_scale=config.token_num_scale,
             chunk_size=config.query_chunk_size,
-            split_invariant=split_invariant,
-            loop=loop,
+            split_invariant=call.split_invariant,
+            loop=call.loop,
         )
-        if split_invariant:
+        if call.split_invariant:
             # Heads merged frames-first, returned as a (batch, frames, C) view: ``to_out``'s
-            # per-frame products (``per_frame.PerFrameRows``) then take each frame's rows as they are.
+            # per-frame products (``per_frame.PerFrameLinear`` on ``FramesAxis``) then take each frame's rows as they are.
             out = out.permute(2, 0, 1, 3).reshape(out.shape[2], batch, -1).transpose(0, 1).to(query.dtype)
         else:
             out = out.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim).to(query.dtype)
-        out = attn.to_out[0](out)
-        out = attn.to_out[1](out)
-        if attn.residual_connection:
-            out = out + residual
-        return out / attn.rescale_output_factor
+        return self.output(attn, out, hidden_states)

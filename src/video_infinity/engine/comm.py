@@ -1,20 +1,28 @@
-"""Point-to-point messages that move frames between ranks. The rules (who sends what) live in ``frames``.
+"""The engine's one communication module: every collective of a generation, on a ``ClipContext``.
 
-At world size 1 nothing is sent and the exchange reduces to slicing, so the single-process path runs
-the same code.
+* the halo exchange (:func:`start_exchange`): point-to-point, each rank sends its neighbours the
+  frames their windows reach and the global frames' owners send those; the rules (who sends what)
+  live in :mod:`video_infinity.frames`;
+* bringing frames to rank 0 (:func:`gather_frames`, :func:`stream_to_rank0`): latents, checkpoints
+  and the decoded video, in frame order;
+* :func:`broadcast_from_rank0`: something computed once (text embeddings) sent to every rank.
+
+At world size 1 nothing is sent (the exchange reduces to slicing), so one process runs the same code.
+The whole-video GroupNorm's all-reduce sits with its math in :mod:`.norm`.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
-from .context import ClipContext, FrameLayout
-from .frames import owners, ring_offset, window, window_transfer_plan
+from ..context import ClipContext, FrameLayout
+from ..frames import owners, ring_offset, window, window_transfer_plan
 
-__all__ = ["PendingFrames", "start_exchange"]
+__all__ = ["PendingFrames", "broadcast_from_rank0", "comm_device", "gather_frames", "start_exchange", "stream_to_rank0"]
 
 
 def _frames(x: torch.Tensor, dim: int, frames: range, offset: int) -> torch.Tensor:
@@ -138,3 +146,72 @@ def start_exchange(
     requests = dist.batch_isend_irecv(ops) if ops else []
     return PendingFrames(x, dim, layout, span, global_frames, requests, window_parts, global_parts, received)
 
+
+# ---------------------------------------------------------------------- to rank 0, from rank 0
+def comm_device(ctx: ClipContext, device: torch.device) -> torch.device:
+    """Where tensors must be to travel: NCCL moves CUDA tensors only, gloo CPU tensors."""
+    return device if ctx.distributed and dist.get_backend(ctx.group) == "nccl" else torch.device("cpu")
+
+
+def gather_frames(tensor: torch.Tensor, ctx: ClipContext, device: torch.device, dim: int = 2) -> torch.Tensor | None:
+    """The whole video's ``tensor`` (frames along ``dim``) on rank 0, on the CPU; None on the other ranks."""
+    local = tensor.to(comm_device(ctx, device)).contiguous()
+    if not ctx.distributed:
+        return local.cpu()
+    if ctx.rank != 0:
+        dist.send(local, dst=ctx.global_rank(0), group=ctx.group)
+        return None
+    parts = [local]
+    for rank in range(1, ctx.world_size):
+        shape = list(local.shape)
+        shape[dim] = len(ctx.layout.partition[rank])
+        buffer = torch.empty(shape, dtype=local.dtype, device=local.device)
+        dist.recv(buffer, src=ctx.global_rank(rank), group=ctx.group)
+        parts.append(buffer)
+    return torch.cat(parts, dim=dim).cpu()
+
+
+def stream_to_rank0(chunks: Iterable[torch.Tensor], ctx: ClipContext, device: torch.device,
+                    dtype: torch.dtype) -> Iterator[torch.Tensor]:
+    """Rank 0 yields its own chunks, then every other rank's, in rank order (so in frame order); the
+    other ranks send theirs and yield nothing. Each chunk is preceded by its shape (any chunking works)."""
+    if not ctx.distributed:
+        yield from chunks
+        return
+    where = comm_device(ctx, device)
+    if ctx.rank != 0:
+        for chunk in chunks:
+            chunk = chunk.to(where, dtype).contiguous()
+            dist.send(torch.tensor([chunk.dim(), *chunk.shape, *[0] * (7 - chunk.dim())], device=where),
+                      dst=ctx.global_rank(0), group=ctx.group)
+            dist.send(chunk, dst=ctx.global_rank(0), group=ctx.group)
+        dist.send(torch.zeros(8, dtype=torch.int64, device=where), dst=ctx.global_rank(0), group=ctx.group)
+        return
+    for chunk in chunks:
+        yield chunk.to(dtype)
+    for rank in range(1, ctx.world_size):
+        while True:
+            header = torch.empty(8, dtype=torch.int64, device=where)
+            dist.recv(header, src=ctx.global_rank(rank), group=ctx.group)
+            ndim = int(header[0])
+            if ndim == 0:
+                break
+            buffer = torch.empty([int(s) for s in header[1 : 1 + ndim]], dtype=dtype, device=where)
+            dist.recv(buffer, src=ctx.global_rank(rank), group=ctx.group)
+            yield buffer
+
+
+def broadcast_from_rank0(
+    ctx: ClipContext, produce: Callable[[], torch.Tensor], shape: tuple[int, ...], dtype: torch.dtype,
+    device: torch.device | str,
+) -> torch.Tensor:
+    """``produce()`` on rank 0 only, sent to every rank (others never call it)."""
+    if ctx.rank == 0:
+        tensor = produce().to(device=device, dtype=dtype).contiguous()
+        if tuple(tensor.shape) != tuple(shape):
+            raise ValueError(f"rank 0 produced shape {tuple(tensor.shape)}, the other ranks expect {tuple(shape)}")
+    else:
+        tensor = torch.empty(shape, dtype=dtype, device=device)
+    if ctx.distributed:
+        dist.broadcast(tensor, src=ctx.global_rank(0), group=ctx.group)
+    return tensor

@@ -13,7 +13,7 @@ from torch import nn
 
 from ..config import EngineConfig
 from ..context import ClipContext, DenoiseState
-from ..norm import video_group_norm
+from .norm import video_group_norm
 
 __all__ = ["PointwiseConvAsMatmul", "TrackDenoiseStep", "VideoGroupNorm", "is_pointwise_conv", "scalar_timestep"]
 

@@ -12,7 +12,6 @@ is what makes a video bit-identical on any number of ranks (CPU, float32).
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 

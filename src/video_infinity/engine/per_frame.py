@@ -25,8 +25,8 @@ from diffusers.hooks import ModelHook
 from diffusers.utils import BaseOutput
 from torch import nn
 
-from .config import EngineConfig
-from .context import DenoiseState
+from ..config import EngineConfig
+from ..context import DenoiseState
 
 
 def _combine(outputs: list[Any]) -> Any:
@@ -118,32 +118,140 @@ class PerFrameCall(ModelHook):
         return _combine(outputs)
 
 
-class PerFrameRows(ModelHook):
-    """On a ``Linear`` inside a temporal transformer (input (..., frames, C): each spatial position's
-    frames are one sequence): one matrix product per frame, on that frame's rows.
+# ---- where a tensor keeps each frame's rows ---------------------------------------------------------
+class FrameRows:
+    """How a layer's input holds frames' rows, for the per-frame hooks below: :meth:`blocks` gives one
+    contiguous (rows, C) block per frame (per batch item), or None when the input holds no per-frame
+    rows (then the layer runs as is); blocks' outputs (n, rows, C_out) return to the input's layout
+    with :meth:`merge`. Each layout of the families is one subclass; the hooks are shared."""
 
-    The frames' rows are gathered frames-first into one contiguous (frames, ..., C) tensor, so each
-    frame's rows are one contiguous block; each frame's product is written into its block of a
-    frames-first output, returned as a (..., frames, C_out) view. The next layer of the transformer
-    finds its input already frames-first (no copy), so the activations stay frames-first between
-    layers. Keys and values of halo and global frames go through the same per-frame call, so a
-    frame's key has the same bits whether its rank projected it as an owned, halo or global frame.
+    def blocks(self, x: torch.Tensor) -> torch.Tensor | None:
+        raise NotImplementedError
+
+    def merge(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """(n, rows, C_out) blocks -> ``x``'s layout with C_out channels (a view of ``out``)."""
+        return out.view(*x.shape[:-1], out.shape[-1]) if x.dim() > 1 else out.view(x.shape[0], out.shape[-1])
+
+
+class FramesAxis(FrameRows):
+    """(..., frames, C): each spatial position's frames one sequence (a UNet's temporal transformer).
+
+    The rows are gathered frames-first, (frames, ..., C), so each frame's rows are one contiguous
+    block; outputs come back as a (..., frames, C_out) view of a frames-first tensor, so the next layer
+    of the transformer finds its input frames-first already (no copy): activations stay frames-first
+    between layers."""
+
+    def blocks(self, x: torch.Tensor) -> torch.Tensor | None:
+        if x.dim() < 2:
+            return None
+        per_frame = x.movedim(-2, 0).contiguous()  # no copy when x is a frames-first view already
+        return per_frame.reshape(per_frame.shape[0], -1, per_frame.shape[-1])  # a view: (frames, rows, C)
+
+    def merge(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        frames_first = x.movedim(-2, 0).shape[:-1]
+        return out.view(*frames_first, out.shape[-1]).movedim(0, -2)
+
+
+class FrameMajorTokens(FrameRows):
+    """(batch, frames * tokens, C), frame-major (a DiT's token sequence): each (batch item, frame)'s
+    tokens one block; the frame count is the call's (``state.layout``)."""
+
+    def __init__(self, state: DenoiseState) -> None:
+        self.state = state
+
+    def blocks(self, x: torch.Tensor) -> torch.Tensor | None:
+        return frame_blocks(x, len(self.state.layout.owned)) if x.dim() == 3 else None
+
+
+class PerFrameText(FrameRows):
+    """Per-frame text (batch, frames, seq, C): each (batch item, frame)'s text one block; 3-D text
+    (shared by every frame, the same shape on every rank) holds no per-frame rows."""
+
+    def blocks(self, x: torch.Tensor) -> torch.Tensor | None:
+        return x.contiguous().flatten(0, 1) if x.dim() == 4 else None
+
+
+class TokenTimesteps(FrameRows):
+    """Per-token timesteps (one per token: Wan2.2 TI2V), flattened (batch * frames * tokens,) or
+    their embeddings (batch, frames * tokens, C); only when the call has them (one timestep per
+    sample: rows = batch, the same on every rank)."""
+
+    def __init__(self, state: DenoiseState) -> None:
+        self.state = state
+
+    def blocks(self, x: torch.Tensor) -> torch.Tensor | None:
+        if not self.state.token_timesteps:
+            return None
+        if x.dim() == 1:
+            return x.contiguous().view(self.state.batch * len(self.state.layout.owned), -1)
+        return frame_blocks(x, len(self.state.layout.owned)) if x.dim() == 3 else None
+
+
+def frame_blocks(x: torch.Tensor, frames: int) -> torch.Tensor:
+    """(batch, frames * tokens, C), frame-major -> (batch * frames, tokens, C): each (batch item, frame)'s
+    tokens one contiguous block (a view when ``x`` is contiguous, as a DiT's token path's tensors are)."""
+    batch, num_tokens, channels = x.shape
+    if num_tokens % frames:
+        raise ValueError(f"{num_tokens} tokens do not split into the rank's {frames} latent frames")
+    return x.contiguous().view(batch * frames, num_tokens // frames, channels)
+
+
+# ---- the per-frame hooks ---------------------------------------------------------------------------------
+class PerFrameLinear(ModelHook):
+    """On a ``Linear`` whose rows are frames' (``rows`` says where): one matrix product per frame block
+    (:func:`linear_per_block`) when computing split-invariantly; otherwise the layer's own forward.
+
+    BLAS kernels choose their blocking by the number of rows, so a row could round differently in a
+    rank holding 3 frames and in one holding 5; one product per frame, on the frame's contiguous
+    rows, has shapes and strides fixed by the frame alone. Keys and values of halo and global frames
+    go through the same per-frame call, so a frame's key has the same bits whether its rank
+    projected it as an owned, halo or global frame. A ``Linear`` subclass computing something else
+    is called once per block.
     """
 
-    def __init__(self, config: EngineConfig) -> None:
+    def __init__(self, config: EngineConfig, rows: FrameRows) -> None:
         super().__init__()
-        self.config = config
+        self.config, self.rows = config, rows
 
     def new_forward(self, module: nn.Linear, x: torch.Tensor) -> torch.Tensor:
         forward: Callable[..., Any] = self.fn_ref.original_forward
-        if x.dim() < 2 or not self.config.split_invariant_on(x.device.type):
+        blocks = self.rows.blocks(x) if self.config.split_invariant_on(x.device.type) else None
+        if blocks is None:
             return forward(x)
-        per_frame = x.movedim(-2, 0).contiguous()  # no copy when x is a frames-first view already
-        if type(module).forward is not nn.Linear.forward:  # a subclass computing something else
-            return torch.stack([forward(rows) for rows in per_frame]).movedim(0, -2)
-        rows = per_frame.reshape(per_frame.shape[0], -1, per_frame.shape[-1])  # a view: (frames, rows, C)
-        out = linear_per_block(rows, module.weight, module.bias)
-        return out.view(*per_frame.shape[:-1], module.out_features).movedim(0, -2)
+        if type(module).forward is not nn.Linear.forward:
+            return self.rows.merge(torch.stack([forward(block) for block in blocks]), x)
+        return self.rows.merge(linear_per_block(blocks, module.weight, module.bias), x)
+
+
+class PerFrameModule(ModelHook):
+    """On a module that works row by row (a DiT block's feed-forward; a text projection given per-frame
+    text; a timestep embedding given one timestep per token): one call per frame block, on its
+    contiguous rows, when computing split-invariantly; each call's output written into the block's
+    place of the output.
+
+    Besides its matrix products, such a module applies element-wise non-linearities (tanh-GELU,
+    SiLU) whose vectorised body and scalar tail round differently (measured: 5-8% of tanh-GELU and
+    1-4% of SiLU outputs differ by an ulp between the two); which elements fall in a tail depends
+    on the tensor's size and on how its elements are split between threads, i.e. on the frame
+    count. A call per frame fixes both by the frame alone. Otherwise the module's own forward.
+    """
+
+    def __init__(self, config: EngineConfig, rows: FrameRows) -> None:
+        super().__init__()
+        self.config, self.rows = config, rows
+
+    def new_forward(self, module: nn.Module, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        forward: Callable[..., Any] = self.fn_ref.original_forward
+        blocks = self.rows.blocks(x) if self.config.split_invariant_on(x.device.type) else None
+        if blocks is None:
+            return forward(x, *args, **kwargs)
+        out = None
+        for index, block in enumerate(blocks):
+            result = forward(block, *args, **kwargs)
+            if out is None:
+                out = result.new_empty(blocks.shape[0], *result.shape)
+            out[index] = result
+        return self.rows.merge(out, x)
 
 
 class FramesFirstRowNorm(ModelHook):
@@ -153,7 +261,7 @@ class FramesFirstRowNorm(ModelHook):
     separately, in an order fixed by the row's length, and splits the work between threads by whole
     rows, so a row's result does not depend on how many rows share the call (unlike a matrix product,
     whose blocking depends on the row count). No per-frame call is needed; computing on the
-    frames-first tensor keeps the transformer's activations frames-first (see :class:`PerFrameRows`).
+    frames-first tensor keeps the transformer's activations frames-first (see :class:`FramesAxis`).
     """
 
     def __init__(self, config: EngineConfig) -> None:

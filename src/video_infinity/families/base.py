@@ -50,9 +50,6 @@ class ModelFamily(Protocol):
 
     # ---- finding and loading --------------------------------------------------------------------
     @classmethod
-    def can_load(cls, model: str) -> bool:
-        """Whether ``model`` (folder or hub id) is of this family (cheap: config files only)."""
-    @classmethod
     def load(cls, model: str, base_model: str | None, torch_dtype: torch.dtype, device: torch.device) -> ModelFamily:
         """Load every component, in eval mode, on ``device``."""
     @classmethod

@@ -18,8 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError
-from ..frames import latent_frame_count
-from ..supported_models import unsupported_model
+from ..families import FolderFacts, detect, unsupported_model
 from .checkpoint import CheckpointPlan, check_compatible, estimate_bytes, hash_parts, load_checkpoint, result_parts
 from .config import RunConfig
 from .outputs import check_outputs, output_paths
@@ -95,19 +94,13 @@ def _check_files(folder: Path, label: str, field: str) -> None:
                 raise ConfigError(f"{field}: '{label}': {rel.as_posix()} {problem} (download or copy the model again)")
 
 
-def _pipeline_components(path: Path) -> dict[str, list[tuple[str, tuple[str, ...]]]]:
-    """The component subfolders a pipeline folder must hold: a transformer-based pipeline (Wan) lists
-    ``transformer`` (and ``transformer_2``) in its ``model_index.json`` instead of ``unet``."""
-    try:
-        index = json.loads((path / "model_index.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        index = {}
-    components = dict(_COMPONENT_FILES)
-    transformers = [name for name in ("transformer", "transformer_2")
-                    if isinstance(index, dict) and isinstance(index.get(name), list) and index[name][-1] is not None]
-    if transformers:
-        del components["unet"]
-        components.update({name: _COMPONENT_FILES["unet"] for name in transformers})
+def _pipeline_components(model: str) -> dict[str, list[tuple[str, tuple[str, ...]]]]:
+    """The component subfolders a pipeline folder must hold: its family's denoisers (``unet``, or
+    ``transformer`` and ``transformer_2``) besides the VAE, text encoder, tokenizer and scheduler."""
+    facts = detect(model)
+    components = {name: needs for name, needs in _COMPONENT_FILES.items() if name != "unet"}
+    for name in facts.components if facts is not None else ("unet",):
+        components[name] = _COMPONENT_FILES["unet"]
     return components
 
 
@@ -127,7 +120,7 @@ def check_model_folder(model: str, base_model: str | None) -> None:
         raise ConfigError(f"model: '{model}' is a file; expected a diffusers model folder or a hub id")
     if (path / "model_index.json").is_file() or (path / "unet").is_dir():
         missing = []
-        for component, needs in _pipeline_components(path).items():
+        for component, needs in _pipeline_components(model).items():
             sub = path / component
             if not sub.is_dir():
                 missing.append(f"{component}/")
@@ -149,22 +142,19 @@ def check_model_folder(model: str, base_model: str | None) -> None:
 
 
 def check_video_shape(config: RunConfig, model: str, world_size: int) -> None:
-    """Refuse a frame count or size a local transformer-based (Wan) folder cannot make, before any rank
-    starts: video frames ``t*k + 1`` for the VAE's temporal compression ``t``, height and width
-    multiples of its spatial compression times the transformer's patch size (16 for Wan)."""
-    path = Path(model).expanduser()
-    if not (path / "transformer" / "config.json").is_file() or not (path / "vae" / "config.json").is_file():
-        return  # a UNet family (checked by the pipeline's own rules) or a hub id (checked by the ranks)
-    vae = json.loads((path / "vae" / "config.json").read_text(encoding="utf-8"))
-    transformer = json.loads((path / "transformer" / "config.json").read_text(encoding="utf-8"))
+    """Refuse a frame count or size the model's family cannot make (from its folder's config files),
+    before any rank starts: e.g. Wan's video frames ``t*k + 1`` for the VAE's temporal compression
+    ``t``, height and width multiples of its spatial compression times the patch size (16)."""
+    facts = detect(model)
+    if facts is None:
+        return  # a hub id not cached, or a motion adapter's base: checked by the ranks
     pipe = config.pipe_configs
     field = "pipe_configs.total_frames" if pipe.total_frames is not None else "pipe_configs.num_frames"
     try:
-        latent_frame_count(pipe.total_frames_for(world_size), int(vae.get("scale_factor_temporal", 4)))
+        facts.latent_frames(pipe.total_frames_for(world_size))
     except ValueError as exc:
         raise ConfigError(f"{field}: {str(exc).removeprefix('num_frames: ')} (the whole video's frames)") from None
-    patch = transformer.get("patch_size") or [1, 1, 1]
-    multiple = int(vae.get("scale_factor_spatial", 8)) * int(patch[-1])
+    multiple = facts.spatial_multiple
     for name in ("height", "width"):
         value = getattr(pipe, name)
         if value % multiple:
@@ -184,23 +174,6 @@ def check_motion_adapter_folder(adapter: str) -> None:
     _check_files(path, adapter, "motion_adapter")
 
 
-def _read_config(path: Path) -> dict[str, Any] | None:
-    """A JSON config file as a dict; None when missing or unreadable."""
-    try:
-        return dict(json.loads(path.read_text(encoding="utf-8")))
-    except (OSError, ValueError, TypeError):
-        return None
-
-
-def _model_config(model: str, sub: str) -> dict[str, Any]:
-    """Component ``sub``'s config, else the folder's own (a component-only folder); {} if neither."""
-    for candidate in (Path(model) / sub / "config.json", Path(model) / "config.json"):
-        config = _read_config(candidate)
-        if config is not None:
-            return config
-    return {}
-
-
 def _human(nbytes: float) -> str:
     for unit in ("B", "KB", "MB", "GB", "TB"):
         if nbytes < 1000 or unit == "TB":
@@ -209,49 +182,27 @@ def _human(nbytes: float) -> str:
     return f"{nbytes:.1f} TB"
 
 
-def _latent_layout(config: RunConfig, model: str) -> tuple[int, int]:
-    """``(values, bytes per value)`` of the whole video's latents in the sampling loop: UNet models have
-    one latent frame per video frame and latents in the run's dtype; Wan (a ``transformer/``) has
-    ``(frames - 1) / 4 + 1`` latent frames, the transformer's channels, the VAE's spatial factor and
-    float32 latents."""
+def _latent_layout(config: RunConfig, facts: FolderFacts) -> tuple[int, int]:
+    """``(values, bytes per value)`` of the whole video's latents in the sampling loop (the family's
+    latent frames, channels and spatial factor; its latent dtype, else the run's)."""
     pipe = config.pipe_configs
-    vae = _model_config(model, "vae")
-    transformer = _read_config(Path(model) / "transformer" / "config.json") or {}  # no fallback: UNet folders
-    if transformer:
-        channels = int(transformer.get("out_channels") or transformer.get("in_channels") or 16)
-        frames = latent_frame_count(config.total_frames, int(vae.get("scale_factor_temporal", 4)))
-        scale, element = int(vae.get("scale_factor_spatial", 8)), 4
-    else:
-        channels, frames = int(_model_config(model, "unet").get("in_channels", 4)), config.total_frames
-        scale = 2 ** (len(vae.get("block_out_channels", [0, 0, 0, 0])) - 1)
-        element = 4 if config.uses_cpu or config.dtype == "float32" else 2
-    return channels * frames * (pipe.height // scale) * (pipe.width // scale), element
-
-
-def _scheduler_history(config: RunConfig, model: str) -> int:
-    """Latent-sized tensors the sampler keeps between steps (what a checkpoint saves besides the latents)."""
-    name = config.pipe_configs.scheduler
-    if name is None:  # the family's default: the folder's own for Wan, DPM-Solver++ for UNet models
-        name = "model" if (Path(model) / "transformer").is_dir() else "sde-dpmsolver++"
-    if name == "ddim":
-        return 1
-    if name != "model":
-        return 2  # DPM-Solver++ keeps its last solver_order (2) model outputs
-    scheduler = _read_config(Path(model) / "scheduler" / "scheduler_config.json") or {}
-    kind, order = scheduler.get("_class_name"), int(scheduler.get("solver_order", 2))
-    return 1 if kind == "DDIMScheduler" else order + 1 if kind == "UniPCMultistepScheduler" else order  # UniPC: + last sample
+    frames = facts.latent_frames(config.total_frames)
+    scale = facts.spatial_factor
+    element = facts.latent_element_bytes or (4 if config.uses_cpu or config.dtype == "float32" else 2)
+    return facts.latent_channels * frames * (pipe.height // scale) * (pipe.width // scale), element
 
 
 def estimate_output_bytes(config: RunConfig, model: str) -> dict[str, int]:
     """Rough disk needs of a run: the MP4, the latents file, the checkpoint (with its temporary copy)."""
     pipe = config.pipe_configs
     frames = config.total_frames
-    latent_values, element = _latent_layout(config, model)
+    facts = detect(model) or FolderFacts(family="unknown")  # not told by config files: a UNet's defaults
+    latent_values, element = _latent_layout(config, facts)
     needs = {"video": frames * pipe.height * pipe.width * 3 // 8}  # H.264 at crf 18; noise-like frames compress poorly
     if pipe.save_latents:
         needs["latents"] = latent_values * 4
     if pipe.checkpoint_every is not None:
-        needs["checkpoint"] = estimate_bytes(latent_values * element, _scheduler_history(config, model))
+        needs["checkpoint"] = estimate_bytes(latent_values * element, facts.scheduler_history(pipe.scheduler))
     return needs
 
 

@@ -24,7 +24,7 @@ import torch.distributed as dist
 from .. import __version__
 from ..atomic import atomic_output, write_json_atomic
 from ..context import ClipContext
-from ..gather import gather_frames
+from ..engine.comm import gather_frames
 from ..pipeline import VideoInfinityPipeline
 from ..video_io import VideoWriter
 from .checkpoint import (

@@ -29,21 +29,21 @@ from diffusers.models.attention_processor import Attention
 from diffusers.models.embeddings import SinusoidalPositionalEmbedding
 from torch import nn
 
-from ..config import EngineConfig
-from ..context import ClipContext, DenoiseState
-from ..frames import global_frame_indices
-from ..halo import start_exchange
-from ..window_attention import MotionWindows, window_attention
-from .common import PointwiseConvAsMatmul, TrackDenoiseStep, VideoGroupNorm, is_pointwise_conv
-from .handle import ParallelHandle
+from ...config import EngineConfig
+from ...context import ClipContext, DenoiseState
+from ...frames import global_frame_indices
+from ...engine.comm import start_exchange
+from .windows import MotionWindows, window_attention
+from ...engine.common import PointwiseConvAsMatmul, TrackDenoiseStep, VideoGroupNorm, is_pointwise_conv
+from ...engine.handle import ParallelHandle
 
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["WindowedMotionAttnProcessor", "is_motion_family", "parallelize_motion"]
+__all__ = ["WindowedMotionAttnProcessor", "accepts", "parallelize"]
 
 
-def is_motion_family(model: nn.Module) -> bool:
+def accepts(model: nn.Module) -> bool:
     """Whether ``model`` is an AnimateDiff UNet (diffusers ``UNetMotionModel``)."""
     # Imported here: diffusers' unets package loads every UNet (seconds), which the engine's importers
     # (the CLI's early error paths included) should not pay for.
@@ -240,8 +240,8 @@ class _Heads:
         return t.transpose(2, 3).reshape(b, n * f, h * d)
 
 
-def parallelize_motion(unet: nn.Module, config: EngineConfig, context: ClipContext) -> ParallelHandle:
-    """Hooks and processors for an AnimateDiff ``UNetMotionModel`` (see :func:`video_infinity.engine.parallelize`).
+def parallelize(unet: nn.Module, config: EngineConfig, context: ClipContext) -> ParallelHandle:
+    """Hooks and processors for an AnimateDiff ``UNetMotionModel`` (see :func:`video_infinity.parallelize`).
 
     ``config.attn`` gives the global frames (``top_k``), phase biases, ``token_num_scale``,
     ``attn_scale`` and ``query_chunk_size``; its ``padding`` does not apply (the local window is
@@ -250,7 +250,7 @@ def parallelize_motion(unet: nn.Module, config: EngineConfig, context: ClipConte
     from diffusers.models.unets.unet_motion_model import AnimateDiffTransformer3D
 
     motion = config.motion
-    if not is_motion_family(unet):
+    if not accepts(unet):
         raise TypeError(f"{type(unet).__name__} is not a UNetMotionModel")
     if any(isinstance(m, FreeNoiseTransformerBlock) for m in unet.modules()):
         raise ValueError("the UNet has FreeNoise blocks: call pipe.disable_free_noise() before parallelize()")

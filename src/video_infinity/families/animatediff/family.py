@@ -14,7 +14,6 @@ between them, as diffusers' ``enable_free_noise`` does) give each frame its own.
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,34 +21,13 @@ from typing import Any, ClassVar
 
 import torch
 
-from ..context import ClipContext
-from .unet3d import UNet3DFamily
+from ...context import ClipContext
+from ..unet3d.family import UNet3DFamily
+from .detect import is_animatediff_folder, is_motion_adapter_folder
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["AnimateDiffFamily", "is_animatediff_folder", "is_motion_adapter_folder", "load_animatediff"]
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-
-
-def is_animatediff_folder(model: str | Path) -> bool:
-    """Whether ``model`` is a local AnimateDiff pipeline folder (its ``model_index.json`` or its UNet's
-    config says so). Config files only, no weights read."""
-    folder = Path(model)
-    index = _read_json(folder / "model_index.json")
-    if str(index.get("_class_name", "")).startswith("AnimateDiff"):
-        return True
-    return _read_json(folder / "unet" / "config.json").get("_class_name") == "UNetMotionModel"
-
-
-def is_motion_adapter_folder(model: str | Path) -> bool:
-    """Whether ``model`` is a local diffusers ``MotionAdapter`` folder (config file only)."""
-    return _read_json(Path(model) / "config.json").get("_class_name") == "MotionAdapter"
 
 
 def load_animatediff(model: str | Path, motion_adapter: str | Path | None = None, *,
@@ -100,13 +78,8 @@ class AnimateDiffFamily(UNet3DFamily):
 
     # ---- finding and loading
     @classmethod
-    def can_load(cls, model: str) -> bool:
-        # An AnimateDiff pipeline folder, or a motion adapter (its SD base comes as base_model).
-        return is_animatediff_folder(model) or is_motion_adapter_folder(model)
-
-    @classmethod
     def load(cls, model: str, base_model: str | None, torch_dtype: torch.dtype, device: torch.device) -> AnimateDiffFamily:
-        if is_motion_adapter_folder(model):
+        if is_motion_adapter_folder(model) or (base_model is not None and not is_animatediff_folder(model)):
             if base_model is None:
                 raise ValueError(f"base_model: {model!r} is a motion adapter; give the Stable Diffusion 1.5 "
                                  "pipeline it extends as base_model")

@@ -17,15 +17,15 @@ from diffusers.models.transformers.transformer_2d import Transformer2DModel
 from diffusers.models.transformers.transformer_temporal import TransformerTemporalModel
 from torch import nn
 
-from ..attention import DualScopeAttnProcessor
-from ..config import EngineConfig
-from ..context import ClipContext, DenoiseState
-from ..frame_conv import frame_conv, is_frame_conv
-from ..halo import start_exchange
-from .common import PointwiseConvAsMatmul, TrackDenoiseStep, VideoGroupNorm, is_pointwise_conv
-from .handle import ParallelHandle
-from ..norm import apply_group_norm, video_group_norm, video_group_statistics
-from ..per_frame import FramesFirstRowNorm, PerFrameCall, PerFrameRows
+from ...engine.attention import DualScopeAttnProcessor
+from ...config import EngineConfig
+from ...context import ClipContext, DenoiseState
+from ...engine.frame_conv import frame_conv, is_frame_conv
+from ...engine.comm import start_exchange
+from ...engine.common import PointwiseConvAsMatmul, TrackDenoiseStep, VideoGroupNorm, is_pointwise_conv
+from ...engine.handle import ParallelHandle
+from ...engine.norm import apply_group_norm, video_group_norm, video_group_statistics
+from ...engine.per_frame import FramesAxis, FramesFirstRowNorm, PerFrameCall, PerFrameLinear
 
 logger = logging.getLogger(__name__)
 
@@ -138,13 +138,13 @@ def _hook_spatial_per_frame(unet: nn.Module, handle: ParallelHandle, temporal_mo
             handle.hook(module, PerFrameCall(handle.config, handle.state))
 
 
-def is_unet3d_family(model: nn.Module) -> bool:
+def accepts(model: nn.Module) -> bool:
     """Whether ``model`` has the UNet3D family's temporal modules (what this engine serves)."""
     return any(isinstance(m, (TemporalConvLayer, TransformerTemporalModel)) for m in model.modules())
 
 
-def parallelize_unet3d(unet: nn.Module, config: EngineConfig, context: ClipContext) -> ParallelHandle:
-    """Hooks and processors for a UNet3D-family model (see :func:`video_infinity.engine.parallelize`)."""
+def parallelize(unet: nn.Module, config: EngineConfig, context: ClipContext) -> ParallelHandle:
+    """Hooks and processors for a UNet3D-family model (see :func:`video_infinity.parallelize`)."""
     temporal_convs = [m for m in unet.modules() if isinstance(m, TemporalConvLayer)]
     temporal_transformers = [m for m in unet.modules() if isinstance(m, TransformerTemporalModel)]
     if not temporal_convs and not temporal_transformers:
@@ -170,7 +170,7 @@ def parallelize_unet3d(unet: nn.Module, config: EngineConfig, context: ClipConte
             elif isinstance(module, SinusoidalPositionalEmbedding):
                 hook(module, _GlobalFramePositions(state))
             elif isinstance(module, nn.Linear):  # input (positions, frames, C): one frame's rows per call
-                hook(module, PerFrameRows(config))
+                hook(module, PerFrameLinear(config, FramesAxis()))
             elif isinstance(module, nn.LayerNorm):  # row-local: one call, frames-first
                 hook(module, FramesFirstRowNorm(config))
     _hook_spatial_per_frame(unet, handle, temporal_modules)

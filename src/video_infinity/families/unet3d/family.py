@@ -1,7 +1,7 @@
 """The UNet3D family: ModelScope T2V, ZeroScope, VideoCrafter2 (fps-conditioned) and the demo model.
 
 CLIP text encoder, a 2D VAE applied frame by frame, ``UNet3DConditionModel`` (or VideoCrafter2's
-:class:`~video_infinity.models.FpsUNet3DConditionModel`); one latent frame per video frame.
+:class:`~video_infinity.families.unet3d.model.FpsUNet3DConditionModel`); one latent frame per video frame.
 """
 
 from __future__ import annotations
@@ -13,9 +13,10 @@ from typing import Any, ClassVar
 
 import torch
 
-from ..context import ClipContext
-from ..models import DEFAULT_FPS, FpsUNet3DConditionModel, load_model
-from .base import Conditioning
+from ...context import ClipContext
+from ...denoise import sample
+from ..base import Conditioning
+from .model import DEFAULT_FPS, FpsUNet3DConditionModel, load_model
 
 logger = logging.getLogger(__name__)
 
@@ -47,11 +48,6 @@ class UNet3DFamily:
         return (self.unet,)
 
     # ---- finding and loading
-    @classmethod
-    def can_load(cls, model: str) -> bool:
-        # The fallback family for folders and hub ids; other families claim theirs first.
-        return True
-
     @classmethod
     def load(cls, model: str, base_model: str | None, torch_dtype: torch.dtype, device: torch.device) -> UNet3DFamily:
         c = load_model(model, base_model, torch_dtype=torch_dtype, device=device)
@@ -157,3 +153,30 @@ class UNet3DFamily:
                 images = vae.decode(chunk.to(vae.dtype)).sample[:count]
             yield (images.float() / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).contiguous()
 
+
+def denoise(
+    unet: torch.nn.Module,
+    scheduler: Any,
+    latents: torch.Tensor,
+    prompt_embeds: torch.Tensor,
+    *,
+    seed: int,
+    frames: range,
+    num_steps: int,
+    guidance_scale: float = 1.0,
+    negative_embeds: torch.Tensor | None = None,
+    eta: float = 0.0,
+    unet_kwargs: dict[str, Any] | None = None,
+) -> torch.Tensor:
+    """``sample`` (:func:`video_infinity.denoise.sample`) with a bare UNet3D: ``prompt_embeds`` (batch, seq, dim), or (batch, frames, seq, dim)
+    for one embedding per frame (needs a UNet prepared by ``parallelize``); guidance as diffusers."""
+    if guidance_scale > 1.0 and negative_embeds is None:
+        raise ValueError("guidance_scale > 1 needs negative_embeds (the unconditional text embedding)")
+    cond = Conditioning(prompt_embeds, negative_embeds if guidance_scale > 1.0 else None, guidance_scale,
+                        dict(unet_kwargs or {}))
+    family = UNet3DFamily(None, None, None, unet, {}, False, "unet")  # only its model call is used
+
+    def predict(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return family.predict_noise(x, t, cond)
+
+    return sample(predict, scheduler, latents, seed=seed, frames=frames, num_steps=num_steps, eta=eta)

@@ -39,21 +39,27 @@ from diffusers.models.transformers.transformer_wan import (
 )
 from torch import nn
 
-from ..attention import dual_scope_attention
-from ..config import EngineConfig
-from ..context import ClipContext, DenoiseState
-from ..frames import attention_reach, global_frame_indices, window
-from ..halo import start_exchange
-from ..per_frame import linear_per_block
-from .common import scalar_timestep
-from .handle import ParallelHandle
+from ...engine.attention import TemporalAttnProcessor, TemporalCall, dual_scope_attention
+from ...config import EngineConfig
+from ...context import ClipContext, DenoiseState
+from ...frames import window
+from ...engine.per_frame import (
+    FrameMajorTokens,
+    PerFrameLinear,
+    PerFrameModule,
+    PerFrameText,
+    TokenTimesteps,
+    linear_per_block,
+)
+from ...engine.common import scalar_timestep
+from ...engine.handle import ParallelHandle
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["WanDualScopeAttnProcessor", "WanFrameCrossAttnProcessor", "is_wan_transformer", "parallelize_wan"]
+__all__ = ["WanDualScopeAttnProcessor", "WanFrameCrossAttnProcessor", "accepts", "parallelize"]
 
 
-def is_wan_transformer(model: nn.Module) -> bool:
+def accepts(model: nn.Module) -> bool:
     return isinstance(model, WanTransformer3DModel)
 
 
@@ -116,92 +122,6 @@ class _GlobalRotaryPositions(ModelHook):
         return table(module.freqs_cos), table(module.freqs_sin)
 
 
-def _frame_blocks(x: torch.Tensor, frames: int) -> torch.Tensor:
-    """(batch, frames * tokens, C), frame-major -> (batch * frames, tokens, C): each (batch item, latent
-    frame)'s tokens one contiguous block (a view when ``x`` is contiguous, as the token path's tensors are)."""
-    batch, num_tokens, channels = x.shape
-    if num_tokens % frames:
-        raise ValueError(f"{num_tokens} tokens do not split into the rank's {frames} latent frames")
-    return x.contiguous().view(batch * frames, num_tokens // frames, channels)
-
-
-class _PerFrameLinear(ModelHook):
-    """On a linear layer of the token path: one matrix product per (batch item, latent frame) when
-    computing split-invariantly (:func:`~video_infinity.per_frame.linear_per_block`), written into
-    that frame's block of the output.
-
-    BLAS kernels choose their blocking by the number of rows, so a token's output could round
-    differently in a rank holding 3 latent frames and in one holding 5; one product per frame, on
-    the frame's contiguous (tokens x channels) rows, has shapes and strides fixed by the frame alone.
-    Otherwise the layer's own ``F.linear``.
-    """
-
-    def __init__(self, config: EngineConfig, state: DenoiseState) -> None:
-        super().__init__()
-        self.config, self.state = config, state
-
-    def new_forward(self, module: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() != 3 or not self.config.split_invariant_on(x.device.type):
-            # 2-D input: already one block's rows (e.g. inside a per-frame call).
-            return nn.functional.linear(x, module.weight, module.bias)
-        blocks = _frame_blocks(x, len(self.state.layout.owned))
-        return linear_per_block(blocks, module.weight, module.bias).view(*x.shape[:-1], module.out_features)
-
-
-class _PerFrameTokenwise(ModelHook):
-    """On a module that works row by row on the video's tokens (a block's feed-forward; the text
-    projection given per-frame text; the timestep embedding given one timestep per token): one call
-    per (batch item, latent frame), on that frame's contiguous rows, when computing
-    split-invariantly; each call's output written into the frame's block of the output.
-
-    Besides its matrix products, such a module applies element-wise non-linearities (tanh-GELU,
-    SiLU) whose vectorised body and scalar tail round differently (measured: 5-8% of tanh-GELU and
-    1-4% of SiLU outputs differ by an ulp between the two); which elements fall in a tail depends
-    on the tensor's size and on how its elements are split between threads, i.e. on the frame
-    count. A call per frame fixes both by the frame alone.
-
-    ``kind``: ``"tokens"``: input (batch, frames * tokens, C); ``"frame_text"``: per-frame text
-    (batch, frames, seq, C), 3-D text (shared by every frame, the same shape on every rank) takes
-    the module's own forward; ``"token_timesteps"``: per-token timesteps flattened (batch * frames *
-    tokens,) or their embeddings (batch, frames * tokens, C), only when the call has per-token
-    timesteps (one timestep per sample: rows = batch, the same on every rank). Outside the
-    split-invariant computation, the module's own forward.
-    """
-
-    KINDS = ("tokens", "frame_text", "token_timesteps")
-
-    def __init__(self, config: EngineConfig, state: DenoiseState, kind: str) -> None:
-        super().__init__()
-        if kind not in self.KINDS:
-            raise ValueError(f"kind: {kind!r} is not one of {self.KINDS}")
-        self.config, self.state, self.kind = config, state, kind
-
-    def _blocks(self, x: torch.Tensor) -> torch.Tensor | None:
-        """(batch * frames, rows, ...) blocks of ``x``, or None when ``x`` holds no per-frame rows."""
-        if self.kind == "frame_text":
-            return x.contiguous().flatten(0, 1) if x.dim() == 4 else None
-        frames = len(self.state.layout.owned)
-        if self.kind == "token_timesteps":
-            if not self.state.token_timesteps:
-                return None
-            if x.dim() == 1:
-                return x.contiguous().view(self.state.batch * frames, -1)
-        return _frame_blocks(x, frames) if x.dim() == 3 else None
-
-    def new_forward(self, module: nn.Module, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        forward = self.fn_ref.original_forward
-        blocks = self._blocks(x) if self.config.split_invariant_on(x.device.type) else None
-        if blocks is None:
-            return forward(x, *args, **kwargs)
-        out = None
-        for index, block in enumerate(blocks):
-            result = forward(block, *args, **kwargs)
-            if out is None:
-                out = result.new_empty(blocks.shape[0], *result.shape)
-            out[index] = result
-        return out.view(*x.shape[:-1], out.shape[-1]) if x.dim() > 1 else out.view(x.shape[0], out.shape[-1])
-
-
 class _PatchEmbeddingAsMatmul(ModelHook):
     """On the patch embedding (a ``Conv3d`` whose kernel equals its stride): one matrix product over
     each (batch item, latent frame)'s patches when computing split-invariantly.
@@ -242,7 +162,7 @@ def _is_patch_embedding(module: nn.Module) -> bool:
 
 def _token_path_linears(transformer: WanTransformer3DModel) -> list[nn.Linear]:
     """The linear layers whose rows are the video's tokens (not the text's or the timestep's), but
-    for the feed-forwards' (each feed-forward is called per frame as a whole, :class:`_PerFrameTokenwise`)."""
+    for the feed-forwards' (each feed-forward is called per frame as a whole, :class:`~video_infinity.engine.per_frame.PerFrameModule`)."""
     linears = [transformer.proj_out] if isinstance(transformer.proj_out, nn.Linear) else []
     for block in transformer.modules():
         if not isinstance(block, WanTransformerBlock):
@@ -298,14 +218,15 @@ def _rotate_temporal(x: torch.Tensor, rope: WanRotaryPosEmbed, frames: int, offs
     return torch.cat([temporal, x[..., rope.t_dim :]], dim=-1)
 
 
-class WanDualScopeAttnProcessor:
+class WanDualScopeAttnProcessor(TemporalAttnProcessor):
     """Self-attention of ``WanAttention`` over latent frames: dual-scope windows, keys from neighbours.
 
     A query token of latent frame g attends every token of the latent frames within ``padding`` of g
     (clipped at the video's ends; in a loop taken around the ring, see ``frames.attention_reach``)
     and every token of the ``top_k`` global latent frames, with the phase biases and
     ``token_num_scale`` of the engine config. With a window covering the whole video this is
-    diffusers' ``WanAttnProcessor``.
+    diffusers' ``WanAttnProcessor``. Neighbours receive keys and values as they enter attention
+    (normed, rotated), so no rank projects another's frames.
 
     In a loop a key frame that arrives across the wrap (unwrapped position u < 0 or u >= frames)
     carries the rotary angle of u, not of its frame u mod frames, so every query-key distance is a
@@ -316,75 +237,71 @@ class WanDualScopeAttnProcessor:
     the keys across the wrap get one more rotation by +-frames.
     """
 
+    kind = "Wan dual-scope attention"
+
     def __init__(self, config: EngineConfig, ctx: ClipContext, state: DenoiseState, rope: WanRotaryPosEmbed) -> None:
-        self.engine_config = config
-        self.config = config.attn
-        self.ctx = ctx
-        self.state = state
+        super().__init__(config, ctx, state)
         self.rope = rope
 
-    def __call__(
-        self,
-        attn: WanAttention,
-        hidden_states: torch.Tensor,
-        encoder_hidden_states: torch.Tensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
-        **kwargs,
-    ) -> torch.Tensor:
-        if encoder_hidden_states is not None or attention_mask is not None:
-            raise NotImplementedError(
-                "Wan dual-scope attention handles self-attention only (no encoder states, no mask)"
-            )
-        layout, config, timestep = self.state.layout, self.config, self.state.timestep
-        total = layout.total_frames
-        batch, num_tokens, _ = hidden_states.shape
-        frames = len(layout.owned)
-        if num_tokens % frames:
-            raise ValueError(f"{num_tokens} tokens do not split into the rank's {frames} latent frames")
-        tokens = num_tokens // frames
-        loop = self.engine_config.loop
-        split_invariant = self.engine_config.split_invariant_on(hidden_states.device.type)
-        # Relative temporal angles (split-invariant ring): rotate only the spatial channels here.
-        relative = loop and split_invariant and rotary_emb is not None
-        t_dim = self.rope.t_dim
+    def __call__(self, attn: WanAttention, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
+                 attention_mask: torch.Tensor | None = None, rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
+                 **kwargs) -> torch.Tensor:
+        # WanAttention passes the rotary tables positionally.
+        return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb=rotary_emb, **kwargs)
 
-        def rotate(x: torch.Tensor) -> torch.Tensor:
-            if rotary_emb is None:
-                return x
-            if relative:
-                cos, sin = (t[..., t_dim:] for t in rotary_emb)
-                return torch.cat([x[..., :t_dim], _apply_rotary(x[..., t_dim:], cos, sin)], dim=-1)
-            return _apply_rotary(x, *rotary_emb)
+    def _relative(self, call: TemporalCall, rotary_emb) -> bool:
+        """Relative temporal angles (split-invariant ring): only the spatial channels rotate up front."""
+        return call.loop and call.split_invariant and rotary_emb is not None
 
-        fused = getattr(attn, "fused_projections", False)
-        if fused:
+    def _rotate(self, x: torch.Tensor, call: TemporalCall, rotary_emb) -> torch.Tensor:
+        if rotary_emb is None:
+            return x
+        if self._relative(call, rotary_emb):
+            t_dim = self.rope.t_dim
+            cos, sin = (t[..., t_dim:] for t in rotary_emb)
+            return torch.cat([x[..., :t_dim], _apply_rotary(x[..., t_dim:], cos, sin)], dim=-1)
+        return _apply_rotary(x, *rotary_emb)
+
+    def _tokens(self, hidden_states: torch.Tensor, call: TemporalCall) -> tuple[int, int]:
+        """(latent frames of the call, tokens per latent frame)."""
+        frames = len(call.layout.owned)
+        if hidden_states.shape[1] % frames:
+            raise ValueError(f"{hidden_states.shape[1]} tokens do not split into the rank's {frames} latent frames")
+        return frames, hidden_states.shape[1] // frames
+
+    def exchanged(self, attn: WanAttention, hidden_states: torch.Tensor, call: TemporalCall, rotary_emb=None,
+                  **kwargs) -> tuple[torch.Tensor, int, object]:
+        # Neighbours need our keys/values as they enter attention (normed, rotated): sent as one
+        # (batch, frames, tokens, heads, 2*head_dim) tensor; the queries are computed meanwhile.
+        frames, tokens = self._tokens(hidden_states, call)
+        query = None
+        if getattr(attn, "fused_projections", False):
             query, key, value = attn.to_qkv(hidden_states).chunk(3, dim=-1)
         else:
             key, value = attn.to_k(hidden_states), attn.to_v(hidden_states)
-        key = rotate(attn.norm_k(key).unflatten(2, (attn.heads, -1)))
+        key = self._rotate(attn.norm_k(key).unflatten(2, (attn.heads, -1)), call, rotary_emb)
         value = value.unflatten(2, (attn.heads, -1))
-        head_dim = key.shape[-1]
+        return torch.cat([key, value], dim=-1).unflatten(1, (frames, tokens)), 1, query
 
-        # Neighbours need our keys/values as they enter attention (normed, rotated): send them now,
-        # as one (batch, frames, tokens, heads, 2*head_dim) tensor, and compute the queries meanwhile.
-        left, right = attention_reach(config.padding, total, loop)
-        global_frames = global_frame_indices(total, config.global_frame_count(timestep))
-        key_value = torch.cat([key, value], dim=-1).unflatten(1, (frames, tokens))
-        pending = start_exchange(key_value, 1, layout, left, right, self.ctx, global_frames, kind="attn_halo",
-                                 loop=loop)
-        if not fused:
-            query = attn.to_q(hidden_states)
-        query = rotate(attn.norm_q(query).unflatten(2, (attn.heads, -1)))
-        context, context_frames, global_key_value = pending.wait()
-        local_bias, global_bias = config.phase_biases(timestep)
+    def before_wait(self, attn: WanAttention, hidden_states: torch.Tensor, call: TemporalCall, carry: object,
+                    rotary_emb=None, **kwargs) -> torch.Tensor:
+        query = attn.to_q(hidden_states) if carry is None else carry
+        return self._rotate(attn.norm_q(query).unflatten(2, (attn.heads, -1)), call, rotary_emb)
+
+    def attend(self, attn: WanAttention, hidden_states: torch.Tensor, early: object, context: torch.Tensor,
+               context_frames: range, global_states: torch.Tensor, call: TemporalCall, rotary_emb=None,
+               **kwargs) -> torch.Tensor:
+        config, layout, query = self.config, call.layout, early
+        total, loop, left, right = layout.total_frames, call.loop, call.left, call.right
+        _, tokens = self._tokens(hidden_states, call)
+        head_dim = context.shape[-1] // 2
         # Several query frames under a band window need a (frames*tokens)^2 mask; one query frame at
         # a time sees its whole key span and needs none (and a whole window needs none either; a
         # ring's unwrapped spans differ per query frame, so never there).
         whole_window = not loop and max(left, right) >= total - 1
         attend = dict(total_frames=total, padding=config.padding, scale=head_dim**-0.5 * config.attn_scale,
-                      local_bias=local_bias, global_bias=global_bias, token_num_scale=config.token_num_scale,
-                      chunk_size=config.query_chunk_size if whole_window else 1, split_invariant=split_invariant,
+                      local_bias=call.local_bias, global_bias=call.global_bias, token_num_scale=config.token_num_scale,
+                      chunk_size=config.query_chunk_size if whole_window else 1, split_invariant=call.split_invariant,
                       loop=loop, tokens_per_frame=tokens)
 
         def split(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -395,8 +312,9 @@ class WanDualScopeAttnProcessor:
             return t.transpose(1, 2)
 
         key, value = split(context)
-        global_key, global_value = split(global_key_value)
-        if relative:
+        global_key, global_value = split(global_states)
+        global_frames = call.global_frames
+        if self._relative(call, rotary_emb):
             # One query frame at a time (as the split-invariant ring computes anyway): its window's
             # keys and the global keys rotated by their distance from it, the query not at all.
             outputs = []
@@ -435,8 +353,7 @@ class WanDualScopeAttnProcessor:
                 **attend,
             )
         out = out.transpose(1, 2).flatten(2, 3).type_as(query)
-        out = attn.to_out[0](out)
-        return attn.to_out[1](out)
+        return self.output(attn, out, hidden_states)
 
 
 class WanFrameCrossAttnProcessor:
@@ -473,10 +390,12 @@ class WanFrameCrossAttnProcessor:
             return out.unflatten(0, (batch, frames)).flatten(1, 2)
         def text_projection(linear: nn.Module) -> torch.Tensor:
             # Per-frame text: one product per (batch item, frame) on its own rows, like the token path.
-            if not per_frame or not isinstance(linear, nn.Linear):
+            rows = PerFrameText()
+            blocks = rows.blocks(encoder_hidden_states) if isinstance(linear, nn.Linear) else None
+            if blocks is None:
                 return linear(encoder_hidden_states)
-            blocks = encoder_hidden_states.contiguous().flatten(0, 1)
-            return linear_per_block(blocks, linear.weight, linear.bias).view(*encoder_hidden_states.shape[:-1], -1)
+            return rows.merge(linear_per_block(blocks, linear.weight, linear.bias), encoder_hidden_states)
+
 
         query = attn.to_q(hidden_states)
         if getattr(attn, "fused_projections", False):
@@ -507,8 +426,8 @@ class WanFrameCrossAttnProcessor:
         return attn.to_out[1](out)
 
 
-def parallelize_wan(transformer: WanTransformer3DModel, config: EngineConfig, context: ClipContext) -> ParallelHandle:
-    """Hooks and processors for a Wan transformer (see :func:`video_infinity.engine.parallelize`).
+def parallelize(transformer: WanTransformer3DModel, config: EngineConfig, context: ClipContext) -> ParallelHandle:
+    """Hooks and processors for a Wan transformer (see :func:`video_infinity.parallelize`).
 
     ``context.total_frames`` counts latent frames. Wan2.2 A14B's two experts are two transformers:
     parallelize each (with the same context); each gets its own handle.
@@ -532,6 +451,7 @@ def parallelize_wan(transformer: WanTransformer3DModel, config: EngineConfig, co
             f"({ropes[0].max_seq_len}, rope_max_seq_len)"
         )
     state = DenoiseState()
+    tokens = FrameMajorTokens(state)
     handle = ParallelHandle(transformer, config, context, state)
     handle.hook(transformer, _TrackWanCall(context, state))
     handle.hook(ropes[0], _GlobalRotaryPositions(state))
@@ -539,17 +459,17 @@ def parallelize_wan(transformer: WanTransformer3DModel, config: EngineConfig, co
         if _is_patch_embedding(module):
             handle.hook(module, _PatchEmbeddingAsMatmul(config))
     for linear in _token_path_linears(transformer):
-        handle.hook(linear, _PerFrameLinear(config, state))
+        handle.hook(linear, PerFrameLinear(config, tokens))
     for block in transformer.modules():
         if isinstance(block, WanTransformerBlock):
-            handle.hook(block.ffn, _PerFrameTokenwise(config, state, "tokens"))
+            handle.hook(block.ffn, PerFrameModule(config, tokens))
     embedder = transformer.condition_embedder
     if isinstance(embedder, WanTimeTextImageEmbedding):
-        handle.hook(embedder.text_embedder, _PerFrameTokenwise(config, state, "frame_text"))
+        handle.hook(embedder.text_embedder, PerFrameModule(config, PerFrameText()))
         # Per-token timesteps (Wan2.2 TI2V): the sinusoids, the embedding MLP, its SiLU and the
         # projection to the blocks' modulation all run on token rows.
         for module in (embedder.timesteps_proj, embedder.time_embedder, embedder.act_fn, embedder.time_proj):
-            handle.hook(module, _PerFrameTokenwise(config, state, "token_timesteps"))
+            handle.hook(module, PerFrameModule(config, TokenTimesteps(state)))
     for attn in self_attentions:
         handle.set_processor(attn, WanDualScopeAttnProcessor(config, context, state, ropes[0]))
     for attn in attentions:

@@ -13,25 +13,22 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, ClassVar
 
 import diffusers
 import torch
-import torch.distributed as dist
 from diffusers import AutoencoderKLWan, WanPipeline, WanTransformer3DModel
 from diffusers.models.autoencoders.autoencoder_kl_wan import WanCausalConv3d, WanResample
 
-from ..context import ClipContext
-from ..frames import latent_frame_count
-from ..halo import start_exchange
-from ..supported_models import WAN_PIPELINE_CLASSES
-from .base import Conditioning
+from ...context import ClipContext
+from ...frames import latent_frame_count
+from ...engine.comm import broadcast_from_rank0, start_exchange
+from ..folder import ModelFolder
+from ..base import Conditioning
 
 logger = logging.getLogger(__name__)
 
@@ -49,22 +46,6 @@ def video_frames_of(latent_frames: range, temporal_compression: int = 4) -> rang
 
 
 # ----------------------------------------------------------------------------------- text
-def broadcast_from_rank0(
-    ctx: ClipContext, produce: Callable[[], torch.Tensor], shape: tuple[int, ...], dtype: torch.dtype,
-    device: torch.device | str,
-) -> torch.Tensor:
-    """``produce()`` on rank 0 only, sent to every rank (others never call it)."""
-    if ctx.rank == 0:
-        tensor = produce().to(device=device, dtype=dtype).contiguous()
-        if tuple(tensor.shape) != tuple(shape):
-            raise ValueError(f"rank 0 produced shape {tuple(tensor.shape)}, the other ranks expect {tuple(shape)}")
-    else:
-        tensor = torch.empty(shape, dtype=dtype, device=device)
-    if ctx.distributed:
-        dist.broadcast(tensor, src=ctx.global_rank(0), group=ctx.group)
-    return tensor
-
-
 # ----------------------------------------------------------------------------------- VAE
 def wan_decoder_receptive_field(vae: AutoencoderKLWan) -> int:
     """Latent frames before a latent frame that its decoded frames depend on.
@@ -120,33 +101,6 @@ def decode_wan_clip(
 
 
 # ----------------------------------------------------------------------------------- the family
-def _model_index(model: str) -> dict[str, Any] | None:
-    """``model_index.json`` of a local folder, or of a hub id already in the Hugging Face cache; None
-    when there is none (config files only, nothing downloaded)."""
-    path = Path(model).expanduser()
-    if path.is_dir():
-        index = path / "model_index.json"
-    else:
-        from huggingface_hub import try_to_load_from_cache
-
-        try:
-            cached = try_to_load_from_cache(model, "model_index.json")
-        except ValueError:  # not a valid repo id
-            return None
-        if not isinstance(cached, str):
-            return None
-        index = Path(cached)
-    try:
-        return dict(json.loads(index.read_text()))
-    except (OSError, ValueError):
-        return None
-
-
-def _has_component(index: dict[str, Any], name: str) -> bool:
-    entry = index.get(name)
-    return isinstance(entry, list) and len(entry) == 2 and entry[1] is not None
-
-
 @dataclass
 class WanFamily:
     """Loaded components of a Wan2.1 / Wan2.2 text-to-video model (see :class:`~video_infinity.families.ModelFamily`).
@@ -183,15 +137,11 @@ class WanFamily:
 
     # ---- finding and loading
     @classmethod
-    def can_load(cls, model: str) -> bool:
-        index = _model_index(model)
-        return index is not None and index.get("_class_name") in WAN_PIPELINE_CLASSES
-
-    @classmethod
     def load(cls, model: str, base_model: str | None, torch_dtype: torch.dtype, device: torch.device) -> WanFamily:
         if base_model is not None:
             raise ValueError("base_model: a Wan folder holds every component; leave base_model unset")
-        index = _model_index(model) or {}
+        folder = ModelFolder.find(model)
+        index = folder.index if folder is not None else {}
 
         def transformer(subfolder: str) -> WanTransformer3DModel:
             loaded = WanTransformer3DModel.from_pretrained(model, subfolder=subfolder, torch_dtype=torch_dtype)
@@ -202,7 +152,7 @@ class WanFamily:
         scheduler_class = getattr(diffusers, index["scheduler"][1])
         return cls(
             transformer=transformer("transformer"),
-            transformer_2=transformer("transformer_2") if _has_component(index, "transformer_2") else None,
+            transformer_2=transformer("transformer_2") if folder is not None and folder.has_component("transformer_2") else None,
             vae=vae.to(device).eval().requires_grad_(False),
             scheduler_config=dict(scheduler_class.load_config(model, subfolder="scheduler")),
             boundary_ratio=index.get("boundary_ratio"),
