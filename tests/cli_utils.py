@@ -1,9 +1,9 @@
 """Shared helpers for end-to-end tests of ``video-infinity generate``: run it as a user would (a
 subprocess), read its one-line errors, and stop a run mid-denoising with a signal.
 
-Two test hooks of the pipeline make a signal land mid-denoising: every rank records its pid and
-step in a folder after each step (``VIDEO_INFINITY_PROGRESS_DIR``) and sleeps a little after each
-step (``VIDEO_INFINITY_TEST_STEP_SLEEP``).
+Two options of ``generate`` make a signal land mid-denoising: every rank records its pid and step
+in a folder after each step (``--progress-dir``) and sleeps a little after each step (the hidden,
+test-only ``--test-step-sleep``).
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ import time
 from pathlib import Path
 
 from process_utils import descendants, still_running
-from video_infinity.run import PROGRESS_DIR_ENV, STEP_SLEEP_ENV
 
 ROOT = Path(__file__).resolve().parents[1]
 CLI = [str(Path(sys.executable).parent / "video-infinity"), "generate"]
@@ -68,10 +67,10 @@ class Interrupted:
         progress = config.parent / f"progress-{name}"
         progress.mkdir()
         self.stem = out / name
-        run_env = {**env, PROGRESS_DIR_ENV: str(progress), STEP_SLEEP_ENV: str(step_sleep_s)}
         proc = subprocess.Popen(
-            [*CLI, "--config", str(config), *sets(devices=["cpu"] * world, pipe_configs__file_name=name)],
-            env=run_env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+            [*CLI, "--config", str(config), *sets(devices=["cpu"] * world, pipe_configs__file_name=name),
+             "--progress-dir", str(progress), "--test-step-sleep", str(step_sleep_s)],
+            env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
         try:
             reports = self._wait_for_step(progress, world, after_step, proc)
             self.ranks = {rank: report["pid"] for rank, report in reports.items()}

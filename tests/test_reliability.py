@@ -306,14 +306,15 @@ def test_the_root_cause_is_reported_not_its_echoes(tmp_path, root):
     report(0, "peer", "lost contact with the other ranks (Connection closed by peer)", 1.0)
     report(1, "error", "ValueError: boom", 2.0)
     report(3, "peer", "lost contact with the other ranks", 0.5)
-    assert root_cause(procs, {2}, tmp_path) == ("rank 1 failed: ValueError: boom", 1)
+    assert root_cause(procs, {2}, tmp_path) == ("rank 1 failed: ValueError: boom", 1, 1)
     (tmp_path / "rank1.json").unlink()
     procs[1] = SimpleNamespace(exitcode=-signal.SIGKILL)
-    assert root_cause(procs, {2}, tmp_path) == ("rank 1 was killed (SIGKILL)", 1)
+    assert root_cause(procs, {2}, tmp_path) == ("rank 1 was killed (SIGKILL)", 1, 1)
     procs[1] = SimpleNamespace(exitcode=-signal.SIGTERM)
-    assert root_cause(procs, {1, 2}, tmp_path)[0].startswith("rank 3 failed: lost contact")
+    text, _, rank = root_cause(procs, {1, 2}, tmp_path)
+    assert text.startswith("rank 3 failed: lost contact") and rank == 3
     report(2, "user", "cannot load unet from 'x': shapes differ", 3.0, code=2)
-    assert root_cause(procs, {1}, tmp_path) == ("cannot load unet from 'x': shapes differ", 2)
+    assert root_cause(procs, {1}, tmp_path) == ("cannot load unet from 'x': shapes differ", 2, 2)
 
 
 def test_only_the_runs_own_new_temporary_files_are_removed(tmp_path, root):

@@ -15,7 +15,6 @@ import numpy as np
 import pytest
 
 from ui_utils import Server
-from video_infinity.run import STEP_SLEEP_ENV
 from video_infinity.video_io import read_video
 
 pytest.importorskip("gradio_client")
@@ -31,7 +30,7 @@ SMALL = dict(num_frames=16, height=64, width=64, steps=2)
 def server(tmp_path_factory, offline_env):
     base = tmp_path_factory.mktemp("ui-api") / "runs"
     # Slow steps: the queue test needs a run that lasts while a second request arrives.
-    server = Server(base, {**offline_env, STEP_SLEEP_ENV: "0.5"}, "--max-frames", "256")
+    server = Server(base, offline_env, "--max-frames", "256", "--test-step-sleep", "0.5")
     yield server
     server.stop()
     assert not server.runs_left()

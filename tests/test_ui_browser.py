@@ -17,7 +17,6 @@ import numpy as np
 import pytest
 
 from ui_utils import CHROMIUM, CHROMIUM_ARGS, Server, require_browser
-from video_infinity.run import STEP_SLEEP_ENV
 from video_infinity.video_io import read_video
 
 pytestmark = pytest.mark.e2e
@@ -28,7 +27,7 @@ def server(tmp_path_factory, offline_env):
     require_browser()
     base = tmp_path_factory.mktemp("ui-browser") / "runs"
     # Slow steps (0.3 s each): progress is seen step by step, and a cancel lands mid-run.
-    server = Server(base, {**offline_env, STEP_SLEEP_ENV: "0.3"})
+    server = Server(base, offline_env, "--test-step-sleep", "0.3")
     yield server
     server.stop()
 

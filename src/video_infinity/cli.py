@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from .errors import RunInterrupted, UserError, VideoInfinityError
+from .errors import ConfigError, RunInterrupted, UserError, VideoInfinityError
 from .run.config import check_devices_available, load_run_config
+from .run.contract import ContractError, ErrorReport, RunRequest, StatusFolder
 from .ui.form import Limits
 
 PROG = "video-infinity"
@@ -33,7 +33,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="generate a video from a JSON config",
         description="Generate a video from a JSON config (the original Video-Infinity format is accepted).",
     )
-    generate.add_argument("--config", required=True, metavar="FILE", help="JSON run config, e.g. examples/config.json")
+    source = generate.add_mutually_exclusive_group(required=True)
+    source.add_argument("--config", metavar="FILE", help="JSON run config, e.g. examples/config.json")
+    source.add_argument("--request", metavar="FILE",
+                        help="a run request written by a front-end (the web UI: DIR/request.json); the run reports its "
+                        "progress, then its result or error, as JSON files in DIR")
     generate.add_argument(
         "--set",
         dest="overrides",
@@ -52,7 +56,11 @@ def build_parser() -> argparse.ArgumentParser:
         "pipe_configs.checkpoint_every steps); the config must be the one it was made with, the devices may differ",
     )
     generate.add_argument("--progress-dir", metavar="DIR",
-                          help="keep each rank's progress in DIR/rank<r>.json (phase, step, timing), for front-ends")
+                          help="keep each rank's progress in DIR/rank<r>.json (phase, step, timing), then the run's "
+                          "result (DIR/result.json) or error (DIR/error.json), for front-ends")
+    # Test only (hidden): explicit on the command line, so it never reaches a user's run from an
+    # exported variable; a --request carries it as a field instead.
+    generate.add_argument("--test-step-sleep", type=float, default=0.0, metavar="S", help=argparse.SUPPRESS)
     generate.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     serve = commands.add_parser(
         "serve",
@@ -75,6 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-cpu-processes", type=int, default=limits.max_cpu_processes, metavar="N",
                        help=f"the most CPU processes a form may ask for (default {limits.max_cpu_processes}: this "
                        "machine's cores, at least 2)")
+    serve.add_argument("--test-step-sleep", type=float, default=0.0, metavar="S", help=argparse.SUPPRESS)
     serve.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     inspect = commands.add_parser(
         "inspect",
@@ -126,7 +135,8 @@ def _serve(args: argparse.Namespace) -> int:
     limits = Limits(max_frames=args.max_frames, max_side=args.max_side, max_steps=args.max_steps,
                     max_cpu_processes=args.max_cpu_processes)
     try:
-        serve(base_path=base_path, host=args.host, port=args.port, limits=limits, template=template)
+        serve(base_path=base_path, host=args.host, port=args.port, limits=limits, template=template,
+              step_sleep_s=args.test_step_sleep)
     except OSError as exc:  # e.g. the port is taken
         return _error(f"--port: cannot serve on {args.host}:{args.port} ({exc})")
     except KeyboardInterrupt:
@@ -139,6 +149,29 @@ def _error(message: str) -> int:
     return 2
 
 
+def _status_folder(args: argparse.Namespace) -> StatusFolder | None:
+    """Where the run reports to a front-end: the folder of ``--request``, else ``--progress-dir``."""
+    if args.request is not None:
+        return StatusFolder(Path(args.request).resolve().parent)
+    return StatusFolder(Path(args.progress_dir).resolve()) if args.progress_dir is not None else None
+
+
+def _request(args: argparse.Namespace, folder: StatusFolder | None) -> RunRequest:
+    """The run asked for: a front-end's request file, or the config file with the command's options."""
+    if args.request is None:
+        config = load_run_config(args.config, args.overrides)
+        return RunRequest(config=config, config_path=args.config, resume=args.resume, overwrite=args.overwrite,
+                          step_sleep_s=args.test_step_sleep)
+    if args.overrides or args.resume or args.overwrite or args.test_step_sleep or args.progress_dir:
+        raise ConfigError("--request: the request holds the whole run and reports to its own folder (give --set, "
+                          "--resume, --overwrite, --progress-dir and --test-step-sleep with --config only)")
+    assert folder is not None
+    try:
+        return folder.read_request()
+    except ContractError as exc:
+        raise ConfigError(str(exc)) from None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit status (2 for usage and config errors)."""
     try:
@@ -149,25 +182,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _inspect(args)
     if args.command == "serve":
         return _serve(args)
+    folder = _status_folder(args)
     try:
-        config = load_run_config(args.config, args.overrides)
-        check_devices_available(config)
+        request = _request(args, folder)
+        check_devices_available(request.config)
     except UserError as exc:
+        if folder is not None:
+            folder.write_error(ErrorReport.from_exception(exc))
         return _error(str(exc))
 
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    if args.progress_dir is not None:
-        from .run.progress import PROGRESS_DIR_ENV
+    from .run import run_request  # lazily: the ranks pull in torch, diffusers and the models
 
-        # Through the environment: the ranks (and a torchrun job's) inherit it.
-        os.environ[PROGRESS_DIR_ENV] = str(Path(args.progress_dir).resolve())
-    from .run import launch  # lazily: the ranks pull in torch, diffusers and the models
-
-    try:
-        launch(config, overwrite=args.overwrite, resume=args.resume, config_path=args.config)
+    try:  # a status folder gets the result or the error from run_request itself
+        run_request(request, folder)
     except UserError as exc:  # found in the pre-flight checks: outputs, disk, model, checkpoint
         return _error(str(exc))
     except VideoInfinityError as exc:  # a rank failed (the launcher stopped the others), or Ctrl-C

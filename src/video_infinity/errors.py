@@ -36,6 +36,8 @@ class VideoInfinityError(Exception):
     """Base of the package's errors: a one-line message and the command line's exit code."""
 
     exit_code: int = 1
+    rank: int | None = None
+    """The rank where the run failed, when one did (set by the launcher; None: before the ranks)."""
 
     def __init__(self, message: str, exit_code: int | None = None) -> None:
         super().__init__(one_line(message))
@@ -63,6 +65,10 @@ class CheckpointError(UserError):
 
 class RunError(VideoInfinityError):
     """A run that failed: a rank raised, died or lost its peers (exit code 1 unless said otherwise)."""
+
+    def __init__(self, message: str, exit_code: int | None = None, rank: int | None = None) -> None:
+        super().__init__(message, exit_code)
+        self.rank = rank
 
 
 class RunInterrupted(RunError):

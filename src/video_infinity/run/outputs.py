@@ -12,6 +12,8 @@ from ..errors import ConfigError
 from .config import RunConfig
 
 CHECKPOINT_SUFFIX = ".ckpt"
+CONTACT_SHEET_SUFFIX = ".png"
+"""A grid of the video's frames, written when a front-end's request asks for it."""
 
 
 def output_paths(config: RunConfig, stem: str | None = None) -> dict[str, Path]:

@@ -34,9 +34,9 @@ from .checkpoint import (
     save_checkpoint,
     split_scheduler_state,
 )
-from .hooks import step_sleep_s
-from .progress import ProgressReporter
 from .config import RunConfig
+from .contract import RunChannel
+from .progress import ProgressReporter
 
 logger = logging.getLogger(__name__)
 
@@ -62,8 +62,10 @@ def configure_rank_logging(rank: int, level: int) -> None:
 
 
 def run_rank(rank: int, world_size: int, local_rank: int, config: RunConfig, model: str,
-             paths: dict[str, Path], local_world: int, plan: CheckpointPlan | None = None) -> dict[str, Any] | None:
+             paths: dict[str, Path], local_world: int, plan: CheckpointPlan | None = None,
+             channel: RunChannel | None = None) -> dict[str, Any] | None:
     """Join the process group (if several ranks) and generate this rank's part; the sidecar on rank 0.
+    ``channel``: where the rank reports its progress.
 
     The process's torch thread count is restored afterwards (a single rank runs in the caller's process).
     """
@@ -83,7 +85,7 @@ def run_rank(rank: int, world_size: int, local_rank: int, config: RunConfig, mod
                                     timeout=timedelta(seconds=config.collective_timeout_s),
                                     **({"device_id": device} if device.type == "cuda" else {}))
         ctx = ClipContext.from_process_group(config.pipe_configs.total_frames_for(world_size))
-        sidecar = generate_on_rank(config, model, ctx, device, paths, plan)
+        sidecar = generate_on_rank(config, model, ctx, device, paths, plan, channel)
         if dist.is_initialized():  # on success only: after a failure the peers may never answer
             dist.destroy_process_group()
         return sidecar
@@ -108,12 +110,14 @@ class StageTimer:
 
 
 def generate_on_rank(config: RunConfig, model: str, ctx: ClipContext, device: torch.device, paths: dict[str, Path],
-                     checkpoint: CheckpointPlan | None = None) -> dict[str, Any] | None:
+                     checkpoint: CheckpointPlan | None = None,
+                     channel: RunChannel | None = None) -> dict[str, Any] | None:
     """Generate this rank's clip; rank 0 writes the MP4, the sidecar and (optionally) the latents.
 
     With ``checkpoint``, rank 0 saves a checkpoint every ``checkpoint.every`` steps (the others send
     it their frames), and the run continues from ``checkpoint.resume`` when set; the checkpoint of
-    this run is removed once the video is written. Returns the sidecar's content on rank 0, None
+    this run is removed once the video is written. ``channel``: where the rank reports its progress
+    (and the test-only sleep after each step). Returns the sidecar's content on rank 0, None
     elsewhere.
     """
     pipe_config = config.pipe_configs
@@ -124,7 +128,8 @@ def generate_on_rank(config: RunConfig, model: str, ctx: ClipContext, device: to
         logger.warning("%s is slow or unsupported on CPU: running in float32", config.dtype)
         dtype = torch.float32
     started = time.perf_counter()
-    progress = ProgressReporter(ctx.rank, ctx.world_size)
+    channel = channel or RunChannel()
+    progress = ProgressReporter(ctx.rank, ctx.world_size, channel.folder)
     with timer.stage("load"):
         pipe = VideoInfinityPipeline.from_pretrained(model, base_model=config.base_model,
                                                      motion_adapter=config.motion_adapter, engine=config.plugin_configs,
@@ -140,7 +145,7 @@ def generate_on_rank(config: RunConfig, model: str, ctx: ClipContext, device: to
     scheduler = pipe.make_scheduler(pipe_config.scheduler)
     resume = _Resume.load(checkpoint.resume, ctx, device, dtype) if checkpoint is not None and checkpoint.resume else None
     after_step = _checkpointer(checkpoint, ctx, device, paths, pipe_config.steps) if checkpoint is not None else None
-    sleep = step_sleep_s()
+    sleep = channel.step_sleep_s
 
     def on_step_end(index: int, t: torch.Tensor, latents: torch.Tensor, scheduler: Any) -> None:
         if after_step is not None:

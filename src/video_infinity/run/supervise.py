@@ -26,6 +26,7 @@ from ..atomic import is_temp_of, write_json_atomic
 from ..errors import RunError
 from .checkpoint import CheckpointPlan
 from .config import RunConfig
+from .contract import RunChannel
 from .failures import describe_failure
 
 logger = logging.getLogger(__name__)
@@ -93,7 +94,7 @@ def _exit_with_launcher(launcher: int) -> None:
 
 
 def _spawned_rank(rank: int, world_size: int, port: int, config: RunConfig, model: str, paths: dict[str, Path],
-                  plan: CheckpointPlan, log_level: int, report_dir: str, launcher: int) -> None:
+                  plan: CheckpointPlan, log_level: int, report_dir: str, launcher: int, channel: RunChannel) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group: the launcher stops us
     _exit_with_launcher(launcher)
     import threading
@@ -108,7 +109,7 @@ def _spawned_rank(rank: int, world_size: int, port: int, config: RunConfig, mode
 
     configure_rank_logging(rank, log_level)
     try:
-        run_rank(rank, world_size, rank, config, model, paths, world_size, plan)
+        run_rank(rank, world_size, rank, config, model, paths, world_size, plan, channel)
     except BaseException as exc:  # noqa: BLE001 - reported to the launcher, which stops everyone
         kind, message, code = describe_failure(exc, config, world_size, device_name(config, rank))
         try:
@@ -129,15 +130,15 @@ def _signal_name(code: int) -> str:
         return f"signal {-code}"
 
 
-def root_cause(procs: list[Any], stopped: set[int], report_dir: Path) -> tuple[str, int]:
-    """The one-line message and exit code of the failure that brought the run down."""
+def root_cause(procs: list[Any], stopped: set[int], report_dir: Path) -> tuple[str, int, int | None]:
+    """The one-line message, exit code and rank of the failure that brought the run down."""
     reports: dict[int, dict[str, Any]] = {}
     for rank in range(len(procs)):
         try:
             reports[rank] = json.loads((report_dir / f"rank{rank}.json").read_text())
         except (OSError, ValueError):
             continue
-    candidates: list[tuple[int, float, str, int]] = []
+    candidates: list[tuple[int, float, str, int, int]] = []
     for rank, proc in enumerate(procs):
         report = reports.get(rank)
         code = proc.exitcode
@@ -149,17 +150,17 @@ def root_cause(procs: list[Any], stopped: set[int], report_dir: Path) -> tuple[s
                 text = f"rank {rank} {message}"
             else:
                 text = f"rank {rank} failed: {message}"
-            candidates.append((0, report.get("time", 0.0), text, int(report.get("code", 1))))
+            candidates.append((0, report.get("time", 0.0), text, int(report.get("code", 1)), rank))
         elif code is not None and code < 0 and rank not in stopped:
-            candidates.append((1, 0.0, f"rank {rank} was killed ({_signal_name(code)})", 1))
+            candidates.append((1, 0.0, f"rank {rank} was killed ({_signal_name(code)})", 1, rank))
         elif report is not None:
-            candidates.append((2, report.get("time", 0.0), f"rank {rank} failed: {report['message']}", 1))
+            candidates.append((2, report.get("time", 0.0), f"rank {rank} failed: {report['message']}", 1, rank))
         elif code not in (None, 0) and rank not in stopped:
-            candidates.append((3, 0.0, f"rank {rank} exited with code {code}", 1))
+            candidates.append((3, 0.0, f"rank {rank} exited with code {code}", 1, rank))
     if not candidates:
-        return "a rank failed without a report", 1
-    _, _, text, code = min(candidates, key=lambda c: (c[0], c[1]))
-    return text, code
+        return "a rank failed without a report", 1, None
+    _, _, text, code, rank = min(candidates, key=lambda c: (c[0], c[1]))
+    return text, code, rank
 
 
 def _stop(procs: list[Any]) -> set[int]:
@@ -211,7 +212,8 @@ def _watch(procs: list[Any]) -> bool:
     return True
 
 
-def run_spawned(config: RunConfig, model: str, paths: dict[str, Path], plan: CheckpointPlan) -> None:
+def run_spawned(config: RunConfig, model: str, paths: dict[str, Path], plan: CheckpointPlan,
+                channel: RunChannel | None = None) -> None:
     import multiprocessing
 
     world_size = config.world_size
@@ -228,7 +230,7 @@ def run_spawned(config: RunConfig, model: str, paths: dict[str, Path], plan: Che
             proc = context.Process(
                 target=_spawned_rank, name=f"video-infinity-rank{rank}",
                 args=(rank, world_size, port, config, model, paths, plan, logging.getLogger().level or logging.INFO,
-                      str(report_dir), os.getpid()),
+                      str(report_dir), os.getpid(), channel or RunChannel()),
             )
             proc.start()
             procs.append(proc)
@@ -237,14 +239,14 @@ def run_spawned(config: RunConfig, model: str, paths: dict[str, Path], plan: Che
         with signals_deferred():
             started = time.monotonic()
             stopped = _stop(procs)
-            message, code = ("", 0) if ok else root_cause(procs, stopped, report_dir)
+            message, code, failed_rank = ("", 0, None) if ok else root_cause(procs, stopped, report_dir)
             shutil.rmtree(report_dir, ignore_errors=True)
             stopped_at = time.monotonic()
             _stop_forkserver()
             logger.debug("ranks stopped in %.2f s, fork server in %.2f s", stopped_at - started,
                          time.monotonic() - stopped_at)
     if not ok:
-        raise RunError(message, code)
+        raise RunError(message, code, failed_rank)
 
 
 # --------------------------------------------------------------------------------------------------

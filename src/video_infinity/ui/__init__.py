@@ -43,15 +43,16 @@ def exposure_warning(host: str) -> str | None:
 
 
 def serve(*, base_path: str | Path, host: str = "127.0.0.1", port: int = 7860, limits: Limits | None = None,
-          template: RunConfig | None = None, block: bool = True) -> object:
-    """Start the web UI; returns the Gradio app (``block=False``: without waiting for it to close)."""
+          template: RunConfig | None = None, block: bool = True, step_sleep_s: float = 0.0) -> object:
+    """Start the web UI; returns the Gradio app (``block=False``: without waiting for it to close).
+    ``step_sleep_s``: test only, see :attr:`video_infinity.run.contract.RunRequest.step_sleep_s`."""
     require_gradio()
     from .app import build_app
 
     warning = exposure_warning(host)
     if warning is not None:
         logger.warning(warning)
-    studio = Studio(base_path, limits=limits, template=template)
+    studio = Studio(base_path, limits=limits, template=template, step_sleep_s=step_sleep_s)
     studio.base.mkdir(parents=True, exist_ok=True)
     app = build_app(studio)
     app.queue(default_concurrency_limit=1)

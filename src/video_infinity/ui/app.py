@@ -53,8 +53,7 @@ def default_form(studio: Studio) -> GenerationForm:
 
 
 def _progress_text(progress: RunProgress) -> str:
-    rows = "".join(f"\n| {r.get('rank')} | {r.get('phase')} | {r.get('step')}/{r.get('steps') or '?'} |"
-                   for r in progress.per_rank)
+    rows = "".join(f"\n| {r.rank} | {r.phase} | {r.step}/{r.steps or '?'} |" for r in progress.per_rank)
     table = f"\n\n| rank | phase | step |\n|---|---|---|{rows}" if rows else ""
     return f"**{progress.describe()}**{table}"
 
@@ -199,7 +198,7 @@ def build_app(studio: Studio) -> gr.Blocks:
 
         def show_outcome(outcome: Outcome) -> dict[Any, Any]:
             record = outcome.record
-            update: dict[Any, Any] = {status: f"**{outcome.status}**: {outcome.message}", **refresh_gallery()}
+            update: dict[Any, Any] = {status: outcome.headline(), **refresh_gallery()}
             if record is not None:
                 update.update({
                     video: studio.servable(record.video), sheet: studio.servable(record.contact_sheet),

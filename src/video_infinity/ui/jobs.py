@@ -1,10 +1,12 @@
-"""One generation started from the web UI: ``video-infinity generate`` in a child process (the CLI's
-launcher, its pre-flight checks and its supervision of the ranks, unchanged), watched through the
-ranks' progress files, and stopped on request.
+"""One generation started from the web UI: ``video-infinity generate --request DIR/request.json`` in a
+child process (the CLI's launcher, its pre-flight checks and its supervision of the ranks,
+unchanged), followed through the messages of :mod:`video_infinity.run.contract` in ``DIR`` (each
+rank's progress, then the run's result or error), and stopped on request.
 
 Running the launcher in its own process keeps torch out of the web server, lets a cancel use the
 launcher's own Ctrl-C path (every rank stopped, the last checkpoint kept), and leaves nothing
-behind if the server itself dies: the ranks end with their launcher.
+behind if the server itself dies: the ranks end with their launcher. The run's stdout and stderr
+are the server's (a log for people); the UI reads nothing from them.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from ..run.contract import ContractError, ErrorReport, RunRequest, RunResult, StatusFolder
 from ..run.progress import RunProgress, read_progress
 
 logger = logging.getLogger(__name__)
@@ -29,23 +32,15 @@ CANCEL_GRACE_S = 8.0
 
 
 class GenerationJob:
-    """``video-infinity generate --config CONFIG [--resume CHECKPOINT]`` in a child process."""
+    """``video-infinity generate --request DIR/request.json`` in a child process, ``DIR`` a fresh folder."""
 
-    def __init__(self, config_path: Path, *, resume: Path | None = None, env: dict[str, str] | None = None) -> None:
-        self._folder = Path(tempfile.mkdtemp(prefix="video-infinity-ui-"))
-        self.progress_dir = self._folder / "progress"
-        self.progress_dir.mkdir()
-        self._stderr_path = self._folder / "stderr.txt"
-        command = [sys.executable, "-m", "video_infinity.cli", "generate", "--config", str(config_path),
-                   "--progress-dir", str(self.progress_dir)]
-        if resume is not None:
-            command += ["--resume", str(resume)]
-        run_env = {**os.environ, **(env or {})}
+    def __init__(self, request: RunRequest) -> None:
+        self.folder = StatusFolder(Path(tempfile.mkdtemp(prefix="video-infinity-ui-")))
+        command = [sys.executable, "-m", "video_infinity.cli", "generate",
+                   "--request", str(self.folder.write_request(request))]
         self.cancelled = False
-        with open(self._stderr_path, "wb") as stderr:
-            # Its own session: a cancel can reach the launcher's ranks and fork server as a group.
-            self._proc = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=stderr,
-                                          env=run_env, start_new_session=True)
+        # Its own session: a cancel can reach the launcher's ranks and fork server as a group.
+        self._proc = subprocess.Popen(command, stdin=subprocess.DEVNULL, start_new_session=True)
         logger.info("started %s (pid %d)", " ".join(command[2:]), self._proc.pid)
 
     @property
@@ -54,10 +49,19 @@ class GenerationJob:
         return self._proc.poll()
 
     def progress(self) -> RunProgress:
-        return read_progress(self.progress_dir)
+        return read_progress(self.folder)
 
     def wait(self, timeout: float | None = None) -> int:
         return self._proc.wait(timeout)
+
+    def outcome(self) -> RunResult | ErrorReport | None:
+        """How the run ended, as it reported it (None: no report, e.g. the launcher was killed); an
+        unreadable report becomes an :class:`ErrorReport` saying so."""
+        try:
+            return self.folder.outcome()
+        except ContractError as exc:
+            return ErrorReport(message=f"the run's report is unreadable: {exc}", exit_kind="failure",
+                               exit_code=self._proc.poll() or 1)
 
     def cancel(self) -> None:
         """Stop the run as Ctrl-C would (every rank stops; the checkpoint is kept); the process group
@@ -75,16 +79,7 @@ class GenerationJob:
                 os.killpg(self._proc.pid, signal.SIGKILL)
             self._proc.wait()
 
-    def error_line(self) -> str:
-        """The launcher's one-line message (``video-infinity: error: ...``), or its last line."""
-        try:
-            lines = [line.strip() for line in self._stderr_path.read_text(errors="replace").splitlines() if line.strip()]
-        except OSError:
-            return ""
-        ours = [line for line in lines if line.startswith("video-infinity:")]
-        return (ours or lines or [""])[-1].removeprefix("\r\x1b[K")
-
     def close(self) -> None:
-        """Stop the run if it is still going, and remove its progress folder."""
+        """Stop the run if it is still going, and remove its status folder."""
         self.cancel()
-        shutil.rmtree(self._folder, ignore_errors=True)
+        shutil.rmtree(self.folder.path, ignore_errors=True)

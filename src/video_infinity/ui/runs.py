@@ -14,13 +14,12 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from ..run.outputs import CHECKPOINT_SUFFIX
+from ..run.outputs import CHECKPOINT_SUFFIX, CONTACT_SHEET_SUFFIX
 
 logger = logging.getLogger(__name__)
 
 CONFIG_SUFFIX = ".config.json"
 """The run config the UI writes for each run it starts (``video-infinity generate --config`` runs it too)."""
-CONTACT_SHEET_SUFFIX = ".png"
 _MAX_JSON_BYTES = 4 << 20  # a sidecar is a few kB; anything this large is not one
 
 

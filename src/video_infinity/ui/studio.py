@@ -18,11 +18,12 @@ from pathlib import Path
 from ..atomic import write_json_atomic
 from ..errors import UserError
 from ..run.config import RunConfig, validate_run_config
+from ..run.contract import ErrorReport, RunRequest, RunResult
 from ..run.preflight import prepare
 from ..run.progress import RunProgress
 from .form import FormError, GenerationForm, Limits, field_of, run_config
 from .jobs import GenerationJob
-from .runs import CONFIG_SUFFIX, CONTACT_SHEET_SUFFIX, RunRecord, find_run, inside
+from .runs import CONFIG_SUFFIX, RunRecord, find_run, inside
 
 logger = logging.getLogger(__name__)
 
@@ -39,6 +40,15 @@ class Outcome:
     message: str
     record: RunRecord | None
     probe_report: str | None = None
+    rank: int | None = None
+    """The rank whose failure ended the run, as the run reported it (None: none, or not one rank)."""
+    result: RunResult | None = None
+    """What a finished run reported."""
+
+    def headline(self) -> str:
+        """The status line, e.g. ``**failed** (rank 1): rank 1 failed: ValueError: ...``."""
+        on = f" (rank {self.rank})" if self.rank is not None else ""
+        return f"**{self.status}**{on}: {self.message}"
 
 
 def _is_demo(record: RunRecord) -> bool:
@@ -59,11 +69,12 @@ class Studio:
     """The server's state: where runs go (``base_path``), its ceilings, and the one job running."""
 
     def __init__(self, base_path: str | Path, *, limits: Limits | None = None, template: RunConfig | None = None,
-                 env: dict[str, str] | None = None) -> None:
+                 step_sleep_s: float = 0.0) -> None:
         self.base = Path(base_path).expanduser().resolve()
         self.limits = limits or Limits()
         self.template = template
-        self.env = env
+        self.step_sleep_s = step_sleep_s
+        """Test only (``serve --test-step-sleep``): put into every request, see :class:`RunRequest`."""
         self._lock = threading.Lock()
         self._job: GenerationJob | None = None
 
@@ -107,8 +118,10 @@ class Studio:
         if self.running is not None:
             raise FormError(None, "a generation is already running (one at a time: wait for it or cancel it)")
 
-    def _start(self, config_path: Path, resume: Path | None = None) -> GenerationJob:
-        self._job = GenerationJob(config_path, resume=resume, env=self.env)
+    def _start(self, config: RunConfig, config_path: Path, resume: Path | None = None) -> GenerationJob:
+        self._job = GenerationJob(RunRequest(config=config, config_path=str(config_path),
+                                             resume=None if resume is None else str(resume), contact_sheet=True,
+                                             step_sleep_s=self.step_sleep_s))
         return self._job
 
     def start(self, form: GenerationForm) -> tuple[GenerationJob, str]:
@@ -117,8 +130,8 @@ class Studio:
             self._one_at_a_time()
             config, name = self.check(form)
             config_path = self.base / f"{name}{CONFIG_SUFFIX}"
-            write_json_atomic(config_path, config.model_dump(mode="json"))
-            return self._start(config_path), name
+            write_json_atomic(config_path, config.model_dump(mode="json"))  # the gallery's record of the run
+            return self._start(config, config_path), name
 
     def resume(self, name: str) -> tuple[GenerationJob, str]:
         """Continue the unfinished run ``name`` from its checkpoint (same config, this server's devices
@@ -133,7 +146,7 @@ class Studio:
             if record.status != "unfinished" or record.config_path is None or record.checkpoint is None:
                 raise FormError(None, f"run: {name} has no checkpoint to resume (status: {record.status})")
             self._preflight(config, record.config_path, resume=record.checkpoint)
-            return self._start(record.config_path, resume=record.checkpoint), name
+            return self._start(config, record.config_path, resume=record.checkpoint), name
 
     def cancel(self) -> bool:
         """Stop the running job, if any (every rank within seconds; its checkpoint is kept)."""
@@ -158,40 +171,25 @@ class Studio:
             time.sleep(POLL_S)
 
     def finish(self, job: GenerationJob, name: str) -> Outcome:
-        """Wait for ``job`` and describe how it ended (a finished video gets its contact sheet and,
-        for the demo model, the probe's report)."""
+        """Wait for ``job`` and describe how it ended, from the run's own report (its result or its
+        error); a finished demo-model video also gets the probe's report."""
         code = job.wait()
-        message = job.error_line()
+        outcome = job.outcome()
         job.close()
         try:
             record: RunRecord | None = find_run(self.base, name)
         except ValueError:
             record = None
-        if code == 0 and record is not None and record.video is not None:
-            report = self._contact_sheet_and_probe(record)
-            return Outcome("done", record.video.name, find_run(self.base, name), report)
-        if job.cancelled:
+        if isinstance(outcome, RunResult):
+            return Outcome("done", Path(outcome.video).name, record, self.probe_report(record) if record else None,
+                           result=outcome)
+        if job.cancelled or (isinstance(outcome, ErrorReport) and outcome.exit_kind == "interrupted"):
             kept = record is not None and record.checkpoint is not None
             note = "the checkpoint is kept: Resume continues it" if kept else "no checkpoint was saved yet"
             return Outcome("cancelled", f"every rank stopped; {note}", record)
-        return Outcome("failed", message or f"the run failed (exit code {code})", record)
-
-    def _contact_sheet_and_probe(self, record: RunRecord) -> str | None:
-        assert record.video is not None
-        sheet = self.base / f"{record.name}{CONTACT_SHEET_SUFFIX}"
-        try:
-            if _is_demo(record):
-                from ..demo.probe import inspect_video
-
-                return inspect_video(str(record.video), ranks=_world_size(record),
-                                     contact_sheet_path=None if sheet.exists() else str(sheet))
-            if not sheet.exists():
-                from ..video_io import contact_sheet, read_video, write_png
-
-                write_png(sheet, contact_sheet(read_video(record.video)[0], columns=8, max_frames=32))
-        except (OSError, ValueError) as exc:
-            logger.warning("%s: no contact sheet or probe (%s)", record.video, exc)
-        return None
+        if isinstance(outcome, ErrorReport):
+            return Outcome("failed", outcome.message, record, rank=outcome.rank)
+        return Outcome("failed", f"the run ended without a report (exit code {code})", record)
 
     def probe_report(self, record: RunRecord) -> str | None:
         """The demo probe's report of a finished demo-model run (None for other models)."""
@@ -202,6 +200,7 @@ class Studio:
         try:
             return inspect_video(str(record.video), ranks=_world_size(record))
         except (OSError, ValueError) as exc:
+            logger.warning("%s: no probe report (%s)", record.video, exc)
             return f"probe failed: {exc}"
 
     def servable(self, path: Path | None) -> str | None:
