@@ -14,10 +14,13 @@ from datetime import datetime
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import TYPE_CHECKING, Annotated, Any, Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from ..config import AttentionConfig, EngineConfig, _FieldError, _Strict
 from ..errors import ConfigError
+from ..presets import resolve_engine
+from ..request import GenerationRequest, KeyframeMode, NonEmptyText, request_field
+from ..request import format_validation_error as _format_error
 from ..schedulers import SchedulerName
 
 if TYPE_CHECKING:
@@ -45,47 +48,61 @@ _DTYPES: dict[str, str] = {
 
 
 
-class PipeConfig(_StrictRun):
-    """What to generate (the original's ``pipe_configs``)."""
+REQUEST_KEYS: dict[str, str] = {
+    "prompt": "pipe_configs.prompts",
+    "negative_prompt": "pipe_configs.negative_prompt",
+    "num_frames": "pipe_configs.total_frames",  # the original's pipe_configs.num_frames counts frames per device
+    "height": "pipe_configs.height",
+    "width": "pipe_configs.width",
+    "num_inference_steps": "pipe_configs.steps",
+    "guidance_scale": "pipe_configs.guidance_scale",
+    "fps": "pipe_configs.fps",
+    "seed": "seed",
+    "scheduler": "pipe_configs.scheduler",
+    "eta": "pipe_configs.eta",
+    "transition_frames": "pipe_configs.transition_frames",
+    "keyframe_mode": "pipe_configs.keyframe_mode",
+    "engine": "plugin_configs",
+    "loop": "plugin_configs.loop",
+}
+"""Each field of :class:`GenerationRequest` -> its key in a run config file (the original's
+Video-Infinity JSON keys): the one map between the two shapes (``RunConfig.request``, the
+command line's flags, the web form)."""
 
-    prompts: list[Annotated[str, StringConstraints(min_length=1)]] | dict[int, Annotated[str, StringConstraints(min_length=1)]]
-    """Text prompts: a list, spread over the video as consecutive segments of (nearly) equal length;
-    or FreeNoise's ``{"frame": "prompt"}`` keyframes (frame 0 required, every key a frame of the
-    video; embeddings blend linearly from one keyframe to the next, the last one holds to the end)."""
-    negative_prompt: str | None = None
-    """What the video should not show (classifier-free guidance's unconditional text); None: empty."""
-    steps: int = Field(default=30, ge=1)
-    """Number of denoising steps."""
-    guidance_scale: float = Field(default=12.0, ge=0, allow_inf_nan=False)
-    """Classifier-free guidance scale."""
-    fps: int = Field(default=24, ge=1)
-    """Frame-rate conditioning value (used by fps-conditioned UNets such as VideoCrafter2)."""
+
+def _value_at(node: Any, path: str) -> Any:
+    for part in path.split("."):
+        node = getattr(node, part)
+    return node
+
+
+class PipeConfig(_StrictRun):
+    """What to generate (the original's ``pipe_configs``): the request's fields under the original's
+    keys (their checks, defaults and docstrings come from :class:`GenerationRequest`), plus what
+    only a run has (the MP4's frame rate, the file name, checkpoints)."""
+
+    prompts: list[NonEmptyText] | dict[int, NonEmptyText] = request_field("prompt")
+    negative_prompt: str | None = request_field("negative_prompt")
+    steps: int = request_field("num_inference_steps")
+    guidance_scale: float = request_field("guidance_scale")
+    # The original's default: VideoCrafter2's conditioning value (the request's None means the same).
+    fps: int = request_field("fps", default=24)
     num_frames: int | None = Field(default=None, ge=1)
     """Frames PER DEVICE, as in the original (the video has ``num_frames * len(devices)`` frames)."""
-    total_frames: int | None = Field(default=None, ge=1)
-    """Video length, independent of the device count; excludes ``num_frames``."""
-    height: int = 320
-    """Frame height in pixels, a positive multiple of 8."""
-    width: int = 512
-    """Frame width in pixels, a positive multiple of 8."""
+    total_frames: int | None = request_field("num_frames", default=None)
+    """Video length, independent of the device count (the request's ``num_frames``); excludes ``num_frames``."""
+    height: int = request_field("height")
+    width: int = request_field("width")
     export_fps: int = Field(default=8, ge=1)
     """Frame rate of the written MP4."""
     file_name: str | None = None
     """Output name inside ``base_path`` (no directories); None: derived from the first prompt and a timestamp."""
-    transition_frames: int = Field(default=0, ge=0)
-    """Frames over which the text embeddings of neighbouring prompt segments are blended (a list of
-    prompts, or keyframes with ``keyframe_mode: "hold"``)."""
-    keyframe_mode: Literal["interpolate", "hold"] = "interpolate"
-    """How ``{"frame": "prompt"}`` keyframes spread: ``interpolate`` (FreeNoise: the embedding goes
-    linearly from each keyframe to the next) or ``hold`` (each prompt holds from its frame until the
-    next keyframe, ``transition_frames`` frames blending across each change)."""
-    scheduler: SchedulerName | None = None
-    """Sampler; None: the model family's default (``sde-dpmsolver++`` for UNet3D models, what the
-    original's published runs used; ``model``, the folder's own flow-matching UniPC, for Wan)."""
+    transition_frames: int = request_field("transition_frames")
+    keyframe_mode: KeyframeMode = request_field("keyframe_mode")
+    scheduler: SchedulerName | None = request_field("scheduler")
     save_latents: bool = False
     """Also write the final latents as ``<base_path>/<file_name>.latents.npy`` (float32)."""
-    eta: float = Field(default=0.0, ge=0, allow_inf_nan=False)
-    """DDIM's eta (0: deterministic); only used by the ``ddim`` scheduler."""
+    eta: float = request_field("eta")
     checkpoint_every: int | None = Field(default=None, ge=1)
     """Save a checkpoint (``<base_path>/<file_name>.ckpt``) every this many denoising steps, to
     continue an interrupted run with ``generate --resume``; None: no checkpoints."""
@@ -106,42 +123,14 @@ class PipeConfig(_StrictRun):
 
     @field_validator("prompts", mode="before")
     @classmethod
-    def _prompt_form(cls, value: Any) -> Any:
-        # Checked by hand: the union of a list and a dict gives unreadable errors.
-        if isinstance(value, dict):
-            if not value:
-                raise ValueError('the {"frame": "prompt"} dict is empty (give at least {"0": "..."})')
-            keys = {}
-            for key, prompt in value.items():
-                text = str(key).strip()
-                if isinstance(key, bool) or not (text.isdigit()):
-                    raise ValueError(f"keys must be frame numbers (0, 1, ...), got {_short(key)}")
-                if not isinstance(prompt, str) or not prompt:
-                    raise ValueError(f"frame {text}: the prompt must be a non-empty string, got {_short(prompt)}")
-                if int(text) in keys:
-                    raise ValueError(f"frame {int(text)} is given twice")
-                keys[int(text)] = prompt
-            if 0 not in keys:
-                raise ValueError("a {\"frame\": \"prompt\"} dict needs a prompt for frame 0")
-            return dict(sorted(keys.items()))
-        if not isinstance(value, list) or not value:
-            raise ValueError(f'must hold at least 1 prompt (a list, or a {{"frame": "prompt"}} dict), got {_short(value)}')
-        return value
+    def _one_prompt(cls, value: Any) -> Any:
+        # A string is one prompt: the file keeps the original's list (or keyframe dict) shape.
+        return [value] if isinstance(value, str) and value else value
 
     @property
     def first_prompt(self) -> str:
         """The prompt the video starts with (list item or frame 0's)."""
         return self.prompts[0]
-
-    @field_validator("height", "width")
-    @classmethod
-    def _multiple_of_8(cls, value: int) -> int:
-        # The VAE downsamples by 8: other sizes cannot be encoded exactly.
-        if value <= 0 or value % 8:
-            lower, upper = max(8, value // 8 * 8), max(8, value // 8 * 8 + 8)
-            hint = f"use e.g. {lower} or {upper}" if lower != upper and value > 8 else "use e.g. 8"
-            raise ValueError(f"must be a positive multiple of 8, got {value} ({hint})")
-        return value
 
     @field_validator("file_name")
     @classmethod
@@ -164,12 +153,6 @@ class PipeConfig(_StrictRun):
             )
         return value
 
-    @model_validator(mode="after")
-    def _eta_only_for_ddim(self) -> PipeConfig:
-        if self.eta and self.scheduler != "ddim":
-            raise _FieldError("eta", f"only used by the 'ddim' scheduler, got scheduler {self.scheduler!r} (set eta to 0)")
-        return self
-
     def total_frames_for(self, world_size: int) -> int:
         """Number of frames of the whole video when run on ``world_size`` devices."""
         return self.total_frames if self.total_frames is not None else self.num_frames * world_size  # type: ignore[operator]
@@ -184,15 +167,6 @@ class PipeConfig(_StrictRun):
         total = self.total_frames_for(world_size)
         if total < world_size:
             return f"the video has {total} frames but there are {world_size} devices (use at least one frame per device)"
-        return None
-
-    def _keyframe_problem(self, world_size: int) -> str | None:
-        if not isinstance(self.prompts, dict):
-            return None
-        total = self.total_frames_for(world_size)
-        late = [k for k in self.prompts if k >= total]
-        if late:
-            return f"keyframe {late[0]} is past the video's last frame ({total - 1}; the video has {total} frames)"
         return None
 
     def resolved_file_name(self, now: datetime | None = None) -> str:
@@ -210,8 +184,7 @@ class RunConfig(_StrictRun):
     """Compute dtype; accepts the original's ``"torch.float16"`` and common aliases."""
     devices: list[int] | list[Literal["cpu"]] = [0]
     """GPU ids (one process each, NCCL), or ``"cpu"`` entries (that many CPU processes, gloo)."""
-    seed: int = 123
-    """Random seed; the same seed gives the same video whatever the number of devices."""
+    seed: int = request_field("seed", default=123)
     master_port: int = Field(default=29516, ge=1, le=65535)
     """Rendezvous port of the built-in launcher (replaced by a free one when taken)."""
     collective_timeout_s: float = Field(default=1800.0, gt=0, allow_inf_nan=False)
@@ -238,13 +211,7 @@ class RunConfig(_StrictRun):
     @field_validator("plugin_configs", mode="before")
     @classmethod
     def _preset_by_name(cls, value: Any) -> Any:
-        if isinstance(value, str):
-            from ..presets import PRESETS
-
-            if value not in PRESETS:
-                raise ValueError(f"unknown preset {_short(value)}; give engine knobs or one of {sorted(PRESETS)}")
-            return EngineConfig.model_validate(PRESETS[value])
-        return value
+        return resolve_engine(value) if isinstance(value, str) else value
 
     @field_validator("dtype", mode="before")
     @classmethod
@@ -268,15 +235,33 @@ class RunConfig(_StrictRun):
             raise ValueError(f"GPU {duplicates[0]} is listed twice, got {_short(value)} (each GPU runs one process)")
         return value
 
+    _request: GenerationRequest = PrivateAttr()
+
     @model_validator(mode="after")
     def _frames_cover_devices(self) -> RunConfig:
         message = self.pipe_configs._world_size_problem(self.world_size)
         if message is not None:
             raise _FieldError("pipe_configs.total_frames", message)
-        message = self.pipe_configs._keyframe_problem(self.world_size)
-        if message is not None:
-            raise _FieldError("pipe_configs.prompts", message)
         return self
+
+    @model_validator(mode="after")
+    def _make_request(self) -> RunConfig:
+        # The request's own checks (keyframes inside the video, eta with DDIM, ...) run here, and
+        # name the file's key: "pipe_configs.steps", not "num_inference_steps".
+        values: dict[str, Any] = {name: _value_at(self, path) for name, path in REQUEST_KEYS.items()}
+        values["num_frames"] = self.total_frames  # the file may count frames per device
+        try:
+            self._request = GenerationRequest.model_validate(values)
+        except ValidationError as exc:
+            field, _, problem = _format_error(exc).partition(": ")
+            name, _, rest = field.partition(".")
+            raise _FieldError(".".join(filter(None, (REQUEST_KEYS.get(name, name), rest))), problem) from None
+        return self
+
+    @property
+    def request(self) -> GenerationRequest:
+        """What this run generates, as the Python call takes it (the same checks, one schema)."""
+        return self._request
 
     @model_validator(mode="after")
     def _adapter_has_a_base(self) -> RunConfig:
@@ -311,49 +296,13 @@ class RunConfig(_StrictRun):
         return getattr(torch, self.dtype)
 
 
-def _model_at(model: type[BaseModel] | None, path: tuple[str | int, ...]) -> type[BaseModel] | None:
-    """The model class reached by following ``path`` (field names; list indices skipped)."""
-    for part in path:
-        if model is None:
-            return None
-        if isinstance(part, int):
-            continue
-        field = model.model_fields.get(part)
-        if field is None:
-            return None
-        candidates = [field.annotation, *get_args(field.annotation)]
-        model = next((c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None)
-    return model
-
-
 # ValidationError.title (the validated class's name) -> class, to list the allowed keys of unknown ones.
 _ROOT_MODELS: dict[str, type[BaseModel]] = {m.__name__: m for m in (RunConfig, PipeConfig, EngineConfig, AttentionConfig)}
 
 
 def format_validation_error(exc: ValidationError) -> str:
     """One line for the first error of ``exc``: ``<field path>: <problem> (<fix>)``."""
-    errors = exc.errors()
-    if not errors:
-        return str(exc).splitlines()[0]
-    # An unknown key first: a misspelt key usually also shows up as a missing required one.
-    error = next((e for e in errors if e["type"] == "extra_forbidden"), errors[0])
-    # Drop a union's branch tags (``list[constrained-str]``): field names have no brackets.
-    loc = tuple(part for part in error.get("loc", ()) if not (isinstance(part, str) and "[" in part))
-    cause = error.get("ctx", {}).get("error")
-    if isinstance(cause, _FieldError):
-        loc = (*loc, *cause.field.split("."))
-    where = ".".join(str(part) for part in loc) or "config"
-    kind = error["type"]
-    if kind == "extra_forbidden":
-        allowed = list((_model_at(_ROOT_MODELS.get(exc.title), loc[:-1]) or BaseModel).model_fields)
-        close = difflib.get_close_matches(str(loc[-1]), allowed, n=1) if loc else []
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
-        return f"{where}: unknown key, allowed keys: {', '.join(allowed)}{hint}"
-    if kind == "missing":
-        return f"{where}: required key is missing"
-    if isinstance(cause, ValueError):
-        return f"{where}: {cause}"
-    return f"{where}: {error['msg'].rstrip('.')}, got {_short(error.get('input'))}"
+    return _format_error(exc, _ROOT_MODELS)
 
 
 def validate_run_config(data: Any) -> RunConfig:
