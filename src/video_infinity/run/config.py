@@ -9,12 +9,15 @@ import copy
 import difflib
 import json
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path, PurePosixPath, PureWindowsPath
-from typing import TYPE_CHECKING, Annotated, Any, Literal, get_args
+from types import UnionType
+from typing import TYPE_CHECKING, Any, Literal, Union, get_args, get_origin
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
+from pydantic_core import PydanticUndefined
 
 from ..config import AttentionConfig, EngineConfig, _FieldError, _Strict
 from ..errors import ConfigError
@@ -26,8 +29,9 @@ from ..schedulers import SchedulerName
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["ConfigError", "PipeConfig", "RunConfig", "apply_overrides", "check_devices_available",
-           "load_run_config", "validate_run_config"]
+__all__ = ["REQUEST_KEYS", "ConfigError", "PipeConfig", "RunConfig", "RunFlag", "apply_overrides",
+           "check_devices_available", "devices_from_text", "load_run_config", "read_config_file", "run_flags",
+           "validate_run_config"]
 
 
 class _StrictRun(_Strict):
@@ -347,8 +351,32 @@ def apply_overrides(data: dict[str, Any], overrides: Iterable[str]) -> dict[str,
     return data
 
 
-def load_run_config(path: str | Path, overrides: Iterable[str] = ()) -> RunConfig:
-    """Read a JSON config file, apply ``--set`` overrides and validate it; problems raise ConfigError."""
+def load_run_config(path: str | Path | None, overrides: Iterable[str] = (),
+                    flags: Mapping[str, str | bool | None] | None = None,
+                    defaults: Mapping[str, Any] | None = None) -> RunConfig:
+    """Read a JSON config file (None: ``defaults``, else every key at its default), apply the
+    command line's flags (:func:`run_flags`: field name -> the text given) and then its ``--set``
+    overrides, and validate; problems raise a one-line ConfigError (naming the flag when a flag's
+    value is at fault)."""
+    data = read_config_file(path) if path is not None else copy.deepcopy(dict(defaults or {}))
+    # Parents first: --engine replaces plugin_configs, then --loop sets plugin_configs.loop in it.
+    given = sorted((flag for flag in run_flags() if flags and flags.get(flag.name) is not None),
+                   key=lambda flag: flag.path.count("."))
+    try:
+        for flag in given:
+            data = flag.apply(data, flags[flag.name])  # type: ignore[index]
+        return validate_run_config(apply_overrides(data, overrides))
+    except ConfigError as exc:
+        where, sep, problem = str(exc).partition(": ")
+        at_fault = next((f for f in given if where == f.path or where.startswith(f"{f.path}.")), None)
+        if at_fault is None or not sep or any(o.partition("=")[0].strip() == at_fault.path for o in overrides):
+            raise
+        inside = where[len(at_fault.path) + 1:]  # e.g. attn.paddin inside --engine's knobs
+        raise ConfigError(f"{at_fault.option}: {inside + ': ' if inside else ''}{problem}") from None
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """The JSON object in a config file, unvalidated; problems raise ConfigError."""
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
@@ -364,7 +392,141 @@ def load_run_config(path: str | Path, overrides: Iterable[str] = ()) -> RunConfi
         raise ConfigError(f"{path}: invalid JSON: {exc}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level must be a JSON object, got {type(data).__name__}")
-    return validate_run_config(apply_overrides(data, overrides))
+    return data
+
+
+# --------------------------------------------------------------------------------------------------
+# The command line's flags, generated from the schemas: the request's fields, then the run's own keys
+
+
+@dataclass(frozen=True)
+class RunFlag:
+    """One ``generate`` flag: a field of the request or of the run, and where it goes in a config."""
+
+    name: str
+    """The field's name (``num_inference_steps``); the flag is ``--num-inference-steps``."""
+    path: str
+    """Its key in a run config (``pipe_configs.steps``)."""
+    help: str
+    """The field's docstring."""
+    annotation: Any
+    default: Any
+    aliases: tuple[str, ...] = ()
+    """The original's key as a flag too, when its name differs (``--steps``)."""
+    replaces: tuple[str, ...] = ()
+    """Config keys this one excludes, removed when the flag is given (a file's per-device ``num_frames``)."""
+
+    @property
+    def option(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+    @property
+    def is_bool(self) -> bool:
+        return self.annotation in (bool, bool | None)
+
+    def value(self, text: str) -> Any:
+        """The config value of the flag's text: JSON where the field takes numbers, lists or objects,
+        else the text itself (a prompt, a name), so that plain words need no quoting."""
+        if self.name == "devices":
+            return devices_from_text(text)
+        structured = text.lstrip()[:1] in ("[", "{")
+        names = self.name == "engine"  # a preset's name, or knobs as JSON
+        if _takes_text(self.annotation) or ((_admits_text(self.annotation) or names) and not structured):
+            return text
+        try:
+            return json.loads(text)
+        except ValueError:
+            return text  # the schema names the field and says what it wants
+
+    def apply(self, data: dict[str, Any], text: str | bool) -> dict[str, Any]:
+        """A copy of ``data`` with this flag's value at its key."""
+        data = copy.deepcopy(data)
+        *parents, last = self.path.split(".")
+        node = data
+        for part in parents:
+            child = node.get(part)
+            if isinstance(child, str) and part == "plugin_configs":  # a preset's name: its settings, to change one
+                child = resolve_engine(child).model_dump(mode="json")
+            node[part] = child = child if isinstance(child, dict) else {}
+            node = child
+        for key in self.replaces:
+            node.pop(key.rpartition(".")[2], None)
+        node[last] = text if isinstance(text, bool) else self.value(text)
+        return data
+
+
+def _options(annotation: Any) -> list[Any]:
+    return [a for a in (get_args(annotation) if get_origin(annotation) in (Union, UnionType) else (annotation,))
+            if a is not type(None)]
+
+
+def _takes_text(annotation: Any) -> bool:
+    """Whether a field's values are all text (str, a Literal of names, optionally None)."""
+    return all(a is str or get_origin(a) is Literal for a in _options(annotation))
+
+
+def _admits_text(annotation: Any) -> bool:
+    """Whether some of a field's values are text (a prompt: a string, or a list or dict of them)."""
+    return any(a is str or get_origin(a) is Literal for a in _options(annotation))
+
+
+def devices_from_text(text: str) -> Any:
+    """``--devices``: a number of CPU processes (``2``), GPU ids (``gpu:0,1``) or the config's JSON list."""
+    raw = str(text).strip()
+    hint = 'give a number of CPU processes ("2") or GPU ids ("gpu:0,1")'
+    if raw.isdigit():
+        if int(raw) < 1:
+            raise ConfigError(f"devices: at least 1 process, got {raw} ({hint})")
+        return ["cpu"] * int(raw)
+    for prefix in ("gpu:", "cuda:", "gpus:"):
+        if raw.lower().startswith(prefix):
+            ids = [part.strip() for part in raw[len(prefix):].split(",")]
+            if not all(part.isdigit() for part in ids):
+                raise ConfigError(f"devices: GPU ids must be numbers, got {raw!r} (e.g. gpu:0,1)")
+            return [int(part) for part in ids]
+    if raw.startswith("["):
+        try:
+            return json.loads(raw)  # the config's own validation judges the list
+        except ValueError:
+            raise ConfigError(f"devices: {raw!r} is not a JSON list ({hint})") from None
+    raise ConfigError(f"devices: cannot read {raw!r} ({hint})")
+
+
+def run_flags() -> list[RunFlag]:
+    """``generate``'s flags: one per request field (under its diffusers name, and its original key
+    as an alias), then one per key of a run that is not the request's (model, devices, ...)."""
+    flags = []
+    for name, field in GenerationRequest.model_fields.items():
+        path = REQUEST_KEYS[name]
+        leaf = path.rpartition(".")[2]
+        flags.append(RunFlag(name, path, _doc(field), field.annotation, _config_default(path),
+                             aliases=("--" + leaf.replace("_", "-"),) if leaf != name else (),
+                             replaces=("pipe_configs.num_frames",) if name == "num_frames" else ()))
+    taken = set(REQUEST_KEYS.values())
+    for prefix, model in (("", RunConfig), ("pipe_configs.", PipeConfig)):
+        for name, field in model.model_fields.items():
+            path = prefix + name
+            # Containers and the file's per-device frame count are not flags: --num-frames is the video's.
+            if path in taken or path in ("pipe_configs", "plugin_configs", "pipe_configs.num_frames"):
+                continue
+            flags.append(RunFlag(name, path, _doc(field), field.annotation, field.default))
+    return flags
+
+
+def _config_default(path: str) -> Any:
+    """The default of a config key, e.g. ``pipe_configs.steps`` -> 30 (None where it has none)."""
+    model: Any = RunConfig
+    for part in path.split("."):
+        field = model.model_fields[part] if isinstance(model, type) and issubclass(model, BaseModel) else None
+        if field is None:
+            return None
+        model = field.annotation
+        default = field.default
+    return None if isinstance(default, BaseModel) or default is PydanticUndefined else default
+
+
+def _doc(field: Any) -> str:
+    return " ".join((field.description or "").split())
 
 
 def check_devices_available(config: RunConfig) -> None:

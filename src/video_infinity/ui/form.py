@@ -14,7 +14,7 @@ from typing import Any
 
 from ..errors import ConfigError
 from ..frames import partition_frames
-from ..run.config import RunConfig, validate_run_config
+from ..run.config import RunConfig, devices_from_text, validate_run_config
 from ..schedulers import SCHEDULER_NAMES
 
 DEFAULT_SCHEDULER = "default"
@@ -139,24 +139,10 @@ def parse_devices(text: str | int, limits: Limits) -> list[Any]:
 
 
 def _read_devices(raw: str) -> Any:
-    hint = 'give a number of CPU processes ("2") or GPU ids ("gpu:0,1")'
-    if raw.isdigit():
-        if int(raw) < 1:
-            raise FormError("devices", f"devices: at least 1 process, got {raw} ({hint})")
-        return ["cpu"] * int(raw)
-    lowered = raw.lower()
-    for prefix in ("gpu:", "cuda:", "gpus:"):
-        if lowered.startswith(prefix):
-            ids = [part.strip() for part in raw[len(prefix):].split(",")]
-            if not ids or not all(part.isdigit() for part in ids):
-                raise FormError("devices", f"devices: GPU ids must be numbers, got {raw!r} (e.g. gpu:0,1)")
-            return [int(part) for part in ids]
-    if raw.startswith("["):
-        try:
-            return json.loads(raw)  # the config's own validation judges the list
-        except ValueError:
-            raise FormError("devices", f"devices: {raw!r} is not a JSON list ({hint})") from None
-    raise FormError("devices", f"devices: cannot read {raw!r} ({hint})")
+    try:
+        return devices_from_text(raw)  # the command line's --devices
+    except ConfigError as exc:
+        raise FormError("devices", str(exc)) from None
 
 
 def parse_timeline(text: str | dict[Any, Any] | list[Any], num_frames: int) -> dict[int, str]:
