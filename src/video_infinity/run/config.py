@@ -29,7 +29,7 @@ from ..schedulers import SchedulerName
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["REQUEST_KEYS", "ConfigError", "PipeConfig", "RunConfig", "RunFlag", "apply_overrides",
+__all__ = ["REQUEST_KEYS", "ConfigError", "config_data", "PipeConfig", "RunConfig", "RunFlag", "apply_overrides",
            "check_devices_available", "devices_from_text", "load_run_config", "read_config_file", "run_flags",
            "validate_run_config"]
 
@@ -72,6 +72,22 @@ REQUEST_KEYS: dict[str, str] = {
 """Each field of :class:`GenerationRequest` -> its key in a run config file (the original's
 Video-Infinity JSON keys): the one map between the two shapes (``RunConfig.request``, the
 command line's flags, the web form)."""
+
+
+def config_data(request: GenerationRequest | Mapping[str, Any]) -> dict[str, Any]:
+    """The run config keys of a request, or of values by request field still to be validated (the
+    run config validates them as its request, after its own checks): the inverse of
+    ``RunConfig.request``. None values are left out (the file's defaults mean the same: fps 24)."""
+    data: dict[str, Any] = {}
+    dumped = request.model_dump(mode="json") if isinstance(request, GenerationRequest) else request
+    values = {name: value for name, value in dumped.items() if value is not None}
+    for name in sorted(values, key=lambda name: REQUEST_KEYS[name].count(".")):  # plugin_configs before its loop
+        *parents, last = REQUEST_KEYS[name].split(".")
+        node = data
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[last] = values[name]
+    return data
 
 
 def _value_at(node: Any, path: str) -> Any:
