@@ -156,6 +156,9 @@ class GenerationRequest(BaseModel):
         if self.loop and self.engine is not None and not self.engine.conv_layer.enabled:
             raise _FieldError("loop", "needs temporal convolution halos to close the ring (set "
                                       "engine.conv_layer.enabled to true or loop to false)")
+        if self.engine is not None and self.loop is not None and self.engine.loop != self.loop:
+            # One form for one video: the engine settings say what loop says (as a config file's do).
+            return self.model_copy(update={"engine": self.engine_for(self.engine)})
         return self
 
     @property

@@ -6,7 +6,6 @@ any model loads or process starts; every problem is a one-line :class:`ConfigErr
 from __future__ import annotations
 
 import copy
-import difflib
 import json
 import re
 from collections.abc import Iterable, Mapping
