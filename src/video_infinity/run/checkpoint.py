@@ -23,13 +23,13 @@ from typing import TYPE_CHECKING, Any
 
 from ..atomic import atomic_output
 from ..errors import CheckpointError, describe_exception
-from .config import RunConfig
+from .config import REQUEST_KEYS, RunConfig
 
 if TYPE_CHECKING:
     import torch
 
 FORMAT = "video-infinity-checkpoint"
-VERSION = 2  # 2: the result's parts are the generation request's fields (1: the config file's keys)
+VERSION = 2  # 2: the result's parts are the generation request's fields (1: a hand-picked list of keys)
 SUFFIX = ".ckpt"
 _HEAD_BYTES = 1 << 20  # bytes hashed at each end of a large weight file
 _PER_LATENT = "__per_latent__"
@@ -75,7 +75,8 @@ def result_parts(config: RunConfig, model: str, world_size: int, dtype: str) -> 
         "model": model_fingerprint(model),
         "base_model": model_fingerprint(config.base_model),
         "dtype": dtype,
-        **{f"request.{name}": value for name, value in request.model_dump(mode="json").items()},
+        # Under the config file's keys: what a refused resume names is what the user would change.
+        **{REQUEST_KEYS[name]: value for name, value in request.model_dump(mode="json").items()},
     }
     if config.motion_adapter is not None:
         parts["motion_adapter"] = model_fingerprint(config.motion_adapter)
