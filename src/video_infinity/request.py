@@ -22,7 +22,7 @@ from __future__ import annotations
 import copy
 import difflib
 from collections.abc import Mapping
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 from pydantic import (
     BaseModel,
@@ -124,7 +124,8 @@ class GenerationRequest(BaseModel):
     fps: int | None = Field(default=None, ge=1)
     """Frame-rate conditioning value, for fps-conditioned UNets such as VideoCrafter2; None: 24."""
     seed: int | None = None
-    """Random seed; the same seed gives the same video on any number of devices. None: random."""
+    """Random seed; the same seed gives the same video on any number of devices. None (the Python
+    call): drawn at random, the same on every rank."""
     scheduler: SchedulerName | None = None
     """Sampler; None: the model family's default (``sde-dpmsolver++`` for UNet3D models, what the
     original's published runs used; ``model``, the folder's own flow-matching UniPC, for Wan)."""
@@ -195,8 +196,6 @@ def request_field(name: str, **changes: Any) -> Any:
 def format_validation_error(exc: ValidationError, models: Mapping[str, type[BaseModel]] | None = None) -> str:
     """One line for the first error of ``exc``: ``<field path>: <problem> (<fix>)``. ``models``:
     class name -> class, to list the allowed keys when one is unknown (default: the request)."""
-    from typing import get_args
-
     errors = exc.errors()
     if not errors:
         return str(exc).splitlines()[0]
