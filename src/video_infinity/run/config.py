@@ -202,7 +202,8 @@ class RunConfig(_StrictRun):
     dtype: Literal["float16", "bfloat16", "float32"] = "float16"
     """Compute dtype; accepts the original's ``"torch.float16"`` and common aliases."""
     devices: list[int] | list[Literal["cpu"]] = [0]
-    """GPU ids (one process each, NCCL), or ``"cpu"`` entries (that many CPU processes, gloo)."""
+    """GPU ids (one process each, NCCL), or ``"cpu"`` entries (that many CPU processes, gloo); as a
+    flag: ``2`` (two CPU processes), ``gpu:0,1`` or the JSON list."""
     seed: int = request_field("seed", default=123)
     master_port: int = Field(default=29516, ge=1, le=65535)
     """Rendezvous port of the built-in launcher (replaced by a free one when taken)."""
