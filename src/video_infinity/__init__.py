@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 from .config import AttentionConfig, EngineConfig, MotionConfig, PhaseConfig
 from .errors import VideoInfinityError
+from .request import GenerationRequest
 
 if TYPE_CHECKING:
     from .context import ClipContext, FrameLayout
@@ -37,5 +38,5 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-__all__ = ["AttentionConfig", "VideoInfinityError", "ClipContext", "EngineConfig", "FrameLayout", "MotionConfig", "ParallelHandle", "PhaseConfig",
+__all__ = ["AttentionConfig", "VideoInfinityError", "ClipContext", "EngineConfig", "GenerationRequest", "FrameLayout", "MotionConfig", "ParallelHandle", "PhaseConfig",
            "VideoInfinityPipeline", "VideoInfinityPipelineOutput", "export_to_video", "parallelize"]

@@ -1,7 +1,9 @@
-"""Command line: ``video-infinity generate --config FILE [--set key=value ...]``.
+"""Command line: ``video-infinity generate [--config FILE] [--prompt ... --num-frames ...] [--set key=value ...]``.
 
-The config is validated, and the GPU ids checked, before anything heavy is imported or any process
-starts: a wrong config fails in well under a second of our own work, with one line naming the field.
+``generate``'s flags are generated from the schemas (:func:`video_infinity.run.config.run_flags`):
+one per field of the generation request, one per key of the run. The config is validated, and the
+GPU ids checked, before anything heavy is imported or any process starts: a wrong config or flag
+fails in well under a second of our own work, with one line naming the field.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from .errors import ConfigError, RunInterrupted, UserError, VideoInfinityError
-from .run.config import check_devices_available, load_run_config
+from .run.config import REQUEST_KEYS, RunFlag, check_devices_available, load_run_config, run_flags
 from .run.contract import ContractError, ErrorReport, RunRequest, StatusFolder
 from .ui.form import Limits
 
@@ -30,11 +32,16 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     generate = commands.add_parser(
         "generate",
-        help="generate a video from a JSON config",
-        description="Generate a video from a JSON config (the original Video-Infinity format is accepted).",
+        help="generate a video (from flags, a JSON config, or both)",
+        description="Generate a video. Every setting is a flag (the embedded demo model unless --model says "
+        "otherwise), e.g. video-infinity generate --prompt 'a red circle moving right' --num-frames 64 --devices 2; "
+        "or a JSON config (the original Video-Infinity format is accepted), which the flags override. Without "
+        "--config and --model, the run starts from the demo model's settings (64x64, 20 steps, one CPU process, "
+        "outputs in ./outputs).",
     )
-    source = generate.add_mutually_exclusive_group(required=True)
-    source.add_argument("--config", metavar="FILE", help="JSON run config, e.g. examples/config.json")
+    source = generate.add_mutually_exclusive_group()
+    source.add_argument("--config", metavar="FILE", help="JSON run config, e.g. examples/config.json (flags and "
+                        "--set override its values)")
     source.add_argument("--request", metavar="FILE",
                         help="a run request written by a front-end (the web UI: DIR/request.json); the run reports its "
                         "progress, then its result or error, as JSON files in DIR")
@@ -62,6 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     # exported variable; a --request carries it as a field instead.
     generate.add_argument("--test-step-sleep", type=float, default=0.0, metavar="S", help=argparse.SUPPRESS)
     generate.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    _add_run_flags(generate)
     serve = commands.add_parser(
         "serve",
         help="start the web UI (needs: pip install 'video-infinity[ui]')",
@@ -99,6 +107,33 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--contact-sheet", metavar="PNG", help="also write a grid of 32 evenly spaced frames here")
     inspect.add_argument("--overwrite", action="store_true", help="replace an existing contact sheet")
     return parser
+
+
+def _add_run_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per field of the request and of the run, its help the field's docstring."""
+    groups = {"request": parser.add_argument_group("what to generate (the request; the original's key in brackets)"),
+              "run": parser.add_argument_group("the run")}
+    for flag in run_flags():
+        group = groups["request" if flag.name in REQUEST_KEYS else "run"]
+        default = "" if flag.default is None else f" (default: {flag.default})"
+        key = f" [{flag.path}]"
+        help_text = (flag.help + default + key).replace("%", "%%")
+        if flag.is_bool:
+            group.add_argument(flag.option, *flag.aliases, dest=_dest(flag), default=None,
+                               action=argparse.BooleanOptionalAction, help=help_text)
+        else:
+            group.add_argument(flag.option, *flag.aliases, dest=_dest(flag), default=None,
+                               metavar=flag.name.upper(), help=help_text)
+
+
+def _demo_run() -> dict:
+    from .demo import DEMO_RUN  # no torch: the demo package imports it only to build a model
+
+    return DEMO_RUN
+
+
+def _dest(flag: RunFlag) -> str:
+    return f"flag_{flag.name}"
 
 
 def _inspect(args: argparse.Namespace) -> int:
@@ -157,14 +192,19 @@ def _status_folder(args: argparse.Namespace) -> StatusFolder | None:
 
 
 def _request(args: argparse.Namespace, folder: StatusFolder | None) -> RunRequest:
-    """The run asked for: a front-end's request file, or the config file with the command's options."""
+    """The run asked for: a front-end's request file, or the config file and flags with the command's options."""
+    flags = {flag.name: getattr(args, _dest(flag)) for flag in run_flags()}
     if args.request is None:
-        config = load_run_config(args.config, args.overrides)
+        if args.config is None and flags["prompt"] is None and not any(o.startswith("pipe_configs") for o in args.overrides):
+            raise ConfigError("--prompt: give a prompt (e.g. --prompt 'a red circle moving right') or a --config file")
+        demo = args.config is None and not any(flags[name] for name in ("model", "base_model", "motion_adapter"))
+        config = load_run_config(args.config, args.overrides, flags, defaults=_demo_run() if demo else None)
         return RunRequest(config=config, config_path=args.config, resume=args.resume, overwrite=args.overwrite,
                           step_sleep_s=args.test_step_sleep)
-    if args.overrides or args.resume or args.overwrite or args.test_step_sleep or args.progress_dir:
-        raise ConfigError("--request: the request holds the whole run and reports to its own folder (give --set, "
-                          "--resume, --overwrite, --progress-dir and --test-step-sleep with --config only)")
+    if args.overrides or args.resume or args.overwrite or args.test_step_sleep or args.progress_dir or \
+            any(value is not None for value in flags.values()):
+        raise ConfigError("--request: the request holds the whole run and reports to its own folder (give flags, "
+                          "--set, --resume, --overwrite, --progress-dir and --test-step-sleep without --request)")
     assert folder is not None
     try:
         return folder.read_request()

@@ -39,9 +39,10 @@ from .families.base import Conditioning, ModelFamily
 from .engine.comm import comm_device, gather_frames, stream_to_rank0
 from .noise import INITIAL, frame_noise
 from .parallel import parallelize
-from .presets import engine_preset
-from .prompts import KEYFRAME_MODES, Prompt, check_prompt, frame_embeddings, prompt_mix
-from .schedulers import SCHEDULER_NAMES, make_scheduler
+from .presets import resolve_engine
+from .prompts import Prompt, frame_embeddings, prompt_mix
+from .request import GenerationRequest
+from .schedulers import make_scheduler
 
 logger = logging.getLogger(__name__)
 
@@ -57,38 +58,10 @@ class VideoInfinityPipelineOutput(BaseOutput):
     frames: Any
 
 
-@dataclass(frozen=True)
-class GenerationRequest:
-    """One video to make, checked: what ``__call__`` and the CLI pass to ``generate_latents``."""
-
-    prompt: Prompt
-    negative_prompt: str | None
-    num_frames: int
-    """Frames of the whole video."""
-    latent_frames: int
-    """The model's frames for it (the engine's time axis)."""
-    height: int
-    width: int
-    num_inference_steps: int
-    guidance_scale: float
-    fps: int | None
-    eta: float
-    transition_frames: int
-    keyframe_mode: str = "interpolate"
-
-
 def _default_device() -> torch.device:
     if torch.cuda.is_available():
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
     return torch.device("cpu")
-
-
-def _engine_config(engine: EngineConfig | dict | str | None) -> EngineConfig:
-    if isinstance(engine, EngineConfig):
-        return engine
-    if isinstance(engine, str):
-        return engine_preset(engine)
-    return EngineConfig.model_validate(engine or {})
 
 
 def _latent_index(family: ModelFamily, video_frame: int) -> int:
@@ -99,17 +72,12 @@ def _latent_index(family: ModelFamily, video_frame: int) -> int:
     return latent
 
 
-def _positive_int(name: str, value: Any, what: str = "a positive integer") -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name}: must be {what}, got {value!r}")
-
-
 class VideoInfinityPipeline:
     """Text to long video with a diffusers text-to-video model and Video-Infinity's engine."""
 
     def __init__(self, family: ModelFamily, engine: EngineConfig | dict | str | None = None) -> None:
         self.family = family
-        self.engine = _engine_config(engine)
+        self.engine = resolve_engine(engine)
         self._interrupt = False
 
     # ------------------------------------------------------------------------------------------
@@ -137,7 +105,7 @@ class VideoInfinityPipeline:
         from :data:`video_infinity.presets.PRESETS` (e.g. ``"wan"``) (default: the published settings). ``device``: default ``cuda:$LOCAL_RANK`` when there is a GPU, else CPU.
         ``torch_dtype``: default float32.
         """
-        engine = _engine_config(engine)
+        engine = resolve_engine(engine)
         if motion_adapter is not None:
             if model is not None and base_model is not None and str(model) != str(base_model):
                 raise ValueError("motion_adapter: give its Stable Diffusion base as base_model or as model, not both")
@@ -174,48 +142,26 @@ class VideoInfinityPipeline:
     # ------------------------------------------------------------------------------------------
     # Checks
 
-    def check_inputs(
-        self,
-        prompt: Prompt,
-        *,
-        negative_prompt: str | None = None,
-        num_frames: int,
-        height: int,
-        width: int,
-        num_inference_steps: int,
-        guidance_scale: float,
-        fps: int | None = None,
-        eta: float = 0.0,
-        transition_frames: int = 0,
-        keyframe_mode: str = "interpolate",
-        world_size: int = 1,
-    ) -> GenerationRequest:
-        """Validate a call's arguments (one-line ValueErrors naming the argument), before any model work."""
-        _positive_int("num_frames", num_frames, "a positive integer (frames of the whole video)")
+    def check_inputs(self, prompt: GenerationRequest | Prompt, *, world_size: int = 1,
+                     **values: Any) -> GenerationRequest:
+        """The checked request: ``prompt`` with ``values`` (``num_frames=...``, the call's keywords)
+        through :class:`GenerationRequest`, or a request as is; then what the request's own checks
+        cannot know: this model's size multiple and frame count (Wan: 16 pixels, 4n + 1 frames),
+        and one frame at least per rank. One-line ValueErrors naming the field, before any model work."""
+        request = prompt if isinstance(prompt, GenerationRequest) else GenerationRequest.checked(prompt=prompt, **values)
         multiple = self.family.spatial_multiple
-        for name, value in (("height", height), ("width", width)):
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0 or value % multiple:
-                raise ValueError(f"{name}: must be a positive multiple of {multiple}, got {value!r}")
-        _positive_int("num_inference_steps", num_inference_steps)
-        if fps is not None:
-            _positive_int("fps", fps)
-        if not np.isfinite(guidance_scale) or guidance_scale < 0:
-            raise ValueError(f"guidance_scale: must be a finite number >= 0, got {guidance_scale!r}")
-        if negative_prompt is not None and not isinstance(negative_prompt, str):
-            raise ValueError(f"negative_prompt: must be a string or None, got {type(negative_prompt).__name__}")
-        if transition_frames < 0:
-            raise ValueError(f"transition_frames: must be >= 0, got {transition_frames}")
-        if eta < 0:
-            raise ValueError(f"eta: must be >= 0, got {eta}")
-        if keyframe_mode not in KEYFRAME_MODES:
-            raise ValueError(f"keyframe_mode: must be one of {', '.join(KEYFRAME_MODES)}, got {keyframe_mode!r}")
-        check_prompt(prompt, num_frames)
-        latent_frames = self.family.latent_frames(num_frames)
+        for name in ("height", "width"):
+            if getattr(request, name) % multiple:
+                raise ValueError(f"{name}: must be a positive multiple of {multiple}, got {getattr(request, name)!r}")
+        latent_frames = self.latent_frames(request)
         if latent_frames < world_size:
-            raise ValueError(f"num_frames: {num_frames} frames ({latent_frames} latent frames) cannot be split over "
-                             f"{world_size} ranks (give every rank at least one frame)")
-        return GenerationRequest(prompt, negative_prompt, num_frames, latent_frames, height, width, num_inference_steps,
-                                 float(guidance_scale), fps, float(eta), transition_frames, keyframe_mode)
+            raise ValueError(f"num_frames: {request.num_frames} frames ({latent_frames} latent frames) cannot be split "
+                             f"over {world_size} ranks (give every rank at least one frame)")
+        return request
+
+    def latent_frames(self, request: GenerationRequest) -> int:
+        """The model's frames for the request's video: the engine's time axis (Wan: latent frames)."""
+        return self.family.latent_frames(request.num_frames)
 
     def make_scheduler(self, scheduler: str | Any | None) -> Any:
         """A scheduler object: a name from ``SCHEDULER_NAMES`` on the model's schedule, an object as
@@ -233,7 +179,7 @@ class VideoInfinityPipeline:
         prompt = request.prompt
         if isinstance(prompt, Mapping):  # keyframes are video frames: move each to the latent frame decoded into it
             prompt = {_latent_index(family, k): p for k, p in sorted(prompt.items())}
-        distinct, mixes = prompt_mix(prompt, request.latent_frames, ctx.frames, request.transition_frames,
+        distinct, mixes = prompt_mix(prompt, self.latent_frames(request), ctx.frames, request.transition_frames,
                                      request.keyframe_mode)
         per_frame = frame_embeddings(family.encode_prompts(distinct, ctx), mixes)
         negative = family.encode_prompts([request.negative_prompt or ""], ctx) if request.guidance_scale > 1.0 else None
@@ -246,7 +192,7 @@ class VideoInfinityPipeline:
         times the scheduler's ``init_noise_sigma``."""
         family = self.family
         shape = (1, *family.latent_shape(request.height, request.width))
-        whole = (1, shape[1], request.latent_frames, *shape[2:])
+        whole = (1, shape[1], self.latent_frames(request), *shape[2:])
         own = slice(ctx.frames.start, ctx.frames.stop)
         if latents is not None:
             if tuple(latents.shape) != whole:
@@ -327,6 +273,7 @@ class VideoInfinityPipeline:
         transition_frames: int = 0,
         keyframe_mode: str = "interpolate",
         loop: bool | None = None,
+        engine: EngineConfig | dict | str | None = None,
     ) -> VideoInfinityPipelineOutput | tuple[Any]:
         """Make a video of ``num_frames`` frames (the whole video, on however many ranks).
 
@@ -347,28 +294,34 @@ class VideoInfinityPipeline:
         replacement latents under ``"latents"`` and stop the run by setting ``pipe._interrupt = True``
         (every rank must do the same). ``eta``: DDIM's eta. ``loop``: a seamless loop (the frames on a
         ring, the last flowing into the first; see ``EngineConfig.loop``) for this call; default: the
-        pipeline's engine setting. Writes no file.
+        pipeline's engine setting. ``engine``: this call's engine settings (knobs, a preset's name or
+        an :class:`EngineConfig`); default: the pipeline's. The generation parameters are checked by
+        :class:`~video_infinity.request.GenerationRequest` (one-line ValueErrors naming the argument,
+        before any model work). Writes no file.
         """
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type: must be one of {', '.join(OUTPUT_TYPES)}, got {output_type!r}")
-        if isinstance(scheduler, str) and scheduler not in SCHEDULER_NAMES:
-            raise ValueError(f"scheduler: unknown name {scheduler!r} (use one of {', '.join(SCHEDULER_NAMES)}, "
-                             "or pass a diffusers scheduler object)")
-        engine = self.engine
-        if loop is not None and loop != engine.loop:  # validated: a loop needs the conv halos
-            engine = EngineConfig.model_validate({**engine.model_dump(), "loop": loop})
+        named = scheduler is None or isinstance(scheduler, str)
+        request = GenerationRequest.checked(
+            prompt=prompt, negative_prompt=negative_prompt, num_frames=num_frames, height=height, width=width,
+            num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, fps=fps, seed=seed,
+            # A scheduler object is used as is, and takes eta as it does: the request checks names only.
+            scheduler=scheduler if named else "ddim" if eta else None, eta=eta,
+            transition_frames=transition_frames, keyframe_mode=keyframe_mode, loop=loop,
+            engine=engine)
+        if not named:
+            request = request.model_copy(update={"scheduler": None})
         world_size = context.world_size if context is not None else (dist.get_world_size() if dist.is_initialized() else 1)
-        request = self.check_inputs(prompt, negative_prompt=negative_prompt, num_frames=num_frames, height=height,
-                                    width=width, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
-                                    fps=fps, eta=eta, transition_frames=transition_frames,
-                                    keyframe_mode=keyframe_mode, world_size=world_size)
+        self.check_inputs(request, world_size=world_size)
+        engine = request.engine_for(self.engine)
+        latent_frames = self.latent_frames(request)
         if context is None:
-            context = ClipContext.from_process_group(request.latent_frames)
+            context = ClipContext.from_process_group(latent_frames)
         elif context.total_frames is None:  # one process, length from the input: this video's
-            context = ClipContext(total_frames=request.latent_frames)
-        elif context.total_frames != request.latent_frames:
+            context = ClipContext(total_frames=latent_frames)
+        elif context.total_frames != latent_frames:
             raise ValueError(f"context: made for {context.total_frames} frames, but the video has "
-                             f"{request.latent_frames} (latent) frames")
+                             f"{latent_frames} (latent) frames")
         scheduler = self.make_scheduler(scheduler)
         if generator is not None and latents is None:
             initial = self.initial_latents(request, context, scheduler, 0, None, generator)

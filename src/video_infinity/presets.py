@@ -13,6 +13,7 @@ frames farther than 20 latent frames away sit at rotary distances the model neve
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from .config import EngineConfig
@@ -25,5 +26,24 @@ PRESETS: dict[str, dict[str, Any]] = {
 def engine_preset(name: str) -> EngineConfig:
     """The engine settings of preset ``name`` (one of :data:`PRESETS`)."""
     if name not in PRESETS:
-        raise ValueError(f"preset: unknown preset {name!r}; choose one of {sorted(PRESETS)}")
-    return EngineConfig.model_validate(PRESETS[name])
+        raise ValueError(f"preset: {unknown_preset(name)}")
+    return resolve_engine(name)
+
+
+def unknown_preset(name: str) -> str:
+    """The message for a preset name that is not in :data:`PRESETS`."""
+    return f"unknown preset {name!r}; give engine knobs or one of {sorted(PRESETS)}"
+
+
+def resolve_engine(engine: EngineConfig | Mapping[str, Any] | str | None) -> EngineConfig:
+    """Engine settings from what a caller gives: an :class:`EngineConfig` as is, the original's
+    ``plugin_configs`` knobs, a preset's name, or None (the engine's defaults, the published
+    settings). The one place where preset names are resolved (the Python call, the run config, the
+    web form)."""
+    if isinstance(engine, EngineConfig):
+        return engine
+    if isinstance(engine, str):
+        if engine not in PRESETS:  # the field's name is the caller's to add (preset, plugin_configs, ...)
+            raise ValueError(unknown_preset(engine))
+        return EngineConfig.model_validate(PRESETS[engine])
+    return EngineConfig.model_validate(engine or {})

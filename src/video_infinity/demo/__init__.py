@@ -12,11 +12,21 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Any
 
 logger = logging.getLogger(__name__)
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 """The shipped trained demo model (diffusers pipeline layout)."""
+
+DEMO_RUN: dict[str, Any] = {
+    "dtype": "float32",
+    "devices": ["cpu"],
+    "base_path": "./outputs",
+    "pipe_configs": {"height": 64, "width": 64, "steps": 20, "guidance_scale": 5.0, "fps": 8, "scheduler": "dpmsolver++"},
+}
+"""What a command-line run starts from when it names neither a config file nor a model: the sizes and
+sampling the demo model was trained for, on one CPU process (as ``examples/cpu_demo.json``)."""
 
 RANDOM_MODEL_NAME = "random-demo-model"
 _COMPONENTS = ("model_index.json", "unet", "vae", "text_encoder", "tokenizer", "scheduler")
@@ -64,4 +74,4 @@ def default_model_path() -> Path:
     return path
 
 
-__all__ = ["WEIGHTS_DIR", "cache_dir", "default_model_path"]
+__all__ = ["DEMO_RUN", "WEIGHTS_DIR", "cache_dir", "default_model_path"]

@@ -23,13 +23,13 @@ from typing import TYPE_CHECKING, Any
 
 from ..atomic import atomic_output
 from ..errors import CheckpointError, describe_exception
-from .config import RunConfig
+from .config import REQUEST_KEYS, RunConfig
 
 if TYPE_CHECKING:
     import torch
 
 FORMAT = "video-infinity-checkpoint"
-VERSION = 1
+VERSION = 2  # 2: the result's parts are the generation request's fields (1: a hand-picked list of keys)
 SUFFIX = ".ckpt"
 _HEAD_BYTES = 1 << 20  # bytes hashed at each end of a large weight file
 _PER_LATENT = "__per_latent__"
@@ -68,29 +68,16 @@ def model_fingerprint(model: str | None) -> str | None:
 
 
 def result_parts(config: RunConfig, model: str, world_size: int, dtype: str) -> dict[str, Any]:
-    """The parts of a run that determine its latents (``dtype``: the compute dtype actually used)."""
-    pipe = config.pipe_configs
+    """The parts of a run that determine its latents: the model's files, the compute dtype actually
+    used (``dtype``) and every field of the generation request (its length on ``world_size`` ranks)."""
+    request = config.request.model_copy(update={"num_frames": config.pipe_configs.total_frames_for(world_size)})
     parts = {
         "model": model_fingerprint(model),
         "base_model": model_fingerprint(config.base_model),
-        "seed": config.seed,
         "dtype": dtype,
-        "pipe_configs.prompts": pipe.prompts if isinstance(pipe.prompts, list) else {str(f): p for f, p in pipe.prompts.items()},
-        "pipe_configs.steps": pipe.steps,
-        "pipe_configs.guidance_scale": pipe.guidance_scale,
-        "pipe_configs.fps": pipe.fps,
-        "pipe_configs.height": pipe.height,
-        "pipe_configs.width": pipe.width,
-        "total frames": pipe.total_frames_for(world_size),
-        "pipe_configs.transition_frames": pipe.transition_frames,
-        "pipe_configs.scheduler": pipe.scheduler,
-        "pipe_configs.eta": pipe.eta,
-        "plugin_configs": config.plugin_configs.model_dump(mode="json"),
+        # Under the config file's keys: what a refused resume names is what the user would change.
+        **{REQUEST_KEYS[name]: value for name, value in request.model_dump(mode="json").items()},
     }
-    if pipe.keyframe_mode != "interpolate":
-        parts["pipe_configs.keyframe_mode"] = pipe.keyframe_mode
-    if pipe.negative_prompt:  # only then (likewise below): earlier runs' checkpoints keep their hash
-        parts["pipe_configs.negative_prompt"] = pipe.negative_prompt
     if config.motion_adapter is not None:
         parts["motion_adapter"] = model_fingerprint(config.motion_adapter)
     return parts

@@ -6,25 +6,31 @@ any model loads or process starts; every problem is a one-line :class:`ConfigErr
 from __future__ import annotations
 
 import copy
-import difflib
 import json
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path, PurePosixPath, PureWindowsPath
-from typing import TYPE_CHECKING, Annotated, Any, Literal, get_args
+from types import UnionType
+from typing import TYPE_CHECKING, Any, Literal, Union, get_args, get_origin
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
+from pydantic_core import PydanticUndefined
 
 from ..config import AttentionConfig, EngineConfig, _FieldError, _Strict
 from ..errors import ConfigError
+from ..presets import resolve_engine
+from ..request import GenerationRequest, KeyframeMode, NonEmptyText, request_field
+from ..request import format_validation_error as _format_error
 from ..schedulers import SchedulerName
 
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["ConfigError", "PipeConfig", "RunConfig", "apply_overrides", "check_devices_available",
-           "load_run_config", "validate_run_config"]
+__all__ = ["REQUEST_KEYS", "ConfigError", "config_data", "PipeConfig", "RunConfig", "RunFlag", "apply_overrides",
+           "check_devices_available", "devices_from_text", "load_run_config", "read_config_file", "run_flags",
+           "validate_run_config"]
 
 
 class _StrictRun(_Strict):
@@ -45,47 +51,77 @@ _DTYPES: dict[str, str] = {
 
 
 
-class PipeConfig(_StrictRun):
-    """What to generate (the original's ``pipe_configs``)."""
+REQUEST_KEYS: dict[str, str] = {
+    "prompt": "pipe_configs.prompts",
+    "negative_prompt": "pipe_configs.negative_prompt",
+    "num_frames": "pipe_configs.total_frames",  # the original's pipe_configs.num_frames counts frames per device
+    "height": "pipe_configs.height",
+    "width": "pipe_configs.width",
+    "num_inference_steps": "pipe_configs.steps",
+    "guidance_scale": "pipe_configs.guidance_scale",
+    "fps": "pipe_configs.fps",
+    "seed": "seed",
+    "scheduler": "pipe_configs.scheduler",
+    "eta": "pipe_configs.eta",
+    "transition_frames": "pipe_configs.transition_frames",
+    "keyframe_mode": "pipe_configs.keyframe_mode",
+    "engine": "plugin_configs",
+    "loop": "plugin_configs.loop",
+}
+"""Each field of :class:`GenerationRequest` -> its key in a run config file (the original's
+Video-Infinity JSON keys): the one map between the two shapes (``RunConfig.request``, the
+command line's flags, the web form)."""
 
-    prompts: list[Annotated[str, StringConstraints(min_length=1)]] | dict[int, Annotated[str, StringConstraints(min_length=1)]]
-    """Text prompts: a list, spread over the video as consecutive segments of (nearly) equal length;
-    or FreeNoise's ``{"frame": "prompt"}`` keyframes (frame 0 required, every key a frame of the
-    video; embeddings blend linearly from one keyframe to the next, the last one holds to the end)."""
-    negative_prompt: str | None = None
-    """What the video should not show (classifier-free guidance's unconditional text); None: empty."""
-    steps: int = Field(default=30, ge=1)
-    """Number of denoising steps."""
-    guidance_scale: float = Field(default=12.0, ge=0, allow_inf_nan=False)
-    """Classifier-free guidance scale."""
-    fps: int = Field(default=24, ge=1)
-    """Frame-rate conditioning value (used by fps-conditioned UNets such as VideoCrafter2)."""
+
+def config_data(request: GenerationRequest | Mapping[str, Any]) -> dict[str, Any]:
+    """The run config keys of a request, or of values by request field still to be validated (the
+    run config validates them as its request, after its own checks): the inverse of
+    ``RunConfig.request``. None values are left out (the file's defaults mean the same: fps 24)."""
+    data: dict[str, Any] = {}
+    dumped = request.model_dump(mode="json") if isinstance(request, GenerationRequest) else request
+    values = {name: value for name, value in dumped.items() if value is not None}
+    for name in sorted(values, key=lambda name: REQUEST_KEYS[name].count(".")):  # plugin_configs before its loop
+        *parents, last = REQUEST_KEYS[name].split(".")
+        node = data
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[last] = values[name]
+    return data
+
+
+def _value_at(node: Any, path: str) -> Any:
+    for part in path.split("."):
+        node = getattr(node, part)
+    return node
+
+
+class PipeConfig(_StrictRun):
+    """What to generate (the original's ``pipe_configs``): the request's fields under the original's
+    keys (their checks, defaults and docstrings come from :class:`GenerationRequest`), plus what
+    only a run has (the MP4's frame rate, the file name, checkpoints)."""
+
+    prompts: list[NonEmptyText] | dict[int, NonEmptyText] = request_field("prompt")
+    negative_prompt: str | None = request_field("negative_prompt")
+    steps: int = request_field("num_inference_steps")
+    guidance_scale: float = request_field("guidance_scale")
+    # The original's default: VideoCrafter2's conditioning value (the request's None means the same).
+    fps: int = request_field("fps", default=24)
     num_frames: int | None = Field(default=None, ge=1)
     """Frames PER DEVICE, as in the original (the video has ``num_frames * len(devices)`` frames)."""
-    total_frames: int | None = Field(default=None, ge=1)
-    """Video length, independent of the device count; excludes ``num_frames``."""
-    height: int = 320
-    """Frame height in pixels, a positive multiple of 8."""
-    width: int = 512
-    """Frame width in pixels, a positive multiple of 8."""
+    total_frames: int | None = request_field("num_frames", default=None)
+    """Video length, independent of the device count (the request's ``num_frames``); excludes ``num_frames``."""
+    height: int = request_field("height")
+    width: int = request_field("width")
     export_fps: int = Field(default=8, ge=1)
     """Frame rate of the written MP4."""
     file_name: str | None = None
     """Output name inside ``base_path`` (no directories); None: derived from the first prompt and a timestamp."""
-    transition_frames: int = Field(default=0, ge=0)
-    """Frames over which the text embeddings of neighbouring prompt segments are blended (a list of
-    prompts, or keyframes with ``keyframe_mode: "hold"``)."""
-    keyframe_mode: Literal["interpolate", "hold"] = "interpolate"
-    """How ``{"frame": "prompt"}`` keyframes spread: ``interpolate`` (FreeNoise: the embedding goes
-    linearly from each keyframe to the next) or ``hold`` (each prompt holds from its frame until the
-    next keyframe, ``transition_frames`` frames blending across each change)."""
-    scheduler: SchedulerName | None = None
-    """Sampler; None: the model family's default (``sde-dpmsolver++`` for UNet3D models, what the
-    original's published runs used; ``model``, the folder's own flow-matching UniPC, for Wan)."""
+    transition_frames: int = request_field("transition_frames")
+    keyframe_mode: KeyframeMode = request_field("keyframe_mode")
+    scheduler: SchedulerName | None = request_field("scheduler")
     save_latents: bool = False
     """Also write the final latents as ``<base_path>/<file_name>.latents.npy`` (float32)."""
-    eta: float = Field(default=0.0, ge=0, allow_inf_nan=False)
-    """DDIM's eta (0: deterministic); only used by the ``ddim`` scheduler."""
+    eta: float = request_field("eta")
     checkpoint_every: int | None = Field(default=None, ge=1)
     """Save a checkpoint (``<base_path>/<file_name>.ckpt``) every this many denoising steps, to
     continue an interrupted run with ``generate --resume``; None: no checkpoints."""
@@ -106,42 +142,14 @@ class PipeConfig(_StrictRun):
 
     @field_validator("prompts", mode="before")
     @classmethod
-    def _prompt_form(cls, value: Any) -> Any:
-        # Checked by hand: the union of a list and a dict gives unreadable errors.
-        if isinstance(value, dict):
-            if not value:
-                raise ValueError('the {"frame": "prompt"} dict is empty (give at least {"0": "..."})')
-            keys = {}
-            for key, prompt in value.items():
-                text = str(key).strip()
-                if isinstance(key, bool) or not (text.isdigit()):
-                    raise ValueError(f"keys must be frame numbers (0, 1, ...), got {_short(key)}")
-                if not isinstance(prompt, str) or not prompt:
-                    raise ValueError(f"frame {text}: the prompt must be a non-empty string, got {_short(prompt)}")
-                if int(text) in keys:
-                    raise ValueError(f"frame {int(text)} is given twice")
-                keys[int(text)] = prompt
-            if 0 not in keys:
-                raise ValueError("a {\"frame\": \"prompt\"} dict needs a prompt for frame 0")
-            return dict(sorted(keys.items()))
-        if not isinstance(value, list) or not value:
-            raise ValueError(f'must hold at least 1 prompt (a list, or a {{"frame": "prompt"}} dict), got {_short(value)}')
-        return value
+    def _one_prompt(cls, value: Any) -> Any:
+        # A string is one prompt: the file keeps the original's list (or keyframe dict) shape.
+        return [value] if isinstance(value, str) and value else value
 
     @property
     def first_prompt(self) -> str:
         """The prompt the video starts with (list item or frame 0's)."""
         return self.prompts[0]
-
-    @field_validator("height", "width")
-    @classmethod
-    def _multiple_of_8(cls, value: int) -> int:
-        # The VAE downsamples by 8: other sizes cannot be encoded exactly.
-        if value <= 0 or value % 8:
-            lower, upper = max(8, value // 8 * 8), max(8, value // 8 * 8 + 8)
-            hint = f"use e.g. {lower} or {upper}" if lower != upper and value > 8 else "use e.g. 8"
-            raise ValueError(f"must be a positive multiple of 8, got {value} ({hint})")
-        return value
 
     @field_validator("file_name")
     @classmethod
@@ -164,12 +172,6 @@ class PipeConfig(_StrictRun):
             )
         return value
 
-    @model_validator(mode="after")
-    def _eta_only_for_ddim(self) -> PipeConfig:
-        if self.eta and self.scheduler != "ddim":
-            raise _FieldError("eta", f"only used by the 'ddim' scheduler, got scheduler {self.scheduler!r} (set eta to 0)")
-        return self
-
     def total_frames_for(self, world_size: int) -> int:
         """Number of frames of the whole video when run on ``world_size`` devices."""
         return self.total_frames if self.total_frames is not None else self.num_frames * world_size  # type: ignore[operator]
@@ -186,15 +188,6 @@ class PipeConfig(_StrictRun):
             return f"the video has {total} frames but there are {world_size} devices (use at least one frame per device)"
         return None
 
-    def _keyframe_problem(self, world_size: int) -> str | None:
-        if not isinstance(self.prompts, dict):
-            return None
-        total = self.total_frames_for(world_size)
-        late = [k for k in self.prompts if k >= total]
-        if late:
-            return f"keyframe {late[0]} is past the video's last frame ({total - 1}; the video has {total} frames)"
-        return None
-
     def resolved_file_name(self, now: datetime | None = None) -> str:
         """The output stem: ``file_name`` (a trailing ``.mp4`` dropped) or ``<first prompt>_<timestamp>``."""
         if self.file_name is not None:
@@ -209,9 +202,9 @@ class RunConfig(_StrictRun):
     dtype: Literal["float16", "bfloat16", "float32"] = "float16"
     """Compute dtype; accepts the original's ``"torch.float16"`` and common aliases."""
     devices: list[int] | list[Literal["cpu"]] = [0]
-    """GPU ids (one process each, NCCL), or ``"cpu"`` entries (that many CPU processes, gloo)."""
-    seed: int = 123
-    """Random seed; the same seed gives the same video whatever the number of devices."""
+    """GPU ids (one process each, NCCL), or ``"cpu"`` entries (that many CPU processes, gloo); as a
+    flag: ``2`` (two CPU processes), ``gpu:0,1`` or the JSON list."""
+    seed: int = request_field("seed", default=123)
     master_port: int = Field(default=29516, ge=1, le=65535)
     """Rendezvous port of the built-in launcher (replaced by a free one when taken)."""
     collective_timeout_s: float = Field(default=1800.0, gt=0, allow_inf_nan=False)
@@ -238,13 +231,7 @@ class RunConfig(_StrictRun):
     @field_validator("plugin_configs", mode="before")
     @classmethod
     def _preset_by_name(cls, value: Any) -> Any:
-        if isinstance(value, str):
-            from ..presets import PRESETS
-
-            if value not in PRESETS:
-                raise ValueError(f"unknown preset {_short(value)}; give engine knobs or one of {sorted(PRESETS)}")
-            return EngineConfig.model_validate(PRESETS[value])
-        return value
+        return resolve_engine(value) if isinstance(value, str) else value
 
     @field_validator("dtype", mode="before")
     @classmethod
@@ -268,15 +255,33 @@ class RunConfig(_StrictRun):
             raise ValueError(f"GPU {duplicates[0]} is listed twice, got {_short(value)} (each GPU runs one process)")
         return value
 
+    _request: GenerationRequest = PrivateAttr()
+
     @model_validator(mode="after")
     def _frames_cover_devices(self) -> RunConfig:
         message = self.pipe_configs._world_size_problem(self.world_size)
         if message is not None:
             raise _FieldError("pipe_configs.total_frames", message)
-        message = self.pipe_configs._keyframe_problem(self.world_size)
-        if message is not None:
-            raise _FieldError("pipe_configs.prompts", message)
         return self
+
+    @model_validator(mode="after")
+    def _make_request(self) -> RunConfig:
+        # The request's own checks (keyframes inside the video, eta with DDIM, ...) run here, and
+        # name the file's key: "pipe_configs.steps", not "num_inference_steps".
+        values: dict[str, Any] = {name: _value_at(self, path) for name, path in REQUEST_KEYS.items()}
+        values["num_frames"] = self.total_frames  # the file may count frames per device
+        try:
+            self._request = GenerationRequest.model_validate(values)
+        except ValidationError as exc:
+            field, _, problem = _format_error(exc).partition(": ")
+            name, _, rest = field.partition(".")
+            raise _FieldError(".".join(filter(None, (REQUEST_KEYS.get(name, name), rest))), problem) from None
+        return self
+
+    @property
+    def request(self) -> GenerationRequest:
+        """What this run generates, as the Python call takes it (the same checks, one schema)."""
+        return self._request
 
     @model_validator(mode="after")
     def _adapter_has_a_base(self) -> RunConfig:
@@ -311,49 +316,13 @@ class RunConfig(_StrictRun):
         return getattr(torch, self.dtype)
 
 
-def _model_at(model: type[BaseModel] | None, path: tuple[str | int, ...]) -> type[BaseModel] | None:
-    """The model class reached by following ``path`` (field names; list indices skipped)."""
-    for part in path:
-        if model is None:
-            return None
-        if isinstance(part, int):
-            continue
-        field = model.model_fields.get(part)
-        if field is None:
-            return None
-        candidates = [field.annotation, *get_args(field.annotation)]
-        model = next((c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None)
-    return model
-
-
 # ValidationError.title (the validated class's name) -> class, to list the allowed keys of unknown ones.
 _ROOT_MODELS: dict[str, type[BaseModel]] = {m.__name__: m for m in (RunConfig, PipeConfig, EngineConfig, AttentionConfig)}
 
 
 def format_validation_error(exc: ValidationError) -> str:
     """One line for the first error of ``exc``: ``<field path>: <problem> (<fix>)``."""
-    errors = exc.errors()
-    if not errors:
-        return str(exc).splitlines()[0]
-    # An unknown key first: a misspelt key usually also shows up as a missing required one.
-    error = next((e for e in errors if e["type"] == "extra_forbidden"), errors[0])
-    # Drop a union's branch tags (``list[constrained-str]``): field names have no brackets.
-    loc = tuple(part for part in error.get("loc", ()) if not (isinstance(part, str) and "[" in part))
-    cause = error.get("ctx", {}).get("error")
-    if isinstance(cause, _FieldError):
-        loc = (*loc, *cause.field.split("."))
-    where = ".".join(str(part) for part in loc) or "config"
-    kind = error["type"]
-    if kind == "extra_forbidden":
-        allowed = list((_model_at(_ROOT_MODELS.get(exc.title), loc[:-1]) or BaseModel).model_fields)
-        close = difflib.get_close_matches(str(loc[-1]), allowed, n=1) if loc else []
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
-        return f"{where}: unknown key, allowed keys: {', '.join(allowed)}{hint}"
-    if kind == "missing":
-        return f"{where}: required key is missing"
-    if isinstance(cause, ValueError):
-        return f"{where}: {cause}"
-    return f"{where}: {error['msg'].rstrip('.')}, got {_short(error.get('input'))}"
+    return _format_error(exc, _ROOT_MODELS)
 
 
 def validate_run_config(data: Any) -> RunConfig:
@@ -398,8 +367,32 @@ def apply_overrides(data: dict[str, Any], overrides: Iterable[str]) -> dict[str,
     return data
 
 
-def load_run_config(path: str | Path, overrides: Iterable[str] = ()) -> RunConfig:
-    """Read a JSON config file, apply ``--set`` overrides and validate it; problems raise ConfigError."""
+def load_run_config(path: str | Path | None, overrides: Iterable[str] = (),
+                    flags: Mapping[str, str | bool | None] | None = None,
+                    defaults: Mapping[str, Any] | None = None) -> RunConfig:
+    """Read a JSON config file (None: ``defaults``, else every key at its default), apply the
+    command line's flags (:func:`run_flags`: field name -> the text given) and then its ``--set``
+    overrides, and validate; problems raise a one-line ConfigError (naming the flag when a flag's
+    value is at fault)."""
+    data = read_config_file(path) if path is not None else copy.deepcopy(dict(defaults or {}))
+    # Parents first: --engine replaces plugin_configs, then --loop sets plugin_configs.loop in it.
+    given = sorted((flag for flag in run_flags() if flags and flags.get(flag.name) is not None),
+                   key=lambda flag: flag.path.count("."))
+    try:
+        for flag in given:
+            data = flag.apply(data, flags[flag.name])  # type: ignore[index]
+        return validate_run_config(apply_overrides(data, overrides))
+    except ConfigError as exc:
+        where, sep, problem = str(exc).partition(": ")
+        at_fault = next((f for f in given if where == f.path or where.startswith(f"{f.path}.")), None)
+        if at_fault is None or not sep or any(o.partition("=")[0].strip() == at_fault.path for o in overrides):
+            raise
+        inside = where[len(at_fault.path) + 1:]  # e.g. attn.paddin inside --engine's knobs
+        raise ConfigError(f"{at_fault.option}: {inside + ': ' if inside else ''}{problem}") from None
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """The JSON object in a config file, unvalidated; problems raise ConfigError."""
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
@@ -415,7 +408,141 @@ def load_run_config(path: str | Path, overrides: Iterable[str] = ()) -> RunConfi
         raise ConfigError(f"{path}: invalid JSON: {exc}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level must be a JSON object, got {type(data).__name__}")
-    return validate_run_config(apply_overrides(data, overrides))
+    return data
+
+
+# --------------------------------------------------------------------------------------------------
+# The command line's flags, generated from the schemas: the request's fields, then the run's own keys
+
+
+@dataclass(frozen=True)
+class RunFlag:
+    """One ``generate`` flag: a field of the request or of the run, and where it goes in a config."""
+
+    name: str
+    """The field's name (``num_inference_steps``); the flag is ``--num-inference-steps``."""
+    path: str
+    """Its key in a run config (``pipe_configs.steps``)."""
+    help: str
+    """The field's docstring."""
+    annotation: Any
+    default: Any
+    aliases: tuple[str, ...] = ()
+    """The original's key as a flag too, when its name differs (``--steps``)."""
+    replaces: tuple[str, ...] = ()
+    """Config keys this one excludes, removed when the flag is given (a file's per-device ``num_frames``)."""
+
+    @property
+    def option(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+    @property
+    def is_bool(self) -> bool:
+        return self.annotation in (bool, bool | None)
+
+    def value(self, text: str) -> Any:
+        """The config value of the flag's text: JSON where the field takes numbers, lists or objects,
+        else the text itself (a prompt, a name), so that plain words need no quoting."""
+        if self.name == "devices":
+            return devices_from_text(text)
+        structured = text.lstrip()[:1] in ("[", "{")
+        names = self.name == "engine"  # a preset's name, or knobs as JSON
+        if _takes_text(self.annotation) or ((_admits_text(self.annotation) or names) and not structured):
+            return text
+        try:
+            return json.loads(text)
+        except ValueError:
+            return text  # the schema names the field and says what it wants
+
+    def apply(self, data: dict[str, Any], text: str | bool) -> dict[str, Any]:
+        """A copy of ``data`` with this flag's value at its key."""
+        data = copy.deepcopy(data)
+        *parents, last = self.path.split(".")
+        node = data
+        for part in parents:
+            child = node.get(part)
+            if isinstance(child, str) and part == "plugin_configs":  # a preset's name: its settings, to change one
+                child = resolve_engine(child).model_dump(mode="json")
+            node[part] = child = child if isinstance(child, dict) else {}
+            node = child
+        for key in self.replaces:
+            node.pop(key.rpartition(".")[2], None)
+        node[last] = text if isinstance(text, bool) else self.value(text)
+        return data
+
+
+def _options(annotation: Any) -> list[Any]:
+    return [a for a in (get_args(annotation) if get_origin(annotation) in (Union, UnionType) else (annotation,))
+            if a is not type(None)]
+
+
+def _takes_text(annotation: Any) -> bool:
+    """Whether a field's values are all text (str, a Literal of names, optionally None)."""
+    return all(a is str or get_origin(a) is Literal for a in _options(annotation))
+
+
+def _admits_text(annotation: Any) -> bool:
+    """Whether some of a field's values are text (a prompt: a string, or a list or dict of them)."""
+    return any(a is str or get_origin(a) is Literal for a in _options(annotation))
+
+
+def devices_from_text(text: str) -> Any:
+    """``--devices``: a number of CPU processes (``2``), GPU ids (``gpu:0,1``) or the config's JSON list."""
+    raw = str(text).strip()
+    hint = 'give a number of CPU processes ("2") or GPU ids ("gpu:0,1")'
+    if raw.isdigit():
+        if int(raw) < 1:
+            raise ConfigError(f"devices: at least 1 process, got {raw} ({hint})")
+        return ["cpu"] * int(raw)
+    for prefix in ("gpu:", "cuda:", "gpus:"):
+        if raw.lower().startswith(prefix):
+            ids = [part.strip() for part in raw[len(prefix):].split(",")]
+            if not all(part.isdigit() for part in ids):
+                raise ConfigError(f"devices: GPU ids must be numbers, got {raw!r} (e.g. gpu:0,1)")
+            return [int(part) for part in ids]
+    if raw.startswith("["):
+        try:
+            return json.loads(raw)  # the config's own validation judges the list
+        except ValueError:
+            raise ConfigError(f"devices: {raw!r} is not a JSON list ({hint})") from None
+    raise ConfigError(f"devices: cannot read {raw!r} ({hint})")
+
+
+def run_flags() -> list[RunFlag]:
+    """``generate``'s flags: one per request field (under its diffusers name, and its original key
+    as an alias), then one per key of a run that is not the request's (model, devices, ...)."""
+    flags = []
+    for name, field in GenerationRequest.model_fields.items():
+        path = REQUEST_KEYS[name]
+        leaf = path.rpartition(".")[2]
+        flags.append(RunFlag(name, path, _doc(field), field.annotation, _config_default(path),
+                             aliases=("--" + leaf.replace("_", "-"),) if leaf != name else (),
+                             replaces=("pipe_configs.num_frames",) if name == "num_frames" else ()))
+    taken = set(REQUEST_KEYS.values())
+    for prefix, model in (("", RunConfig), ("pipe_configs.", PipeConfig)):
+        for name, field in model.model_fields.items():
+            path = prefix + name
+            # Containers and the file's per-device frame count are not flags: --num-frames is the video's.
+            if path in taken or path in ("pipe_configs", "plugin_configs", "pipe_configs.num_frames"):
+                continue
+            flags.append(RunFlag(name, path, _doc(field), field.annotation, field.default))
+    return flags
+
+
+def _config_default(path: str) -> Any:
+    """The default of a config key, e.g. ``pipe_configs.steps`` -> 30 (None where it has none)."""
+    model: Any = RunConfig
+    for part in path.split("."):
+        field = model.model_fields[part] if isinstance(model, type) and issubclass(model, BaseModel) else None
+        if field is None:
+            return None
+        model = field.annotation
+        default = field.default
+    return None if isinstance(default, BaseModel) or default is PydanticUndefined else default
+
+
+def _doc(field: Any) -> str:
+    return " ".join((field.description or "").split())
 
 
 def check_devices_available(config: RunConfig) -> None:

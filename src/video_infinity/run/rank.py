@@ -26,6 +26,7 @@ from ..atomic import atomic_output, write_json_atomic
 from ..context import ClipContext
 from ..engine.comm import gather_frames
 from ..pipeline import VideoInfinityPipeline
+from ..request import GenerationRequest
 from ..video_io import VideoWriter
 from .checkpoint import (
     CheckpointPlan,
@@ -134,17 +135,17 @@ def generate_on_rank(config: RunConfig, model: str, ctx: ClipContext, device: to
         pipe = VideoInfinityPipeline.from_pretrained(model, base_model=config.base_model,
                                                      motion_adapter=config.motion_adapter, engine=config.plugin_configs,
                                                      torch_dtype=dtype, device=device)
-    request = pipe.check_inputs(
-        pipe_config.prompts if isinstance(pipe_config.prompts, dict) else list(pipe_config.prompts),
-        negative_prompt=pipe_config.negative_prompt, num_frames=pipe_config.total_frames_for(ctx.world_size), height=pipe_config.height, width=pipe_config.width,
-        num_inference_steps=pipe_config.steps, guidance_scale=pipe_config.guidance_scale, fps=pipe_config.fps,
-        eta=pipe_config.eta, transition_frames=pipe_config.transition_frames,
-        keyframe_mode=pipe_config.keyframe_mode, world_size=ctx.world_size)
-    if ctx.total_frames != request.latent_frames:  # the engine counts the model's frames (Wan: latent frames)
-        ctx = ClipContext.from_process_group(request.latent_frames, ctx.group)
-    scheduler = pipe.make_scheduler(pipe_config.scheduler)
+    request = config.request
+    if request.num_frames != config.pipe_configs.total_frames_for(ctx.world_size):  # torchrun: its world size
+        request = request.model_copy(update={"num_frames": config.pipe_configs.total_frames_for(ctx.world_size)})
+    pipe.check_inputs(request, world_size=ctx.world_size)
+    latent_frames = pipe.latent_frames(request)
+    if ctx.total_frames != latent_frames:  # the engine counts the model's frames (Wan: latent frames)
+        ctx = ClipContext.from_process_group(latent_frames, ctx.group)
+    scheduler = pipe.make_scheduler(request.scheduler)
+    seed = pipe.shared_seed(request.seed, ctx)  # a config's seed is always given: no draw, no collective
     resume = _Resume.load(checkpoint.resume, ctx, device, dtype) if checkpoint is not None and checkpoint.resume else None
-    after_step = _checkpointer(checkpoint, ctx, device, paths, pipe_config.steps) if checkpoint is not None else None
+    after_step = _checkpointer(checkpoint, ctx, device, paths, request.num_inference_steps) if checkpoint is not None else None
     sleep = channel.step_sleep_s
 
     def on_step_end(index: int, t: torch.Tensor, latents: torch.Tensor, scheduler: Any) -> None:
@@ -155,14 +156,14 @@ def generate_on_rank(config: RunConfig, model: str, ctx: ClipContext, device: to
             time.sleep(sleep)
 
     ctx.stats.reset()
-    progress.denoising(pipe_config.steps, resume.step if resume is not None else 0)
+    progress.denoising(request.num_inference_steps, resume.step if resume is not None else 0)
     with timer.stage("denoise"):
         if resume is not None:
-            logger.info("resuming from %s at step %d of %d", checkpoint.resume, resume.step, pipe_config.steps)
+            logger.info("resuming from %s at step %d of %d", checkpoint.resume, resume.step, request.num_inference_steps)
             latents = resume.latents
         else:
-            latents = pipe.initial_latents(request, ctx, scheduler, config.seed)
-        latents = pipe.generate_latents(request, ctx, scheduler, latents, seed=config.seed,
+            latents = pipe.initial_latents(request, ctx, scheduler, seed)
+        latents = pipe.generate_latents(request, ctx, scheduler, latents, seed=seed,
                                         start_step=resume.step if resume is not None else 0,
                                         restore_scheduler=resume.restore if resume is not None else None,
                                         on_step_end=on_step_end)
@@ -179,7 +180,7 @@ def generate_on_rank(config: RunConfig, model: str, ctx: ClipContext, device: to
     with timer.stage("decode_and_write"):
         chunks = pipe.stream_frames(latents, ctx, uint8=True)
         if is_writer:
-            with VideoWriter(paths["video"], pipe_config.width, pipe_config.height, pipe_config.export_fps) as writer:
+            with VideoWriter(paths["video"], request.width, request.height, pipe_config.export_fps) as writer:
                 for chunk in chunks:
                     writer.write(chunk.cpu().numpy())
         else:
@@ -197,7 +198,7 @@ def generate_on_rank(config: RunConfig, model: str, ctx: ClipContext, device: to
         progress.phase("done")
         return None
     assert reports is not None
-    sidecar = _sidecar(config, model, pipe, ctx, request.num_frames, reports, elapsed, paths)
+    sidecar = _sidecar(config, request, model, pipe, ctx, reports, elapsed, paths)
     sidecar["resumed_from"] = None if resume is None else {
         "checkpoint": str(checkpoint.resume), "step": resume.step, "saved_by_world_size": resume.world_size,
         "world_size": ctx.world_size}
@@ -208,7 +209,7 @@ def generate_on_rank(config: RunConfig, model: str, ctx: ClipContext, device: to
     progress.phase("done")
     total = request.num_frames
     logger.info("wrote %s: %d frames %dx%d at %d fps in %.1f s (%.2f frames/s) on %d rank(s)", paths["video"], total,
-                pipe_config.width, pipe_config.height, pipe_config.export_fps, elapsed, total / elapsed, ctx.world_size)
+                request.width, request.height, pipe_config.export_fps, elapsed, total / elapsed, ctx.world_size)
     return sidecar
 
 
@@ -264,15 +265,17 @@ def _checkpointer(plan: CheckpointPlan, ctx: ClipContext, device: torch.device, 
     return after_step
 
 
-def _sidecar(config: RunConfig, model: str, pipe: VideoInfinityPipeline, ctx: ClipContext, total: int,
-             reports: list[dict], elapsed: float, paths: dict[str, Path]) -> dict[str, Any]:
+def _sidecar(config: RunConfig, request: GenerationRequest, model: str, pipe: VideoInfinityPipeline,
+             ctx: ClipContext, reports: list[dict], elapsed: float, paths: dict[str, Path]) -> dict[str, Any]:
     import diffusers
 
     family = pipe.family
+    total = request.num_frames
     return {
         "video": paths["video"].name,
-        "config": config.model_dump(mode="json"),
-        "seed": config.seed,
+        "request": request.model_dump(mode="json"),  # what was generated, as the Python call takes it
+        "config": config.model_dump(mode="json"),  # the run as a config file (what "use these settings" reads)
+        "seed": request.seed,
         "model": family.source,
         "model_path": model,
         "family": family.name,

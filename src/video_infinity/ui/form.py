@@ -1,6 +1,8 @@
 """The web UI's form as a run config: the values a user enters (a prompt timeline, sizes, devices,
-engine knobs) become the same JSON config the command line runs, validated by the same code, plus
-the server's ceilings. Every problem is one :class:`FormError` naming the form field it belongs
+engine knobs) become a generation request (:class:`~video_infinity.request.GenerationRequest`'s
+fields, :func:`request_values`) and, under the config file's keys with the run's own (devices,
+model, outputs), the same JSON config the command line runs, validated by the same code, plus the
+server's ceilings. Every problem is one :class:`FormError` naming the form field it belongs
 to, so the UI can show the CLI's one-line message next to that field. Imports neither torch nor
 gradio.
 """
@@ -12,9 +14,11 @@ import os
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
+
 from ..errors import ConfigError
 from ..frames import partition_frames
-from ..run.config import RunConfig, validate_run_config
+from ..presets import PRESETS, resolve_engine
+from ..run.config import RunConfig, config_data, devices_from_text, validate_run_config
 from ..schedulers import SCHEDULER_NAMES
 
 DEFAULT_SCHEDULER = "default"
@@ -139,24 +143,10 @@ def parse_devices(text: str | int, limits: Limits) -> list[Any]:
 
 
 def _read_devices(raw: str) -> Any:
-    hint = 'give a number of CPU processes ("2") or GPU ids ("gpu:0,1")'
-    if raw.isdigit():
-        if int(raw) < 1:
-            raise FormError("devices", f"devices: at least 1 process, got {raw} ({hint})")
-        return ["cpu"] * int(raw)
-    lowered = raw.lower()
-    for prefix in ("gpu:", "cuda:", "gpus:"):
-        if lowered.startswith(prefix):
-            ids = [part.strip() for part in raw[len(prefix):].split(",")]
-            if not ids or not all(part.isdigit() for part in ids):
-                raise FormError("devices", f"devices: GPU ids must be numbers, got {raw!r} (e.g. gpu:0,1)")
-            return [int(part) for part in ids]
-    if raw.startswith("["):
-        try:
-            return json.loads(raw)  # the config's own validation judges the list
-        except ValueError:
-            raise FormError("devices", f"devices: {raw!r} is not a JSON list ({hint})") from None
-    raise FormError("devices", f"devices: cannot read {raw!r} ({hint})")
+    try:
+        return devices_from_text(raw)  # the command line's --devices
+    except ConfigError as exc:
+        raise FormError("devices", str(exc)) from None
 
 
 def parse_timeline(text: str | dict[Any, Any] | list[Any], num_frames: int) -> dict[int, str]:
@@ -254,8 +244,6 @@ def form_from_values(timeline: dict[int, str], values: dict[str, Any]) -> Genera
 
 
 def _engine(form: GenerationForm) -> dict[str, Any]:
-    from ..presets import PRESETS
-
     engine: dict[str, Any]
     if form.engine_json.strip():
         try:
@@ -267,11 +255,12 @@ def _engine(form: GenerationForm) -> dict[str, Any]:
             raise FormError("engine_json", "plugin_configs: expected a JSON object such as {\"attn\": {\"padding\": 8}}")
     elif form.preset == DEFAULT_PRESET:
         engine = {}
-    elif form.preset in PRESETS:
-        engine = json.loads(json.dumps(PRESETS[form.preset]))
     else:
-        raise FormError("preset", f"plugin_configs: unknown engine preset {form.preset!r} "
-                                  f"(choose one of {[DEFAULT_PRESET, *sorted(PRESETS)]})")
+        try:  # the knobs below go over the preset's settings
+            engine = resolve_engine(form.preset).model_dump(mode="json")
+        except ValueError:
+            raise FormError("preset", f"plugin_configs: unknown engine preset {form.preset!r} "
+                                      f"(choose one of {[DEFAULT_PRESET, *sorted(PRESETS)]})") from None
     attn = engine.setdefault("attn", {})
     if form.padding is not None:
         attn["padding"] = form.padding
@@ -304,37 +293,47 @@ def _check_limits(form: GenerationForm, limits: Limits) -> None:
                                  "(serve --max-steps raises it)")
 
 
-def run_config(form: GenerationForm, *, base_path: str, file_name: str, limits: Limits,
-               template: RunConfig | None = None) -> RunConfig:
-    """The run config of ``form``, validated like a CLI config (``template``: the server's
-    ``--config``, for what the form does not ask: dtype, port, timeouts, fps, eta, ...)."""
-    _check_limits(form, limits)
-    base = template.model_dump(mode="json", by_alias=False) if template is not None else {}
-    pipe = dict(base.get("pipe_configs", {}))
-    pipe.pop("num_frames", None)
-    pipe.update(
-        prompts={str(k): v for k, v in sorted(form.prompts.items())},
-        total_frames=form.num_frames, height=form.height, width=form.width, steps=form.steps,
-        guidance_scale=float(form.guidance_scale), negative_prompt=form.negative_prompt.strip() or None,
-        transition_frames=form.transition_frames, keyframe_mode=form.keyframe_mode, export_fps=form.export_fps,
-        file_name=file_name,
-        scheduler=None if form.scheduler == DEFAULT_SCHEDULER else form.scheduler,
-        checkpoint_every=form.checkpoint_every or None, save_latents=False,
-    )
+def request_values(form: GenerationForm, template: RunConfig | None = None) -> dict[str, Any]:
+    """The generation request the form asks for, by :class:`~video_infinity.request.GenerationRequest`
+    field (``template``: the server's ``--config``, for what the form does not ask: fps, eta); the
+    run config validates it as its request."""
     if form.scheduler not in (DEFAULT_SCHEDULER, *SCHEDULER_NAMES):
         raise FormError("scheduler", f"pipe_configs.scheduler: unknown {form.scheduler!r} "
                                      f"(choose one of {[DEFAULT_SCHEDULER, *SCHEDULER_NAMES]})")
-    if pipe.get("scheduler") != "ddim":
-        pipe["eta"] = 0.0
+    scheduler = None if form.scheduler == DEFAULT_SCHEDULER else form.scheduler
+    pipe = template.pipe_configs if template is not None else None
+    return {
+        "prompt": {str(k): v for k, v in sorted(form.prompts.items())},
+        "negative_prompt": form.negative_prompt.strip() or None, "num_frames": form.num_frames,
+        "height": form.height, "width": form.width, "num_inference_steps": form.steps,
+        "guidance_scale": float(form.guidance_scale), "seed": form.seed,
+        "fps": pipe.fps if pipe is not None else None,
+        "eta": pipe.eta if pipe is not None and scheduler == "ddim" else 0.0,
+        "scheduler": scheduler, "transition_frames": form.transition_frames, "keyframe_mode": form.keyframe_mode,
+        "engine": _engine(form),
+    }
+
+
+def run_config(form: GenerationForm, *, base_path: str, file_name: str, limits: Limits,
+               template: RunConfig | None = None) -> RunConfig:
+    """The run config of ``form``: its request (:func:`request_values`) under the config file's keys,
+    with the run's own (devices, model, outputs), validated like a CLI config (``template``: the
+    server's ``--config``, for what the form does not ask: dtype, port, timeouts, fps, eta, ...)."""
+    _check_limits(form, limits)
+    request = config_data(request_values(form, template))
+    base = template.model_dump(mode="json", by_alias=False) if template is not None else {}
+    pipe = dict(base.get("pipe_configs", {}))
+    pipe.pop("num_frames", None)
+    pipe.update(request["pipe_configs"], export_fps=form.export_fps, file_name=file_name,
+                checkpoint_every=form.checkpoint_every or None, save_latents=False)
     data = {
         **{k: v for k, v in base.items() if k not in ("pipe_configs", "plugin_configs")},
+        **request,
         "devices": parse_devices(form.devices, limits),
-        "seed": form.seed,
         "base_path": base_path,
         "model": form.model.strip() or None,
         "base_model": form.base_model.strip() or None,
         "pipe_configs": pipe,
-        "plugin_configs": _engine(form),
     }
     if "dtype" not in data:
         data["dtype"] = "float32"  # the CLI's float16 default is for GPUs; CPU ranks run float32 anyway
@@ -368,4 +367,5 @@ def form_from_config(config: RunConfig | dict[str, Any]) -> GenerationForm:
 
 
 __all__ = ["DEFAULT_PRESET", "DEFAULT_SCHEDULER", "FORM_FIELDS", "FormError", "GenerationForm", "Limits", "field_of",
-           "form_from_config", "form_from_values", "parse_devices", "parse_timeline", "run_config", "timeline_from_rows"]
+           "form_from_config", "form_from_values", "parse_devices", "parse_timeline", "request_values", "run_config",
+           "timeline_from_rows"]
