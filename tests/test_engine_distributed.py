@@ -12,7 +12,7 @@ from video_infinity import ClipContext, EngineConfig, parallelize
 from video_infinity.denoise import initial_latents
 from video_infinity.families.unet3d.family import denoise
 
-from engine_utils import TemporalStack, build_tiny_unet, load_unet, run_distributed
+from engine_utils import BLAS_ENVIRONMENTS, TemporalStack, build_tiny_unet, load_unet, run_distributed
 
 TIMESTEP = 500
 FRAME_COUNTS = (11, 13)
@@ -201,13 +201,6 @@ def test_exchange_sends_each_global_frame_only_where_the_window_lacks_it(tmp_pat
         len([f for f in global_frames if f in parts[r]]) * (world_size - 1) for r in range(world_size)) * frame_bytes
 
 
-# Environments in which kernels pick other algorithms by shape: a frame's bits must still not
-# depend on which other frames its rank holds. Each run compares worlds within one environment.
-BLAS_ENVIRONMENTS = {
-    "mkl_cbwr_compatible": ({"MKL_CBWR": "COMPATIBLE"}, 1),
-    "mkl_avx2": ({"MKL_ENABLE_INSTRUCTIONS": "AVX2"}, 1),
-    "two_threads_per_rank": ({}, 2),
-}
 ENV_FRAMES = 11
 
 

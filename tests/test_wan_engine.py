@@ -7,7 +7,7 @@ import pytest
 import torch
 from diffusers import WanTransformer3DModel
 
-from engine_utils import run_distributed, torch_threads
+from engine_utils import BLAS_ENVIRONMENTS, run_distributed, torch_threads
 from video_infinity.context import ClipContext
 from video_infinity import parallelize
 from wan_utils import TEXT_DIM, band_reference, build_tiny_wan_transformer, save_tiny_wan_transformer
@@ -242,12 +242,6 @@ def test_loop_on_three_uneven_ranks_equals_one_process(single):
         assert torch.equal(got, expected[name]), f"{name}: max difference {(got - expected[name]).abs().max():.3g}"
 
 
-# Environments in which kernels pick other algorithms by shape (as tests/test_engine_distributed.py).
-BLAS_ENVIRONMENTS = {
-    "mkl_cbwr_compatible": ({"MKL_CBWR": "COMPATIBLE"}, 1),
-    "mkl_avx2": ({"MKL_ENABLE_INSTRUCTIONS": "AVX2"}, 1),
-    "two_threads_per_rank": ({}, 2),
-}
 ENV_FRAMES = 11
 
 

@@ -213,8 +213,10 @@ class PerFrameLinear(ModelHook):
         super().__init__()
         self.config, self.rows = config, rows
 
-    def new_forward(self, module: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    def new_forward(self, module: nn.Module, input: torch.Tensor) -> torch.Tensor:
+        # ``input``: nn.Linear's own name for it, which diffusers passes by keyword (``proj_in(input=...)``).
         forward: Callable[..., Any] = self.fn_ref.original_forward
+        x = input
         blocks = self.rows.blocks(x) if self.config.split_invariant_on(x.device.type) else None
         if blocks is None:
             return forward(x)

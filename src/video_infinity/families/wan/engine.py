@@ -128,7 +128,7 @@ class _PatchEmbeddingAsMatmul(ModelHook):
 
     oneDNN picks its convolution algorithm by input size, so a latent frame rounds differently in a
     one-frame clip and in a longer one; one product per frame on the frame's contiguous (patches x
-    patch values) rows (:func:`~video_infinity.per_frame.linear_per_block`) gives every frame the
+    patch values) rows (:func:`~video_infinity.engine.per_frame.linear_per_block`) gives every frame the
     same arithmetic. The output is laid out (batch, frames, h, w, C) and returned as the
     convolution's (batch, C, frames, h, w) view, so the transformer's flattening to tokens is a view
     too. Otherwise the module's own convolution.
