@@ -163,3 +163,27 @@ def test_saved_on_two_ranks_resumed_on_three_and_on_one_is_bit_identical(tmp_pat
     assert torch.equal(on3[0]["resumed"], reference)
     assert torch.equal(on1["resumed"], reference)
     assert not (tmp_path / "on3" / FILE_NAME).exists() and not (tmp_path / "on1" / FILE_NAME).exists()
+
+
+@pytest.mark.unit
+def test_the_cli_preflight_computes_the_fingerprint_the_pipeline_saves(pipe):
+    # The CLI refuses a foreign --resume checkpoint before any rank starts, from its config alone;
+    # its ranks save and check the pipeline's fingerprint: both must agree on every setting.
+    from video_infinity.run.checkpoint import config_fingerprint
+    from video_infinity.run.config import RunConfig
+    from video_infinity.run.preflight import resolve_model
+
+    config = RunConfig.model_validate({
+        "dtype": "float32", "devices": ["cpu"] * 2, "seed": 9, "plugin_configs": {"attn": {"padding": 1, "top_k": 2}},
+        "pipe_configs": {"prompts": {0: "a red circle", 4: "a blue square"}, "negative_prompt": "blurry", "steps": 3,
+                         "guidance_scale": 4, "num_frames": 3, "height": 32, "width": 32, "fps": 8,
+                         "scheduler": "ddim", "eta": 0.5, "transition_frames": 1, "keyframe_mode": "hold"},
+    })
+    pc = config.pipe_configs
+    request = pipe.check_inputs(pc.prompts, negative_prompt=pc.negative_prompt, num_frames=pc.total_frames_for(2),
+                                height=pc.height, width=pc.width, num_inference_steps=pc.steps,
+                                guidance_scale=pc.guidance_scale, fps=pc.fps, eta=pc.eta,
+                                transition_frames=pc.transition_frames, keyframe_mode=pc.keyframe_mode, world_size=2)
+    ours = pipe.checkpoint_fingerprint(request, seed=config.seed, scheduler=pc.scheduler, engine=config.plugin_configs)
+    assert config_fingerprint(config, resolve_model(config), 2, "float32") == ours
+    assert config_fingerprint(config, resolve_model(config), 3, "float32")["num_frames"] == 9  # 3 per device
