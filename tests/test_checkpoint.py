@@ -102,7 +102,8 @@ def test_resume_without_a_checkpoint_starts_from_the_first_step(pipe, reference,
 def test_a_checkpoint_of_other_arguments_is_refused_with_one_line(pipe, stopped, change, differs):
     change = dict(change)
     prompt = change.pop("prompt", PROMPT)
-    caller = VideoInfinityPipeline.from_pretrained(device="cpu", engine=change.pop("engine")) if "engine" in change else pipe
+    engine = change.pop("engine", None)
+    caller = pipe if engine is None else VideoInfinityPipeline.from_pretrained(device="cpu", engine=engine)
     before = (stopped / FILE_NAME).read_bytes()
     with pytest.raises(CheckpointError) as error:
         caller(prompt, checkpoint_dir=stopped, resume=True, **{**CALL, **change})

@@ -166,8 +166,9 @@ class VideoInfinityPipeline:
         base = None if base_model is None else str(base_model)
         adapter = None if motion_adapter is None else str(motion_adapter)
         if motion_adapter is not None:
-            pipe = cls(AnimateDiffFamily.load_with_adapter(str(base if base is not None else model), str(motion_adapter),
-                                                           torch_dtype or torch.float32, device), engine)
+            sd_base = str(base if base is not None else model)
+            pipe = cls(AnimateDiffFamily.load_with_adapter(sd_base, str(motion_adapter), torch_dtype or torch.float32,
+                                                           device), engine)
         else:
             if model is None:
                 from .demo import default_model_path
@@ -294,6 +295,7 @@ class VideoInfinityPipeline:
         on_step_end: StepEnd | None = None,
         engine: EngineConfig | None = None,
         checkpoint: CheckpointSpec | None = None,
+        on_step_done: Callable[[int], None] | None = None,
     ) -> torch.Tensor:
         """Denoise this rank's ``latents`` (from ``initial_latents`` or a checkpoint) with the engine on.
 
@@ -303,11 +305,12 @@ class VideoInfinityPipeline:
         call's engine settings (default: the pipeline's). ``checkpoint``: save the denoising state to
         ``checkpoint.path`` every ``checkpoint.every`` steps (every rank calls, rank 0 writes), after
         ``on_step_end`` so that latents it replaced are the ones saved; a step whose ``on_step_end``
-        raises is not saved, and the last checkpoint stays.
+        raises is not saved, and the last checkpoint stays. ``on_step_done(index)``: after step
+        ``index`` and its checkpoint (progress reports: a stop from then on keeps this step).
         """
         step_end = on_step_end
-        if checkpoint is not None:
-            save = step_saver(checkpoint, ctx, latents.device, request.num_inference_steps)
+        if checkpoint is not None or on_step_done is not None:
+            save = step_saver(checkpoint, ctx, latents.device, request.num_inference_steps) if checkpoint else None
 
             def step_end(index: int, t: torch.Tensor, current: torch.Tensor, scheduler: Any) -> torch.Tensor | None:
                 stop: StopSampling | None = None
@@ -317,7 +320,10 @@ class VideoInfinityPipeline:
                         replaced = on_step_end(index, t, current, scheduler)
                     except StopSampling as exc:  # a stop after this step: the step itself is done, save it
                         stop, replaced = exc, exc.latents
-                save(index, current if replaced is None else replaced, scheduler)
+                if save is not None:
+                    save(index, current if replaced is None else replaced, scheduler)
+                if on_step_done is not None:
+                    on_step_done(index)
                 if stop is not None:
                     raise stop
                 return replaced

@@ -313,7 +313,9 @@ def prepare(config: RunConfig, overwrite: bool = False, resume: str | os.PathLik
     resume_path = Path(resume) if resume is not None else None
     if resume_path is not None:
         data = load_checkpoint(resume_path, f"--resume {resume_path}")
-    stem = None if pipe.file_name is not None or data is None else str((data.get("extra") or {}).get("file_stem") or "") or None
+    # A config without file_name resumes under the name its checkpoint was saved with.
+    saved_stem = None if data is None else (data.get("extra") or {}).get("file_stem")
+    stem = None if pipe.file_name is not None else str(saved_stem or "") or None
     paths = output_paths(config, stem)
     check_outputs(config, paths, overwrite=overwrite, resume=resume_path, config_path=config_path)
     check_disk_space(config, model)

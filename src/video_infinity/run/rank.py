@@ -147,7 +147,7 @@ def generate_on_rank(config: RunConfig, model: str, ctx: ClipContext, device: to
             spec = CheckpointSpec(checkpoint.path, checkpoint.every, parts, extra={"file_stem": paths["video"].stem})
     sleep = step_sleep_s()
 
-    def on_step_end(index: int, t: torch.Tensor, latents: torch.Tensor, scheduler: Any) -> None:
+    def on_step_done(index: int) -> None:  # after the step's checkpoint: a stop now keeps this step
         progress.step_done(index)
         if sleep:
             time.sleep(sleep)
@@ -163,7 +163,7 @@ def generate_on_rank(config: RunConfig, model: str, ctx: ClipContext, device: to
         latents = pipe.generate_latents(request, ctx, scheduler, latents, seed=config.seed,
                                         start_step=resume.step if resume is not None else 0,
                                         restore_scheduler=resume.restore if resume is not None else None,
-                                        on_step_end=on_step_end, checkpoint=spec)
+                                        checkpoint=spec, on_step_done=on_step_done)
     comm_bytes = ctx.stats.total
 
     if pipe_config.save_latents:
