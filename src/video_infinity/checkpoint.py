@@ -170,7 +170,7 @@ class CheckpointSpec:
     path: Path
     """The checkpoint file (written by rank 0, replaced at each save)."""
     every: int
-    """Save after every ``every`` denoising steps (a stop by ``StopSampling`` keeps the last one)."""
+    """Save after every ``every`` denoising steps."""
     fingerprint: dict[str, Any]
     """From :func:`fingerprint`: what a resumed run must match."""
     extra: dict[str, Any] = field(default_factory=dict)
@@ -312,8 +312,8 @@ def estimate_bytes(latent_bytes: int, history: int) -> int:
 
 
 def agreed(compute: Callable[[], Any], ctx: ClipContext, device: torch.device) -> Any:
-    """``compute()`` on rank 0, its result (or its CheckpointError) on every rank: the ranks decide
-    together, and only rank 0 needs to see the checkpoint folder."""
+    """``compute()`` on rank 0, its result (or its error, as a CheckpointError) on every rank: the
+    ranks decide together, and only rank 0 needs to see the checkpoint folder."""
     import torch.distributed as dist
 
     from .gather import comm_device
@@ -326,6 +326,8 @@ def agreed(compute: Callable[[], Any], ctx: ClipContext, device: torch.device) -
             box[0] = ("ok", compute())
         except CheckpointError as exc:
             box[0] = ("error", str(exc))
+        except Exception as exc:  # noqa: BLE001 - e.g. an unreadable folder: the peers must not wait forever
+            box[0] = ("error", f"checkpoint: {describe_exception(exc)}")
     dist.broadcast_object_list(box, src=ctx.global_rank(0), group=ctx.group, device=comm_device(ctx, device))
     kind, value = box[0]
     if kind == "error":
