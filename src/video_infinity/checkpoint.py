@@ -303,7 +303,7 @@ def agreed(compute: Callable[[], Any], ctx: ClipContext, device: torch.device) -
     ranks decide together, and only rank 0 needs to see the checkpoint folder."""
     import torch.distributed as dist
 
-    from .gather import comm_device
+    from .engine.comm import comm_device
 
     if not ctx.distributed:
         return compute()
@@ -355,7 +355,7 @@ def step_saver(spec: CheckpointSpec, ctx: ClipContext, device: torch.device,
     ``spec.every`` steps the ranks send their frames to rank 0, which writes the checkpoint."""
     import time
 
-    from .gather import gather_frames
+    from .engine.comm import gather_frames
 
     def save(index: int, latents: torch.Tensor, scheduler: Any) -> None:
         done = index + 1
