@@ -180,11 +180,10 @@ def test_the_cli_preflight_computes_the_fingerprint_the_pipeline_saves(pipe):
                          "guidance_scale": 4, "num_frames": 3, "height": 32, "width": 32, "fps": 8,
                          "scheduler": "ddim", "eta": 0.5, "transition_frames": 1, "keyframe_mode": "hold"},
     })
-    pc = config.pipe_configs
-    request = pipe.check_inputs(pc.prompts, negative_prompt=pc.negative_prompt, num_frames=pc.total_frames_for(2),
-                                height=pc.height, width=pc.width, num_inference_steps=pc.steps,
-                                guidance_scale=pc.guidance_scale, fps=pc.fps, eta=pc.eta,
-                                transition_frames=pc.transition_frames, keyframe_mode=pc.keyframe_mode, world_size=2)
-    ours = pipe.checkpoint_fingerprint(request, seed=config.seed, scheduler=pc.scheduler, engine=config.plugin_configs)
+    # What the CLI's ranks compute (run/rank.py): the config's request on 2 ranks, through the pipeline.
+    request = config.request.model_copy(update={"num_frames": config.pipe_configs.total_frames_for(2)})
+    pipe.check_inputs(request, world_size=2)
+    ours = pipe.checkpoint_fingerprint(request, seed=config.seed, scheduler=request.scheduler,
+                                       engine=request.engine_for(config.plugin_configs))
     assert config_fingerprint(config, resolve_model(config), 2, "float32") == ours
     assert config_fingerprint(config, resolve_model(config), 3, "float32")["num_frames"] == 9  # 3 per device

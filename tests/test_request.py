@@ -16,7 +16,8 @@ from video_infinity.config import EngineConfig
 from video_infinity.errors import ConfigError
 from video_infinity.presets import PRESETS, resolve_engine
 from video_infinity.request import GenerationRequest
-from video_infinity.run.checkpoint import hash_parts, result_parts
+from video_infinity.checkpoint import differences, fingerprint_hash
+from video_infinity.run.checkpoint import config_fingerprint, config_name
 from video_infinity.run.config import (
     REQUEST_KEYS,
     PipeConfig,
@@ -131,14 +132,15 @@ def test_config_data_is_the_inverse_of_the_run_configs_request():
 
 
 @pytest.mark.unit
-def test_the_checkpoint_hash_is_taken_from_the_request():
+def test_the_checkpoint_fingerprint_is_taken_from_the_request():
     config = load_run_config(EXAMPLES / "cpu_demo.json")
-    parts = result_parts(config, "none", 2, "float32")
-    assert set(REQUEST_KEYS.values()) <= set(parts)  # every request field, under its config key
+    parts = config_fingerprint(config, "none", 2, "float32")
+    assert set(FIELDS) - {"loop"} <= set(parts)  # every request field (the loop is in the engine's settings)
     other = load_run_config(EXAMPLES / "cpu_demo.json", ["pipe_configs.steps=21"])
-    differ = [key for key, value in result_parts(other, "none", 2, "float32").items() if parts[key] != value]
-    assert differ == ["pipe_configs.steps"] and hash_parts(parts) != hash_parts(result_parts(other, "none", 2,
-                                                                                                       "float32"))
+    other_parts = config_fingerprint(other, "none", 2, "float32")
+    differ = differences(parts, other_parts)
+    assert differ == ["num_inference_steps"] and fingerprint_hash(parts) != fingerprint_hash(other_parts)
+    assert [config_name(d) for d in differ] == ["pipe_configs.steps"]  # named as the config file names it
 
 
 # --- the command line's flags ------------------------------------------------------------------------

@@ -1,7 +1,7 @@
 """A complete, tiny text-to-video pipeline folder with random weights, for tests and smoke runs.
 
 The folder has the layout of a real diffusers ``TextToVideoSDPipeline`` (ZeroScope-like) and is
-loaded through the same code as real checkpoints (:func:`video_infinity.models.load_model`).
+loaded through the same code as real checkpoints (:func:`video_infinity.families.unet3d.model.load_model`).
 """
 
 from __future__ import annotations

@@ -227,6 +227,8 @@ class TemporalAttnProcessor:
     """
 
     kind = "dual-scope attention"
+    loops = True
+    """Whether the processor applies ``EngineConfig.loop`` (its windows wrap around the ring)."""
 
     def __init__(self, config: EngineConfig, ctx: ClipContext, state: DenoiseState) -> None:
         self.engine_config, self.config = config, config.attn
@@ -245,7 +247,7 @@ class TemporalAttnProcessor:
             global_frames=global_frame_indices(layout.total_frames, self.config.global_frame_count(timestep)),
             local_bias=local_bias, global_bias=global_bias,
             split_invariant=self.engine_config.split_invariant_on(hidden_states.device.type),
-            loop=self.engine_config.loop,
+            loop=self.engine_config.loop and self.loops,
         )
         sent, frame_dim, carry = self.exchanged(attn, hidden_states, call, **kwargs)
         pending = start_exchange(sent, frame_dim, layout, left, right, self.ctx, call.global_frames,
@@ -256,11 +258,15 @@ class TemporalAttnProcessor:
 
     # ---- what a family specialises
     def check(self, attn: Attention, hidden_states: torch.Tensor) -> None:
-        """Refuse inputs the processor does not handle (before anything is sent)."""
+        """Refuse inputs the processor does not handle (before anything is sent): by default a UNet's
+        temporal attention, (batch, frames, channels) without norms."""
+        if getattr(attn, "spatial_norm", None) is not None or getattr(attn, "group_norm", None) is not None \
+                or hidden_states.dim() != 3:
+            raise NotImplementedError(f"{self.kind} expects (batch, frames, channels) inputs without norms")
 
     def reach(self, layout: FrameLayout) -> tuple[int, int]:
         """(left, right) frames of halo: the band of ``padding`` frames (around the ring in a loop)."""
-        return attention_reach(self.config.padding, layout.total_frames, self.engine_config.loop)
+        return attention_reach(self.config.padding, layout.total_frames, self.engine_config.loop and self.loops)
 
     def exchanged(self, attn: Attention, hidden_states: torch.Tensor, call: TemporalCall,
                   **kwargs) -> tuple[torch.Tensor, int, object]:
@@ -289,10 +295,6 @@ class TemporalAttnProcessor:
 
 class DualScopeAttnProcessor(TemporalAttnProcessor):
     """Attention processor for temporal self-attention (sequence axis = frames) over a clip of the video."""
-
-    def check(self, attn: Attention, hidden_states: torch.Tensor) -> None:
-        if attn.spatial_norm is not None or attn.group_norm is not None or hidden_states.dim() != 3:
-            raise NotImplementedError("dual-scope attention expects (batch, frames, channels) inputs without norms")
 
     def before_wait(self, attn: Attention, hidden_states: torch.Tensor, call: TemporalCall, carry: object,
                     **kwargs) -> torch.Tensor:

@@ -23,7 +23,7 @@ from .norm import video_group_norm
 from .per_frame import FramesAxis, FramesFirstRowNorm, PerFrameCall, PerFrameLinear, PerFrameModule
 
 __all__ = [
-    "PointwiseConvAsMatmul", "SPATIAL_BLOCKS", "SPATIAL_LEAVES", "TrackDenoiseStep", "VideoGroupNorm",
+    "PointwiseConvAsMatmul", "SPATIAL_BLOCKS", "SPATIAL_LEAVES", "TrackCall", "TrackDenoiseStep", "VideoGroupNorm",
     "hook_spatial_per_frame", "hook_temporal_rows", "is_pointwise_conv", "scalar_timestep",
 ]
 
@@ -95,19 +95,32 @@ def is_pointwise_conv(module: nn.Module) -> bool:
     )
 
 
-class TrackDenoiseStep(ModelHook):
-    """On the UNet: record this call's frame layout and timestep for the temporal hooks."""
+class TrackCall(ModelHook):
+    """On a family's denoiser: record each call's frame layout, batch and timestep in the handle's
+    ``DenoiseState``, which the hooks and processors of the same handle read (the denoiser's input
+    is (batch, channels, frames, h, w), its first argument, named ``sample_name``)."""
+
+    sample_name = "sample"
 
     def __init__(self, ctx: ClipContext, state: DenoiseState) -> None:
         super().__init__()
         self.ctx, self.state = ctx, state
 
-    def pre_forward(self, module: nn.Module, *args, **kwargs):
-        sample = args[0] if args else kwargs["sample"]
+    def record(self, args: tuple, kwargs: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """The call's sample and timestep, recorded."""
+        sample = args[0] if args else kwargs[self.sample_name]
         timestep = args[1] if len(args) > 1 else kwargs["timestep"]
         self.state.layout = self.ctx.layout_for(sample.shape[2])
         self.state.batch = sample.shape[0]
         self.state.timestep = scalar_timestep(timestep)
+        return sample, timestep
+
+
+class TrackDenoiseStep(TrackCall):
+    """On a UNet: the call's layout and timestep, and per-frame text for the cross-attentions."""
+
+    def pre_forward(self, module: nn.Module, *args, **kwargs):
+        sample, _ = self.record(args, kwargs)
         self.state.frame_text = None
         text = args[2] if len(args) > 2 else kwargs.get("encoder_hidden_states")
         if text is not None and text.dim() == 4:

@@ -38,7 +38,7 @@ def resolve_model(config: RunConfig) -> str:
     return str(default_model_path())
 
 
-# What each component subfolder of a pipeline folder must hold (as models.py checks it at load time).
+# What each component subfolder of a pipeline folder must hold (as families/unet3d/model.py checks it at load time).
 _COMPONENT_FILES: dict[str, list[tuple[str, tuple[str, ...]]]] = {
     "unet": [("config.json", ("config.json",)), ("weights", ("diffusion_pytorch_model*",))],
     "vae": [("config.json", ("config.json",)), ("weights", ("diffusion_pytorch_model*",))],

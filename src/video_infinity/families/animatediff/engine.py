@@ -6,7 +6,7 @@ after a sinusoidal position embedding is added. So:
 
 * the motion modules' GroupNorm gets whole-video statistics (as in the UNet3D family);
 * their temporal attentions become windowed attention with window-relative positions
-  (:mod:`video_infinity.window_attention`): each block of ``query_block_frames`` query frames attends
+  (:mod:`.windows`): each block of ``query_block_frames`` query frames attends
   a ``window_frames``-frame window around it, plus global frames, with phase biases; the frames a
   rank lacks come from its neighbours (halo exchange) and the global frames' owners;
 * the blocks' position embedding becomes the identity: positions are added inside the attention,
@@ -36,8 +36,8 @@ from diffusers.models.embeddings import SinusoidalPositionalEmbedding
 from torch import nn
 
 from ...config import EngineConfig
-from ...context import ClipContext, DenoiseState
-from ...engine.comm import start_exchange
+from ...context import ClipContext, DenoiseState, FrameLayout
+from ...engine.attention import TemporalAttnProcessor, TemporalCall
 from ...engine.common import (
     PointwiseConvAsMatmul,
     TrackDenoiseStep,
@@ -47,7 +47,6 @@ from ...engine.common import (
     is_pointwise_conv,
 )
 from ...engine.handle import ParallelHandle
-from ...frames import global_frame_indices
 from .windows import MotionWindows, window_attention
 
 
@@ -114,32 +113,33 @@ def _position_rows(projection: nn.Module, positions: torch.Tensor) -> torch.Tens
     return projection(positions) - projection(torch.zeros_like(positions))
 
 
-class WindowedMotionAttnProcessor:
+class WindowedMotionAttnProcessor(TemporalAttnProcessor):
     """Attention processor for a motion module's temporal self-attention over this rank's clip.
 
     Input (batch*height*width, frames, channels): this rank's frames, normalised, positions not yet
-    added. See :mod:`video_infinity.window_attention` for what each query attends.
+    added. See :mod:`.windows` for what each query attends. The halo is what the rank's query blocks'
+    windows reach; queries are projected for whole blocks (frames of a neighbour's clip included)
+    once the halo has arrived. Motion windows do not loop (``EngineConfig.loop`` is not applied).
     """
+
+    kind = "motion attention"
+    loops = False
 
     def __init__(self, config: EngineConfig, ctx: ClipContext, state: DenoiseState,
                  pos_embed: SinusoidalPositionalEmbedding | None) -> None:
-        self.engine_config, self.config, self.motion = config, config.attn, config.motion
-        self.ctx, self.state, self.pos_embed = ctx, state, pos_embed
+        super().__init__(config, ctx, state)
+        self.motion, self.pos_embed = config.motion, pos_embed
 
-    def __call__(self, attn: Attention, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
-                 attention_mask: torch.Tensor | None = None, temb: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
-        if encoder_hidden_states is not None or attention_mask is not None:
-            raise NotImplementedError("motion attention handles temporal self-attention only (no encoder states, no mask)")
-        if attn.spatial_norm is not None or attn.group_norm is not None or hidden_states.dim() != 3:
-            raise NotImplementedError("motion attention expects (batch, frames, channels) inputs without norms")
-        layout, timestep = self.state.layout, self.state.timestep
-        total = layout.total_frames
-        windows = MotionWindows.for_video(total, self.motion.window_frames, self.motion.query_block_frames)
-        global_frames = global_frame_indices(total, self.config.global_frame_count(timestep))
-        left, right = windows.halo(layout.partition)
-        pending = start_exchange(hidden_states, 1, layout, left, right, self.ctx, global_frames, kind="attn_halo")
-        context, span, global_states = pending.wait()
+    def _windows(self, total: int) -> MotionWindows:
+        return MotionWindows.for_video(total, self.motion.window_frames, self.motion.query_block_frames)
 
+    def reach(self, layout: FrameLayout) -> tuple[int, int]:
+        return self._windows(layout.total_frames).halo(layout.partition)
+
+    def attend(self, attn: Attention, hidden_states: torch.Tensor, early: object, context: torch.Tensor,
+               span: range, global_states: torch.Tensor, call: TemporalCall, **kwargs) -> torch.Tensor:
+        layout, global_frames = call.layout, call.global_frames
+        windows = self._windows(layout.total_frames)
         blocks = windows.blocks_overlapping(layout.owned)
         queried = range(windows.block(blocks[0]).start, windows.block(blocks[-1]).stop)  # whole blocks
         query = attn.to_q(context[:, queried.start - span.start : queried.stop - span.start])
@@ -149,10 +149,9 @@ class WindowedMotionAttnProcessor:
         offsets = [None, None, None] if positions is None else [
             _position_rows(p, positions) for p in (attn.to_q, attn.to_k, attn.to_v)]
 
-        exact = self.engine_config.split_invariant_on(hidden_states.device.type)
-        local_bias, global_bias = self.config.phase_biases(timestep)
-        options = dict(scale=attn.scale * self.config.attn_scale, local_bias=local_bias, global_bias=global_bias,
-                       token_num_scale=self.config.token_num_scale, split_invariant=exact)
+        exact = call.split_invariant
+        options = dict(scale=attn.scale * self.config.attn_scale, local_bias=call.local_bias,
+                       global_bias=call.global_bias, token_num_scale=self.config.token_num_scale, split_invariant=exact)
         heads = _Heads(attn, hidden_states.shape[0])
         per_block = max(1, self.config.query_chunk_size // windows.block_frames) if not exact else 1
         outputs = []
@@ -167,10 +166,7 @@ class WindowedMotionAttnProcessor:
                                         global_frames, offsets, heads, options, attn))
         out = torch.cat(outputs, dim=1) if len(outputs) > 1 else outputs[0]
         out = out[:, layout.owned.start - queried.start : layout.owned.stop - queried.start]
-        out = attn.to_out[1](attn.to_out[0](out.to(query.dtype)))
-        if attn.residual_connection:
-            out = out + hidden_states
-        return out / attn.rescale_output_factor
+        return self.output(attn, out.to(query.dtype), hidden_states)
 
     def _position_table(self, window_frames: int, like: torch.Tensor) -> torch.Tensor | None:
         if self.pos_embed is None:

@@ -51,7 +51,7 @@ from ...engine.per_frame import (
     TokenTimesteps,
     linear_per_block,
 )
-from ...engine.common import scalar_timestep
+from ...engine.common import TrackCall
 from ...engine.handle import ParallelHandle
 
 logger = logging.getLogger(__name__)
@@ -63,19 +63,13 @@ def accepts(model: nn.Module) -> bool:
     return isinstance(model, WanTransformer3DModel)
 
 
-class _TrackWanCall(ModelHook):
-    """On the transformer: record this call's latent-frame layout and timestep for the processors."""
+class _TrackWanCall(TrackCall):
+    """On the transformer: the call's latent-frame layout and timestep (per token: Wan2.2 TI2V)."""
 
-    def __init__(self, ctx: ClipContext, state: DenoiseState) -> None:
-        super().__init__()
-        self.ctx, self.state = ctx, state
+    sample_name = "hidden_states"
 
     def pre_forward(self, module: nn.Module, *args, **kwargs):
-        sample = args[0] if args else kwargs["hidden_states"]
-        timestep = args[1] if len(args) > 1 else kwargs["timestep"]
-        self.state.layout = self.ctx.layout_for(sample.shape[2])
-        self.state.batch = sample.shape[0]
-        self.state.timestep = scalar_timestep(timestep)
+        sample, timestep = self.record(args, kwargs)
         self.state.token_timesteps = timestep.dim() == 2
         text = args[2] if len(args) > 2 else kwargs.get("encoder_hidden_states")
         if text is not None and text.dim() == 4 and text.shape[1] != sample.shape[2]:
@@ -248,6 +242,9 @@ class WanDualScopeAttnProcessor(TemporalAttnProcessor):
                  **kwargs) -> torch.Tensor:
         # WanAttention passes the rotary tables positionally.
         return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb=rotary_emb, **kwargs)
+
+    def check(self, attn: WanAttention, hidden_states: torch.Tensor) -> None:
+        pass  # (batch, tokens, channels); the token count is checked against the frames in ``_tokens``
 
     def _relative(self, call: TemporalCall, rotary_emb) -> bool:
         """Relative temporal angles (split-invariant ring): only the spatial channels rotate up front."""
