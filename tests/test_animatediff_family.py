@@ -155,3 +155,31 @@ def test_preflight_refuses_a_folder_that_is_no_motion_adapter(folders):
         check_motion_adapter_folder(str(folders["base"]))
     with pytest.raises(ConfigError, match="^motion_adapter: .* does not exist"):
         check_motion_adapter_folder(str(folders["root"] / "missing"))
+
+
+@pytest.mark.unit
+def test_a_loop_is_refused_in_one_line_before_any_model_call(folders):
+    # Motion windows do not wrap around the video: a loop would silently not be one.
+    pipe = VideoInfinityPipeline.from_pretrained(folders["pipeline"], device="cpu")
+    calls = []
+    pipe.family.model.register_forward_pre_hook(lambda *args: calls.append(1))
+    with pytest.raises(ValueError, match=r"^loop: the animatediff family does not make loops"):
+        pipe("a red circle", num_frames=8, height=32, width=32, num_inference_steps=1, loop=True)
+    assert not calls
+
+
+@pytest.mark.unit
+def test_preflight_refuses_a_loop_for_animatediff_from_config_files(folders, tmp_path):
+    from video_infinity.errors import ConfigError
+    from video_infinity.run.config import validate_run_config
+    from video_infinity.run.preflight import check_video_shape
+
+    def config(**model: str):
+        return validate_run_config({**model, "devices": ["cpu"], "base_path": str(tmp_path), "plugin_configs": {"loop": True},
+                                    "pipe_configs": {"prompts": ["a red circle"], "num_frames": 8, "height": 32, "width": 32}})
+
+    for run in (config(model=str(folders["pipeline"])),
+                config(base_model=str(folders["base"]), motion_adapter=str(folders["adapter"]))):
+        model = str(run.model or run.base_model)
+        with pytest.raises(ConfigError, match=r"^plugin_configs.loop: the animatediff family does not make loops"):
+            check_video_shape(run, model, 1)

@@ -179,6 +179,9 @@ class VideoInfinityPipeline:
         if latent_frames < world_size:
             raise ValueError(f"num_frames: {request.num_frames} frames ({latent_frames} latent frames) cannot be split "
                              f"over {world_size} ranks (give every rank at least one frame)")
+        if request.engine_for(self.engine).loop and not self.family.supports_loop:
+            raise ValueError(f"loop: the {self.family.name} family does not make loops (its temporal windows do not "
+                             "wrap around the video); set loop to false")
         return request
 
     def latent_frames(self, request: GenerationRequest) -> int:

@@ -95,6 +95,8 @@ class ModelFamily(Protocol):
     @property
     def scheduler_config(self) -> dict[str, Any]:
         """The model's own noise schedule (a diffusers scheduler config)."""
+    supports_loop: ClassVar[bool]
+    """Whether the family's engine makes seamless loops (``EngineConfig.loop``)."""
     default_scheduler: ClassVar[str]
     """Name of the sampler used when the caller gives none (see ``video_infinity.schedulers``;
     ``"model"`` is the model folder's own scheduler)."""

@@ -95,6 +95,8 @@ class FolderFacts:
     """The sampler when the request names none (``"model"``: the folder's own)."""
     model_scheduler: dict[str, Any] = field(default_factory=dict)
     """The folder's ``scheduler/scheduler_config.json``."""
+    supports_loop: bool = True
+    """Whether the family makes seamless loops (``EngineConfig.loop``)."""
 
     def latent_frames(self, video_frames: int) -> int:
         """Latent frames of a video of ``video_frames`` frames (ValueError naming valid counts)."""

@@ -147,6 +147,11 @@ def check_video_shape(config: RunConfig, model: str, world_size: int) -> None:
     before any rank starts: e.g. Wan's video frames ``t*k + 1`` for the VAE's temporal compression
     ``t``, height and width multiples of its spatial compression times the patch size (16)."""
     facts = detect(model)
+    looping = config.request.engine_for(config.plugin_configs).loop
+    if looping and (config.motion_adapter is not None or (facts is not None and not facts.supports_loop)):
+        family = facts.family if facts is not None and config.motion_adapter is None else "animatediff"
+        raise ConfigError(f"plugin_configs.loop: the {family} family does not make loops (its temporal windows do "
+                          "not wrap around the video); set it to false")
     if facts is None:
         return  # a hub id not cached, or a motion adapter's base: checked by the ranks
     pipe = config.pipe_configs

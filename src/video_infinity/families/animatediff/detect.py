@@ -33,5 +33,6 @@ def detect(folder: ModelFolder) -> FolderFacts | None:
     """Facts of an AnimateDiff folder (a motion adapter's are its base's, known at load), or None."""
     if folder.pipeline_class.startswith("AnimateDiff") or folder.component_class("unet") == "UNetMotionModel" \
             or is_motion_adapter_folder(folder.path):
-        return facts(folder, family="animatediff", default_scheduler="ddim")  # AnimateDiff's published pipelines sample with DDIM
+        # AnimateDiff's published pipelines sample with DDIM; its motion windows do not wrap around.
+        return facts(folder, family="animatediff", default_scheduler="ddim", supports_loop=False)
     return None

@@ -20,7 +20,8 @@ def _is_unet_config(config: dict) -> bool:
     return "UNet" in str(config.get("_class_name", "")) or "down_block_types" in config
 
 
-def facts(folder: ModelFolder, family: str = "unet3d", default_scheduler: str = "sde-dpmsolver++") -> FolderFacts:
+def facts(folder: ModelFolder, family: str = "unet3d", default_scheduler: str = "sde-dpmsolver++",
+          supports_loop: bool = True) -> FolderFacts:
     """The shape rules of a Stable-Diffusion-style video UNet folder (UNet3D and AnimateDiff)."""
     unet = folder.config("unet") or folder.config()
     vae = folder.config("vae") or folder.config()
@@ -31,6 +32,7 @@ def facts(folder: ModelFolder, family: str = "unet3d", default_scheduler: str = 
         latent_channels=int(unet.get("in_channels", 4)),
         default_scheduler=default_scheduler,
         model_scheduler=folder.scheduler_config(),
+        supports_loop=supports_loop,
     )
 
 

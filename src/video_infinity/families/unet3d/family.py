@@ -30,6 +30,7 @@ class UNet3DFamily:
 
     name: ClassVar[str] = "unet3d"
     default_scheduler: ClassVar[str] = "sde-dpmsolver++"  # what the original's published runs used
+    supports_loop: ClassVar[bool] = True
 
     tokenizer: Any
     text_encoder: torch.nn.Module

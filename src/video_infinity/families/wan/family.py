@@ -113,6 +113,7 @@ class WanFamily:
 
     name: ClassVar[str] = "wan"
     default_scheduler: ClassVar[str] = "model"  # the folder's flow-matching UniPC with its flow_shift
+    supports_loop: ClassVar[bool] = True
 
     transformer: WanTransformer3DModel
     transformer_2: WanTransformer3DModel | None
