@@ -18,7 +18,7 @@ from video_infinity.families.animatediff.engine import WindowedMotionAttnProcess
 from video_infinity.frames import global_frame_indices, partition_frames
 from video_infinity.families.animatediff.windows import MotionWindows
 
-from engine_utils import BLAS_ENVIRONMENTS, run_distributed
+from engine_utils import BLAS_ENVIRONMENTS, run_distributed, torch_threads
 from motion_utils import build_tiny_motion_unet, load_motion_unet
 
 TIMESTEP = 500
@@ -145,7 +145,8 @@ def motion_setup(tmp_path_factory):
         # one embedding per frame (batch, frames, seq, dim): every frame its own prompt
         "text": torch.randn(2, LONG_FRAMES, 5, 16, generator=gen),
     }
-    single = _worker(0, 1, unet_dir, inputs)
+    with torch_threads(1):  # the ranks' thread count: per-frame products round by thread count
+        single = _worker(0, 1, unet_dir, inputs)
     return {"root": root, "unet_dir": unet_dir, "inputs": inputs, "single": single}
 
 
