@@ -145,8 +145,5 @@ def engine_for(model: nn.Module) -> ModuleType:
         engine = candidate.module("engine")
         if engine.accepts(model):
             return engine
-    raise TypeError(
-        f"{type(model).__name__} is not a supported video model: video_infinity supports "
-        "UNet3DConditionModel-family text-to-video UNets (TemporalConvLayer / TransformerTemporalModel), "
-        "AnimateDiff's UNetMotionModel and diffusers' WanTransformer3DModel (Wan2.1 / Wan2.2)"
-    )
+    denoisers = [name for candidate in FAMILIES for name in candidate.module("detect").DENOISERS]
+    raise TypeError(f"{type(model).__name__} is not a denoiser video_infinity runs (supported: {', '.join(denoisers)})")

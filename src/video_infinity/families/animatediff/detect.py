@@ -10,6 +10,8 @@ from ..folder import FolderFacts, ModelFolder, read_json
 from ..unet3d.detect import facts
 
 SUMMARY = "AnimateDiff (AnimateDiffPipeline, or a MotionAdapter on Stable Diffusion 1.5)"
+DENOISERS = ("UNetMotionModel",)
+"""The denoiser classes its engine plan takes (for messages)."""
 DIFFUSERS_NAMES = ("UNetMotionModel", "MotionAdapter", "AnimateDiffPipeline", "AnimateDiffTransformer3D",
                    "FreeNoiseTransformerBlock", "unet_motion_model", "animatediff", "free_noise_utils")
 """diffusers classes and modules particular to this family: only the family's folder imports them."""

@@ -10,6 +10,8 @@ from ..folder import FolderFacts, ModelFolder
 SUMMARY = "UNet3D text-to-video (TextToVideoSDPipeline)"
 PIPELINE_CLASSES = ("TextToVideoSDPipeline",)
 UNET_CLASSES = ("UNet3DConditionModel",)
+DENOISERS = ("UNet3DConditionModel",)
+"""The denoiser classes its engine plan takes (for messages)."""
 DIFFUSERS_NAMES = ("UNet3DConditionModel", "TextToVideoSDPipeline", "TemporalConvLayer", "TransformerTemporalModel",
                    "unet_3d_condition", "unet_3d_blocks", "transformer_temporal", "pipeline_text_to_video_synth")
 """diffusers classes and modules particular to this family: only the family's folder imports them

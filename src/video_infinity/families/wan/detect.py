@@ -10,6 +10,8 @@ from ..folder import FolderFacts, ModelFolder
 SUMMARY = "text-to-video Wan (WanPipeline)"
 PIPELINE_CLASSES = ("WanPipeline",)
 """``_class_name`` values of ``model_index.json`` of text-to-video Wan folders."""
+DENOISERS = ("WanTransformer3DModel",)
+"""The denoiser classes its engine plan takes (for messages)."""
 DIFFUSERS_NAMES = ("WanPipeline", "WanTransformer3DModel", "AutoencoderKLWan", "WanAttention", "WanRotaryPosEmbed",
                    "WanTransformerBlock", "WanTimeTextImageEmbedding", "WanCausalConv3d", "WanResample",
                    "transformer_wan", "autoencoder_kl_wan", "pipeline_wan")
