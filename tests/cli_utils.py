@@ -17,7 +17,7 @@ import sys
 import time
 from pathlib import Path
 
-from process_utils import descendants, still_running
+from harness import descendants, still_running
 from video_infinity.run import PROGRESS_DIR_ENV, STEP_SLEEP_ENV
 
 ROOT = Path(__file__).resolve().parents[1]
