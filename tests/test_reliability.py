@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 
 from cli_utils import Interrupted, ok, one_line_error, our_lines, run_cli, sets
-from video_infinity.run.checkpoint import load_checkpoint
+from video_infinity.checkpoint import load_checkpoint
 from video_infinity.demo.random_model import build_random_model
 from video_infinity.video_io import read_video
 

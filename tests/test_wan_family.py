@@ -31,7 +31,7 @@ from video_infinity.families.wan import (
     wan_decoder_receptive_field,
 )
 from video_infinity.noise import frame_noise
-from video_infinity.run.checkpoint import load_checkpoint
+from video_infinity.checkpoint import load_checkpoint
 from video_infinity.run.config import load_run_config
 from video_infinity.run.preflight import estimate_output_bytes
 from video_infinity.schedulers import make_scheduler

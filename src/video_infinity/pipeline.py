@@ -12,17 +12,20 @@ Video-Infinity's engine, and rank 0 receives the whole video (the other ranks ge
 ``frames``). The same seed gives the same video on any number of ranks.
 
 Everything runs through :meth:`VideoInfinityPipeline.generate_latents` (text, the engine, the one
-sampling loop of :mod:`video_infinity.denoise`) and :meth:`VideoInfinityPipeline.stream_frames`
+sampling loop of :mod:`video_infinity.denoise`, checkpoints) and :meth:`VideoInfinityPipeline.stream_frames`
 (decode, gather on rank 0): the CLI, the demo scripts and the benchmarks call those too. The
-model-specific parts come from a family (:mod:`video_infinity.families`).
+model-specific parts come from a family (:mod:`video_infinity.families`); checkpoints and resume
+from :mod:`video_infinity.checkpoint`.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -31,10 +34,23 @@ import torch.distributed as dist
 from diffusers.utils import BaseOutput
 from tqdm.auto import tqdm
 
+from .checkpoint import (
+    FILE_NAME,
+    CheckpointSpec,
+    ResumePoint,
+    agreed,
+    fingerprint,
+    load_checkpoint,
+    mismatch,
+    model_identity,
+    saved_fingerprint,
+    step_saver,
+)
 from .config import EngineConfig
 from .context import ClipContext
 from .denoise import StepEnd, StopSampling, sample
 from .engine import parallelize
+from .errors import CheckpointError
 from .families import AnimateDiffFamily, ModelFamily, family_from_pipe, load_family
 from .families.base import Conditioning
 from .gather import comm_device, gather_frames, stream_to_rank0
@@ -111,6 +127,9 @@ class VideoInfinityPipeline:
         self.family = family
         self.engine = _engine_config(engine)
         self._interrupt = False
+        self._model_files: tuple[str, str | None, str | None] | None = None
+        """``from_pretrained``'s model, base_model and motion_adapter: what a checkpoint's fingerprint hashes."""
+        self._model_parts: dict[str, Any] | None = None
 
     # ------------------------------------------------------------------------------------------
     # Construction
@@ -144,17 +163,20 @@ class VideoInfinityPipeline:
             if model is None and base_model is None:
                 raise ValueError("motion_adapter: also give the Stable Diffusion 1.5 pipeline it extends (base_model)")
         device = torch.device(device) if device is not None else _default_device()
+        base = None if base_model is None else str(base_model)
+        adapter = None if motion_adapter is None else str(motion_adapter)
         if motion_adapter is not None:
-            base = str(base_model if base_model is not None else model)
-            return cls(AnimateDiffFamily.load_with_adapter(base, str(motion_adapter), torch_dtype or torch.float32,
+            sd_base = str(base if base is not None else model)
+            pipe = cls(AnimateDiffFamily.load_with_adapter(sd_base, str(motion_adapter), torch_dtype or torch.float32,
                                                            device), engine)
-        if model is None:
-            from .demo import default_model_path
+        else:
+            if model is None:
+                from .demo import default_model_path
 
-            model = default_model_path()
-        family = load_family(str(model), None if base_model is None else str(base_model),
-                             torch_dtype or torch.float32, device)
-        return cls(family, engine)
+                model = default_model_path()
+            pipe = cls(load_family(str(model), base, torch_dtype or torch.float32, device), engine)
+        pipe._model_files = (str(model if model is not None else base), base, adapter)
+        return pipe
 
     @classmethod
     def from_pipe(cls, pipeline: Any, engine: EngineConfig | dict | str | None = None) -> VideoInfinityPipeline:
@@ -272,23 +294,113 @@ class VideoInfinityPipeline:
         restore_scheduler: Callable[[Any], None] | None = None,
         on_step_end: StepEnd | None = None,
         engine: EngineConfig | None = None,
+        checkpoint: CheckpointSpec | None = None,
+        on_step_done: Callable[[int], None] | None = None,
     ) -> torch.Tensor:
         """Denoise this rank's ``latents`` (from ``initial_latents`` or a checkpoint) with the engine on.
 
         ``seed`` draws the per-frame noise of stochastic samplers; ``start_step`` / ``restore_scheduler``
-        continue a run; ``on_step_end`` as in :func:`video_infinity.denoise.sample`; ``engine``: this
-        call's engine settings (default: the pipeline's).
+        continue a run (from a :class:`~video_infinity.checkpoint.ResumePoint`: its ``step``, ``restore``
+        and ``latents``); ``on_step_end`` as in :func:`video_infinity.denoise.sample`; ``engine``: this
+        call's engine settings (default: the pipeline's). ``checkpoint``: save the denoising state to
+        ``checkpoint.path`` every ``checkpoint.every`` steps (every rank calls, rank 0 writes), after
+        ``on_step_end`` so that latents it replaced are the ones saved; a step whose ``on_step_end``
+        raises is not saved, and the last checkpoint stays. ``on_step_done(index)``: after step
+        ``index`` and its checkpoint (progress reports: a stop from then on keeps this step).
         """
+        step_end = on_step_end
+        if checkpoint is not None or on_step_done is not None:
+            save = step_saver(checkpoint, ctx, latents.device, request.num_inference_steps) if checkpoint else None
+
+            def step_end(index: int, t: torch.Tensor, current: torch.Tensor, scheduler: Any) -> torch.Tensor | None:
+                stop: StopSampling | None = None
+                replaced = None
+                if on_step_end is not None:
+                    try:
+                        replaced = on_step_end(index, t, current, scheduler)
+                    except StopSampling as exc:  # a stop after this step: the step itself is done, save it
+                        stop, replaced = exc, exc.latents
+                if save is not None:
+                    save(index, current if replaced is None else replaced, scheduler)
+                if on_step_done is not None:
+                    on_step_done(index)
+                if stop is not None:
+                    raise stop
+                return replaced
+
         cond = self.conditioning(request, ctx)
         handles = [parallelize(model, engine or self.engine, ctx) for model in self.family.denoisers]
         try:
             with torch.no_grad():
                 return sample(lambda x, t: self.family.predict_noise(x, t, cond), scheduler, latents, seed=seed,
                               frames=ctx.frames, num_steps=request.num_inference_steps, eta=request.eta,
-                              start_step=start_step, restore_scheduler=restore_scheduler, on_step_end=on_step_end)
+                              start_step=start_step, restore_scheduler=restore_scheduler, on_step_end=step_end)
         finally:
             for handle in handles:
                 handle.remove()
+
+    # ------------------------------------------------------------------------------------------
+    # Checkpoints (the mechanism of ``__call__``'s checkpoint_dir / resume and of the CLI's --resume)
+
+    def checkpoint_fingerprint(self, request: GenerationRequest, *, seed: int, scheduler: str | Any | None = None,
+                               engine: EngineConfig | None = None, noise: str = "seed") -> dict[str, Any]:
+        """What determines this request's latents (:func:`video_infinity.checkpoint.fingerprint`):
+        the model's files, ``seed``, ``noise`` (where the initial noise came from), the compute dtype,
+        the request, ``scheduler`` as asked for (a name, None, or an object: its class and config) and
+        the engine settings (default: the pipeline's)."""
+        if scheduler is not None and not isinstance(scheduler, str):
+            scheduler = {"class": type(scheduler).__name__, "config": dict(scheduler.config)}
+        return fingerprint(model=self._model_identity(), seed=seed, noise=noise,
+                           dtype=str(self.family.dtype).removeprefix("torch."), prompt=request.prompt,
+                           negative_prompt=request.negative_prompt, num_frames=request.num_frames,
+                           height=request.height, width=request.width,
+                           num_inference_steps=request.num_inference_steps, guidance_scale=request.guidance_scale,
+                           fps=request.fps, eta=request.eta, transition_frames=request.transition_frames,
+                           keyframe_mode=request.keyframe_mode, scheduler=scheduler,
+                           engine=(engine or self.engine).model_dump(mode="json"))
+
+    def read_checkpoint(self, path: str | os.PathLike[str], ctx: ClipContext, *, label: str | None = None,
+                        missing_ok: bool = False) -> dict[str, Any] | None:
+        """A checkpoint file, read by rank 0 and shared with every rank (only rank 0 needs to see it);
+        None when it does not exist and ``missing_ok``. One-line CheckpointError on every rank if it
+        cannot be used."""
+        path = Path(path)
+
+        def read() -> dict[str, Any] | None:
+            if missing_ok and not path.exists():
+                return None
+            return load_checkpoint(path, label)
+
+        return agreed(read, ctx, self.device)
+
+    def resume_point(self, data: dict[str, Any], parts: dict[str, Any], ctx: ClipContext, *,
+                     label: str) -> ResumePoint:
+        """This rank's part of checkpoint ``data`` (from :meth:`read_checkpoint`), refused with one
+        line naming what differs unless it was saved by a call with the fingerprint ``parts``."""
+        differ = mismatch(data, parts)
+        if differ:
+            raise CheckpointError(f"{label}: saved by a call with other arguments or another model (differs in: "
+                                  f"{', '.join(differ)}); call with the arguments it was saved with, or remove it "
+                                  "to start over")
+        return ResumePoint.take(data, ctx, self.device, self.family.dtype)
+
+    def _model_identity(self) -> dict[str, Any]:
+        """The fingerprint's model parts, computed once: ``from_pretrained``'s folders' files; for
+        ``from_pipe`` (no folder known to match the modules) the pipeline's name and a sample of
+        every denoiser weight."""
+        if self._model_parts is None:
+            if self._model_files is not None:
+                self._model_parts = model_identity(*self._model_files)
+            else:
+                digest = hashlib.sha256()
+                for model in self.family.denoisers:
+                    for name, weight in model.named_parameters():
+                        digest.update(f"{name}:{tuple(weight.shape)}:{weight.dtype}".encode())
+                    sample_values = [w.detach().flatten()[:8].float() for w in model.parameters()]
+                    if sample_values:
+                        digest.update(torch.cat(sample_values).cpu().numpy().tobytes())
+                self._model_parts = {"model": f"pipe:{self.family.source}:{digest.hexdigest()}"}
+        return self._model_parts
 
     def stream_frames(self, latents: torch.Tensor, ctx: ClipContext, *, uint8: bool = False) -> Iterator[torch.Tensor]:
         """Decode every rank's latents; rank 0 iterates over the whole video's frames in order, chunk by
@@ -326,6 +438,9 @@ class VideoInfinityPipeline:
         transition_frames: int = 0,
         keyframe_mode: str = "interpolate",
         loop: bool | None = None,
+        checkpoint_dir: str | os.PathLike[str] | None = None,
+        checkpoint_every: int | None = None,
+        resume: bool = False,
     ) -> VideoInfinityPipelineOutput | tuple[Any]:
         """Make a video of ``num_frames`` frames (the whole video, on however many ranks).
 
@@ -346,13 +461,35 @@ class VideoInfinityPipeline:
         replacement latents under ``"latents"`` and stop the run by setting ``pipe._interrupt = True``
         (every rank must do the same). ``eta``: DDIM's eta. ``loop``: a seamless loop (the frames on a
         ring, the last flowing into the first; see ``EngineConfig.loop``) for this call; default: the
-        pipeline's engine setting. Writes no file.
+        pipeline's engine setting. Writes no file, unless asked for checkpoints:
+
+        ``checkpoint_dir``: a folder (seen by rank 0; created if needed) where the denoising state is
+        saved as ``checkpoint.ckpt`` every ``checkpoint_every`` steps (default 1: every step), replaced
+        atomically: the whole video's latents and the scheduler's state per latent frame, and the
+        fingerprint of the call (model files, seed, noise, dtype, prompts, frames, size, steps,
+        guidance, scheduler, engine settings). A call that completes removes it; a call stopped by an
+        exception (e.g. raised in ``callback_on_step_end``, the exception propagates), by
+        ``pipe._interrupt`` or by a crash keeps the last one. A call without ``resume`` refuses a
+        folder that holds a checkpoint (an unfinished call's progress is never overwritten).
+
+        ``resume=True``: continue from ``checkpoint_dir``'s checkpoint: only the remaining steps run,
+        and the frames equal an uninterrupted call's bit for bit on CPU, on any number of ranks (saved
+        on 2, resumed on 1 or 3). The call's arguments must be those it was saved with (a
+        ``CheckpointError`` of one line names what differs); with ``seed=None`` (and no ``generator``
+        or ``latents``) the checkpoint's seed is used. Without a checkpoint in the folder the call
+        starts from the first step (logged), so re-running the same command after a crash just
+        continues.
         """
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type: must be one of {', '.join(OUTPUT_TYPES)}, got {output_type!r}")
         if isinstance(scheduler, str) and scheduler not in SCHEDULER_NAMES:
             raise ValueError(f"scheduler: unknown name {scheduler!r} (use one of {', '.join(SCHEDULER_NAMES)}, "
                              "or pass a diffusers scheduler object)")
+        if checkpoint_dir is None and (resume or checkpoint_every is not None):
+            raise ValueError(f"{'resume' if resume else 'checkpoint_every'}: needs checkpoint_dir (the folder of the "
+                             "checkpoint)")
+        if checkpoint_every is not None:
+            _positive_int("checkpoint_every", checkpoint_every)
         engine = self.engine
         if loop is not None and loop != engine.loop:  # validated: a loop needs the conv halos
             engine = EngineConfig.model_validate({**engine.model_dump(), "loop": loop})
@@ -368,7 +505,11 @@ class VideoInfinityPipeline:
         elif context.total_frames != request.latent_frames:
             raise ValueError(f"context: made for {context.total_frames} frames, but the video has "
                              f"{request.latent_frames} (latent) frames")
+        asked_scheduler = scheduler
         scheduler = self.make_scheduler(scheduler)
+        saved = self._existing_checkpoint(Path(checkpoint_dir), context, resume) if checkpoint_dir is not None else None
+        if saved is not None and seed is None and generator is None and latents is None:
+            seed = saved_fingerprint(saved).get("seed")  # a rerun of a random-seed call continues it
         if generator is not None and latents is None:
             initial = self.initial_latents(request, context, scheduler, 0, None, generator)
             if seed is None:  # the stochastic samplers' per-frame noise: from the same generator
@@ -377,6 +518,20 @@ class VideoInfinityPipeline:
         else:
             seed = self.shared_seed(seed, context)
             initial = self.initial_latents(request, context, scheduler, seed, latents)
+
+        spec: CheckpointSpec | None = None
+        resumed: ResumePoint | None = None
+        if checkpoint_dir is not None:
+            noise = "seed" if latents is None and generator is None else "generator" if latents is None else (
+                "latents:" + hashlib.sha256(latents.detach().float().cpu().contiguous().numpy().tobytes()).hexdigest())
+            parts = self.checkpoint_fingerprint(request, seed=seed, scheduler=asked_scheduler, engine=engine,
+                                                noise=noise)
+            spec = CheckpointSpec(Path(checkpoint_dir) / FILE_NAME, checkpoint_every or 1, parts)
+            if saved is not None:
+                resumed = self.resume_point(saved, parts, context, label=f"resume: {spec.path}")
+                initial = resumed.latents
+                logger.info("resuming %s at step %d of %d (saved by %d rank(s))", spec.path, resumed.step,
+                            num_inference_steps, resumed.saved_world_size)
 
         self._interrupt = False
         bar = tqdm(total=num_inference_steps, desc="denoising", unit="step", leave=False,
@@ -392,15 +547,40 @@ class VideoInfinityPipeline:
                 raise StopSampling(replaced)
             return replaced
 
+        if resumed is not None:
+            bar.update(resumed.step)
         try:
             result = self.generate_latents(request, context, scheduler, initial, seed=seed, on_step_end=on_step_end,
-                                           engine=engine)
+                                           engine=engine, checkpoint=spec,
+                                           start_step=resumed.step if resumed is not None else 0,
+                                           restore_scheduler=resumed.restore if resumed is not None else None)
         finally:
             bar.close()
         frames = self._output(result, context, output_type)
+        if spec is not None and not self._interrupt and context.rank == 0 and spec.path.exists():
+            spec.path.unlink()  # the call is complete: its checkpoint is no longer needed
+            logger.info("removed the checkpoint %s (the call is complete)", spec.path)
         if not return_dict:
             return (frames,)
         return VideoInfinityPipelineOutput(frames=frames)
+
+    def _existing_checkpoint(self, folder: Path, ctx: ClipContext, resume: bool) -> dict[str, Any] | None:
+        """``folder``'s checkpoint to resume from (None: there is none); without ``resume`` a folder
+        holding one is refused, so that an unfinished call's progress is not overwritten."""
+        path = folder / FILE_NAME
+        if resume:
+            saved = self.read_checkpoint(path, ctx, label=f"resume: {path}", missing_ok=True)
+            if saved is None:
+                logger.info("resume: no checkpoint in %s: starting from the first step", folder)
+            return saved
+
+        def refuse_existing() -> None:
+            if path.exists():
+                raise CheckpointError(f"checkpoint_dir: {path} holds the checkpoint of an unfinished call (pass "
+                                      "resume=True to continue it, or remove it to start over)")
+
+        agreed(refuse_existing, ctx, self.device)
+        return None
 
     def shared_seed(self, seed: int | None, ctx: ClipContext) -> int:
         """``seed``, or a random one drawn on rank 0 and shared, so that every rank uses the same."""

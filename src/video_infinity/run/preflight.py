@@ -20,7 +20,8 @@ from typing import Any
 from ..errors import ConfigError
 from ..frames import latent_frame_count
 from ..supported_models import unsupported_model
-from .checkpoint import CheckpointPlan, check_compatible, estimate_bytes, hash_parts, load_checkpoint, result_parts
+from ..checkpoint import estimate_bytes, load_checkpoint
+from .checkpoint import CheckpointPlan, check_compatible, config_fingerprint
 from .config import RunConfig
 from .outputs import check_outputs, output_paths
 
@@ -311,20 +312,19 @@ def prepare(config: RunConfig, overwrite: bool = False, resume: str | os.PathLik
     data: dict[str, Any] | None = None
     resume_path = Path(resume) if resume is not None else None
     if resume_path is not None:
-        data = load_checkpoint(resume_path)
-    stem = None if pipe.file_name is not None or data is None else str(data.get("file_stem") or "") or None
+        data = load_checkpoint(resume_path, f"--resume {resume_path}")
+    # A config without file_name resumes under the name its checkpoint was saved with.
+    saved_stem = None if data is None else (data.get("extra") or {}).get("file_stem")
+    stem = None if pipe.file_name is not None else str(saved_stem or "") or None
     paths = output_paths(config, stem)
     check_outputs(config, paths, overwrite=overwrite, resume=resume_path, config_path=config_path)
     check_disk_space(config, model)
     plan = CheckpointPlan(path=paths["checkpoint"], every=pipe.checkpoint_every)
-    if pipe.checkpoint_every is not None or data is not None:
-        parts = result_parts(config, model, world_size, _effective_dtype(config))
-        plan = CheckpointPlan(path=paths["checkpoint"], every=pipe.checkpoint_every, parts=parts, config_hash=hash_parts(parts))
     if data is not None and resume_path is not None:
-        check_compatible(data, resume_path, plan)
+        # The same fingerprint as the ranks' pipeline computes: refused here, before any rank starts.
+        check_compatible(data, resume_path, config_fingerprint(config, model, world_size, _effective_dtype(config)))
         step = int(data["step"])
-        plan = CheckpointPlan(path=plan.path, every=plan.every, parts=plan.parts, config_hash=plan.config_hash,
-                              resume=resume_path)
+        plan = CheckpointPlan(path=plan.path, every=plan.every, resume=resume_path)
         logger.info("resuming %s at step %d of %d (saved by %s rank(s))", resume_path, step, pipe.steps,
                     data.get("world_size"))
     return paths, model, plan

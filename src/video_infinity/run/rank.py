@@ -1,7 +1,9 @@
 """The rank entry point of a CLI run: set up the device and process group, then generate this
 rank's clip with :class:`~video_infinity.pipeline.VideoInfinityPipeline` (``generate_latents`` and
 ``stream_frames``: the same path as the Python API), with checkpoints and resume; rank 0 streams
-the video into the MP4 and writes the sidecar and, optionally, the latents.
+the video into the MP4 and writes the sidecar and, optionally, the latents. Checkpoints and resume
+are the pipeline's own (:meth:`~video_infinity.pipeline.VideoInfinityPipeline.generate_latents` with a
+:class:`~video_infinity.checkpoint.CheckpointSpec`, :meth:`~VideoInfinityPipeline.resume_point`).
 """
 
 from __future__ import annotations
@@ -23,17 +25,12 @@ import torch.distributed as dist
 
 from .. import __version__
 from ..atomic import atomic_output, write_json_atomic
+from ..checkpoint import CheckpointSpec
 from ..context import ClipContext
 from ..gather import gather_frames
 from ..pipeline import VideoInfinityPipeline
 from ..video_io import VideoWriter
-from .checkpoint import (
-    CheckpointPlan,
-    load_checkpoint,
-    restore_scheduler_state,
-    save_checkpoint,
-    split_scheduler_state,
-)
+from .checkpoint import CheckpointPlan
 from .hooks import step_sleep_s
 from .progress import ProgressReporter
 from .config import RunConfig
@@ -138,13 +135,19 @@ def generate_on_rank(config: RunConfig, model: str, ctx: ClipContext, device: to
     if ctx.total_frames != request.latent_frames:  # the engine counts the model's frames (Wan: latent frames)
         ctx = ClipContext.from_process_group(request.latent_frames, ctx.group)
     scheduler = pipe.make_scheduler(pipe_config.scheduler)
-    resume = _Resume.load(checkpoint.resume, ctx, device, dtype) if checkpoint is not None and checkpoint.resume else None
-    after_step = _checkpointer(checkpoint, ctx, device, paths, pipe_config.steps) if checkpoint is not None else None
+    resume = spec = None
+    if checkpoint is not None and (checkpoint.resume is not None or checkpoint.every is not None):
+        # The pipeline's fingerprint of this request: preflight checked --resume against the same parts.
+        parts = pipe.checkpoint_fingerprint(request, seed=config.seed, scheduler=pipe_config.scheduler)
+        if checkpoint.resume is not None:
+            label = f"--resume {checkpoint.resume}"
+            resume = pipe.resume_point(pipe.read_checkpoint(checkpoint.resume, ctx, label=label), parts, ctx,
+                                       label=label)
+        if checkpoint.every is not None:
+            spec = CheckpointSpec(checkpoint.path, checkpoint.every, parts, extra={"file_stem": paths["video"].stem})
     sleep = step_sleep_s()
 
-    def on_step_end(index: int, t: torch.Tensor, latents: torch.Tensor, scheduler: Any) -> None:
-        if after_step is not None:
-            after_step(index, latents, scheduler)
+    def on_step_done(index: int) -> None:  # after the step's checkpoint: a stop now keeps this step
         progress.step_done(index)
         if sleep:
             time.sleep(sleep)
@@ -160,7 +163,7 @@ def generate_on_rank(config: RunConfig, model: str, ctx: ClipContext, device: to
         latents = pipe.generate_latents(request, ctx, scheduler, latents, seed=config.seed,
                                         start_step=resume.step if resume is not None else 0,
                                         restore_scheduler=resume.restore if resume is not None else None,
-                                        on_step_end=on_step_end)
+                                        checkpoint=spec, on_step_done=on_step_done)
     comm_bytes = ctx.stats.total
 
     if pipe_config.save_latents:
@@ -194,7 +197,7 @@ def generate_on_rank(config: RunConfig, model: str, ctx: ClipContext, device: to
     assert reports is not None
     sidecar = _sidecar(config, model, pipe, ctx, request.num_frames, reports, elapsed, paths)
     sidecar["resumed_from"] = None if resume is None else {
-        "checkpoint": str(checkpoint.resume), "step": resume.step, "saved_by_world_size": resume.world_size,
+        "checkpoint": str(checkpoint.resume), "step": resume.step, "saved_by_world_size": resume.saved_world_size,
         "world_size": ctx.world_size}
     write_json_atomic(paths["sidecar"], sidecar)
     if checkpoint is not None and checkpoint.path.exists():
@@ -211,52 +214,6 @@ def _peak_memory_bytes(device: torch.device) -> int:
     if device.type == "cuda":
         return int(torch.cuda.max_memory_allocated(device))
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
-
-
-class _Resume:
-    """This rank's part of a checkpoint: latents after ``step`` steps and the scheduler's state."""
-
-    def __init__(self, step: int, world_size: int, latents: torch.Tensor, state: dict[str, Any],
-                 tensors: list[torch.Tensor], device: torch.device) -> None:
-        self.step, self.world_size, self.latents = step, world_size, latents
-        self.state, self.tensors, self.device = state, tensors, device
-
-    @classmethod
-    def load(cls, path: Path, ctx: ClipContext, device: torch.device, dtype: torch.dtype) -> _Resume:
-        data = load_checkpoint(path)
-        own = slice(ctx.frames.start, ctx.frames.stop)
-        latents = data["latents"][:, :, own].to(device=device, dtype=dtype).clone()
-        tensors = [t[:, :, own].clone() for t in data["scheduler_tensors"]]
-        return cls(int(data["step"]), int(data.get("world_size") or 0), latents, data["scheduler"], tensors, device)
-
-    def restore(self, scheduler: Any) -> None:
-        restore_scheduler_state(scheduler, self.state, self.tensors, self.device)
-
-
-def _checkpointer(plan: CheckpointPlan, ctx: ClipContext, device: torch.device, paths: dict[str, Path],
-                  num_steps: int) -> Any:
-    """The after-step callback that saves a checkpoint every ``plan.every`` steps (None: never)."""
-    if plan.every is None:
-        return None
-    stem = paths["video"].stem
-
-    def after_step(index: int, latents: torch.Tensor, scheduler: Any) -> None:
-        done = index + 1
-        if done % plan.every:
-            return
-        state, tensors = split_scheduler_state(scheduler, tuple(latents.shape))
-        whole_latents = gather_frames(latents, ctx, device)
-        whole_tensors = [gather_frames(t, ctx, device) for t in tensors]
-        if ctx.rank != 0:
-            return
-        assert whole_latents is not None
-        started = time.perf_counter()
-        save_checkpoint(plan.path, latents=whole_latents, scheduler_state=state,
-                        scheduler_tensors=whole_tensors, step=done, num_steps=num_steps, plan=plan,  # type: ignore[arg-type]
-                        file_stem=stem, world_size=ctx.world_size)
-        logger.debug("checkpoint at step %d saved to %s in %.2f s", done, plan.path, time.perf_counter() - started)
-
-    return after_step
 
 
 def _sidecar(config: RunConfig, model: str, pipe: VideoInfinityPipeline, ctx: ClipContext, total: int,

@@ -1,0 +1,190 @@
+"""Checkpoint and resume through the Python API, on the embedded demo model: a call stopped by an
+exception from ``callback_on_step_end`` keeps its last checkpoint, and ``resume=True`` runs only the
+remaining steps and gives the frames of an uninterrupted call bit for bit, on one process and
+across world sizes (saved on 2 gloo ranks, resumed on 3 and on 1). A checkpoint saved by other
+arguments is refused with one line naming them.
+
+6 frames of 32x32, 4 steps of the stochastic DPM-Solver++ (it keeps a history of model outputs
+and draws noise at every step: the hard case to resume); checkpoints every 2 steps, stopped after
+the third step, so resuming starts at step 2.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from engine_utils import run_distributed
+from video_infinity import VideoInfinityPipeline
+from video_infinity.checkpoint import FILE_NAME, load_checkpoint
+from video_infinity.errors import CheckpointError
+
+PROMPT = {0: "a red circle moving right", 3: "a blue square moving up"}
+CALL = dict(num_frames=6, height=32, width=32, num_inference_steps=4, guidance_scale=3.0, seed=7,
+            scheduler="sde-dpmsolver++", progress=False)
+EVERY, STOP_AFTER_INDEX = 2, 2  # the checkpoint of step 2 is the last before the stop
+
+
+class Crash(Exception):
+    """What the callback raises to stop a call mid-denoising."""
+
+
+def _crash_after_step(pipe, index, timestep, kwargs):
+    if index == STOP_AFTER_INDEX:
+        raise Crash(f"stopped after step {index}")
+    return {}
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return VideoInfinityPipeline.from_pretrained(device="cpu")  # the embedded demo model
+
+
+@pytest.fixture(scope="module")
+def reference(pipe):
+    """The frames of an uninterrupted call without checkpoints."""
+    return pipe(PROMPT, **CALL).frames[0]
+
+
+@pytest.fixture(scope="module")
+def stopped_once(pipe, tmp_path_factory) -> Path:
+    """A checkpoint folder left by a call that raised in its callback after step 3."""
+    folder = tmp_path_factory.mktemp("stopped")
+    with pytest.raises(Crash):
+        pipe(PROMPT, checkpoint_dir=folder, checkpoint_every=EVERY, callback_on_step_end=_crash_after_step, **CALL)
+    return folder
+
+
+@pytest.fixture
+def stopped(stopped_once, tmp_path) -> Path:
+    """A copy of that folder for one test (a completed resume removes the checkpoint)."""
+    return Path(shutil.copytree(stopped_once, tmp_path / "stopped"))
+
+
+@pytest.mark.unit
+def test_resume_after_a_crash_runs_the_remaining_steps_and_gives_the_same_frames(pipe, reference, stopped):
+    saved = load_checkpoint(stopped / FILE_NAME)
+    assert saved["step"] == EVERY and saved["num_steps"] == CALL["num_inference_steps"] and saved["world_size"] == 1
+    assert saved["latents"].shape == (1, 4, 6, 8, 8)  # the whole video, per latent frame
+    assert len(saved["scheduler_tensors"]) >= 1  # DPM-Solver's model outputs
+    seen = []
+    # seed=None: a rerun of a random-seed call takes the checkpoint's seed.
+    resumed = pipe(PROMPT, checkpoint_dir=stopped, resume=True, **{**CALL, "seed": None},
+                   callback_on_step_end=lambda p, index, t, kwargs: seen.append(index) or {}).frames[0]
+    assert seen == [2, 3]  # only the remaining steps ran
+    assert np.array_equal(resumed, reference)
+    assert not (stopped / FILE_NAME).exists()  # the call is complete: its checkpoint is gone
+
+
+@pytest.mark.unit
+def test_resume_without_a_checkpoint_starts_from_the_first_step(pipe, reference, tmp_path, caplog):
+    seen = []
+    with caplog.at_level(logging.INFO, logger="video_infinity.pipeline"):
+        video = pipe(PROMPT, checkpoint_dir=tmp_path / "new", resume=True, **CALL,
+                     callback_on_step_end=lambda p, index, t, kwargs: seen.append(index) or {}).frames[0]
+    assert seen == [0, 1, 2, 3] and np.array_equal(video, reference)
+    assert "no checkpoint in" in caplog.text and "starting from the first step" in caplog.text
+    assert list((tmp_path / "new").iterdir()) == []  # saved every step, removed at the end
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("change, differs", [
+    ({"seed": 8}, "seed"),
+    ({"num_inference_steps": 5}, "num_inference_steps"),
+    ({"prompt": "a green triangle moving left"}, "prompt"),
+    ({"engine": {"attn": {"padding": 1, "top_k": 2}}}, "engine.attn.padding"),
+])
+def test_a_checkpoint_of_other_arguments_is_refused_with_one_line(pipe, stopped, change, differs):
+    change = dict(change)
+    prompt = change.pop("prompt", PROMPT)
+    engine = change.pop("engine", None)
+    caller = pipe if engine is None else VideoInfinityPipeline.from_pretrained(device="cpu", engine=engine)
+    before = (stopped / FILE_NAME).read_bytes()
+    with pytest.raises(CheckpointError) as error:
+        caller(prompt, checkpoint_dir=stopped, resume=True, **{**CALL, **change})
+    message = str(error.value)
+    assert "\n" not in message and "differs in: " in message and differs in message.split("differs in: ")[1]
+    assert str(stopped / FILE_NAME) in message
+    assert (stopped / FILE_NAME).read_bytes() == before  # kept as it was
+
+
+@pytest.mark.unit
+def test_a_new_call_does_not_overwrite_an_unfinished_checkpoint(pipe, stopped):
+    before = (stopped / FILE_NAME).read_bytes()
+    with pytest.raises(CheckpointError, match="resume=True"):
+        pipe(PROMPT, checkpoint_dir=stopped, **CALL)
+    assert (stopped / FILE_NAME).read_bytes() == before
+    with pytest.raises(ValueError, match="checkpoint_dir"):
+        pipe(PROMPT, resume=True, **CALL)
+
+
+# --------------------------------------------------------------------------------------------------
+# Across world sizes
+
+
+def _stopped_on_ranks(rank: int, world_size: int, folder: Path) -> str:
+    pipe = VideoInfinityPipeline.from_pretrained(device="cpu")
+    try:
+        pipe(PROMPT, checkpoint_dir=folder, checkpoint_every=EVERY, callback_on_step_end=_crash_after_step, **CALL)
+    except Crash as exc:
+        return str(exc)
+    return "not stopped"
+
+
+def _resumed(rank: int, world_size: int, folder: Path, with_reference: bool) -> dict:
+    pipe = VideoInfinityPipeline.from_pretrained(device="cpu")
+    reference = pipe(PROMPT, **CALL).frames if with_reference else None
+    seen: list[int] = []
+    frames = pipe(PROMPT, checkpoint_dir=folder, resume=True, **CALL,
+                  callback_on_step_end=lambda p, index, t, kwargs: seen.append(index) or {}).frames
+    as_tensor = (lambda f: None if f is None else torch.from_numpy(f))  # torch.load reads tensors only
+    return {"reference": as_tensor(reference), "resumed": as_tensor(frames), "steps": seen}
+
+
+@pytest.mark.distributed
+def test_saved_on_two_ranks_resumed_on_three_and_on_one_is_bit_identical(tmp_path):
+    saved = tmp_path / "saved"
+    stops = run_distributed(_stopped_on_ranks, 2, saved, tmp_dir=tmp_path)
+    assert stops == ["stopped after step 2"] * 2
+    checkpoint = load_checkpoint(saved / FILE_NAME)
+    assert checkpoint["step"] == EVERY and checkpoint["world_size"] == 2
+    for name in ("on3", "on1"):
+        shutil.copytree(saved, tmp_path / name)  # each resume removes its checkpoint when done
+    on3 = run_distributed(_resumed, 3, tmp_path / "on3", False, tmp_dir=tmp_path)
+    on1 = run_distributed(_resumed, 1, tmp_path / "on1", True, tmp_dir=tmp_path)[0]
+    assert all(rank["steps"] == [2, 3] for rank in on3) and on1["steps"] == [2, 3]
+    assert on3[1]["resumed"] is None and on3[2]["resumed"] is None  # only rank 0 gets the video
+    reference = on1["reference"]  # uninterrupted, one rank, no checkpoints
+    assert reference.shape == (1, 6, 32, 32, 3)
+    assert torch.equal(on3[0]["resumed"], reference)
+    assert torch.equal(on1["resumed"], reference)
+    assert not (tmp_path / "on3" / FILE_NAME).exists() and not (tmp_path / "on1" / FILE_NAME).exists()
+
+
+@pytest.mark.unit
+def test_the_cli_preflight_computes_the_fingerprint_the_pipeline_saves(pipe):
+    # The CLI refuses a foreign --resume checkpoint before any rank starts, from its config alone;
+    # its ranks save and check the pipeline's fingerprint: both must agree on every setting.
+    from video_infinity.run.checkpoint import config_fingerprint
+    from video_infinity.run.config import RunConfig
+    from video_infinity.run.preflight import resolve_model
+
+    config = RunConfig.model_validate({
+        "dtype": "float32", "devices": ["cpu"] * 2, "seed": 9, "plugin_configs": {"attn": {"padding": 1, "top_k": 2}},
+        "pipe_configs": {"prompts": {0: "a red circle", 4: "a blue square"}, "negative_prompt": "blurry", "steps": 3,
+                         "guidance_scale": 4, "num_frames": 3, "height": 32, "width": 32, "fps": 8,
+                         "scheduler": "ddim", "eta": 0.5, "transition_frames": 1, "keyframe_mode": "hold"},
+    })
+    pc = config.pipe_configs
+    request = pipe.check_inputs(pc.prompts, negative_prompt=pc.negative_prompt, num_frames=pc.total_frames_for(2),
+                                height=pc.height, width=pc.width, num_inference_steps=pc.steps,
+                                guidance_scale=pc.guidance_scale, fps=pc.fps, eta=pc.eta,
+                                transition_frames=pc.transition_frames, keyframe_mode=pc.keyframe_mode, world_size=2)
+    ours = pipe.checkpoint_fingerprint(request, seed=config.seed, scheduler=pc.scheduler, engine=config.plugin_configs)
+    assert config_fingerprint(config, resolve_model(config), 2, "float32") == ours
+    assert config_fingerprint(config, resolve_model(config), 3, "float32")["num_frames"] == 9  # 3 per device
