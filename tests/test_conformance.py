@@ -43,7 +43,7 @@ ENVIRONMENTS = {
     "two_threads_per_rank": ({}, 2),
 }
 ROLL = 2  # frames the loop cases are rolled by
-ROLLED_WORLD = 3  # the world whose rolled loop is compared (uneven clips)
+CHECK_WORLD = 3  # where the fused kernels and the loops are compared with one process (uneven clips)
 family_params = pytest.mark.parametrize("spec", FAMILIES, ids=str)
 
 
@@ -149,10 +149,11 @@ def _family_worlds(rank: int, spec: FamilySpec, folder: Path, groups: dict, full
     torch.set_num_threads(1)
     if not full:
         return results
-    for world in WORLDS:
+    for world in (1, CHECK_WORLD):  # the extras on one process and on uneven clips
         if rank < world:
             ctx = ClipContext(rank=rank, world_size=world, total_frames=total, group=groups[world])
-            results[("fused", world)] = _video(fused, ctx, _call(spec))["latents"]
+            if world == CHECK_WORLD:
+                results["fused"] = _video(fused, ctx, _call(spec))["latents"]
             if world == 1:  # not a test that cannot fail: the settings change the video
                 whole = VideoInfinityPipeline(pipe.family, engine=spec.whole_window)
                 results["whole_window"] = _video(whole, ctx, _call(spec))["latents"]
@@ -161,10 +162,10 @@ def _family_worlds(rank: int, spec: FamilySpec, folder: Path, groups: dict, full
                 ctx = ClipContext(rank=rank, world_size=world, total_frames=spec.latent_frames(frames), group=groups[world])
                 x = _loop_latents(pipe, spec, frames, seed=3 + index)
                 call = _call(spec, prompt=spec.prompt if isinstance(spec.prompt, str) else "a red circle",
-                             num_frames=frames, scheduler=spec.loop_scheduler)
+                             num_frames=frames, scheduler=spec.loop_scheduler, num_inference_steps=1)
                 call.pop("seed")
                 results[("loop", name, world)] = _video(loop, ctx, {**call, "latents": x})["latents"]
-                if world in (1, ROLLED_WORLD):
+                if not settings["attn"].get("top_k", 0):  # roll-equivariant (global frames sit at fixed frames)
                     rolled = torch.roll(x, ROLL, 2)
                     results[("loop_rolled", name, world)] = _video(loop, ctx, {**call, "latents": rolled})["latents"]
                 if world == 1:  # without the loop the video has ends
@@ -231,33 +232,31 @@ def test_decoded_frames_and_fused_kernels_agree_on_one_to_four_ranks(spec: Famil
             assert torch.equal(got, frames), f"{spec}, world {world}: {_difference(got, frames)}"
         else:
             torch.testing.assert_close(got, frames, atol=spec.decode_atol, rtol=0)
-    # The fused kernels (the GPU default): the same computation up to rounding, on any number of ranks.
+    # The fused kernels (the GPU default): the same computation up to rounding, also across ranks.
     video = results[("video", 1, 1)]["latents"]
-    for world in WORLDS:
-        torch.testing.assert_close(results[("fused", world)], video, atol=1e-4, rtol=0)
+    torch.testing.assert_close(results["fused"], video, atol=1e-4, rtol=0)
     # Not a test that cannot fail: the engine settings really change the video.
     assert (results["whole_window"] - video).abs().max() > 1e-3
 
 
 @pytest.mark.distributed
 @family_params
-def test_loop_is_roll_equivariant_on_any_number_of_ranks(spec: FamilySpec, runs):
+def test_loop_is_roll_equivariant_and_rank_invariant(spec: FamilySpec, runs):
     if not spec.loop_cases:
         pytest.skip(f"{spec} has no seamless loops")
     results = runs.get("default")[0][spec.name]
     for name, (frames, settings) in spec.loop_cases.items():
         single = results[("loop", name, 1)]
         assert single.shape[2] == spec.latent_frames(frames)
-        for world in WORLDS[1:]:
-            got = results[("loop", name, world)]
-            assert torch.equal(got, single), f"{spec} {name}, world {world} vs 1: {_difference(got, single)}"
+        got = results[("loop", name, CHECK_WORLD)]
+        assert torch.equal(got, single), f"{spec} {name}, world {CHECK_WORLD} vs 1: {_difference(got, single)}"
         plain = results[("plain", name)]
         for frame in (0, single.shape[2] - 1):  # the ends see each other only on the ring
             assert (plain[:, :, frame] - single[:, :, frame]).abs().max() > 1e-4, (name, frame)
         if settings["attn"].get("top_k", 0):
             continue  # global frames sit at fixed frames: rolling moves the video under them
         expected = torch.roll(single, ROLL, 2)
-        for world in (1, ROLLED_WORLD):
+        for world in (1, CHECK_WORLD):
             got = results[("loop_rolled", name, world)]
             assert torch.equal(got, expected), f"{spec} {name}, rolled, world {world}: {_difference(got, expected)}"
 
@@ -267,7 +266,7 @@ def test_loop_is_roll_equivariant_on_any_number_of_ranks(spec: FamilySpec, runs)
 # ---------------------------------------------------------------------------------------------
 
 HAS_RESUME = "resume" in inspect.signature(VideoInfinityPipeline.__call__).parameters
-CHECKPOINT_WORLDS = ((2, 3), (3, 1))
+CHECKPOINT_WORLDS = ((2, 3),)
 STOP_AFTER_STEP = 0  # the first step's checkpoint is the one resumed
 
 
