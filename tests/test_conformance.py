@@ -270,34 +270,44 @@ CHECKPOINT_WORLDS = ((2, 3),)
 STOP_AFTER_STEP = 0  # the first step's checkpoint is the one resumed
 
 
-def _checkpointed(rank: int, world_size: int, spec: FamilySpec, folder: Path, checkpoint_dir: Path, resume: bool):
+def _checkpointed(rank: int, world_size: int, family: str, folder: Path, checkpoint_dir: Path, resume: bool) -> dict:
+    """``resume=False``: a call stopped after its first step's checkpoint. ``resume=True``: an
+    uninterrupted call without checkpoints (the reference), then the resumed call."""
+    spec = next(spec for spec in FAMILIES if spec.name == family)  # (a spec's lambdas do not pickle)
     pipe = VideoInfinityPipeline.from_pretrained(folder, engine=spec.engine, device="cpu")
 
     def stop(p, step, _t, _kwargs):
-        if step == STOP_AFTER_STEP and not resume:
+        if step == STOP_AFTER_STEP:
             p._interrupt = True
         return {}
 
     call = _call(spec)
     prompt = call.pop("prompt")
-    return pipe(prompt, output_type="latent", checkpoint_dir=checkpoint_dir, checkpoint_every=1, resume=resume,
-                callback_on_step_end=stop, **call).frames
+    if not resume:
+        pipe(prompt, output_type="latent", checkpoint_dir=checkpoint_dir, checkpoint_every=1, callback_on_step_end=stop,
+             **call)
+        return {}
+    reference = pipe(prompt, output_type="latent", **call).frames
+    resumed = pipe(prompt, output_type="latent", checkpoint_dir=checkpoint_dir, resume=True, **call).frames
+    return {"reference": reference, "resumed": resumed}
 
 
 @pytest.mark.distributed
 @pytest.mark.skipif(not HAS_RESUME, reason="the pipeline has no checkpoint_dir/resume yet (branch resume)")
 @pytest.mark.parametrize("saved_on,resumed_on", CHECKPOINT_WORLDS)
 @family_params
-def test_checkpoint_on_some_ranks_resumes_on_others_bit_for_bit(spec: FamilySpec, saved_on, resumed_on, folders, runs,
+def test_checkpoint_on_some_ranks_resumes_on_others_bit_for_bit(spec: FamilySpec, saved_on, resumed_on, folders,
                                                                tmp_path):
-    reference = runs.get("default")[0][spec.name][("video", 1, 1)]["latents"]
     checkpoint_dir = tmp_path / "checkpoint"
-    run_distributed(_checkpointed, saved_on, spec, folders[spec.name], checkpoint_dir, False, tmp_dir=tmp_path / "saved")
+    run_distributed(_checkpointed, saved_on, spec.name, folders[spec.name], checkpoint_dir, False,
+                    tmp_dir=tmp_path / "saved")
     assert any(checkpoint_dir.iterdir())
-    resumed = run_distributed(_checkpointed, resumed_on, spec, folders[spec.name], checkpoint_dir, True,
-                              tmp_dir=tmp_path / "resumed")[0]
-    assert torch.equal(resumed, reference), f"{spec}, saved on {saved_on}, resumed on {resumed_on}: " \
-                                            f"{_difference(resumed, reference)}"
+    result = run_distributed(_checkpointed, resumed_on, spec.name, folders[spec.name], checkpoint_dir, True,
+                             tmp_dir=tmp_path / "resumed")[0]
+    reference, resumed = result["reference"], result["resumed"]
+    assert reference.shape[2] == spec.latent_frames(spec.num_frames)
+    assert torch.equal(resumed, reference), (f"{spec}, saved on {saved_on}, resumed on {resumed_on}: "
+                                             f"{_difference(resumed, reference)}")
 
 
 # ---------------------------------------------------------------------------------------------
