@@ -21,6 +21,15 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 
+# Environments in which kernels pick other algorithms by shape: a frame's bits must still not depend
+# on which other frames its rank holds. name -> (environment of the rank processes, torch threads per rank).
+BLAS_ENVIRONMENTS: dict[str, tuple[dict[str, str], int]] = {
+    "mkl_cbwr_compatible": ({"MKL_CBWR": "COMPATIBLE"}, 1),
+    "mkl_avx2": ({"MKL_ENABLE_INSTRUCTIONS": "AVX2"}, 1),
+    "two_threads_per_rank": ({}, 2),  # torch.set_num_threads sets OpenMP's and MKL's thread counts
+}
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -58,28 +67,35 @@ def torch_threads(threads: int):
 _FORKSERVER_PRELOAD = ["torch", "torch.distributed", "diffusers", "video_infinity.pipeline", "harness", "tiny_models"]
 
 
-def _start_method(env: dict[str, str] | None) -> str:
-    if env:
-        # A fresh interpreter: MKL and oneDNN read their environment (MKL_CBWR, ...) when they load,
-        # and the fork server has loaded them already.
-        return "spawn"
-    context = mp.get_context("forkserver")
-    context.set_forkserver_preload(_FORKSERVER_PRELOAD)  # takes effect when the server first starts
-    return "forkserver"
+def _fork_ranks(world_size: int, *launch: Any) -> None:
+    """The ranks of a run with its own environment, forked from a fresh interpreter started with it
+    once that has loaded torch and the test's modules: one import per environment, not one per rank."""
+    mp.start_processes(_worker, args=(world_size, *launch), nprocs=world_size, start_method="fork")
 
 
 def run_distributed(fn: Callable, world_size: int, *args: Any, tmp_dir: Path, threads: int = 1,
                     env: dict[str, str] | None = None) -> list[Any]:
     """Run ``fn(rank, world_size, *args)`` in ``world_size`` real gloo processes with ``threads`` torch
     threads each and ``env`` added to their environment (read by MKL/oneDNN when they start, e.g.
-    ``MKL_CBWR``: such runs get freshly spawned interpreters); return each rank's result."""
+    ``MKL_CBWR``: such runs fork from a freshly spawned interpreter); return each rank's result."""
     out_dir = Path(tmp_dir) / f"world{world_size}"
     out_dir.mkdir(parents=True, exist_ok=True)
     saved = {key: os.environ.get(key) for key in env or {}}
     os.environ.update(env or {})  # spawned processes inherit the environment at start
+    launch = (world_size, free_port(), fn, args, str(out_dir), threads)
     try:
-        mp.start_processes(_worker, args=(world_size, free_port(), fn, args, str(out_dir), threads), nprocs=world_size,
-                           start_method=_start_method(env))
+        if env:
+            # A fresh interpreter: MKL and oneDNN read their environment (MKL_CBWR, ...) when they
+            # load, and the fork server has loaded them already.
+            launcher = mp.get_context("spawn").Process(target=_fork_ranks, args=launch)
+            launcher.start()
+            launcher.join()
+            if launcher.exitcode != 0:
+                raise RuntimeError(f"the ranks' launcher exited with code {launcher.exitcode}")
+        else:
+            context = mp.get_context("forkserver")
+            context.set_forkserver_preload(_FORKSERVER_PRELOAD)  # takes effect when the server first starts
+            mp.start_processes(_worker, args=launch, nprocs=world_size, start_method="forkserver")
     except Exception as exc:  # surface the worker's own traceback
         errors = "\n".join(p.read_text() for p in sorted(out_dir.glob("*.err")))
         raise AssertionError(f"distributed run failed:\n{errors}") from exc

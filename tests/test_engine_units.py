@@ -14,6 +14,7 @@ from video_infinity.frames import global_frame_indices, partition_frames, window
 from video_infinity.noise import frame_noise
 from video_infinity.norm import combine_moments, group_moments, video_group_norm
 
+from harness import torch_threads
 from references import dense_band_attention
 from tiny_models import build_tiny_unet, load_unet
 
@@ -294,10 +295,13 @@ def test_each_per_frame_op_gives_a_frame_the_same_bits_in_any_clip():
         whole, clip = frame_conv(x, conv3d), frame_conv(x[:, :, 2:9], conv3d)
         torch.testing.assert_close(whole, conv3d(x), atol=1e-5, rtol=0)
     assert torch.equal(clip[:, :, 1:6], whole[:, :, part])
-    # temporal transformer rows (positions, frames, C): Linear one frame's rows per call, LayerNorm
-    # (row-local) one call frames-first
+    # temporal transformer rows (positions, frames, C): Linear one frame's rows per call, a
+    # feed-forward (GEGLU) one call per frame, LayerNorm (row-local) one call frames-first
+    from diffusers.models.attention import FeedForward
+
     rows = torch.randn(24, frames, 40)
     for layer, hook in ((nn.Linear(40, 56), PerFrameRows), (nn.Linear(40, 56, bias=False), PerFrameRows),
+                        (FeedForward(40, inner_dim=36, activation_fn="geglu"), PerFrameRows),
                         (nn.LayerNorm(40), FramesFirstRowNorm)):
         plain = layer(rows)
         _hooked(layer, hook(config))
@@ -322,6 +326,32 @@ def test_each_per_frame_op_gives_a_frame_the_same_bits_in_any_clip():
             clip = layer(frames_of(images, part).contiguous())
         torch.testing.assert_close(whole, plain, atol=1e-5, rtol=0)
         assert torch.equal(clip, frames_of(whole, part))
+
+
+@pytest.mark.unit
+def test_a_feed_forward_called_per_frame_keeps_its_gelu_tails_whatever_the_thread_split():
+    # A GELU's vectorised body and scalar tail round differently, and with 3 threads a tensor's
+    # thread shares start mid-row at offsets set by its size: with only its Linears per frame, a
+    # feed-forward's frame then rounds differently in an 11-frame clip and in a 5-frame part of it.
+    # Called per frame as a whole, its GELU's shape (and split) is the frame's.
+    from diffusers.models.attention import FeedForward
+    from video_infinity.per_frame import PerFrameRows
+
+    config = EngineConfig(split_invariant=True)
+    rows, part = torch.randn(301, 11, 40, generator=torch.Generator().manual_seed(0)), slice(3, 8)
+    outputs = {}
+    for per_frame in ("linears", "feed_forward"):
+        torch.manual_seed(1)
+        ff = FeedForward(40, inner_dim=36, activation_fn="geglu")
+        for module in [m for m in ff.modules() if isinstance(m, nn.Linear)] if per_frame == "linears" else [ff]:
+            _hooked(module, PerFrameRows(config))
+        with torch_threads(3), torch.no_grad():
+            outputs[per_frame] = ff(rows), ff(rows[:, part].contiguous())
+    whole, clip = outputs["feed_forward"]
+    torch.testing.assert_close(whole, outputs["linears"][0], atol=1e-6, rtol=0)
+    if torch.equal(outputs["linears"][1], outputs["linears"][0][:, part]):
+        pytest.skip("this CPU's GELU rounds alike in vector body and scalar tail: nothing to tell apart")
+    assert torch.equal(clip, whole[:, part])
 
 
 @pytest.mark.unit

@@ -107,10 +107,11 @@ def load_unet(path: Path) -> UNet3DConditionModel:
     return UNet3DConditionModel.from_pretrained(path).eval()
 
 
-def build_tiny_motion_unet(path: Path, seed: int = 0) -> Path:
+def build_tiny_motion_unet(path: Path, seed: int = 0, **sizes: object) -> Path:
     """A random tiny UNetMotionModel built the way real ones are (``from_unet2d``), saved with
-    save_pretrained. Every weight is random and sizeable, so every temporal path changes the output."""
-    unet2d, adapter = random_motion_unet_parts(seed, cross_attention_dim=CROSS_ATTENTION_DIM)
+    save_pretrained. Every weight is random and sizeable, so every temporal path changes the output.
+    ``sizes`` go to :func:`random_motion_unet_parts` (channels, groups, heads)."""
+    unet2d, adapter = random_motion_unet_parts(seed, cross_attention_dim=CROSS_ATTENTION_DIM, **sizes)
     unet = UNetMotionModel.from_unet2d(unet2d, adapter)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)

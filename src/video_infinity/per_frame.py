@@ -120,7 +120,8 @@ class PerFrameCall(ModelHook):
 
 class PerFrameRows(ModelHook):
     """On a ``Linear`` inside a temporal transformer (input (..., frames, C): each spatial position's
-    frames are one sequence): one matrix product per frame, on that frame's rows.
+    frames are one sequence): one matrix product per frame, on that frame's rows. On another module
+    that works row by row (a feed-forward): one call per frame, on that frame's rows.
 
     The frames' rows are gathered frames-first into one contiguous (frames, ..., C) tensor, so each
     frame's rows are one contiguous block; each frame's product is written into its block of a
@@ -134,13 +135,21 @@ class PerFrameRows(ModelHook):
         super().__init__()
         self.config = config
 
-    def new_forward(self, module: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    def new_forward(self, module: nn.Module, input: torch.Tensor) -> torch.Tensor:
+        # ``input``: nn.Linear's own name for it, which diffusers passes by keyword (``proj_in(input=...)``).
         forward: Callable[..., Any] = self.fn_ref.original_forward
+        x = input
         if x.dim() < 2 or not self.config.split_invariant_on(x.device.type):
             return forward(x)
         per_frame = x.movedim(-2, 0).contiguous()  # no copy when x is a frames-first view already
-        if type(module).forward is not nn.Linear.forward:  # a subclass computing something else
-            return torch.stack([forward(rows) for rows in per_frame]).movedim(0, -2)
+        if type(module).forward is not nn.Linear.forward:  # a Linear subclass, a feed-forward
+            out = None
+            for frame, rows in enumerate(per_frame):
+                result = forward(rows)
+                if out is None:
+                    out = result.new_empty(per_frame.shape[0], *result.shape)
+                out[frame] = result
+            return out.movedim(0, -2)
         rows = per_frame.reshape(per_frame.shape[0], -1, per_frame.shape[-1])  # a view: (frames, rows, C)
         out = linear_per_block(rows, module.weight, module.bias)
         return out.view(*per_frame.shape[:-1], module.out_features).movedim(0, -2)

@@ -1,7 +1,9 @@
 """Engine hooks shared by the UNet families (UNet3D and AnimateDiff's UNetMotionModel).
 
 The bookkeeping of a UNet call (frame layout, timestep, per-frame text), whole-video GroupNorm on a
-temporal module's input, and 1x1 convolutions as matrix products when computing split-invariantly.
+temporal module's input, and, when computing split-invariantly, the per-frame hooks of
+:mod:`video_infinity.per_frame` on the spatial layers and on a temporal transformer's row-wise
+layers, and 1x1 convolutions as matrix products.
 """
 
 from __future__ import annotations
@@ -9,13 +11,56 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from diffusers.hooks import ModelHook
+from diffusers.models.attention import FeedForward
+from diffusers.models.resnet import Downsample2D, ResnetBlock2D, Upsample2D
+from diffusers.models.transformers.transformer_2d import Transformer2DModel
 from torch import nn
 
 from ..config import EngineConfig
 from ..context import ClipContext, DenoiseState
 from ..norm import video_group_norm
+from ..per_frame import FramesFirstRowNorm, PerFrameCall, PerFrameRows
+from .handle import ParallelHandle
 
-__all__ = ["PointwiseConvAsMatmul", "TrackDenoiseStep", "VideoGroupNorm", "is_pointwise_conv", "scalar_timestep"]
+__all__ = [
+    "PointwiseConvAsMatmul", "SPATIAL_BLOCKS", "SPATIAL_LEAVES", "TrackDenoiseStep", "VideoGroupNorm",
+    "hook_spatial_per_frame", "hook_temporal_rows", "is_pointwise_conv", "scalar_timestep",
+]
+
+SPATIAL_BLOCKS = (ResnetBlock2D, Transformer2DModel, Downsample2D, Upsample2D)
+"""Modules that see a clip's frames as ``batch * frames`` images and never mix frames: computed one
+frame per call when split-invariant (see :mod:`video_infinity.per_frame`)."""
+SPATIAL_LEAVES = (nn.Conv2d, nn.GroupNorm, nn.Linear, nn.LayerNorm)
+"""Layers outside those blocks and the temporal modules (``conv_in``, ``conv_norm_out``,
+``conv_out``, ...): also one frame per call when their input holds ``batch * frames`` images."""
+
+
+def hook_spatial_per_frame(unet: nn.Module, handle: ParallelHandle, temporal_modules: set[nn.Module]) -> None:
+    """One frame per call (when split-invariant) for the spatial blocks, and for the spatial layers
+    outside any block, of the UNet: every module that folds frames into its batch."""
+    inside_block: set[nn.Module] = set()
+    for module in unet.modules():
+        if module in temporal_modules or module in inside_block:
+            continue
+        if isinstance(module, SPATIAL_BLOCKS):
+            inside_block.update(module.modules())
+            handle.hook(module, PerFrameCall(handle.config, handle.state))
+        elif isinstance(module, SPATIAL_LEAVES):
+            handle.hook(module, PerFrameCall(handle.config, handle.state))
+
+
+def hook_temporal_rows(transformer: nn.Module, handle: ParallelHandle) -> None:
+    """Per-frame hooks (when split-invariant) on the row-wise layers of a temporal transformer, whose
+    activations are (positions, frames, C): every ``Linear`` (projections in and out, the attentions'
+    projections) one product per frame, each feed-forward one call per frame as a whole (its
+    element-wise non-linearity rounds differently in vector body and scalar tail, and which elements
+    fall in a tail depends on the tensor's size and thread split), LayerNorms frames-first."""
+    in_feed_forward = {m for ff in transformer.modules() if isinstance(ff, FeedForward) for m in ff.modules()}
+    for module in transformer.modules():
+        if isinstance(module, FeedForward) or (isinstance(module, nn.Linear) and module not in in_feed_forward):
+            handle.hook(module, PerFrameRows(handle.config))
+        elif isinstance(module, nn.LayerNorm):
+            handle.hook(module, FramesFirstRowNorm(handle.config))
 
 
 class PointwiseConvAsMatmul(ModelHook):

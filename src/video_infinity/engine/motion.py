@@ -12,7 +12,13 @@ after a sinusoidal position embedding is added. So:
 * the blocks' position embedding becomes the identity: positions are added inside the attention,
   relative to each window (never an index past the trained clip length);
 * the UNet takes one text embedding per frame natively (``(batch*frames, seq, dim)``); the engine
-  also accepts ``(batch, frames, seq, dim)`` and ``(batch, seq, dim)`` (repeated over frames).
+  also accepts ``(batch, frames, seq, dim)`` and ``(batch, seq, dim)`` (repeated over frames);
+* when computing split-invariantly, every op's shape is fixed by the frame (or, in the windowed
+  attention, by the video's query block), never by the rank's clip (:mod:`video_infinity.per_frame`,
+  as in the UNet3D family): the SD spatial blocks and the layers outside them one frame per call,
+  the motion modules' GroupNorm written frames-first, their linear layers one product per frame,
+  each feed-forward one call per frame, LayerNorms row-local over the clip, and the attention one
+  query block per call.
 
 Everything is attached through diffusers' extension points (``ModelHook``s and attention processors)
 on modules chosen by type, and ``handle.remove()`` restores the model.
@@ -34,7 +40,14 @@ from ..context import ClipContext, DenoiseState
 from ..frames import global_frame_indices
 from ..halo import start_exchange
 from ..window_attention import MotionWindows, window_attention
-from .common import PointwiseConvAsMatmul, TrackDenoiseStep, VideoGroupNorm, is_pointwise_conv
+from .common import (
+    PointwiseConvAsMatmul,
+    TrackDenoiseStep,
+    VideoGroupNorm,
+    hook_spatial_per_frame,
+    hook_temporal_rows,
+    is_pointwise_conv,
+)
 from .handle import ParallelHandle
 
 
@@ -273,7 +286,10 @@ def parallelize_motion(unet: nn.Module, config: EngineConfig, context: ClipConte
             handle.hook(module, PointwiseConvAsMatmul(config))
     attentions = 0
     for module in motion_modules:
-        handle.hook(module.norm, VideoGroupNorm(config, context))
+        # (batch, C, frames, H, W) stored as (frames, batch, H, W, C): the module's
+        # permute(0, 3, 4, 2, 1).reshape(batch * H * W, frames, C) is then a frames-first view.
+        handle.hook(module.norm, VideoGroupNorm(config, context, split_invariant_memory_order=(2, 0, 3, 4, 1)))
+        hook_temporal_rows(module, handle)
         for block in module.transformer_blocks:
             if not isinstance(block, BasicTransformerBlock):
                 raise TypeError(f"unsupported motion transformer block {type(block).__name__}")
@@ -285,5 +301,6 @@ def parallelize_motion(unet: nn.Module, config: EngineConfig, context: ClipConte
                 if isinstance(attn, Attention):
                     handle.set_processor(attn, WindowedMotionAttnProcessor(config, context, state, block.pos_embed))
                     attentions += 1
+    hook_spatial_per_frame(unet, handle, {m for module in motion_modules for m in module.modules()})
     logger.debug("parallelized %d motion modules, %d temporal attentions", len(motion_modules), attentions)
     return handle

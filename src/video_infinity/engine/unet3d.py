@@ -12,8 +12,7 @@ import torch
 from diffusers.hooks import ModelHook
 from diffusers.models.attention_processor import Attention
 from diffusers.models.embeddings import SinusoidalPositionalEmbedding
-from diffusers.models.resnet import Downsample2D, ResnetBlock2D, TemporalConvLayer, Upsample2D
-from diffusers.models.transformers.transformer_2d import Transformer2DModel
+from diffusers.models.resnet import TemporalConvLayer
 from diffusers.models.transformers.transformer_temporal import TransformerTemporalModel
 from torch import nn
 
@@ -22,20 +21,18 @@ from ..config import EngineConfig
 from ..context import ClipContext, DenoiseState
 from ..frame_conv import frame_conv, is_frame_conv
 from ..halo import start_exchange
-from .common import PointwiseConvAsMatmul, TrackDenoiseStep, VideoGroupNorm, is_pointwise_conv
+from .common import (
+    PointwiseConvAsMatmul,
+    TrackDenoiseStep,
+    VideoGroupNorm,
+    hook_spatial_per_frame,
+    hook_temporal_rows,
+    is_pointwise_conv,
+)
 from .handle import ParallelHandle
 from ..norm import apply_group_norm, video_group_norm, video_group_statistics
-from ..per_frame import FramesFirstRowNorm, PerFrameCall, PerFrameRows
 
 logger = logging.getLogger(__name__)
-
-SPATIAL_BLOCKS = (ResnetBlock2D, Transformer2DModel, Downsample2D, Upsample2D)
-"""Modules that see a clip's frames as ``batch * frames`` images and never mix frames: computed one
-frame per call when split-invariant (see :mod:`video_infinity.per_frame`)."""
-SPATIAL_LEAVES = (nn.Conv2d, nn.GroupNorm, nn.Linear, nn.LayerNorm)
-"""Layers outside those blocks and the temporal modules (``conv_in``, ``conv_norm_out``,
-``conv_out``, ...): also one frame per call when their input holds ``batch * frames`` images."""
-
 
 class _ClipParallelTemporalConv(ModelHook):
     """On ``TemporalConvLayer``: run its convolutions over the clip plus halo frames from neighbours.
@@ -124,20 +121,6 @@ class _PerFrameTextProcessor:
         return self.inner(attn, hidden_states, encoder_hidden_states, *args, **kwargs)
 
 
-def _hook_spatial_per_frame(unet: nn.Module, handle: ParallelHandle, temporal_modules: set[nn.Module]) -> None:
-    """One frame per call (when split-invariant) for the spatial blocks, and for the spatial layers
-    outside any block, of the UNet: every module that folds frames into its batch."""
-    inside_block: set[nn.Module] = set()
-    for module in unet.modules():
-        if module in temporal_modules or module in inside_block:
-            continue
-        if isinstance(module, SPATIAL_BLOCKS):
-            inside_block.update(module.modules())
-            handle.hook(module, PerFrameCall(handle.config, handle.state))
-        elif isinstance(module, SPATIAL_LEAVES):
-            handle.hook(module, PerFrameCall(handle.config, handle.state))
-
-
 def is_unet3d_family(model: nn.Module) -> bool:
     """Whether ``model`` has the UNet3D family's temporal modules (what this engine serves)."""
     return any(isinstance(m, (TemporalConvLayer, TransformerTemporalModel)) for m in model.modules())
@@ -169,11 +152,8 @@ def parallelize_unet3d(unet: nn.Module, config: EngineConfig, context: ClipConte
                 handle.set_processor(module, DualScopeAttnProcessor(config, context, state))
             elif isinstance(module, SinusoidalPositionalEmbedding):
                 hook(module, _GlobalFramePositions(state))
-            elif isinstance(module, nn.Linear):  # input (positions, frames, C): one frame's rows per call
-                hook(module, PerFrameRows(config))
-            elif isinstance(module, nn.LayerNorm):  # row-local: one call, frames-first
-                hook(module, FramesFirstRowNorm(config))
-    _hook_spatial_per_frame(unet, handle, temporal_modules)
+        hook_temporal_rows(transformer, handle)
+    hook_spatial_per_frame(unet, handle, temporal_modules)
     for module in unet.modules():
         if is_pointwise_conv(module):
             hook(module, PointwiseConvAsMatmul(config))
