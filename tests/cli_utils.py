@@ -17,7 +17,7 @@ import sys
 import time
 from pathlib import Path
 
-from process_utils import descendants, still_running
+from harness import descendants, still_running
 
 ROOT = Path(__file__).resolve().parents[1]
 CLI = [str(Path(sys.executable).parent / "video-infinity"), "generate"]

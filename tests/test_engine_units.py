@@ -14,7 +14,9 @@ from video_infinity.frames import global_frame_indices, partition_frames, window
 from video_infinity.noise import frame_noise
 from video_infinity.engine.norm import combine_moments, group_moments, video_group_norm
 
-from engine_utils import build_tiny_unet, dense_band_attention, load_unet, torch_threads
+from harness import torch_threads
+from references import dense_band_attention
+from tiny_models import build_tiny_unet, load_unet
 
 
 # ---------------------------------------------------------------- frames

@@ -1,6 +1,7 @@
 """AnimateDiff (diffusers UNetMotionModel) on the engine: window rules, the windowed attention against a
-literal per-window reference, equality with diffusers at 16 frames, and bit-identical worlds 1-4 past
-the 32-position table (real gloo processes). The sampling loop across ranks: test_animatediff_family."""
+literal per-window reference, equality with diffusers at 16 frames whatever the settings, and
+EngineConfig.motion, and worlds 1-4 of a UNet of odd widths under every BLAS environment. Worlds 1-4
+through the pipeline and parity with AnimateDiffPipeline: test_conformance."""
 
 from __future__ import annotations
 
@@ -18,8 +19,8 @@ from video_infinity.families.animatediff.engine import WindowedMotionAttnProcess
 from video_infinity.frames import global_frame_indices, partition_frames
 from video_infinity.families.animatediff.windows import MotionWindows
 
-from engine_utils import BLAS_ENVIRONMENTS, run_distributed, torch_threads
-from motion_utils import build_tiny_motion_unet, load_motion_unet
+from harness import BLAS_ENVIRONMENTS, run_distributed
+from tiny_models import build_tiny_motion_unet, load_motion_unet
 
 TIMESTEP = 500
 LONG_FRAMES = 41  # past the adapter's 32-position table, uneven clips on 2, 3 and 4 ranks
@@ -141,34 +142,10 @@ def motion_setup(tmp_path_factory):
     inputs = {
         "x16": torch.randn(2, 4, 16, 8, 8, generator=gen),
         "x12": torch.randn(1, 4, 12, 8, 8, generator=gen),
-        "long": torch.randn(2, 4, LONG_FRAMES, 8, 8, generator=gen),
         # one embedding per frame (batch, frames, seq, dim): every frame its own prompt
         "text": torch.randn(2, LONG_FRAMES, 5, 16, generator=gen),
     }
-    with torch_threads(1):  # the ranks' thread count: per-frame products round by thread count
-        single = _worker(0, 1, unet_dir, inputs)
-    return {"root": root, "unet_dir": unet_dir, "inputs": inputs, "single": single}
-
-
-def _engine_outputs(rank: int, world_size: int, unet_dir: Path, inputs: dict) -> dict:
-    unet = load_motion_unet(unet_dir)
-    ctx = ClipContext(rank=rank, world_size=world_size, total_frames=LONG_FRAMES)
-    own = slice(ctx.frames.start, ctx.frames.stop)
-    x, text = inputs["long"][:, :, own], inputs["text"][:, own]
-    results = {}
-    with torch.no_grad():
-        for name, settings in {"dual_scope": {"attn": DUAL_SCOPE},
-                               "dual_scope_token_scale": {"attn": {**DUAL_SCOPE, "token_num_scale": True}},
-                               "defaults": {},
-                               "fused": {"attn": DUAL_SCOPE, "split_invariant": False}}.items():
-            handle = parallelize(unet, settings, ctx)
-            results[name] = unet(x, TIMESTEP, text).sample
-            handle.remove()
-    return results
-
-
-def _worker(rank: int, world_size: int, unet_dir: Path, inputs: dict) -> dict:
-    return {"outputs": _engine_outputs(rank, world_size, unet_dir, inputs)}
+    return {"root": root, "unet_dir": unet_dir, "inputs": inputs}
 
 
 @pytest.mark.unit
@@ -188,30 +165,6 @@ def test_sixteen_frames_equal_diffusers(motion_setup):
                 handle.remove()
                 torch.testing.assert_close(got, plain, atol=1e-5, rtol=0)
             assert torch.equal(unet(x, TIMESTEP, text.flatten(0, 1)).sample, plain)  # remove() restored it
-
-
-@pytest.mark.unit
-def test_long_video_settings_change_the_output(motion_setup):
-    out = motion_setup["single"]["outputs"]
-    assert (out["dual_scope"] - out["defaults"]).abs().max() > 1e-3
-    assert (out["dual_scope"] - out["dual_scope_token_scale"]).abs().max() > 1e-4
-    # Fused kernels: the same computation up to rounding (and really other kernels).
-    torch.testing.assert_close(out["fused"], out["dual_scope"], atol=1e-5, rtol=0)
-    assert not torch.equal(out["fused"], out["dual_scope"])
-
-
-@pytest.mark.distributed
-@pytest.mark.parametrize("world_size", [2, 3, 4])
-def test_long_video_is_bit_identical_on_any_number_of_ranks(motion_setup, world_size):
-    results = run_distributed(_worker, world_size, motion_setup["unet_dir"], motion_setup["inputs"],
-                              tmp_dir=motion_setup["root"])
-    single = motion_setup["single"]
-    for name in ("dual_scope", "dual_scope_token_scale", "defaults"):
-        got = torch.cat([r["outputs"][name] for r in results], dim=2)
-        assert torch.equal(got, single["outputs"][name]), (
-            f"{name}, world {world_size}: max difference {(got - single['outputs'][name]).abs().max().item():.3g}")
-    fused = torch.cat([r["outputs"]["fused"] for r in results], dim=2)
-    torch.testing.assert_close(fused, single["outputs"]["fused"], atol=1e-5, rtol=0)
 
 
 @pytest.mark.unit

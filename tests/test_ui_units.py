@@ -20,7 +20,6 @@ from video_infinity.ui.form import (
     FormError,
     GenerationForm,
     Limits,
-    field_of,
     form_from_config,
     form_from_values,
     parse_devices,

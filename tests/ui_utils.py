@@ -14,8 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from engine_utils import free_port
-from process_utils import descendants, still_running
+from harness import descendants, free_port, still_running
 
 CHROMIUM = os.environ.get("VIDEO_INFINITY_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
 # As the machine notes say: without these, Chromium keeps dialling Google's hosts on a closed network.

@@ -1,35 +1,29 @@
-"""Shared helpers for Wan tests: a tiny random WanTransformer3DModel, and diffusers' own processor
-under a dense frame-band mask (the reference for the engine's windowed self-attention)."""
+"""Independent references the engine is compared with: dense masked attention on the whole video."""
 
 from __future__ import annotations
 
-from pathlib import Path
+import math
 
 import torch
 from diffusers import WanTransformer3DModel
 from diffusers.models.transformers.transformer_wan import WanAttnProcessor
 
-TEXT_DIM = 16
 
-
-def build_tiny_wan_transformer(seed: int = 0, rope_max_seq_len: int = 32, in_channels: int = 4,
-                               ffn_dim: int = 32) -> WanTransformer3DModel:
-    """2 layers, 2 heads of 12 channels. Every weight random (diffusers starts some at zero), so every path matters."""
-    torch.manual_seed(seed)
-    model = WanTransformer3DModel(
-        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=in_channels,
-        out_channels=in_channels, text_dim=TEXT_DIM, freq_dim=32, ffn_dim=ffn_dim, num_layers=2, cross_attn_norm=True,
-        qk_norm="rms_norm_across_heads", rope_max_seq_len=rope_max_seq_len,
-    ).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn_like(p) * 0.2)
-    return model
-
-
-def save_tiny_wan_transformer(path: Path, seed: int = 0, ffn_dim: int = 32) -> Path:
-    build_tiny_wan_transformer(seed, ffn_dim=ffn_dim).save_pretrained(path)
-    return path
+def dense_band_attention(q, k, v, band, gidx, scale, local_bias, global_bias, token_num_scale):
+    """Dense reference of dual-scope attention: every frame a key under the (frames x frames) ``band``
+    mask, the global frames ``gidx`` appended as keys every query sees; phase biases and
+    token_num_scale as the engine applies them."""
+    total = q.shape[-2]
+    keys = torch.cat([k, k[..., gidx, :]], dim=-2)
+    values = torch.cat([v, v[..., gidx, :]], dim=-2)
+    allowed = torch.cat([band, torch.ones(total, len(gidx), dtype=torch.bool)], dim=-1)
+    bias = torch.cat([torch.full((total, total), local_bias, dtype=q.dtype),
+                      torch.full((total, len(gidx)), global_bias, dtype=q.dtype)], dim=-1)
+    factor = torch.ones(total, 1, dtype=q.dtype)
+    if token_num_scale:
+        factor = (torch.log(allowed.sum(-1, keepdim=True).double()) / math.log(16)).to(q.dtype)
+    logits = (q @ keys.transpose(-1, -2)) * scale * factor + bias
+    return torch.softmax(logits.masked_fill(~allowed, float("-inf")), dim=-1) @ values
 
 
 class FrameBandMaskProcessor(WanAttnProcessor):

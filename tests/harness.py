@@ -1,10 +1,13 @@
-"""Shared helpers for engine tests: a tiny random UNet3D saved to disk, and real multi-process runs."""
+"""The one process harness of the tests: real gloo ranks (``run_distributed``), the thread count of
+a reference computed in the test process (``torch_threads``), a free port, the peak of live tensor
+bytes during a call (``peak_live_bytes``), and processes seen through /proc (what a run left behind).
+"""
 
 from __future__ import annotations
 
-import math
 import os
 import socket
+import time
 import traceback
 from contextlib import contextmanager
 from pathlib import Path
@@ -13,34 +16,9 @@ from typing import Any, Callable
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from diffusers import UNet3DConditionModel
-
-
-def build_tiny_unet(path: Path, seed: int = 0) -> Path:
-    """Random tiny UNet3DConditionModel saved with save_pretrained. Every weight is random (the
-    zero-initialised last temporal conv included), so every temporal path changes the output."""
-    torch.manual_seed(seed)
-    unet = UNet3DConditionModel(
-        sample_size=8,
-        in_channels=4,
-        out_channels=4,
-        down_block_types=("CrossAttnDownBlock3D", "DownBlock3D"),
-        up_block_types=("UpBlock3D", "CrossAttnUpBlock3D"),
-        block_out_channels=(16, 32),
-        layers_per_block=1,
-        norm_num_groups=4,
-        cross_attention_dim=16,
-        attention_head_dim=8,
-    )
-    with torch.no_grad():
-        for p in unet.parameters():
-            p.copy_(torch.randn_like(p) * 0.2)
-    unet.save_pretrained(path)
-    return path
-
-
-def load_unet(path: Path) -> UNet3DConditionModel:
-    return UNet3DConditionModel.from_pretrained(path).eval()
+from torch.multiprocessing.reductions import StorageWeakRef
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 
 # Environments in which kernels pick other algorithms by shape: a frame's bits must still not depend
@@ -86,7 +64,7 @@ def torch_threads(threads: int):
 
 # Imported once by the test session's fork server, so that a rank starts in a fraction of a second
 # instead of importing torch and diffusers anew (what the launcher does for the same reason).
-_FORKSERVER_PRELOAD = ["torch", "torch.distributed", "diffusers", "video_infinity.pipeline", "engine_utils"]
+_FORKSERVER_PRELOAD = ["torch", "torch.distributed", "diffusers", "video_infinity.pipeline", "harness", "tiny_models"]
 
 
 def _fork_ranks(world_size: int, *launch: Any) -> None:
@@ -130,42 +108,76 @@ def run_distributed(fn: Callable, world_size: int, *args: Any, tmp_dir: Path, th
     return [torch.load(out_dir / f"rank{r}.pt") for r in range(world_size)]
 
 
-class TemporalStack(torch.nn.Module):
-    """A UNet-shaped wrapper around one TransformerTemporalModel with sinusoidal frame positions
-    (as AnimateDiff-style motion modules have): checks that positions are global frame indices."""
+class _LiveBytes(TorchDispatchMode):
+    """Counts the bytes of every tensor storage created under it while that storage lives."""
 
-    def __init__(self, channels: int = 8, seed: int = 0) -> None:
+    def __init__(self) -> None:
         super().__init__()
-        from diffusers.models.transformers.transformer_temporal import TransformerTemporalModel
+        self.live: dict[int, tuple[StorageWeakRef, int]] = {}
+        self.now = 0
+        self.peak = 0
 
-        torch.manual_seed(seed)
-        self.temporal = TransformerTemporalModel(
-            num_attention_heads=2, attention_head_dim=4, in_channels=channels, norm_num_groups=4,
-            positional_embeddings="sinusoidal", num_positional_embeddings=64,
-        ).eval()
-        with torch.no_grad():
-            for p in self.temporal.parameters():
-                p.copy_(torch.randn_like(p) * 0.3)
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for ptr, (ref, size) in list(self.live.items()):
+            if ref.expired():
+                del self.live[ptr]
+                self.now -= size
+        for tensor in tree_leaves(out):
+            if isinstance(tensor, torch.Tensor) and tensor.device.type != "meta":
+                storage = tensor.untyped_storage()
+                if storage.data_ptr() not in self.live and storage.nbytes():
+                    self.live[storage.data_ptr()] = (StorageWeakRef(storage), storage.nbytes())
+                    self.now += storage.nbytes()
+        self.peak = max(self.peak, self.now)
+        return out
 
-    def forward(self, sample: torch.Tensor, timestep, encoder_hidden_states=None):
-        batch, channels, frames, height, width = sample.shape
-        flat = sample.permute(0, 2, 1, 3, 4).reshape(batch * frames, channels, height, width)
-        out = self.temporal(flat, num_frames=frames, return_dict=False)[0]
-        return type("Output", (), {"sample": out.reshape(batch, frames, channels, height, width).permute(0, 2, 1, 3, 4)})
+
+def peak_live_bytes(fn: Callable[[], Any]) -> int:
+    """The most bytes of tensors created by ``fn()`` alive at once (its working memory: the inputs and
+    the weights made before the call do not count). Deterministic, whatever the allocator does."""
+    with torch.no_grad(), _LiveBytes() as mode:
+        fn()
+    return mode.peak
 
 
-def dense_band_attention(q, k, v, band, gidx, scale, local_bias, global_bias, token_num_scale):
-    """Dense reference of dual-scope attention: every frame a key under the (frames x frames) ``band``
-    mask, the global frames ``gidx`` appended as keys every query sees; phase biases and
-    token_num_scale as the engine applies them."""
-    total = q.shape[-2]
-    keys = torch.cat([k, k[..., gidx, :]], dim=-2)
-    values = torch.cat([v, v[..., gidx, :]], dim=-2)
-    allowed = torch.cat([band, torch.ones(total, len(gidx), dtype=torch.bool)], dim=-1)
-    bias = torch.cat([torch.full((total, total), local_bias, dtype=q.dtype),
-                      torch.full((total, len(gidx)), global_bias, dtype=q.dtype)], dim=-1)
-    factor = torch.ones(total, 1, dtype=q.dtype)
-    if token_num_scale:
-        factor = (torch.log(allowed.sum(-1, keepdim=True).double()) / math.log(16)).to(q.dtype)
-    logits = (q @ keys.transpose(-1, -2)) * scale * factor + bias
-    return torch.softmax(logits.masked_fill(~allowed, float("-inf")), dim=-1) @ values
+# ---------------------------------------------------------------- processes seen through /proc (Linux)
+def state(pid: int) -> str | None:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return None
+
+
+def descendants(pid: int) -> set[int]:
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry.name))
+    found, todo = set(), [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            if child not in found:
+                found.add(child)
+                todo.append(child)
+    return found
+
+
+def still_running(pids: set[int], within: float = 2.0) -> list[str]:
+    """The command lines of ``pids`` still running ``within`` seconds from now (zombies count as gone)."""
+    deadline = time.monotonic() + within
+    alive = pids
+    while alive and time.monotonic() < deadline:
+        time.sleep(0.05)
+        alive = {pid for pid in alive if state(pid) not in (None, "Z")}
+    names = []
+    for pid in alive:
+        try:
+            names.append(f"{pid}: {Path(f'/proc/{pid}/cmdline').read_bytes()[:100]!r}")
+        except OSError:
+            pass
+    return names
