@@ -16,7 +16,7 @@ import torch
 from diffusers import AutoencoderKL, UNet3DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel
 
-from ..families.unet3d.family.model import FpsUNet3DConditionModel
+from ..families.unet3d.model import FpsUNet3DConditionModel
 
 logger = logging.getLogger(__name__)
 

@@ -348,7 +348,7 @@ def sample(unet: Any, text_encoder: Any, tokenizer: Any, vae: Any, prompts: list
            steps: int = 20, guidance: float = 5.0, seed: int = 0, scheduler_name: str = "ddim") -> np.ndarray:
     """Plain (single-process) samples for evaluation during training, made by the package's pipeline
     on the components being trained: uint8 (len(prompts), F, H, W, 3); prompt i uses seed + i."""
-    from ..families.unet3d.family.family import UNet3DFamily
+    from ..families.unet3d.family import UNet3DFamily
     from ..pipeline import VideoInfinityPipeline
 
     family = UNet3DFamily(tokenizer, text_encoder, vae, unet, dict(SCHEDULER_CONFIG), False, "training")

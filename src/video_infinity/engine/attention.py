@@ -23,10 +23,10 @@ import torch
 import torch.nn.functional as F
 from diffusers.models.attention_processor import Attention
 
-from ...config import EngineConfig
-from ...context import ClipContext, DenoiseState, FrameLayout
-from ...frames import attention_reach, global_frame_indices, intersect, ring_offset, window
-from ..comm import start_exchange
+from ..config import EngineConfig
+from ..context import ClipContext, DenoiseState, FrameLayout
+from ..frames import attention_reach, global_frame_indices, intersect, ring_offset, window
+from .comm import start_exchange
 
 
 def dual_scope_attention(

@@ -19,8 +19,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from ...context import ClipContext, FrameLayout
-from ...frames import owners, ring_offset, window, window_transfer_plan
+from ..context import ClipContext, FrameLayout
+from ..frames import owners, ring_offset, window, window_transfer_plan
 
 __all__ = ["PendingFrames", "broadcast_from_rank0", "comm_device", "gather_frames", "start_exchange", "stream_to_rank0"]
 

@@ -14,7 +14,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from ...context import ClipContext
+from ..context import ClipContext
 
 
 def group_moments(x: torch.Tensor, num_groups: int, split_invariant: bool = True) -> torch.Tensor:

@@ -25,8 +25,8 @@ from diffusers.hooks import ModelHook
 from diffusers.utils import BaseOutput
 from torch import nn
 
-from ...config import EngineConfig
-from ...context import DenoiseState
+from ..config import EngineConfig
+from ..context import DenoiseState
 
 
 def _combine(outputs: list[Any]) -> Any:

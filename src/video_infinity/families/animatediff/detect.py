@@ -7,7 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..folder import FolderFacts, ModelFolder, read_json
-from ..unet3d.family.detect import facts
+from ..unet3d.detect import facts
 
 SUMMARY = "AnimateDiff (AnimateDiffPipeline, or a MotionAdapter on Stable Diffusion 1.5)"
 DENOISERS = ("UNetMotionModel",)

@@ -35,10 +35,10 @@ from diffusers.models.attention_processor import Attention
 from diffusers.models.embeddings import SinusoidalPositionalEmbedding
 from torch import nn
 
-from ....config import EngineConfig
-from ....context import ClipContext, DenoiseState, FrameLayout
-from ....engine.attention import TemporalAttnProcessor, TemporalCall
-from ....engine.common import (
+from ...config import EngineConfig
+from ...context import ClipContext, DenoiseState, FrameLayout
+from ...engine.attention import TemporalAttnProcessor, TemporalCall
+from ...engine.common import (
     PointwiseConvAsMatmul,
     TrackDenoiseStep,
     VideoGroupNorm,
@@ -46,8 +46,8 @@ from ....engine.common import (
     hook_temporal_rows,
     is_pointwise_conv,
 )
-from ....engine.handle import ParallelHandle
-from ...engine.windows import MotionWindows, window_attention
+from ...engine.handle import ParallelHandle
+from .windows import MotionWindows, window_attention
 
 
 logger = logging.getLogger(__name__)

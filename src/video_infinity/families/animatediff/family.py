@@ -21,9 +21,9 @@ from typing import Any, ClassVar
 
 import torch
 
-from ....context import ClipContext
-from ...unet3d.family import UNet3DFamily
-from ..detect import is_animatediff_folder, is_motion_adapter_folder
+from ...context import ClipContext
+from ..unet3d.family import UNet3DFamily
+from .detect import is_animatediff_folder, is_motion_adapter_folder
 
 logger = logging.getLogger(__name__)
 

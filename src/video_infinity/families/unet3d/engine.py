@@ -16,11 +16,11 @@ from diffusers.models.resnet import TemporalConvLayer
 from diffusers.models.transformers.transformer_temporal import TransformerTemporalModel
 from torch import nn
 
-from ....config import EngineConfig
-from ....context import ClipContext, DenoiseState
-from ....engine.attention import DualScopeAttnProcessor
-from ....engine.comm import start_exchange
-from ....engine.common import (
+from ...config import EngineConfig
+from ...context import ClipContext, DenoiseState
+from ...engine.attention import DualScopeAttnProcessor
+from ...engine.comm import start_exchange
+from ...engine.common import (
     PointwiseConvAsMatmul,
     TrackDenoiseStep,
     VideoGroupNorm,
@@ -28,9 +28,9 @@ from ....engine.common import (
     hook_temporal_rows,
     is_pointwise_conv,
 )
-from ....engine.frame_conv import frame_conv, is_frame_conv
-from ....engine.handle import ParallelHandle
-from ....engine.norm import apply_group_norm, video_group_norm, video_group_statistics
+from ...engine.frame_conv import frame_conv, is_frame_conv
+from ...engine.handle import ParallelHandle
+from ...engine.norm import apply_group_norm, video_group_norm, video_group_statistics
 
 logger = logging.getLogger(__name__)
 

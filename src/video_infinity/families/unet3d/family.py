@@ -13,10 +13,10 @@ from typing import Any, ClassVar
 
 import torch
 
-from ....context import ClipContext
-from ....denoise import sample
-from ...base import Conditioning
-from ..model import DEFAULT_FPS, FpsUNet3DConditionModel, load_model
+from ...context import ClipContext
+from ...denoise import sample
+from ..base import Conditioning
+from .model import DEFAULT_FPS, FpsUNet3DConditionModel, load_model
 
 logger = logging.getLogger(__name__)
 

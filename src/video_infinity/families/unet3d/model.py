@@ -24,7 +24,7 @@ from diffusers.configuration_utils import register_to_config
 from diffusers.models.embeddings import TimestepEmbedding, Timesteps
 from transformers import CLIPTextModel, CLIPTokenizer
 
-from ....errors import ModelLoadError, describe_exception
+from ...errors import ModelLoadError, describe_exception
 
 logger = logging.getLogger(__name__)
 

@@ -39,11 +39,11 @@ from diffusers.models.transformers.transformer_wan import (
 )
 from torch import nn
 
-from ....engine.attention import TemporalAttnProcessor, TemporalCall, dual_scope_attention
-from ....config import EngineConfig
-from ....context import ClipContext, DenoiseState
-from ....frames import window
-from ....engine.per_frame import (
+from ...engine.attention import TemporalAttnProcessor, TemporalCall, dual_scope_attention
+from ...config import EngineConfig
+from ...context import ClipContext, DenoiseState
+from ...frames import window
+from ...engine.per_frame import (
     FrameMajorTokens,
     PerFrameLinear,
     PerFrameModule,
@@ -51,8 +51,8 @@ from ....engine.per_frame import (
     TokenTimesteps,
     linear_per_block,
 )
-from ....engine.common import TrackCall
-from ....engine.handle import ParallelHandle
+from ...engine.common import TrackCall
+from ...engine.handle import ParallelHandle
 
 logger = logging.getLogger(__name__)
 

@@ -24,11 +24,11 @@ import torch
 from diffusers import AutoencoderKLWan, WanPipeline, WanTransformer3DModel
 from diffusers.models.autoencoders.autoencoder_kl_wan import WanCausalConv3d, WanResample
 
-from ....context import ClipContext
-from ....frames import latent_frame_count
-from ....engine.comm import broadcast_from_rank0, start_exchange
-from ...folder import ModelFolder
-from ...base import Conditioning
+from ...context import ClipContext
+from ...frames import latent_frame_count
+from ...engine.comm import broadcast_from_rank0, start_exchange
+from ..folder import ModelFolder
+from ..base import Conditioning
 
 logger = logging.getLogger(__name__)
 
