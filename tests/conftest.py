@@ -1,7 +1,8 @@
 """Session fixtures shared by the test modules, and the markers of files that do not set their own.
 
 Markers (registered in pyproject.toml): ``unit`` (one process, in-process calls), ``distributed``
-(real gloo processes), ``e2e`` (the command line in subprocesses). ``pytest -m unit`` runs the fast part.
+(real gloo processes), ``e2e`` (the command line in subprocesses), ``quality`` (the demo model's videos
+judged by the probe). ``pytest -m unit`` (``make test-fast``) runs the fast part.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ _FILE_MARKERS = {
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     for item in items:
         marker = _FILE_MARKERS.get(Path(str(item.fspath)).name)
-        if marker is not None and not any(item.iter_markers(name=marker)):
+        if marker is not None and not any(any(item.iter_markers(name=name)) for name in (marker, "quality")):
             item.add_marker(marker)
 
 

@@ -270,7 +270,9 @@ def test_cli_invalid_config_exits_2(tmp_path: Path, mutate: Any, field: str) -> 
     lines = result.stderr.splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"video-infinity: error: {field}"), result.stderr
     assert result.stdout == ""
-    assert elapsed < 5, f"took {elapsed:.1f}s"
+    # Refused before any model loads or rank starts: seconds (the devices check imports torch to
+    # count GPUs), not the minute a model load and rank start take; generous for a loaded machine.
+    assert elapsed < 20, f"took {elapsed:.1f}s"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c.json"]  # no output folder, no file
 
 

@@ -68,12 +68,14 @@ def reports(pipe):
     return [probe.analyse(video) for video in videos]
 
 
+@pytest.mark.quality
 def test_generates_the_prompted_colour(reports):
     for (colour, shape, direction, seed), report in zip(CASES, reports):
         assert report.found_frames == SETTINGS["frames"], (seed, report)  # one object, visible in every frame
         assert report.colour == colour, (seed, report)
 
 
+@pytest.mark.quality
 def test_generates_the_prompted_direction_far_above_chance(reports):
     right = [report.direction == direction for (_, _, direction, _), report in zip(CASES, reports)]
     assert sum(right) >= MIN_DIRECTIONS_RIGHT, [(case, report.direction) for case, report in zip(CASES, reports)]

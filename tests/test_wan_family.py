@@ -64,7 +64,7 @@ def test_tiny_folder_is_recognised_with_its_scheduler_and_checked_sizes(wan_fold
     assert type(scheduler).__name__ == "UniPCMultistepScheduler" and scheduler.config.flow_shift == 3.0
     assert make_scheduler("model", {**pipe.family.scheduler_config, "flow_shift": 5.0}).config.flow_shift == 5.0
     common = dict(num_inference_steps=1, guidance_scale=1.0)
-    assert pipe.check_inputs("a cat", num_frames=17, height=32, width=48, **common).latent_frames == 5
+    assert pipe.latent_frames(pipe.check_inputs("a cat", num_frames=17, height=32, width=48, **common)) == 5
     with pytest.raises(ValueError, match=r"num_frames.*use 13 or 17"):
         pipe.check_inputs("a cat", num_frames=16, height=32, width=48, **common)
     with pytest.raises(ValueError, match=r"width: must be a positive multiple of 16"):
@@ -87,8 +87,8 @@ WAN_I2V_INDEX = {"_class_name": "WanImageToVideoPipeline", "image_encoder": ["tr
                  "image_processor": ["transformers", "CLIPImageProcessor"], "transformer": ["diffusers", "WanTransformer3DModel"],
                  "vae": ["diffusers", "AutoencoderKLWan"], "scheduler": ["diffusers", "UniPCMultistepScheduler"]}
 WAN_I2V_TRANSFORMER = {"_class_name": "WanTransformer3DModel", "image_dim": 1280, "in_channels": 36, "out_channels": 16}
-SUPPORTED = ("supported: text-to-video Wan (WanPipeline), UNet3D text-to-video (TextToVideoSDPipeline) and "
-             "AnimateDiff (AnimateDiffPipeline, or a MotionAdapter on Stable Diffusion 1.5)")
+SUPPORTED = ("supported: text-to-video Wan (WanPipeline), AnimateDiff (AnimateDiffPipeline, or a MotionAdapter on "
+             "Stable Diffusion 1.5) and UNet3D text-to-video (TextToVideoSDPipeline)")  # the registry's order
 
 
 @pytest.mark.unit
