@@ -5,7 +5,6 @@ through the pipeline and parity with AnimateDiffPipeline: test_conformance."""
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import pytest
 import torch
@@ -19,7 +18,6 @@ from video_infinity.families.animatediff.engine import WindowedMotionAttnProcess
 from video_infinity.frames import global_frame_indices, partition_frames
 from video_infinity.families.animatediff.windows import MotionWindows
 
-from harness import BLAS_ENVIRONMENTS, run_distributed
 from tiny_models import build_tiny_motion_unet, load_motion_unet
 
 TIMESTEP = 500
@@ -184,48 +182,3 @@ def test_engine_config_motion_reaches_the_motion_attention(motion_setup):
     assert (outputs[16] - outputs[8]).abs().max() > 1e-3
     with pytest.raises(ValueError, match="query_block_frames"):
         EngineConfig.model_validate({"motion": {"window_frames": 4, "query_block_frames": 8}})
-
-
-# ---------------------------------------------------------------------------------------------
-# Bit for bit whatever the BLAS environment
-# ---------------------------------------------------------------------------------------------
-
-ENV_FRAMES = 37  # clips 19+18, 13+12+12, 10+9+9+9: uneven on 2, 3 and 4 ranks
-ENVIRONMENTS = {"default": ({}, 1), **BLAS_ENVIRONMENTS}
-
-
-def _motion_worlds_1_to_n(rank: int, world_size: int, unet_dir: Path, inputs: dict) -> dict:
-    """This rank's output for every world 1..world_size (each on a subgroup of the first ranks)."""
-    import torch.distributed as dist
-
-    unet = load_motion_unet(unet_dir)
-    results = {}
-    for world in range(1, world_size + 1):
-        group = dist.new_group(list(range(world)))  # every rank takes part in creating each group
-        if rank >= world:
-            continue
-        ctx = ClipContext(rank=rank, world_size=world, total_frames=ENV_FRAMES, group=group)
-        own = slice(ctx.frames.start, ctx.frames.stop)
-        handle = parallelize(unet, {"attn": DUAL_SCOPE}, ctx)
-        with torch.no_grad():
-            results[world] = unet(inputs["x"][:, :, own], TIMESTEP, inputs["text"][:, own]).sample
-        handle.remove()
-    return results
-
-
-@pytest.mark.distributed
-@pytest.mark.parametrize("environment", list(ENVIRONMENTS))
-def test_worlds_agree_bit_for_bit_whatever_the_blas_environment(tmp_path, environment):
-    # 18 and 36 channels, no multiple of a vector width: kernels take their remainder paths too.
-    # (A GELU's tail moving with the thread split shows at 3 threads: test_engine_units.)
-    unet_dir = build_tiny_motion_unet(tmp_path / "unet", block_out_channels=(18, 36), norm_num_groups=3,
-                                      attention_head_dim=3)
-    g = torch.Generator().manual_seed(7)
-    inputs = {"x": torch.randn(2, 4, ENV_FRAMES, 8, 8, generator=g),  # two samples, as under CFG
-              "text": torch.randn(2, ENV_FRAMES, 5, 16, generator=g)}
-    env, threads = ENVIRONMENTS[environment]
-    results = run_distributed(_motion_worlds_1_to_n, 4, unet_dir, inputs, tmp_dir=tmp_path, threads=threads, env=env)
-    reference = results[0][1]
-    for world in (2, 3, 4):
-        got = torch.cat([results[rank][world] for rank in range(world)], dim=2)
-        assert torch.equal(got, reference), f"{environment}, world {world} vs 1: max diff {(got - reference).abs().max():.3g}"
