@@ -20,18 +20,7 @@ _FILE_MARKERS = {
 }
 
 
-# The files that take longest, longest first: `make test`'s two xdist workers take files in this
-# order (--dist loadfile), so the short ones fill the end instead of one long file running alone.
-_LONGEST_FIRST = ("test_conformance.py", "test_demo_train.py", "test_reliability.py", "test_ui_browser.py",
-                  "test_generate.py", "test_wan_family.py", "test_demo_model.py", "test_ui_api.py")
-
-
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    def weight(item: pytest.Item) -> int:
-        name = Path(str(item.fspath)).name
-        return _LONGEST_FIRST.index(name) if name in _LONGEST_FIRST else len(_LONGEST_FIRST)
-
-    items.sort(key=weight)  # stable: a file's tests stay together and in order
     for item in items:
         marker = _FILE_MARKERS.get(Path(str(item.fspath)).name)
         if marker is not None and not any(any(item.iter_markers(name=name)) for name in (marker, "quality")):
