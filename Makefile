@@ -23,20 +23,18 @@ $(BIN)/python:
 
 install: .make-install.stamp
 
-# Two pytest workers (pytest-xdist), a test file per worker at a time (--dist loadfile: a file's
-# module fixtures, e.g. the conformance suite's process sets, are built once): most of a test's
-# time is process start-up and imports, which two workers overlap on two cores. One BLAS/OpenMP
-# thread per process (tests that need more set their own): two workers each spinning two threads on
-# two cores ran some tests 50x slower.
-PYTEST := OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false \
-	$(BIN)/python -m pytest -q -n 2 --dist loadfile
+ENV := HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 
+# Serially: the command-line tests start rank processes whose launcher picks a free port, and two
+# pytest workers made two launchers race for one (EADDRINUSE, seen once in two runs).
 test: install
-	$(PYTEST) tests
+	$(ENV) $(BIN)/python -m pytest -q tests
 
-# The unit tests only (one process, in-process calls; pytest -m unit): under 90 s on 2 CPU cores.
+# The unit tests only (one process, in-process calls; pytest -m unit): two pytest-xdist workers, a
+# test file each at a time, one BLAS/OpenMP thread per process (two workers each spinning two
+# threads on two cores ran some tests 50x slower); 72 s on 2 CPU cores.
 test-fast: install
-	$(PYTEST) -m unit tests
+	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(ENV) $(BIN)/python -m pytest -q -n 2 --dist loadfile -m unit tests
 
 # The demo video, its JSON sidecar, a contact sheet (PNG grid of frames) and the quality probe's report.
 demo: install
