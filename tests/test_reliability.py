@@ -335,3 +335,30 @@ def test_only_the_runs_own_new_temporary_files_are_removed(tmp_path, root):
     remove_new_temp_files(paths, before)
     assert older.exists() and unrelated.exists() and user_file.exists()
     assert not any(path.exists() for path in new)
+
+
+@pytest.mark.unit
+def test_launchers_hold_their_rendezvous_port_from_the_start():
+    """Two runs started at once with the same master_port: the second gets another port at once
+    (the first holds its socket until rank 0's store takes it over), and a port whose last run's
+    connections linger in TIME_WAIT is used again."""
+    import socket
+
+    from video_infinity.run.supervise import rendezvous_socket
+
+    first = rendezvous_socket(0)
+    port = first.getsockname()[1]
+    second = rendezvous_socket(port)
+    try:
+        assert second.getsockname()[1] != port
+        for listening in (first, second):  # both accept connections: what the ranks' stores need
+            with socket.create_connection(listening.getsockname(), timeout=5):
+                listening.accept()[0].close()  # closed by the server first: the port is in TIME_WAIT
+    finally:
+        first.close()
+        second.close()
+    again = rendezvous_socket(port)
+    try:
+        assert again.getsockname()[1] == port
+    finally:
+        again.close()

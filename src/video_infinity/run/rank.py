@@ -12,6 +12,7 @@ import logging
 import os
 import platform
 import resource
+import socket
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -61,9 +62,12 @@ def configure_rank_logging(rank: int, level: int) -> None:
 
 def run_rank(rank: int, world_size: int, local_rank: int, config: RunConfig, model: str,
              paths: dict[str, Path], local_world: int, plan: CheckpointPlan | None = None,
-             channel: RunChannel | None = None) -> dict[str, Any] | None:
+             channel: RunChannel | None = None, store_port: int | None = None,
+             store_socket: socket.socket | None = None) -> dict[str, Any] | None:
     """Join the process group (if several ranks) and generate this rank's part; the sidecar on rank 0.
-    ``channel``: where the rank reports its progress.
+    ``channel``: where the rank reports its progress. ``store_port`` (the built-in launcher's ranks):
+    the port of the rendezvous store on this host, which rank 0 serves on ``store_socket``, the
+    listening socket the launcher bound (else ``env://``: torchrun's variables).
 
     The process's torch thread count is restored afterwards (a single rank runs in the caller's process).
     """
@@ -79,9 +83,14 @@ def run_rank(rank: int, world_size: int, local_rank: int, config: RunConfig, mod
         else:
             torch.cuda.set_device(device)
         if world_size > 1 and not dist.is_initialized():
+            timeout = timedelta(seconds=config.collective_timeout_s)
+            store = {}
+            if store_port is not None:  # rank 0's store takes the launcher's socket (its fd) over
+                store["store"] = dist.TCPStore(
+                    "127.0.0.1", store_port, world_size, is_master=store_socket is not None, timeout=timeout,
+                    master_listen_fd=store_socket.detach() if store_socket is not None else None)
             dist.init_process_group("gloo" if device.type == "cpu" else "nccl", rank=rank, world_size=world_size,
-                                    timeout=timedelta(seconds=config.collective_timeout_s),
-                                    **({"device_id": device} if device.type == "cuda" else {}))
+                                    timeout=timeout, **store, **({"device_id": device} if device.type == "cuda" else {}))
         ctx = ClipContext.from_process_group(config.pipe_configs.total_frames_for(world_size))
         sidecar = generate_on_rank(config, model, ctx, device, paths, plan, channel)
         if dist.is_initialized():  # on success only: after a failure the peers may never answer

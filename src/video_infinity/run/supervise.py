@@ -41,24 +41,22 @@ class Terminated(KeyboardInterrupt):
     """SIGTERM received by the launcher (handled like Ctrl-C)."""
 
 
-def _port_is_free(port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        try:
-            sock.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
-
-
-def pick_port(preferred: int) -> int:
-    """``preferred`` when free, else a free port chosen by the OS."""
-    if _port_is_free(preferred):
-        return preferred
-    with socket.socket() as sock:
+def rendezvous_socket(preferred: int) -> socket.socket:
+    """A listening socket for the ranks' rendezvous store, on ``preferred`` when free, else on a port
+    the OS picks. The launcher holds it from the start and hands it to rank 0, so no other run can
+    take the port between the choice and the store's start (two launchers that merely checked a port
+    both picked it, and one failed with EADDRINUSE)."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    # As the store does: a port whose last run's connections linger in TIME_WAIT is free to listen on
+    # (on Linux this still lets only one socket listen on a port).
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(("127.0.0.1", preferred))
+    except OSError:
         sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    logger.warning("master_port %d is taken: using %d", preferred, port)
-    return port
+        logger.warning("master_port %d is taken: using %d", preferred, sock.getsockname()[1])
+    sock.listen()
+    return sock
 
 
 def _exit_with_launcher(launcher: int) -> None:
@@ -93,8 +91,9 @@ def _exit_with_launcher(launcher: int) -> None:
     threading.Thread(target=watch, name="launcher-watch", daemon=True).start()
 
 
-def _spawned_rank(rank: int, world_size: int, port: int, config: RunConfig, model: str, paths: dict[str, Path],
-                  plan: CheckpointPlan, log_level: int, report_dir: str, launcher: int, channel: RunChannel) -> None:
+def _spawned_rank(rank: int, world_size: int, rendezvous: socket.socket | None, port: int, config: RunConfig,
+                  model: str, paths: dict[str, Path], plan: CheckpointPlan, log_level: int, report_dir: str,
+                  launcher: int, channel: RunChannel) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group: the launcher stops us
     _exit_with_launcher(launcher)
     import threading
@@ -109,7 +108,8 @@ def _spawned_rank(rank: int, world_size: int, port: int, config: RunConfig, mode
 
     configure_rank_logging(rank, log_level)
     try:
-        run_rank(rank, world_size, rank, config, model, paths, world_size, plan, channel)
+        run_rank(rank, world_size, rank, config, model, paths, world_size, plan, channel,
+                 store_port=port, store_socket=rendezvous)
     except BaseException as exc:  # noqa: BLE001 - reported to the launcher, which stops everyone
         kind, message, code = describe_failure(exc, config, world_size, device_name(config, rank))
         try:
@@ -221,7 +221,8 @@ def run_spawned(config: RunConfig, model: str, paths: dict[str, Path], plan: Che
     # unlike fork, no rank inherits this process's threads or CUDA state.
     context = multiprocessing.get_context("forkserver")
     context.set_forkserver_preload(list(_FORKSERVER_PRELOAD))
-    port = pick_port(config.master_port)
+    rendezvous = rendezvous_socket(config.master_port) if world_size > 1 else None
+    port = rendezvous.getsockname()[1] if rendezvous is not None else config.master_port
     report_dir = Path(tempfile.mkdtemp(prefix="video-infinity-ranks-"))
     procs: list[Any] = []
     ok = False
@@ -229,7 +230,8 @@ def run_spawned(config: RunConfig, model: str, paths: dict[str, Path], plan: Che
         for rank in range(world_size):
             proc = context.Process(
                 target=_spawned_rank, name=f"video-infinity-rank{rank}",
-                args=(rank, world_size, port, config, model, paths, plan, logging.getLogger().level or logging.INFO,
+                args=(rank, world_size, rendezvous if rank == 0 else None, port, config, model, paths, plan,
+                      logging.getLogger().level or logging.INFO,
                       str(report_dir), os.getpid(), channel or RunChannel()),
             )
             proc.start()
@@ -237,6 +239,8 @@ def run_spawned(config: RunConfig, model: str, paths: dict[str, Path], plan: Che
         ok = _watch(procs)
     finally:
         with signals_deferred():
+            if rendezvous is not None:
+                rendezvous.close()  # rank 0 holds its own copy
             started = time.monotonic()
             stopped = _stop(procs)
             message, code, failed_rank = ("", 0, None) if ok else root_cause(procs, stopped, report_dir)
