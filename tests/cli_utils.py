@@ -17,7 +17,7 @@ import sys
 import time
 from pathlib import Path
 
-from harness import descendants, still_running
+from harness import ctrl_c_as_in_a_terminal, descendants, still_running
 
 ROOT = Path(__file__).resolve().parents[1]
 CLI = [str(Path(sys.executable).parent / "video-infinity"), "generate"]
@@ -70,7 +70,8 @@ class Interrupted:
         proc = subprocess.Popen(
             [*CLI, "--config", str(config), *sets(devices=["cpu"] * world, pipe_configs__file_name=name),
              "--progress-dir", str(progress), "--test-step-sleep", str(step_sleep_s)],
-            env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+            env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+            preexec_fn=ctrl_c_as_in_a_terminal)
         try:
             reports = self._wait_for_step(progress, world, after_step, proc)
             self.ranks = {rank: report["pid"] for rank, report in reports.items()}

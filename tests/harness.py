@@ -6,6 +6,7 @@ bytes during a call (``peak_live_bytes``), and processes seen through /proc (wha
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import time
 import traceback
@@ -142,6 +143,13 @@ def peak_live_bytes(fn: Callable[[], Any]) -> int:
 
 
 # ---------------------------------------------------------------- processes seen through /proc (Linux)
+def ctrl_c_as_in_a_terminal() -> None:
+    """For ``subprocess.Popen(preexec_fn=...)``: SIGINT handled by default in the child, as in a terminal.
+    A test session started in the background of a non-interactive shell (``make test &``) ignores
+    SIGINT, and a child would inherit that (Python installs no Ctrl-C handler then)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def state(pid: int) -> str | None:
     try:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]

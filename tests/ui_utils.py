@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from harness import descendants, free_port, still_running
+from harness import ctrl_c_as_in_a_terminal, descendants, free_port, still_running
 
 CHROMIUM = os.environ.get("VIDEO_INFINITY_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
 # As the machine notes say: without these, Chromium keeps dialling Google's hosts on a closed network.
@@ -51,7 +51,8 @@ class Server:
         with open(self.log, "wb") as log:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "video_infinity.cli", "serve", "--base-path", str(base), "--port", str(self.port),
-                 *args], env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+                 *args], env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                preexec_fn=ctrl_c_as_in_a_terminal)
         deadline = time.monotonic() + timeout
         while True:
             try:
