@@ -147,13 +147,17 @@ WAN = FamilySpec(
     size=dict(height=32, width=48),  # 2 x 3 tokens per latent frame
     prompt=["a cat runs on the beach", "a dog jumps in snow"],  # one embedding per latent frame
     num_frames=25,  # 7 latent frames
+    # blocks in chunks of 2 latent frames (block_tokens: 2 x 6 tokens; 1 token per frame in the parity run)
     engine={"attn": {"padding": 1, "top_k": 2, "token_num_scale": True,
-                     "local_phase": {"t": 800, "local_biase": 3}, "global_phase": {"t": 800, "global_biase": 3}}},
+                     "local_phase": {"t": 800, "local_biase": 3}, "global_phase": {"t": 800, "global_biase": 3}},
+            "block_tokens": 12},
+    whole_window={**WHOLE_WINDOW, "block_tokens": 2},
     scheduler="model",
     guidance_scale=5.0,
     loop_cases={
-        "window_in_ring": (25, {"loop": True, "attn": {"padding": 2, "top_k": 0}}),
-        "ring_in_window": (21, {"loop": True, "attn": {"padding": 5, "top_k": 0, "token_num_scale": True}}),
+        "window_in_ring": (25, {"loop": True, "attn": {"padding": 2, "top_k": 0}, "block_tokens": 12}),
+        "ring_in_window": (21, {"loop": True, "attn": {"padding": 5, "top_k": 0, "token_num_scale": True},
+                                "block_tokens": 18}),
         "globals": (25, {"loop": True, "attn": {"padding": 1, "top_k": 2, "token_num_scale": True}}),
     },
     loop_scheduler="model",

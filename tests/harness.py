@@ -17,9 +17,8 @@ from typing import Any, Callable
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from torch.multiprocessing.reductions import StorageWeakRef
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
+
+from video_infinity.memory import peak_bytes
 
 
 # Environments in which kernels pick other algorithms by shape: a frame's bits must still not depend
@@ -109,37 +108,9 @@ def run_distributed(fn: Callable, world_size: int, *args: Any, tmp_dir: Path, th
     return [torch.load(out_dir / f"rank{r}.pt") for r in range(world_size)]
 
 
-class _LiveBytes(TorchDispatchMode):
-    """Counts the bytes of every tensor storage created under it while that storage lives."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.live: dict[int, tuple[StorageWeakRef, int]] = {}
-        self.now = 0
-        self.peak = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for ptr, (ref, size) in list(self.live.items()):
-            if ref.expired():
-                del self.live[ptr]
-                self.now -= size
-        for tensor in tree_leaves(out):
-            if isinstance(tensor, torch.Tensor) and tensor.device.type != "meta":
-                storage = tensor.untyped_storage()
-                if storage.data_ptr() not in self.live and storage.nbytes():
-                    self.live[storage.data_ptr()] = (StorageWeakRef(storage), storage.nbytes())
-                    self.now += storage.nbytes()
-        self.peak = max(self.peak, self.now)
-        return out
-
-
 def peak_live_bytes(fn: Callable[[], Any]) -> int:
-    """The most bytes of tensors created by ``fn()`` alive at once (its working memory: the inputs and
-    the weights made before the call do not count). Deterministic, whatever the allocator does."""
-    with torch.no_grad(), _LiveBytes() as mode:
-        fn()
-    return mode.peak
+    """The most bytes of tensors created by ``fn()`` alive at once (the package's own counter)."""
+    return peak_bytes(fn)
 
 
 # ---------------------------------------------------------------- processes seen through /proc (Linux)

@@ -80,7 +80,7 @@ def test_one_owner_of_atomic_file_writes():
 # ---- the family layout (README: "Layout") ---------------------------------------------------------
 FAMILIES_DIR = PACKAGE / "families"
 CORE = ("engine", "context", "frames", "config", "noise", "denoise", "schedulers", "prompts", "errors", "atomic",
-        "request", "checkpoint",
+        "request", "checkpoint", "memory",
         "video_io", "presets")
 """The model-agnostic core: knows no family, not even the registry."""
 

@@ -373,7 +373,7 @@ def test_each_wan_per_frame_op_gives_a_latent_frame_the_same_bits_in_any_clip():
     torch.manual_seed(0)
     config = EngineConfig(split_invariant=True)
     batch, frames, tokens, part = 2, 11, 5, slice(3, 8)
-    state = DenoiseState(batch=batch)
+    state = DenoiseState(batch=batch, tokens_per_frame=tokens)
 
     def call(module: nn.Module, x: torch.Tensor, clip_frames: int, *args) -> torch.Tensor:
         state.layout = ClipContext().layout_for(clip_frames)

@@ -145,6 +145,14 @@ class EngineConfig(_Strict):
     chunks. False: torch's fused kernels, faster, the same up to rounding. Default (null): true on
     CPU, false on GPUs, whose kernels pick their algorithms by shape anyway."""
 
+    block_tokens: int | None = Field(default=16384, ge=1)
+    """DiTs (Wan): a transformer block's token-wise work (norms, modulation, projections,
+    cross-attention, feed-forward) and the output head run this many tokens at a time, in whole
+    latent frames (at least one), with the clip's keys and values kept once per layer, so a call's
+    working memory per latent frame is about 3x the hidden state whatever the video's length.
+    null: the whole clip at once (diffusers' own forward; several times the memory). The same
+    result up to float rounding; split-invariant: bit for bit."""
+
     loop: bool = False
     """Seamless loop: the frames are on a ring, the last frame's next frame is the first. Temporal
     convolutions take their halo frames across the wrap (circular padding in time, on one process

@@ -130,3 +130,5 @@ class DenoiseState:
     """Per-frame text embeddings (batch*frames, seq, dim) for cross-attention, or None."""
     token_timesteps: bool = False
     """The call gives every token its own timestep (a DiT's (batch, tokens) timestep, Wan2.2 TI2V)."""
+    tokens_per_frame: int = 0
+    """A DiT call's tokens per latent frame (frame-major token rows); 0 for a UNet."""

@@ -26,7 +26,7 @@ from diffusers.models.attention_processor import Attention
 from ..config import EngineConfig
 from ..context import ClipContext, DenoiseState, FrameLayout
 from ..frames import attention_reach, global_frame_indices, intersect, ring_offset, window
-from .comm import start_exchange
+from .comm import PendingFrames, start_exchange
 
 
 def dual_scope_attention(
@@ -239,22 +239,30 @@ class TemporalAttnProcessor:
         if encoder_hidden_states is not None or attention_mask is not None:
             raise NotImplementedError(f"{self.kind} handles self-attention only (no encoder states, no mask)")
         self.check(attn, hidden_states)
-        layout, timestep = self.state.layout, self.state.timestep
-        left, right = self.reach(layout)
-        local_bias, global_bias = self.config.phase_biases(timestep)
-        call = TemporalCall(
-            layout=layout, timestep=timestep, left=left, right=right,
-            global_frames=global_frame_indices(layout.total_frames, self.config.global_frame_count(timestep)),
-            local_bias=local_bias, global_bias=global_bias,
-            split_invariant=self.engine_config.split_invariant_on(hidden_states.device.type),
-            loop=self.engine_config.loop and self.loops,
-        )
+        call = self.temporal_call(hidden_states.device.type)
         sent, frame_dim, carry = self.exchanged(attn, hidden_states, call, **kwargs)
-        pending = start_exchange(sent, frame_dim, layout, left, right, self.ctx, call.global_frames,
-                                 kind="attn_halo", loop=call.loop)
+        pending = self.start(sent, frame_dim, call)
         early = self.before_wait(attn, hidden_states, call, carry, **kwargs)
         context, context_frames, global_states = pending.wait()
         return self.attend(attn, hidden_states, early, context, context_frames, global_states, call, **kwargs)
+
+    def temporal_call(self, device_type: str) -> TemporalCall:
+        """The settings of the call in progress (its layout and timestep are the handle's state)."""
+        layout, timestep = self.state.layout, self.state.timestep
+        left, right = self.reach(layout)
+        local_bias, global_bias = self.config.phase_biases(timestep)
+        return TemporalCall(
+            layout=layout, timestep=timestep, left=left, right=right,
+            global_frames=global_frame_indices(layout.total_frames, self.config.global_frame_count(timestep)),
+            local_bias=local_bias, global_bias=global_bias,
+            split_invariant=self.engine_config.split_invariant_on(device_type),
+            loop=self.engine_config.loop and self.loops,
+        )
+
+    def start(self, sent: torch.Tensor, frame_dim: int, call: TemporalCall) -> PendingFrames:
+        """Send what neighbours need of ``sent`` (the owned frames along ``frame_dim``) and fetch theirs."""
+        return start_exchange(sent, frame_dim, call.layout, call.left, call.right, self.ctx, call.global_frames,
+                              kind="attn_halo", loop=call.loop)
 
     # ---- what a family specialises
     def check(self, attn: Attention, hidden_states: torch.Tensor) -> None:

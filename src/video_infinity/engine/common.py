@@ -143,9 +143,16 @@ class TrackDenoiseStep(TrackCall):
         return output
 
 
+META_TIMESTEP = 1000.0
+"""The timestep a call on meta tensors (a memory plan, no values) is taken to have: the start of
+denoising, where the most global frames are attended (``dynamic_attn_tokens``)."""
+
+
 def scalar_timestep(timestep: torch.Tensor | float | int) -> float:
     if not torch.is_tensor(timestep):
         return float(timestep)
+    if timestep.device.type == "meta":
+        return META_TIMESTEP
     values = timestep.detach().flatten().float().cpu()
     if values.numel() > 1 and not torch.all(values == values[0]):
         raise ValueError("timestep: the engine needs one timestep per model call (phase biases); got different per-sample values")

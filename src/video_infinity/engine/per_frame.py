@@ -154,13 +154,19 @@ class FramesAxis(FrameRows):
 
 class FrameMajorTokens(FrameRows):
     """(batch, frames * tokens, C), frame-major (a DiT's token sequence): each (batch item, frame)'s
-    tokens one block; the frame count is the call's (``state.layout``)."""
+    tokens one block; a frame's token count is the call's (``state.tokens_per_frame``), so any run of
+    whole frames works (the clip, or a chunk of its frames)."""
 
     def __init__(self, state: DenoiseState) -> None:
         self.state = state
 
     def blocks(self, x: torch.Tensor) -> torch.Tensor | None:
-        return frame_blocks(x, len(self.state.layout.owned)) if x.dim() == 3 else None
+        if x.dim() != 3:
+            return None
+        tokens = self.state.tokens_per_frame
+        if x.shape[1] % tokens:
+            raise ValueError(f"{x.shape[1]} tokens are not whole latent frames of {tokens} tokens")
+        return x.contiguous().view(-1, tokens, x.shape[-1])
 
 
 class PerFrameText(FrameRows):

@@ -53,6 +53,7 @@ from ...engine.per_frame import (
 )
 from ...engine.common import TrackCall
 from ...engine.handle import ParallelHandle
+from .blocks import chunked_forward
 
 logger = logging.getLogger(__name__)
 
@@ -64,12 +65,29 @@ def accepts(model: nn.Module) -> bool:
 
 
 class _TrackWanCall(TrackCall):
-    """On the transformer: the call's latent-frame layout and timestep (per token: Wan2.2 TI2V)."""
+    """On the transformer: the call's latent-frame layout and timestep (per token: Wan2.2 TI2V); then
+    its forward with the token-wise work in frame chunks (:mod:`.blocks`, ``EngineConfig.block_tokens``),
+    or diffusers' own when that is None or a LoRA scale is given (``attention_kwargs``)."""
 
     sample_name = "hidden_states"
 
+    def __init__(self, ctx: ClipContext, state: DenoiseState, config: EngineConfig) -> None:
+        super().__init__(ctx, state)
+        self.config = config
+
+    def new_forward(self, module: WanTransformer3DModel, hidden_states: torch.Tensor, timestep: torch.Tensor,
+                    encoder_hidden_states: torch.Tensor, encoder_hidden_states_image: torch.Tensor | None = None,
+                    return_dict: bool = True, attention_kwargs: dict | None = None):
+        if self.config.block_tokens is None or attention_kwargs:
+            return self.fn_ref.original_forward(hidden_states, timestep, encoder_hidden_states,
+                                                encoder_hidden_states_image, return_dict, attention_kwargs)
+        return chunked_forward(module, self.state, self.config.block_tokens, hidden_states, timestep,
+                               encoder_hidden_states, encoder_hidden_states_image, return_dict)
+
     def pre_forward(self, module: nn.Module, *args, **kwargs):
         sample, timestep = self.record(args, kwargs)
+        _, p_h, p_w = module.config.patch_size
+        self.state.tokens_per_frame = (sample.shape[3] // p_h) * (sample.shape[4] // p_w)
         self.state.token_timesteps = timestep.dim() == 2
         text = args[2] if len(args) > 2 else kwargs.get("encoder_hidden_states")
         if text is not None and text.dim() == 4 and text.shape[1] != sample.shape[2]:
@@ -260,11 +278,11 @@ class WanDualScopeAttnProcessor(TemporalAttnProcessor):
         return _apply_rotary(x, *rotary_emb)
 
     def _tokens(self, hidden_states: torch.Tensor, call: TemporalCall) -> tuple[int, int]:
-        """(latent frames of the call, tokens per latent frame)."""
-        frames = len(call.layout.owned)
-        if hidden_states.shape[1] % frames:
-            raise ValueError(f"{hidden_states.shape[1]} tokens do not split into the rank's {frames} latent frames")
-        return frames, hidden_states.shape[1] // frames
+        """(latent frames in ``hidden_states``: the clip's, or a chunk's; tokens per latent frame)."""
+        tokens = self.state.tokens_per_frame
+        if hidden_states.shape[1] % tokens:
+            raise ValueError(f"{hidden_states.shape[1]} tokens are not whole latent frames of {tokens} tokens")
+        return hidden_states.shape[1] // tokens, tokens
 
     def exchanged(self, attn: WanAttention, hidden_states: torch.Tensor, call: TemporalCall, rotary_emb=None,
                   **kwargs) -> tuple[torch.Tensor, int, object]:
@@ -287,8 +305,11 @@ class WanDualScopeAttnProcessor(TemporalAttnProcessor):
 
     def attend(self, attn: WanAttention, hidden_states: torch.Tensor, early: object, context: torch.Tensor,
                context_frames: range, global_states: torch.Tensor, call: TemporalCall, rotary_emb=None,
-               **kwargs) -> torch.Tensor:
+               query_frames: range | None = None, **kwargs) -> torch.Tensor:
+        """``query_frames``: the (global) latent frames of ``hidden_states``, a chunk of the clip's (default:
+        the clip); ``context`` holds the keys of every frame their windows reach."""
         config, layout, query = self.config, call.layout, early
+        query_frames = layout.owned if query_frames is None else query_frames
         total, loop, left, right = layout.total_frames, call.loop, call.left, call.right
         _, tokens = self._tokens(hidden_states, call)
         head_dim = context.shape[-1] // 2
@@ -315,7 +336,7 @@ class WanDualScopeAttnProcessor(TemporalAttnProcessor):
             # One query frame at a time (as the split-invariant ring computes anyway): its window's
             # keys and the global keys rotated by their distance from it, the query not at all.
             outputs = []
-            for index, frame in enumerate(layout.owned):
+            for index, frame in enumerate(query_frames):
                 span = window(range(frame, frame + 1), left, right, total, loop=True)
                 at = (span.start - context_frames.start) * tokens
                 span_key = key[:, at : at + len(span) * tokens]
@@ -345,7 +366,7 @@ class WanDualScopeAttnProcessor(TemporalAttnProcessor):
                 heads_first(value),
                 heads_first(global_key),
                 heads_first(global_value),
-                query_frames=layout.owned,
+                query_frames=query_frames,
                 key_frames=context_frames,
                 **attend,
             )
@@ -379,7 +400,7 @@ class WanFrameCrossAttnProcessor:
         )
         if plain and not per_frame:
             return self.inner(attn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb, **kwargs)
-        frames = encoder_hidden_states.shape[1] if per_frame else len(self.state.layout.owned)
+        frames = encoder_hidden_states.shape[1] if per_frame else hidden_states.shape[1] // self.state.tokens_per_frame
         if plain:
             batch = hidden_states.shape[0]
             out = self.inner(attn, hidden_states.unflatten(1, (frames, -1)).flatten(0, 1),
@@ -450,7 +471,7 @@ def parallelize(transformer: WanTransformer3DModel, config: EngineConfig, contex
     state = DenoiseState()
     tokens = FrameMajorTokens(state)
     handle = ParallelHandle(transformer, config, context, state)
-    handle.hook(transformer, _TrackWanCall(context, state))
+    handle.hook(transformer, _TrackWanCall(context, state, config))
     handle.hook(ropes[0], _GlobalRotaryPositions(state))
     for module in transformer.modules():
         if _is_patch_embedding(module):
