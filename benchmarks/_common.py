@@ -13,6 +13,7 @@ import os
 import platform
 import socket
 import statistics
+import sys
 import time
 import traceback
 from pathlib import Path
@@ -143,13 +144,29 @@ def write_result(name: str, payload: dict[str, Any]) -> Path:
     """Write ``results/<name>.json`` atomically; returns the path."""
     RESULTS.mkdir(exist_ok=True)
     payload = {**payload, "load_average_at_end": [round(x, 2) for x in os.getloadavg()],
-               "written": time.strftime("%Y-%m-%d %H:%M:%S")}
+               "written": time.strftime("%Y-%m-%d %H:%M:%S"), "commit": _commit(),
+               "command": " ".join(["python", *sys.argv])}
     path = RESULTS / f"{name}.json"
     from video_infinity.atomic import write_json_atomic
 
     write_json_atomic(path, payload)
     logger.info("wrote %s", path.relative_to(RESULTS.parent.parent))
     return path
+
+
+def _commit() -> str:
+    """The checkout's commit, with ``+changes`` when files differ from it (the figures are then of those)."""
+    import subprocess
+
+    root = Path(__file__).resolve().parent.parent
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
+                                check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return commit + ("+changes" if dirty else "")
 
 
 # ------------------------------------------------------------------------------------------------
