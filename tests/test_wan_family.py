@@ -322,3 +322,21 @@ def test_cli_refuses_an_image_to_video_wan_folder_before_any_rank_starts(tmp_pat
     assert line == f"video-infinity: error: {unsupported_model(folder)}"
     assert line.startswith(f"video-infinity: error: model: '{folder}' ") and line.endswith(SUPPORTED)
     assert not (tmp_path / "out").exists()  # nothing written, not even the output folder
+
+
+@pytest.mark.unit
+def test_streamed_decode_is_vae_decode_bit_for_bit_one_latent_frame_at_a_time():
+    """The decode streams each latent frame's video frames (1, then 4 each) as they are made, never the
+    whole video; their concatenation is ``vae.decode`` of the whole latent video, bit for bit, and with a
+    warm-up of preceding frames the frames after it."""
+    from video_infinity.families.wan.family import stream_wan_window
+
+    vae = _small_vae()
+    latents = torch.randn(1, vae.config.z_dim, 6, 4, 4, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        whole = vae.decode(latents).sample
+        parts = list(stream_wan_window(vae, latents, 0))
+        assert [p.shape[2] for p in parts] == [1, 4, 4, 4, 4, 4]
+        assert torch.equal(torch.cat(parts, dim=2), whole)
+        warmed = list(stream_wan_window(vae, latents, 2))
+        assert len(warmed) == 4 and torch.equal(torch.cat(warmed, dim=2), whole[:, :, 5:])

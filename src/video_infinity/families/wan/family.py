@@ -78,10 +78,52 @@ def denormalize_wan_latents(vae: AutoencoderKLWan, latents: torch.Tensor) -> tor
 def decode_wan_window(vae: AutoencoderKLWan, latents: torch.Tensor, skip: int) -> torch.Tensor:
     """Decode consecutive VAE-scale latent frames as ``vae.decode`` does when they start a video, and
     return the frames of ``latents[:, :, skip:]`` only (the first ``skip`` frames warm the caches up)."""
-    video = vae.decode(latents).sample
-    if skip == 0:
-        return video
-    return video[:, :, 1 + vae.config.scale_factor_temporal * (skip - 1) :]
+    return torch.cat(list(stream_wan_window(vae, latents, skip)), dim=2)
+
+
+def stream_wan_window(vae: AutoencoderKLWan, latents: torch.Tensor, skip: int) -> Iterator[torch.Tensor]:
+    """:func:`decode_wan_window` one latent frame at a time: the video frames of each latent frame of
+    ``latents[:, :, skip:]`` in turn, (batch, C, 1 or 4, h, w) in [-1, 1], so the decoded video is never
+    whole in memory.
+
+    The same calls as diffusers' ``AutoencoderKLWan._decode`` (its decoder is called one latent frame
+    at a time, carrying each causal convolution's cached frames), which concatenates the frames as it
+    goes (a copy of the whole video per latent frame); the frames are bit for bit those of
+    ``vae.decode``. A tiling VAE decodes through ``vae.decode`` at once.
+    """
+    compression = vae.config.scale_factor_temporal
+    tile_height = vae.tile_sample_min_height // vae.spatial_compression_ratio
+    tile_width = vae.tile_sample_min_width // vae.spatial_compression_ratio
+    if vae.use_tiling and (latents.shape[-1] > tile_width or latents.shape[-2] > tile_height):
+        video = vae.decode(latents).sample
+        yield video if skip == 0 else video[:, :, 1 + compression * (skip - 1) :]
+        return
+    from diffusers.models.autoencoders.autoencoder_kl_wan import unpatchify
+
+    vae.clear_cache()
+    try:
+        x = vae.post_quant_conv(latents)
+        for i in range(latents.shape[2]):
+            vae._conv_idx = [0]
+            out = vae.decoder(x[:, :, i : i + 1], feat_cache=vae._feat_map, feat_idx=vae._conv_idx,
+                              first_chunk=i == 0)
+            if i < skip:
+                continue
+            if vae.config.patch_size is not None:
+                out = unpatchify(out, patch_size=vae.config.patch_size)
+            yield torch.clamp(out, min=-1.0, max=1.0)
+    finally:
+        vae.clear_cache()
+
+
+def _clip_window(vae: AutoencoderKLWan, latents: torch.Tensor, ctx: ClipContext, halo: int | None
+                 ) -> tuple[torch.Tensor, int]:
+    """(this rank's latent frames after the preceding ``halo`` ones, from the ranks that own them, in
+    the VAE's scale; how many frames of halo it starts with)."""
+    halo = wan_decoder_receptive_field(vae) if halo is None else halo
+    layout = ctx.layout_for(latents.shape[2])
+    window, span, _ = start_exchange(latents, 2, layout, halo, 0, ctx, kind="vae_halo").wait()
+    return denormalize_wan_latents(vae, window.to(vae.dtype)), layout.owned.start - span.start
 
 
 def decode_wan_clip(
@@ -92,12 +134,21 @@ def decode_wan_clip(
     The preceding ``halo`` latent frames (default: the decoder's receptive field) arrive from the
     ranks that own them; rank r's frames equal those of ``vae.decode`` of the whole latent video.
     """
-    halo = wan_decoder_receptive_field(vae) if halo is None else halo
-    layout = ctx.layout_for(latents.shape[2])
-    window, span, _ = start_exchange(latents, 2, layout, halo, 0, ctx, kind="vae_halo").wait()
-    with torch.no_grad():
-        latents = denormalize_wan_latents(vae, window.to(vae.dtype))
-        return decode_wan_window(vae, latents, layout.owned.start - span.start)
+    return torch.cat(list(stream_wan_clip(vae, latents, ctx, halo)), dim=2)
+
+
+def stream_wan_clip(
+    vae: AutoencoderKLWan, latents: torch.Tensor, ctx: ClipContext, halo: int | None = None
+) -> Iterator[torch.Tensor]:
+    """:func:`decode_wan_clip` one latent frame's video frames at a time. The halo is exchanged now
+    (every rank calls this together); the frames are decoded as the iterator is consumed."""
+    window, skip = _clip_window(vae, latents, ctx, halo)
+
+    def frames() -> Iterator[torch.Tensor]:
+        with torch.no_grad():
+            yield from stream_wan_window(vae, window, skip)
+
+    return frames()
 
 
 # ----------------------------------------------------------------------------------- the family
@@ -127,6 +178,9 @@ class WanFamily:
     max_sequence_length: int = 512
     guidance_scale_2: float | None = None
     text_dtype: torch.dtype = field(default=torch.float32, repr=False)
+    text_between_encodes: torch.device | None = field(default=None, repr=False)
+    """Where the text encoder waits between encodes: the CPU when this family loaded it; None (where it
+    is) for a pipeline's own encoder (``from_pipe``: the caller placed it)."""
 
     @property
     def model(self) -> torch.nn.Module:
@@ -218,8 +272,9 @@ class WanFamily:
             logger.info("loading the text encoder from %s", self.source)
             pipe = WanPipeline.from_pretrained(self.source, transformer=None, transformer_2=None, vae=None,
                                                torch_dtype=self.text_dtype)
-            pipe.text_encoder.to(self.device).eval().requires_grad_(False)
+            pipe.text_encoder.eval().requires_grad_(False)  # on the CPU between encodes (see encode_prompts)
             self.text_pipeline = pipe
+            self.text_between_encodes = torch.device("cpu")
         return self.text_pipeline
 
     def encode_prompts(self, prompts: list[str], ctx: ClipContext | None = None) -> torch.Tensor:
@@ -228,10 +283,21 @@ class WanFamily:
         ctx = ctx or ClipContext()
 
         def encode() -> torch.Tensor:
-            with torch.no_grad():
-                embeds, _ = self._text().encode_prompt(
-                    prompt=list(prompts), do_classifier_free_guidance=False,
-                    max_sequence_length=self.max_sequence_length, device=self.device)
+            pipe = self._text()
+            if self.text_between_encodes is not None:
+                pipe.text_encoder.to(self.device)
+            try:
+                with torch.no_grad():
+                    embeds, _ = pipe.encode_prompt(
+                        prompt=list(prompts), do_classifier_free_guidance=False,
+                        max_sequence_length=self.max_sequence_length, device=self.device)
+            finally:
+                if self.text_between_encodes is not None and self.text_between_encodes != self.device:
+                    # UMT5-XXL is ~11 GB in bf16: off the GPU once the prompts are encoded, so the
+                    # denoising has the card (two moves per encode: about a second each way).
+                    pipe.text_encoder.to(self.text_between_encodes)
+                    if self.device.type == "cuda":
+                        torch.cuda.empty_cache()
             return embeds
 
         shape = (len(prompts), self.max_sequence_length, self.transformer.config.text_dim)
@@ -273,8 +339,9 @@ class WanFamily:
         """The video frames of this rank's latent frames, float (n, H, W, 3) in [0, 1].
 
         The halo of preceding latent frames is exchanged now (every rank calls this together); the
-        frames equal those of ``vae.decode`` of the whole latent video (see :func:`decode_wan_clip`).
-        ``split_invariant`` needs nothing more: the VAE decodes one latent frame per call."""
+        frames equal those of ``vae.decode`` of the whole latent video (see :func:`decode_wan_clip`), and
+        are decoded one latent frame at a time as the iterator is consumed (the video is never whole in
+        memory). ``split_invariant`` needs nothing more: the VAE decodes one latent frame per call."""
         ctx = ctx or ClipContext(total_frames=latents.shape[2])
-        video = decode_wan_clip(self.vae, latents, ctx)  # (1, 3, frames, H, W) in [-1, 1]
-        return iter([(video[0].float().permute(1, 2, 3, 0) / 2 + 0.5).clamp(0, 1).contiguous()])
+        videos = stream_wan_clip(self.vae, latents, ctx)  # each (1, 3, 1 or 4 frames, H, W) in [-1, 1]
+        return ((video[0].float().permute(1, 2, 3, 0) / 2 + 0.5).clamp(0, 1).contiguous() for video in videos)
