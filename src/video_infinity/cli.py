@@ -23,7 +23,7 @@ PROG = "video-infinity"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The argument parser (subcommands ``generate`` and ``inspect``)."""
+    """The argument parser (subcommands ``generate``, ``plan``, ``serve`` and ``inspect``)."""
     parser = argparse.ArgumentParser(
         prog=PROG,
         description="Training-free distributed long video generation (Video-Infinity): "
@@ -93,6 +93,21 @@ def build_parser() -> argparse.ArgumentParser:
                        "machine's cores, at least 2)")
     serve.add_argument("--test-step-sleep", type=float, default=0.0, metavar="S", help=argparse.SUPPRESS)
     serve.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    plan = commands.add_parser(
+        "plan",
+        help="what a run needs per GPU (memory per stage, FLOPs), from the model's config files alone",
+        description="Plan a run before loading anything: per rank, the peak memory of prompt encoding, one "
+        "denoising step and the VAE decode, and the FLOPs, computed by running this package's own code on meta "
+        "tensors built from the model folder's config files (no weights read; a folder of configs only works), "
+        "then a verdict: fits, needs N ranks, or needs offload. Wan folders.",
+    )
+    plan.add_argument("--config", metavar="FILE", help="JSON run config (flags and --set override its values)")
+    plan.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                      help="override a config value by dotted path (as for generate); repeatable")
+    plan.add_argument("--gpu-memory", metavar="SIZE", help="memory of one GPU, e.g. 24GiB (default: the run's "
+                      "GPUs' when visible, else no verdict)")
+    plan.add_argument("--json", action="store_true", help="print the plan as JSON")
+    _add_run_flags(plan)
     inspect = commands.add_parser(
         "inspect",
         help="probe a demo video: object colour, motion, jumps at clip borders",
@@ -179,6 +194,40 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _memory_size(text: str) -> int:
+    """``24GiB``, ``24GB``, ``80G``, ``512MiB`` or bytes -> bytes (GB and G read as GiB, as cards are sold)."""
+    units = {"tib": 2**40, "tb": 2**40, "t": 2**40, "gib": 2**30, "gb": 2**30, "g": 2**30, "mib": 2**20,
+             "mb": 2**20, "m": 2**20, "": 1}
+    value = text.strip().lower().replace(" ", "")
+    number = value.rstrip("abcdefghijklmnopqrstuvwxyz")
+    try:
+        return int(float(number) * units[value[len(number):]])
+    except (KeyError, ValueError):
+        raise ConfigError(f"--gpu-memory: {text!r} is not a size (e.g. 24GiB or 80GB)") from None
+
+
+def _plan(args: argparse.Namespace) -> int:
+    try:
+        flags = {flag.name: getattr(args, _dest(flag)) for flag in run_flags()}
+        config = load_run_config(args.config, args.overrides, flags)
+        gpu_memory = _memory_size(args.gpu_memory) if args.gpu_memory else None
+    except UserError as exc:
+        return _error(str(exc))
+    from .plan import gpu_memory_of, plan_run  # torch from here on
+
+    try:
+        plan = plan_run(config, gpu_memory if gpu_memory is not None else gpu_memory_of(config))
+    except ValueError as exc:
+        return _error(str(exc))
+    if args.json:
+        import json
+
+        print(json.dumps(plan.as_dict(), indent=2))
+    else:
+        print(plan.describe())
+    return 0 if plan.fits is not False else 1
+
+
 def _error(message: str) -> int:
     print(f"{PROG}: error: {message}", file=sys.stderr)
     return 2
@@ -222,6 +271,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _inspect(args)
     if args.command == "serve":
         return _serve(args)
+    if args.command == "plan":
+        return _plan(args)
     folder = _status_folder(args)
     try:
         request = _request(args, folder)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -23,7 +24,7 @@ from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-__all__ = ["LiveBytes", "flash_attention_on_meta", "parameter_bytes", "peak_bytes"]
+__all__ = ["LiveBytes", "Measurement", "flash_attention_on_meta", "measure", "parameter_bytes", "peak_bytes"]
 
 
 class LiveBytes(TorchDispatchMode):
@@ -56,15 +57,19 @@ class LiveBytes(TorchDispatchMode):
 
 
 @contextmanager
-def flash_attention_on_meta() -> Iterator[None]:
+def flash_attention_on_meta(flops: list[int] | None = None) -> Iterator[None]:
     """``torch.nn.functional.scaled_dot_product_attention`` on meta tensors allocates what a flash
-    kernel allocates (output, float32 log-sum-exp); on other devices it is torch's own."""
+    kernel allocates (output, float32 log-sum-exp), and adds its FLOPs (two matrix products: 4 x
+    queries x keys x head width per batch item and head) to ``flops[0]``; on other devices it is
+    torch's own."""
     functional = torch.nn.functional
     sdpa = functional.scaled_dot_product_attention
 
     def flash_like(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *args: Any, **kwargs: Any):
         if query.device.type != "meta":
             return sdpa(query, key, value, *args, **kwargs)
+        if flops is not None:
+            flops[0] += 2 * query.shape[:-1].numel() * key.shape[-2] * (query.shape[-1] + value.shape[-1])
         query.new_empty(query.shape[:-1], dtype=torch.float32)  # the log-sum-exp, freed with the call
         return query.new_empty(*query.shape[:-1], value.shape[-1])
 
@@ -82,6 +87,26 @@ def peak_bytes(fn: Callable[[], Any], flash_attention: bool = True) -> int:
     with torch.no_grad(), (flash_attention_on_meta() if flash_attention else _nothing()), LiveBytes() as mode:
         fn()
     return mode.peak
+
+
+@dataclass(frozen=True)
+class Measurement:
+    peak_bytes: int
+    """The most bytes of tensors created by the call alive at once (see :func:`peak_bytes`)."""
+    flops: int
+    """Floating-point operations of its matrix products, convolutions and attention (torch's
+    ``FlopCounterMode``; attention on meta tensors counted as above)."""
+
+
+def measure(fn: Callable[[], Any]) -> Measurement:
+    """:func:`peak_bytes` and the FLOPs of ``fn()`` in one run (meta tensors: without computing)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    attention = [0]
+    with torch.no_grad(), flash_attention_on_meta(attention), FlopCounterMode(display=False) as counter, \
+            LiveBytes() as mode:
+        fn()
+    return Measurement(mode.peak, counter.get_total_flops() + attention[0])
 
 
 def parameter_bytes(module: torch.nn.Module) -> int:

@@ -106,6 +106,11 @@ def unsupported_model(model: str | Path) -> str | None:
     return verdict if isinstance(verdict, str) else None
 
 
+def plans_memory(family: str) -> bool:
+    """Whether ``family`` plans a run's memory (:mod:`video_infinity.plan`: its folder has a ``plan`` module)."""
+    return (Path(__file__).parent / family / "plan.py").is_file()
+
+
 def entry(name: str) -> FamilyEntry:
     for candidate in FAMILIES:
         if candidate.name == name:

@@ -19,7 +19,7 @@ from typing import Any
 
 from ..errors import ConfigError
 from ..checkpoint import estimate_bytes, load_checkpoint
-from ..families import FolderFacts, detect, unsupported_model
+from ..families import FolderFacts, detect, plans_memory, unsupported_model
 from .checkpoint import CheckpointPlan, check_compatible, config_fingerprint
 from .config import RunConfig
 from .outputs import check_outputs, output_paths
@@ -248,6 +248,27 @@ def _effective_dtype(config: RunConfig) -> str:
     return "float32" if config.uses_cpu else config.dtype
 
 
+def check_memory(config: RunConfig, model: str, world_size: int, gpu_memory: int | None = None) -> None:
+    """Refuse a GPU run whose plan (:mod:`video_infinity.plan`, on meta tensors from the folder's config
+    files) does not fit its GPUs' memory (``gpu_memory``: the smallest of the run's GPUs when None),
+    before any weight loads. CPU runs, hub ids and families without a planner are not planned."""
+    if config.uses_cpu and gpu_memory is None:
+        return
+    facts = detect(model)
+    if facts is None or not Path(model).is_dir() or not plans_memory(facts.family):
+        return
+    from ..plan import gib, gpu_memory_of, plan_run, refusal  # torch: only for a GPU run about to start
+
+    gpu_memory = gpu_memory if gpu_memory is not None else gpu_memory_of(config)
+    if gpu_memory is None:
+        return
+    plan = plan_run(config.model_copy(update={"model": model}), gpu_memory, world_size)
+    line = refusal(plan)
+    if line is not None:
+        raise ConfigError(line)
+    logger.info("memory plan: at most %s per GPU of %s", gib(plan.peak_bytes), gib(gpu_memory))
+
+
 def prepare(config: RunConfig, overwrite: bool = False, resume: str | os.PathLike[str] | None = None,
             world_size: int | None = None, config_path: str | os.PathLike[str] | None = None,
             ) -> tuple[dict[str, Path], str, CheckpointPlan]:
@@ -275,6 +296,7 @@ def prepare(config: RunConfig, overwrite: bool = False, resume: str | os.PathLik
     paths = output_paths(config, stem)
     check_outputs(config, paths, overwrite=overwrite, resume=resume_path, config_path=config_path)
     check_disk_space(config, model)
+    check_memory(config, model, world_size)
     plan = CheckpointPlan(path=paths["checkpoint"], every=pipe.checkpoint_every)
     if data is not None and resume_path is not None:
         # The same fingerprint as the ranks' pipeline computes: refused here, before any rank starts.

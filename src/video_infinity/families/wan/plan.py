@@ -1,0 +1,126 @@
+"""Wan's memory plan: its components built from the folder's config files alone on the meta device
+(no weights read), and each stage of a run measured there (:mod:`video_infinity.plan`).
+
+* prompt encoding (rank 0): the UMT5 encoder's weights and one call on the run's prompts
+  (``max_sequence_length`` tokens each);
+* one denoising step (every rank): the transformers' weights (both experts of Wan2.2 A14B stay
+  loaded), the rank's latents and text embeddings, and the conditional and unconditional calls
+  through the engine (``parallelize`` with the run's engine settings on the rank's clip, in a fake
+  process group: every exchange buffer is allocated as on the real rank);
+* VAE decode (every rank): the VAE's weights (float32, as loaded) and the streamed decode of its
+  latent frames (one latent frame's decoder call at a time, with the causal caches).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ...context import ClipContext
+from ...memory import Measurement, measure, parameter_bytes
+
+__all__ = ["decode_stage", "denoise_stage", "meta_components", "text_stage"]
+
+
+def _config(folder: Path, component: str) -> dict[str, Any]:
+    return json.loads((folder / component / "config.json").read_text())
+
+
+def meta_components(folder: Path, dtype: torch.dtype) -> dict[str, Any]:
+    """The transformer(s) and VAE on the meta device, from their configs, in the dtypes a run loads
+    them with (the transformers in ``dtype`` but diffusers' float32 modules; the VAE in float32)."""
+    from diffusers import AutoencoderKLWan, WanTransformer3DModel
+
+    def transformer(component: str, **change: Any) -> WanTransformer3DModel:
+        with torch.device("meta"):
+            model = WanTransformer3DModel.from_config({**_config(folder, component), **change})
+        keep = set(model._keep_in_fp32_modules or [])
+        for name, param in model.named_parameters():
+            param.data = param.data.to(torch.float32 if set(name.split(".")) & keep else dtype)
+        return model.eval()
+
+    with torch.device("meta"):
+        vae = AutoencoderKLWan.from_config(_config(folder, "vae")).eval()
+    index = json.loads((folder / "model_index.json").read_text())
+    second = (folder / "transformer_2" / "config.json").is_file()
+    # The step is measured on one and two blocks (each block's keys, values and temporaries are freed
+    # before the next: the peak of two is that of any depth) and its FLOPs extrapolated by depth.
+    layers = _config(folder, "transformer")["num_layers"]
+    return {"transformer": transformer("transformer"), "transformer_2": transformer("transformer_2") if second else None,
+            "probes": (transformer("transformer", num_layers=1), transformer("transformer", num_layers=min(2, layers))),
+            "layers": layers, "vae": vae, "expand_timesteps": bool(index.get("expand_timesteps", False))}
+
+
+def text_stage(folder: Path, dtype: torch.dtype, prompts: int, sequence_length: int = 512) -> tuple[int, Measurement]:
+    """(weights bytes, one encoder call on ``prompts`` prompts) of the UMT5 text encoder."""
+    from transformers import AutoConfig, UMT5EncoderModel
+
+    config = AutoConfig.from_pretrained(folder / "text_encoder")
+    with torch.device("meta"):
+        encoder = UMT5EncoderModel(config).to(dtype).eval()
+    ids = torch.zeros(prompts, sequence_length, dtype=torch.long, device="meta")
+    # No attention mask: transformers inspects a mask's values (which meta tensors have not); the
+    # activations are the same size either way.
+    return parameter_bytes(encoder), measure(lambda: encoder(ids))
+
+
+def denoise_stage(components: dict[str, Any], engine: Any, ctx: ClipContext, latent_shape: tuple[int, int, int],
+                  per_frame_text: bool, guidance: bool, sequence_length: int = 512) -> tuple[int, Measurement]:
+    """(weights bytes, one denoising step of this rank: conditional and unconditional calls as
+    ``WanFamily.predict_noise`` makes them, through the engine)."""
+    from ... import parallelize
+
+    experts = [m for m in (components["transformer"], components["transformer_2"]) if m is not None]
+    one, two = components["probes"]
+    model = two
+    channels, height, width = latent_shape
+    frames = len(ctx.frames)
+    latents = torch.empty(1, channels, frames, height, width, device="meta")  # the sampler's float32
+    text_shape = (1, frames, sequence_length, model.config.text_dim) if per_frame_text else \
+        (1, sequence_length, model.config.text_dim)
+    text = torch.empty(text_shape, device="meta", dtype=model.dtype)
+    negative = torch.empty(1, sequence_length, model.config.text_dim, device="meta", dtype=model.dtype)
+    _, patch_h, patch_w = model.config.patch_size
+    tokens = frames * (height // patch_h) * (width // patch_w)
+    timestep = torch.zeros(1, tokens, device="meta") if components["expand_timesteps"] else torch.zeros(1, device="meta")
+
+    def step_of(model: torch.nn.Module) -> Measurement:
+        def step() -> torch.Tensor:
+            x = latents.to(model.dtype)
+            pred = model(x, timestep, text, return_dict=False)[0]
+            if not guidance:
+                return pred
+            uncond = model(x, timestep, negative, return_dict=False)[0]
+            return uncond + 5.0 * (pred - uncond)
+
+        handle = parallelize(model, engine, ctx)
+        try:
+            return measure(step)
+        finally:
+            handle.remove()
+
+    first, second = step_of(one), step_of(two)
+    per_block = second.flops - first.flops
+    step = Measurement(max(first.peak_bytes, second.peak_bytes), first.flops + (components["layers"] - 1) * per_block)
+    return sum(parameter_bytes(m) for m in experts), step
+
+
+def decode_stage(components: dict[str, Any], latent_shape: tuple[int, int, int], frames: int = 3
+                 ) -> tuple[int, Measurement]:
+    """(weights bytes, the streamed decode of ``frames`` latent frames: one latent frame's decoder
+    call at a time with the causal caches; each frame's output handed on and dropped, as the writer
+    does), float32 as a run loads the VAE."""
+    from .family import stream_wan_window
+
+    vae = components["vae"]
+    _, height, width = latent_shape
+    latents = torch.empty(1, vae.config.z_dim, frames, height, width, device="meta")
+
+    def decode() -> None:
+        for _ in stream_wan_window(vae, latents, 0):
+            pass
+
+    return parameter_bytes(vae), measure(decode)
