@@ -32,8 +32,20 @@ class ParallelHandle:
     active: bool = True
 
     def hook(self, module: nn.Module, model_hook: ModelHook) -> None:
-        """Register ``model_hook`` on ``module`` under the engine's name; ``remove()`` takes it off."""
-        HookRegistry.check_if_exists_or_initialize(module).register_hook(model_hook, HOOK_NAME)
+        """Register ``model_hook`` on ``module`` under the engine's name, innermost; ``remove()`` takes it off.
+
+        Innermost: many engine hooks compute in place of the module's forward (per-frame products on
+        its weights, chunked blocks) instead of calling it, so hooks that were there before (diffusers'
+        group offloading loads a module's weights in its pre-forward) must run around them, as they
+        would around the module's own forward. Those hooks are taken off and registered again, in their
+        order, after the engine's."""
+        registry = HookRegistry.check_if_exists_or_initialize(module)
+        others = [(name, registry.hooks[name]) for name in registry._hook_order]
+        for name, _ in reversed(others):
+            registry.remove_hook(name, recurse=False)
+        registry.register_hook(model_hook, HOOK_NAME)
+        for name, other in others:
+            registry.register_hook(other, name)
         self.hooked.append(module)
 
     def set_processor(self, attn: Attention, processor: object) -> None:

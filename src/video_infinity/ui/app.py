@@ -290,7 +290,7 @@ def build_app(studio: Studio) -> gr.Blocks:
         remove_row.click(remove_prompt_row, shown, [*row_boxes, *starts, *prompts, shown], queue=False)
         generate.click(generate_from_form, form_inputs, results, validator=validate, concurrency_id=GENERATION,
                        concurrency_limit=1, show_progress="minimal", show_progress_on=[status], api_visibility="private")
-        cancel.click(lambda: "**cancelling**: stopping every rank" if studio.cancel() else "nothing is running",
+        cancel.click(lambda: "**cancelling**: stopping every rank" if studio.cancel(wait=False) else "nothing is running",
                      None, status, queue=False)
         resume.click(resume_chosen, chosen, results, concurrency_id=GENERATION, concurrency_limit=1,
                      show_progress="minimal", show_progress_on=[status], api_visibility="private")

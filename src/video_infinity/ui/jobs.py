@@ -19,6 +19,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 from pathlib import Path
 
 from ..run.contract import ContractError, ErrorReport, RunRequest, RunResult, StatusFolder
@@ -63,14 +64,22 @@ class GenerationJob:
             return ErrorReport(message=f"the run's report is unreadable: {exc}", exit_kind="failure",
                                exit_code=self._proc.poll() or 1)
 
-    def cancel(self) -> None:
+    def cancel(self, wait: bool = True) -> None:
         """Stop the run as Ctrl-C would (every rank stops; the checkpoint is kept); the process group
-        is killed if the launcher has not exited within ``CANCEL_GRACE_S``."""
+        is killed if the launcher has not exited within ``CANCEL_GRACE_S``. ``wait=False``: return at
+        once, the escalation happening in a background thread (a UI's cancel button must not hold
+        its answer until the run has ended, or that answer lands after the run's final status)."""
         if self._proc.poll() is not None:
             return
         self.cancelled = True
         with contextlib.suppress(ProcessLookupError):
             self._proc.send_signal(signal.SIGTERM)
+        if wait:
+            self._reap()
+        else:
+            threading.Thread(target=self._reap, name="cancel-reaper", daemon=True).start()
+
+    def _reap(self) -> None:
         try:
             self._proc.wait(CANCEL_GRACE_S)
         except subprocess.TimeoutExpired:

@@ -148,12 +148,13 @@ class Studio:
             self._preflight(config, record.config_path, resume=record.checkpoint)
             return self._start(config, record.config_path, resume=record.checkpoint), name
 
-    def cancel(self) -> bool:
-        """Stop the running job, if any (every rank within seconds; its checkpoint is kept)."""
+    def cancel(self, wait: bool = True) -> bool:
+        """Stop the running job, if any (every rank within seconds; its checkpoint is kept). ``wait=False``
+        (the cancel button): return once the stop has begun; the job's follower reports its end."""
         job = self.running
         if job is None:
             return False
-        job.cancel()
+        job.cancel(wait=wait)
         return True
 
     def follow(self, job: GenerationJob) -> Iterator[RunProgress]:

@@ -25,16 +25,18 @@ states plus the keys and values (3x the hidden state) plus the rotary tables.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import torch
+from diffusers.hooks import ModelHook
 from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from diffusers.models.transformers.transformer_wan import WanTransformer3DModel, WanTransformerBlock
 
 from ...context import DenoiseState
 from ...frames import window
 
-__all__ = ["chunked_forward", "frame_chunks"]
+__all__ = ["BlockCall", "ChunkedBlock", "chunked_forward", "frame_chunks"]
 
 
 def frame_chunks(frames: int, tokens_per_frame: int, block_tokens: int) -> Iterator[range]:
@@ -108,6 +110,33 @@ def _time_embedding(model: WanTransformer3DModel, timestep: torch.Tensor, text: 
     return temb, proj.unflatten(2, (6, -1)), "frame"
 
 
+@dataclass(frozen=True)
+class BlockCall:
+    """What :func:`chunked_forward` hands each block in place of diffusers' ``temb`` (the block's
+    modulation embedding, and how the clip is chunked); :class:`ChunkedBlock` recognises it."""
+
+    embedding: torch.Tensor
+    kind: str
+    chunks: list[range]
+    owned: range
+    tokens: int
+
+
+class ChunkedBlock(ModelHook):
+    """On a ``WanTransformerBlock``: given a :class:`BlockCall`, the block chunk by chunk, in place
+    (:func:`_block`); otherwise (diffusers' own forward calling it) the block's forward. The blocks are
+    called as modules, so other hooks on them (diffusers' group offloading loads a block's weights in
+    its pre-forward) run around the chunked block as around the original."""
+
+    def new_forward(self, module: WanTransformerBlock, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor,
+                    temb: Any, rotary_emb: Any) -> torch.Tensor:
+        if not isinstance(temb, BlockCall):
+            return self.fn_ref.original_forward(hidden_states, encoder_hidden_states, temb, rotary_emb)
+        modulation = _Modulation(module.scale_shift_table, temb.embedding, temb.kind)
+        _block(module, hidden_states, encoder_hidden_states, modulation, rotary_emb, temb.chunks, temb.owned, temb.tokens)
+        return hidden_states
+
+
 def _block(block: WanTransformerBlock, x: torch.Tensor, text: torch.Tensor, modulation: _Modulation,
            rotary: tuple[torch.Tensor, torch.Tensor], chunks: list[range], owned: range, tokens: int) -> None:
     """One ``WanTransformerBlock`` on ``x`` (batch, frames*tokens, C), in place, chunk by chunk."""
@@ -177,9 +206,9 @@ def chunked_forward(model: WanTransformer3DModel, state: DenoiseState, block_tok
         text = torch.cat([image[:, None].expand(-1, text.shape[1], -1, -1) if text.dim() == 4 else image, text],
                          dim=-2)
 
+    call = BlockCall(block_embedding, kind, chunks, owned, tokens)
     for block in model.blocks:
-        _block(block, x, text, _Modulation(block.scale_shift_table, block_embedding, kind), rotary, chunks, owned,
-               tokens)
+        x = block(x, text, call, rotary)  # through the block's hooks (ChunkedBlock): in place
 
     # the output head, per chunk: (batch, frames*tokens, p_t*p_h*p_w*out_channels)
     head = _Modulation(model.scale_shift_table, temb.unsqueeze(-2), kind)

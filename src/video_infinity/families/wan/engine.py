@@ -53,7 +53,7 @@ from ...engine.per_frame import (
 )
 from ...engine.common import TrackCall
 from ...engine.handle import ParallelHandle
-from .blocks import chunked_forward
+from .blocks import ChunkedBlock, chunked_forward
 
 logger = logging.getLogger(__name__)
 
@@ -480,6 +480,7 @@ def parallelize(transformer: WanTransformer3DModel, config: EngineConfig, contex
         handle.hook(linear, PerFrameLinear(config, tokens))
     for block in transformer.modules():
         if isinstance(block, WanTransformerBlock):
+            handle.hook(block, ChunkedBlock())
             handle.hook(block.ffn, PerFrameModule(config, tokens))
     embedder = transformer.condition_embedder
     if isinstance(embedder, WanTimeTextImageEmbedding):
