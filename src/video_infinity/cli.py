@@ -45,15 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--request", metavar="FILE",
                         help="a run request written by a front-end (the web UI: DIR/request.json); the run reports its "
                         "progress, then its result or error, as JSON files in DIR")
-    generate.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config value by dotted path, e.g. pipe_configs.steps=10 or plugin_configs.attn.padding=4 "
-        "(VALUE is parsed as JSON when it parses, else taken as a string); repeatable",
-    )
+    _add_overrides(generate)
     generate.add_argument("--overwrite", action="store_true",
                           help="replace an existing output file (or start over despite an unfinished run's checkpoint)")
     generate.add_argument(
@@ -102,8 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
         "then a verdict: fits, needs N ranks, or needs offload. Wan folders.",
     )
     plan.add_argument("--config", metavar="FILE", help="JSON run config (flags and --set override its values)")
-    plan.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                      help="override a config value by dotted path (as for generate); repeatable")
+    _add_overrides(plan)
     plan.add_argument("--gpu-memory", metavar="SIZE", help="memory of one GPU, e.g. 24GiB (default: the run's "
                       "GPUs' when visible, else no verdict)")
     plan.add_argument("--json", action="store_true", help="print the plan as JSON")
@@ -122,6 +113,14 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--contact-sheet", metavar="PNG", help="also write a grid of 32 evenly spaced frames here")
     inspect.add_argument("--overwrite", action="store_true", help="replace an existing contact sheet")
     return parser
+
+
+def _add_overrides(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        help="override a config value by dotted path, e.g. pipe_configs.steps=10 or plugin_configs.attn.padding=4 "
+        "(VALUE is parsed as JSON when it parses, else taken as a string); repeatable",
+    )
 
 
 def _add_run_flags(parser: argparse.ArgumentParser) -> None:
