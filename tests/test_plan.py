@@ -147,7 +147,7 @@ print(json.dumps(status("VmHWM") - base))
 
 
 @pytest.mark.e2e
-def test_cli_plan_prints_each_stage_and_refuses_bad_input(folders, tmp_path, offline_env):
+def test_cli_plan_prints_the_plan_and_refuses_bad_input(folders, tmp_path, offline_env):
     full, configs = folders
     (tmp_path / "run.json").write_text(json.dumps(_config(configs, [0, 1])))
     cli = [sys.executable, "-m", "video_infinity.cli", "plan", "--config", str(tmp_path / "run.json")]
@@ -156,10 +156,16 @@ def test_cli_plan_prints_each_stage_and_refuses_bad_input(folders, tmp_path, off
     assert result.returncode == 0, result.stderr
     plan = json.loads(result.stdout)
     assert plan["fits"] is True and [r["rank"] for r in plan["ranks"]] == [0, 1]
-    text = subprocess.run(cli, env=offline_env, capture_output=True, text=True, timeout=300)
-    assert "rank 1 (" in text.stdout and "denoising step" in text.stdout and "no verdict" in text.stdout
+    assert plan == json.loads(json.dumps(_plan(configs, [0, 1], gpu_memory=80 * 2**30).as_dict()))
     bad = subprocess.run([*cli, "--gpu-memory", "lots"], env=offline_env, capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0 and "--gpu-memory" in bad.stderr
+
+
+@pytest.mark.unit
+def test_the_plan_reads_as_one_line_per_rank(folders):
+    text = _plan(folders[1], [0, 1]).describe()
+    assert "rank 0 (" in text and "rank 1 (" in text and "prompt encoding" in text and "denoising step" in text
+    assert "TFLOP per step" in text and text.splitlines()[-1].startswith("no GPU memory given")
 
 
 @pytest.mark.unit

@@ -212,8 +212,9 @@ def plan_run(config: RunConfig, gpu_memory: int | None = None, world_size: int |
         notes.append(f"ranks {', '.join(str(r.rank) for r in ranks)} planned (the others lie between)")
     plan = Plan(str(folder), family, world, config.pipe_configs.total_frames_for(world), latent_frames, pipe.steps,
                 ranks, gpu_memory, notes=notes)
-    if search and plan.fits is False:
-        budget = (1 - HEADROOM) * gpu_memory
+    budget = None if gpu_memory is None else (1 - HEADROOM) * gpu_memory
+    if search and plan.fits is False and min(s.weights_bytes for s in ranks[0].stages) < budget:
+        # (more ranks do not help when the weights alone do not fit)
         for candidate in (w for w in WORLD_SIZES if world < w <= latent_frames):
             middle = candidate // 2
             if rank_plan(middle, candidate).peak_bytes <= budget and rank_plan(0, candidate).peak_bytes <= budget:
