@@ -34,7 +34,6 @@ from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from diffusers.models.transformers.transformer_wan import WanTransformer3DModel, WanTransformerBlock
 
 from ...context import DenoiseState
-from ...frames import window
 
 __all__ = ["BlockCall", "ChunkedBlock", "chunked_forward", "frame_chunks"]
 
