@@ -259,10 +259,16 @@ class TemporalAttnProcessor:
             loop=self.engine_config.loop and self.loops,
         )
 
-    def start(self, sent: torch.Tensor, frame_dim: int, call: TemporalCall) -> PendingFrames:
-        """Send what neighbours need of ``sent`` (the owned frames along ``frame_dim``) and fetch theirs."""
+    def start(self, sent: torch.Tensor, frame_dim: int, call: TemporalCall,
+              out: torch.Tensor | None = None) -> PendingFrames:
+        """Send what neighbours need of ``sent`` (the owned frames along ``frame_dim``) and fetch theirs
+        (into ``out``, the window's tensor of which ``sent`` is a part, when given)."""
         return start_exchange(sent, frame_dim, call.layout, call.left, call.right, self.ctx, call.global_frames,
-                              kind="attn_halo", loop=call.loop)
+                              kind="attn_halo", loop=call.loop, out=out)
+
+    def window(self, call: TemporalCall) -> range:
+        """The frames (unwrapped in a loop) the call's window holds: the owned ones and their halo."""
+        return window(call.layout.owned, call.left, call.right, call.layout.total_frames, call.loop)
 
     # ---- what a family specialises
     def check(self, attn: Attention, hidden_states: torch.Tensor) -> None:

@@ -47,13 +47,22 @@ class PendingFrames:
     global_parts: dict[int, torch.Tensor]
     global_positions: dict[int, list[int]]
     """Per source rank, which entries of ``global_frames`` its part holds (the rest lie in the window)."""
+    out: torch.Tensor | None = None
+    """The window's frames, when the caller gave their tensor (``start_exchange(out=...)``)."""
 
     def wait(self) -> tuple[torch.Tensor, range, torch.Tensor]:
         """(frames of ``span`` along ``dim``, ``span``, the global frames in the requested order)."""
         for request in self.requests:
             request.wait()
         pieces = sorted(self.window_parts, key=lambda item: item[0])
-        window_frames = pieces[0][1] if len(pieces) == 1 else torch.cat([p for _, p in pieces], dim=self.dim)
+        if self.out is not None:
+            window_frames = self.out
+            for at, piece in pieces:  # received in place, or this rank's own frames (in place, or across a wrap)
+                target = window_frames.narrow(self.dim, at - self.span.start, piece.shape[self.dim])
+                if piece.data_ptr() != target.data_ptr():
+                    target.copy_(piece)
+        else:
+            window_frames = pieces[0][1] if len(pieces) == 1 else torch.cat([p for _, p in pieces], dim=self.dim)
         by_position: list[torch.Tensor | None] = [None] * len(self.global_frames)
         for rank, positions in self.global_positions.items():
             for slot, position in enumerate(positions):
@@ -81,6 +90,7 @@ def start_exchange(
     global_frames: list[int] = (),
     kind: str = "halo",
     loop: bool = False,
+    out: torch.Tensor | None = None,
 ) -> PendingFrames:
     """Start moving this rank's halo window and the ``global_frames`` in one point-to-point round.
 
@@ -92,9 +102,16 @@ def start_exchange(
     owner, which may be this rank, also on one process). Each global frame goes from its owner to
     every other rank whose window does not already hold it. Every rank must call this with the same
     arguments (but ``x``), so that all of them post matching messages in the same order.
+
+    ``out``: a tensor for the whole window (``span`` along ``dim``) of which ``x`` is the owned part, in
+    place; the neighbours' frames are received straight into it and ``wait()`` returns it (no copy of
+    the window; a DiT's keys and values are the largest thing a layer keeps).
     """
     owned = layout.owned
     span = window(owned, left, right, layout.total_frames, loop)
+    if out is not None and (out.shape[dim] != len(span) or
+                            x.data_ptr() != out.narrow(dim, owned.start - span.start, len(owned)).data_ptr()):
+        raise ValueError("start_exchange: out must hold the window's frames, x being its owned frames in place")
     global_frames = list(global_frames)
     partition = list(layout.partition)
     positions = owners(partition, global_frames) if global_frames else []
@@ -102,7 +119,11 @@ def start_exchange(
     window_parts: list[tuple[int, torch.Tensor]] = [(owned.start, x)]
     global_parts: dict[int, torch.Tensor] = {}
 
-    def buffer(frames: int) -> torch.Tensor:
+    def buffer(frames: int, at: int | None = None) -> torch.Tensor:
+        if out is not None and at is not None:  # straight into the window when it can take a receive
+            place = out.narrow(dim, at - span.start, frames)
+            if place.is_contiguous():
+                return place
         shape = list(x.shape)
         shape[dim] = frames
         return torch.empty(shape, dtype=x.dtype, device=x.device)
@@ -121,7 +142,7 @@ def start_exchange(
         for transfer in plan.sends:
             send(_frames(x, dim, transfer.frames, owned.start).contiguous(), transfer.peer, kind)
         for transfer in plan.recvs:
-            window_parts.append((transfer.at, buffer(len(transfer.frames))))
+            window_parts.append((transfer.at, buffer(len(transfer.frames), transfer.at)))
             ops.append(dist.P2POp(dist.irecv, window_parts[-1][1], ctx.global_rank(transfer.peer), ctx.group))
 
     def outside_window(rank: int, chosen: list[int]) -> list[int]:
@@ -144,7 +165,7 @@ def start_exchange(
                 received[peer] = needed
                 ops.append(dist.P2POp(dist.irecv, global_parts[peer], ctx.global_rank(peer), ctx.group))
     requests = dist.batch_isend_irecv(ops) if ops else []
-    return PendingFrames(x, dim, layout, span, global_frames, requests, window_parts, global_parts, received)
+    return PendingFrames(x, dim, layout, span, global_frames, requests, window_parts, global_parts, received, out)
 
 
 # ---------------------------------------------------------------------- to rank 0, from rank 0

@@ -152,17 +152,21 @@ def _block(block: WanTransformerBlock, x: torch.Tensor, text: torch.Tensor, modu
     def rotary_of(frames: range) -> tuple[torch.Tensor, torch.Tensor]:
         return tuple(table[:, rows(frames)] for table in rotary)
 
-    # 1. keys and values of every owned frame, then their exchange with the neighbours
-    kv = None
+    # 1. keys and values of every owned frame, written into the window's buffer (owned frames and their
+    #    halo), into which the neighbours' frames are then received: one buffer per layer
+    span = processor.window(call)
+    at = owned.start - span.start
+    window_kv = None
     for frames in chunks:
         sent, _, _ = processor.exchanged(block.attn1, normed(frames, modulation.rows(frames, tokens)), call,
                                          rotary_emb=rotary_of(frames))
-        if kv is None:
-            kv = sent.new_empty(sent.shape[0], len(owned), *sent.shape[2:])
-        kv[:, frames.start : frames.stop] = sent
+        if window_kv is None:
+            window_kv = sent.new_empty(sent.shape[0], len(span), *sent.shape[2:])
+        window_kv[:, at + frames.start : at + frames.stop] = sent
         del sent
-    context, context_frames, global_states = processor.start(kv, 1, call).wait()
-    del kv  # the window holds what is needed (on one process: the same tensor)
+    own = window_kv.narrow(1, at, len(owned))
+    context, context_frames, global_states = processor.start(own, 1, call, out=window_kv).wait()
+    del own, window_kv
 
     # 2. per chunk: attention, cross-attention and feed-forward, written back in place
     for frames in chunks:
