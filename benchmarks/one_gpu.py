@@ -46,52 +46,32 @@ GPUS_GIB = (24, 48, 80)
 WORLDS = (1, 2, 4, 8)
 
 
-def meta_transformer(config: dict[str, Any]):
-    """The transformer on the meta device in bf16, its float32 modules kept as ``from_pretrained`` keeps them."""
-    import torch
-    from diffusers import WanTransformer3DModel
-
-    with torch.device("meta"):
-        model = WanTransformer3DModel(**COMMON, **config)
-    keep = set(model._keep_in_fp32_modules or [])
-    for name, param in model.named_parameters():
-        parts = set(name.split("."))
-        param.data = param.data.to(torch.float32 if parts & keep else torch.bfloat16)
-    return model.eval()
-
-
 def call_peak(model, latent: tuple[int, int], latent_frames: int, per_token: bool, block_tokens: Any) -> int:
-    import torch
-
-    from video_infinity import ClipContext, parallelize
-    from video_infinity.memory import peak_bytes
+    """One conditional call's peak (the planner's step without guidance), ``block_tokens`` over the preset's."""
+    from video_infinity import ClipContext
+    from video_infinity.families.wan.plan import step_measure
     from video_infinity.presets import resolve_engine
 
     engine = resolve_engine("wan")
     if block_tokens != "default":
         engine = engine.model_copy(update={"block_tokens": block_tokens})
-    handle = parallelize(model, engine, ClipContext(total_frames=latent_frames))
-    height, width = latent
-    x = torch.empty(1, model.config.in_channels, latent_frames, height, width, device="meta", dtype=torch.bfloat16)
-    tokens = latent_frames * (height // 2) * (width // 2)
-    t = torch.zeros(1, tokens, device="meta") if per_token else torch.zeros(1, device="meta")
-    text = torch.empty(1, 512, 4096, device="meta", dtype=torch.bfloat16)
-    try:
-        return peak_bytes(lambda: model(x, t, text))
-    finally:
-        handle.remove()
+    return step_measure(model, engine, ClipContext(total_frames=latent_frames), latent, per_token,
+                        guidance=False).peak_bytes
 
 
 def main() -> None:
     argparse.ArgumentParser(description=__doc__.splitlines()[0]).parse_args()
     setup_logging()
+    import torch
+
     from video_infinity.families.wan.family import latent_frame_count
+    from video_infinity.families.wan.plan import meta_transformer
     from video_infinity.memory import parameter_bytes
 
     padding = 8
     results: dict[str, Any] = {}
     for name, spec in MODELS.items():
-        model = meta_transformer(spec["config"])
+        model = meta_transformer({**COMMON, **spec["config"]}, torch.bfloat16)
         weights = parameter_bytes(model)
         entry: dict[str, Any] = {"weights_gib": round(weights / 2**30, 2), "calls": {}}
         for block_tokens in ("default", None):

@@ -226,31 +226,23 @@ REAL_SIZE = {
 @pytest.mark.unit
 @pytest.mark.parametrize("name", REAL_SIZE)
 def test_memory_per_latent_frame_at_real_size_on_meta_tensors(name):
-    """One transformer call at the real width on meta tensors (bf16, the engine's GPU defaults and the
-    ``wan`` preset): the working memory grows by at most the issue's bound per latent frame (MiB),
+    """One transformer call at the real width on meta tensors (bf16 with diffusers' float32 modules, the
+    engine's GPU defaults and the ``wan`` preset; the planner's own step): the working memory grows by at most the issue's bound per latent frame (MiB),
     against 73 and 168 MiB for diffusers' whole-clip blocks (measured the same way, here too)."""
-    from video_infinity.memory import peak_bytes
+    from video_infinity.families.wan.plan import meta_transformer, step_measure
     from video_infinity.presets import resolve_engine
 
-    sizes, (height, width), per_token, bound = REAL_SIZE[name]
-    with torch.device("meta"):
-        model = WanTransformer3DModel(attention_head_dim=128, num_layers=2, text_dim=4096, freq_dim=256,
-                                      patch_size=(1, 2, 2), cross_attn_norm=True, qk_norm="rms_norm_across_heads",
-                                      rope_max_seq_len=1024, **sizes).to(torch.bfloat16).eval()
+    sizes, latent, per_token, bound = REAL_SIZE[name]
+    model = meta_transformer(dict(attention_head_dim=128, num_layers=2, text_dim=4096, freq_dim=256,
+                                  patch_size=(1, 2, 2), cross_attn_norm=True, qk_norm="rms_norm_across_heads",
+                                  rope_max_seq_len=1024, **sizes), torch.bfloat16)
 
     def peak(frames: int, block_tokens) -> int:
         engine = resolve_engine("wan")
         if block_tokens != "default":
             engine = engine.model_copy(update={"block_tokens": block_tokens})
-        handle = parallelize(model, engine, ClipContext(total_frames=frames))
-        x = torch.empty(1, sizes["in_channels"], frames, height, width, device="meta", dtype=torch.bfloat16)
-        tokens = frames * (height // 2) * (width // 2)
-        t = torch.zeros(1, tokens, device="meta") if per_token else torch.zeros(1, device="meta")
-        text = torch.empty(1, 512, 4096, device="meta", dtype=torch.bfloat16)
-        try:
-            return peak_bytes(lambda: model(x, t, text))
-        finally:
-            handle.remove()
+        return step_measure(model, engine, ClipContext(total_frames=frames), latent, per_token,
+                            guidance=False).peak_bytes
 
     def per_frame(block_tokens) -> float:
         return (peak(81, block_tokens) - peak(41, block_tokens)) / 40 / 2**20

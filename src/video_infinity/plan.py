@@ -201,7 +201,7 @@ def plan_run(config: RunConfig, gpu_memory: int | None = None, world_size: int |
         # them while it encodes.
         resident = weights + decode_weights
         stages = [Stage("denoising step", resident, step.peak_bytes, step.flops),
-                  Stage("VAE decode", resident, decode_call.peak_bytes, decode_call.flops * len(ctx.frames) // 3)]
+                  Stage("VAE decode", resident, decode_call.peak_bytes, decode_call.flops * len(ctx.frames))]
         if rank == 0:
             stages.insert(0, Stage("prompt encoding", resident + text_weights, text_call.peak_bytes, text_call.flops))
         return RankPlan(rank, len(ctx.frames), tuple(stages))

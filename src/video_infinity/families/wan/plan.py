@@ -22,25 +22,33 @@ import torch
 from ...context import ClipContext
 from ...memory import Measurement, measure, parameter_bytes
 
-__all__ = ["decode_stage", "denoise_stage", "meta_components", "text_stage"]
+__all__ = ["decode_stage", "denoise_stage", "meta_components", "meta_transformer", "step_measure", "text_stage"]
 
 
 def _config(folder: Path, component: str) -> dict[str, Any]:
     return json.loads((folder / component / "config.json").read_text())
 
 
+def meta_transformer(config: dict[str, Any], dtype: torch.dtype):
+    """A ``WanTransformer3DModel`` of ``config`` on the meta device, in ``dtype`` but for diffusers'
+    float32 modules (``_keep_in_fp32_modules``), as ``from_pretrained(torch_dtype=dtype)`` loads it."""
+    from diffusers import WanTransformer3DModel
+
+    with torch.device("meta"):
+        model = WanTransformer3DModel.from_config(config)
+    keep = set(model._keep_in_fp32_modules or [])
+    for name, param in model.named_parameters():
+        param.data = param.data.to(torch.float32 if set(name.split(".")) & keep else dtype)
+    return model.eval()
+
+
 def meta_components(folder: Path, dtype: torch.dtype) -> dict[str, Any]:
     """The transformer(s) and VAE on the meta device, from their configs, in the dtypes a run loads
     them with (the transformers in ``dtype`` but diffusers' float32 modules; the VAE in float32)."""
-    from diffusers import AutoencoderKLWan, WanTransformer3DModel
+    from diffusers import AutoencoderKLWan
 
-    def transformer(component: str, **change: Any) -> WanTransformer3DModel:
-        with torch.device("meta"):
-            model = WanTransformer3DModel.from_config({**_config(folder, component), **change})
-        keep = set(model._keep_in_fp32_modules or [])
-        for name, param in model.named_parameters():
-            param.data = param.data.to(torch.float32 if set(name.split(".")) & keep else dtype)
-        return model.eval()
+    def transformer(component: str, **change: Any) -> torch.nn.Module:
+        return meta_transformer({**_config(folder, component), **change}, dtype)
 
     with torch.device("meta"):
         vae = AutoencoderKLWan.from_config(_config(folder, "vae")).eval()
@@ -67,42 +75,48 @@ def text_stage(folder: Path, dtype: torch.dtype, prompts: int, sequence_length: 
     return parameter_bytes(encoder), measure(lambda: encoder(ids))
 
 
-def denoise_stage(components: dict[str, Any], engine: Any, ctx: ClipContext, latent_shape: tuple[int, int, int],
-                  per_frame_text: bool, guidance: bool, sequence_length: int = 512) -> tuple[int, Measurement]:
-    """(weights bytes, one denoising step of this rank: conditional and unconditional calls as
-    ``WanFamily.predict_noise`` makes them, through the engine)."""
+def step_measure(model: torch.nn.Module, engine: Any, ctx: ClipContext, latent_hw: tuple[int, int],
+                 expand_timesteps: bool, guidance: bool, per_frame_text: bool = False,
+                 sequence_length: int = 512) -> Measurement:
+    """One denoising step of this rank through the engine on meta tensors, as ``WanFamily.predict_noise``
+    makes it: the sampler's float32 latents cast to the model's dtype, the conditional call (and with
+    ``guidance`` the unconditional one and their combination); one timestep per token when
+    ``expand_timesteps`` (Wan2.2 TI2V); text per latent frame when ``per_frame_text``."""
     from ... import parallelize
 
-    experts = [m for m in (components["transformer"], components["transformer_2"]) if m is not None]
-    one, two = components["probes"]
-    model = two
-    channels, height, width = latent_shape
+    height, width = latent_hw
     frames = len(ctx.frames)
-    latents = torch.empty(1, channels, frames, height, width, device="meta")  # the sampler's float32
-    text_shape = (1, frames, sequence_length, model.config.text_dim) if per_frame_text else \
-        (1, sequence_length, model.config.text_dim)
+    latents = torch.empty(1, model.config.in_channels, frames, height, width, device="meta")
+    text_dim = model.config.text_dim
+    text_shape = (1, frames, sequence_length, text_dim) if per_frame_text else (1, sequence_length, text_dim)
     text = torch.empty(text_shape, device="meta", dtype=model.dtype)
-    negative = torch.empty(1, sequence_length, model.config.text_dim, device="meta", dtype=model.dtype)
+    negative = torch.empty(1, sequence_length, text_dim, device="meta", dtype=model.dtype)
     _, patch_h, patch_w = model.config.patch_size
     tokens = frames * (height // patch_h) * (width // patch_w)
-    timestep = torch.zeros(1, tokens, device="meta") if components["expand_timesteps"] else torch.zeros(1, device="meta")
+    timestep = torch.zeros(1, tokens, device="meta") if expand_timesteps else torch.zeros(1, device="meta")
 
-    def step_of(model: torch.nn.Module) -> Measurement:
-        def step() -> torch.Tensor:
-            x = latents.to(model.dtype)
-            pred = model(x, timestep, text, return_dict=False)[0]
-            if not guidance:
-                return pred
-            uncond = model(x, timestep, negative, return_dict=False)[0]
-            return uncond + 5.0 * (pred - uncond)
+    def step() -> torch.Tensor:
+        x = latents.to(model.dtype)
+        pred = model(x, timestep, text, return_dict=False)[0]
+        if not guidance:
+            return pred
+        uncond = model(x, timestep, negative, return_dict=False)[0]
+        return uncond + 5.0 * (pred - uncond)
 
-        handle = parallelize(model, engine, ctx)
-        try:
-            return measure(step)
-        finally:
-            handle.remove()
+    handle = parallelize(model, engine, ctx)
+    try:
+        return measure(step)
+    finally:
+        handle.remove()
 
-    first, second = step_of(one), step_of(two)
+
+def denoise_stage(components: dict[str, Any], engine: Any, ctx: ClipContext, latent_shape: tuple[int, int, int],
+                  per_frame_text: bool, guidance: bool, sequence_length: int = 512) -> tuple[int, Measurement]:
+    """(weights bytes, one denoising step of this rank: :func:`step_measure` on one and two blocks, the
+    FLOPs extrapolated to the model's depth)."""
+    experts = [m for m in (components["transformer"], components["transformer_2"]) if m is not None]
+    first, second = (step_measure(probe, engine, ctx, latent_shape[1:], components["expand_timesteps"], guidance,
+                                  per_frame_text, sequence_length) for probe in components["probes"])
     per_block = second.flops - first.flops
     step = Measurement(max(first.peak_bytes, second.peak_bytes), first.flops + (components["layers"] - 1) * per_block)
     return sum(parameter_bytes(m) for m in experts), step
@@ -112,7 +126,7 @@ def decode_stage(components: dict[str, Any], latent_shape: tuple[int, int, int],
                  ) -> tuple[int, Measurement]:
     """(weights bytes, the streamed decode of ``frames`` latent frames: one latent frame's decoder
     call at a time with the causal caches; each frame's output handed on and dropped, as the writer
-    does), float32 as a run loads the VAE."""
+    does), float32 as a run loads the VAE. Its FLOPs are per latent frame (their mean over ``frames``)."""
     from .family import stream_wan_window
 
     vae = components["vae"]
@@ -123,4 +137,5 @@ def decode_stage(components: dict[str, Any], latent_shape: tuple[int, int, int],
         for _ in stream_wan_window(vae, latents, 0):
             pass
 
-    return parameter_bytes(vae), measure(decode)
+    measured = measure(decode)
+    return parameter_bytes(vae), Measurement(measured.peak_bytes, measured.flops // frames)
