@@ -162,7 +162,7 @@ def main() -> int:
     args = parser.parse_args()
     import torch
 
-    from video_infinity.families.wan.family.family import latent_frame_count
+    from video_infinity.families.wan.vae import latent_frame_count
     from video_infinity.presets import PRESETS
 
     if not args.cpu and not torch.cuda.is_available():

@@ -64,7 +64,7 @@ def main() -> None:
     setup_logging()
     import torch
 
-    from video_infinity.families.wan.family import latent_frame_count
+    from video_infinity.families.wan.vae import latent_frame_count
     from video_infinity.families.wan.plan import meta_transformer
     from video_infinity.memory import parameter_bytes
 

@@ -87,7 +87,7 @@ def _wan(folder: Path) -> Any:
 
 
 def _wan_latent_frames(num_frames: int) -> int:
-    from video_infinity.families.wan.family import latent_frame_count
+    from video_infinity.families.wan.vae import latent_frame_count
 
     return latent_frame_count(num_frames)
 

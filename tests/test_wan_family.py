@@ -20,7 +20,7 @@ from harness import run_distributed
 from video_infinity.context import ClipContext
 from video_infinity import VideoInfinityPipeline
 from video_infinity.engine.comm import broadcast_from_rank0
-from video_infinity.families.wan.family import (
+from video_infinity.families.wan.vae import (
     decode_wan_clip,
     decode_wan_window,
     denormalize_wan_latents,
@@ -329,7 +329,7 @@ def test_streamed_decode_is_vae_decode_bit_for_bit_one_latent_frame_at_a_time():
     """The decode streams each latent frame's video frames (1, then 4 each) as they are made, never the
     whole video; their concatenation is ``vae.decode`` of the whole latent video, bit for bit, and with a
     warm-up of preceding frames the frames after it."""
-    from video_infinity.families.wan.family import stream_wan_window
+    from video_infinity.families.wan.vae import stream_wan_window
 
     vae = _small_vae()
     latents = torch.randn(1, vae.config.z_dim, 6, 4, 4, generator=torch.Generator().manual_seed(3))

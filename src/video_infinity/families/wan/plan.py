@@ -127,7 +127,7 @@ def decode_stage(components: dict[str, Any], latent_shape: tuple[int, int, int],
     """(weights bytes, the streamed decode of ``frames`` latent frames: one latent frame's decoder
     call at a time with the causal caches; each frame's output handed on and dropped, as the writer
     does), float32 as a run loads the VAE. Its FLOPs are per latent frame (their mean over ``frames``)."""
-    from .family import stream_wan_window
+    from .vae import stream_wan_window
 
     vae = components["vae"]
     _, height, width = latent_shape
