@@ -15,7 +15,24 @@ attention counted as a flash kernel allocates; the allocator's rounding comes on
 encoder (UMT5-XXL, ~11 GB bf16: encode first, then off the GPU), the VAE decode, the CUDA context
 and allocator slack. N GPUs: each rank's call is extrapolated from the one-process figures (the
 per-latent-frame slope times its ceil(frames / N) latent frames plus a halo of 2 x padding frames
-of keys and values, plus the constant), labelled "extrapolated"; nothing here ran on N GPUs.
+of keys and values (at most the clip), plus the constant), labelled "extrapolated"; nothing here
+ran on N GPUs. One GPU: the call's own peak plus the weights, "computed on meta tensors".
+
+Host time (issue 24 item 4, Wan2.1-1.3B only): what the engine's Python and torch's dispatcher cost
+per call, the part of a GPU run that CUDA's asynchronous launches hide as long as the host stays
+ahead of the GPU. Timed on this CPU, one torch thread, median of interleaved rounds, for the
+frame-chunked blocks (the default: 10 latent frames per chunk), one latent frame per chunk
+(``block_tokens`` 1,560), the whole clip (null) and diffusers without the engine. On meta tensors
+torch runs shape functions (many of them Python) where a GPU launches kernels, so their wall time is
+many times the host time of the same call on real tensors (``meta_calibration``: the real-size model
+on meta vs the proxy below, same operations). The host time reported is therefore the proxy's: the
+same model, 30 blocks, with every width cut to a few channels and one token per latent frame, with
+the same latent frames, chunks and engine path (fused kernels, ``split_invariant`` off, the GPU
+default), on real CPU tensors, where each kernel does next to no arithmetic; the number of torch
+operations per call is counted beside it (each at most one kernel launch on a GPU), and a launch
+margin of ``LAUNCH_US`` per operation is added as the pessimistic case. GPU time is assumed: the
+real-size call's FLOPs (counted on meta tensors) over an assumed sustained throughput
+(``ASSUMED_TFLOPS``). Everything here is computed; nothing ran on a GPU.
 
     python benchmarks/one_gpu.py            # writes results/one_gpu.json
 """
@@ -25,9 +42,11 @@ from __future__ import annotations
 import argparse
 import logging
 import math
+import statistics
+from contextlib import nullcontext
 from typing import Any
 
-from _common import machine, mib, setup_logging, write_result
+from _common import interleaved, machine, mib, setup_logging, write_result
 
 logger = logging.getLogger("one_gpu")
 
@@ -45,9 +64,27 @@ FRAMES = (81, 321, 1025)
 GPUS_GIB = (24, 48, 80)
 WORLDS = (1, 2, 4, 8)
 
+HOST_MODEL = "Wan2.1-T2V-1.3B 480x832"
+HOST_FRAMES = {81: 5, 321: 5, 1025: 3}
+"""Frame counts of the host-time section and the timed rounds at each (after one untimed round)."""
+PER_FRAME_CHUNKS_UP_TO = 321
+"""One latent frame per chunk is timed up to this many frames (at 1,025: 257 chunks, ~7 s a call here)."""
+PROXY = dict(num_attention_heads=2, attention_head_dim=12, ffn_dim=32, text_dim=16, freq_dim=16)
+"""The host-time proxy's widths (every other setting, the 30 blocks included, as the real model's)."""
+PROXY_LATENT = (2, 2)
+"""One token per latent frame (patch 2 x 2)."""
+META_TIMESTEP = 1000.0
+"""The timestep a call on meta tensors is taken to have (the most global frames); the proxy uses it too."""
+ASSUMED_TFLOPS = {"150 (a 24 GB card, RTX 4090 class)": 150, "400 (H100 class, sustained)": 400,
+                  "800 (H100/H200 SXM near its 989 dense bf16 peak)": 800}
+"""Sustained bf16 throughputs assumed for the GPU time; the faster the GPU, the less host time it hides."""
+LAUNCH_US = 5.0
+"""Microseconds per torch operation added as the pessimistic case: a CUDA launch that this CPU run has not."""
 
-def call_peak(model, latent: tuple[int, int], latent_frames: int, per_token: bool, block_tokens: Any) -> int:
-    """One conditional call's peak (the planner's step without guidance), ``block_tokens`` over the preset's."""
+
+def call_measure(model, latent: tuple[int, int], latent_frames: int, per_token: bool, block_tokens: Any):
+    """One conditional call's peak and FLOPs (the planner's step without guidance), ``block_tokens``
+    over the preset's."""
     from video_infinity import ClipContext
     from video_infinity.families.wan.plan import step_measure
     from video_infinity.presets import resolve_engine
@@ -55,8 +92,167 @@ def call_peak(model, latent: tuple[int, int], latent_frames: int, per_token: boo
     engine = resolve_engine("wan")
     if block_tokens != "default":
         engine = engine.model_copy(update={"block_tokens": block_tokens})
-    return step_measure(model, engine, ClipContext(total_frames=latent_frames), latent, per_token,
-                        guidance=False).peak_bytes
+    return step_measure(model, engine, ClipContext(total_frames=latent_frames), latent, per_token, guidance=False)
+
+
+def _count_ops(fn) -> int:
+    """Torch operations dispatched by ``fn()`` (each at most one kernel launch on a GPU)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        ops = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops += 1
+            return func(*args, **(kwargs or {}))
+
+    with Count() as counter:
+        fn()
+    return counter.ops
+
+
+def _host_calls(build, latent: tuple[int, int], latent_frames: int, settings: dict[str, Any]):
+    """For each setting (latent frames per chunk; None: the whole clip; "diffusers": no engine), a
+    model from ``build()`` with the engine attached and a function making one conditional call on
+    it; and the engines' handles (to remove)."""
+    import torch
+
+    from video_infinity import ClipContext, parallelize
+    from video_infinity.presets import resolve_engine
+
+    calls, handles = {}, []
+    for name, frames_per_chunk in settings.items():
+        model = build()
+        device = next(model.parameters()).device
+        latents = torch.zeros(1, model.config.in_channels, latent_frames, *latent, device=device)
+        text = torch.zeros(1, 512, model.config.text_dim, device=device, dtype=torch.bfloat16)
+        timestep = torch.full((1,), META_TIMESTEP, device=device)
+        if frames_per_chunk != "diffusers":
+            tokens = (latent[0] // 2) * (latent[1] // 2)
+            engine = resolve_engine("wan").model_copy(update={
+                "split_invariant": False,  # the GPU default (the meta device's too)
+                "block_tokens": None if frames_per_chunk is None else frames_per_chunk * tokens})
+            handles.append(parallelize(model, engine, ClipContext(total_frames=latent_frames)))
+
+        def call(model=model, latents=latents, timestep=timestep, text=text) -> None:
+            with torch.no_grad():
+                model(latents.to(model.dtype), timestep, text, return_dict=False)
+
+        calls[name] = call
+    return calls, handles
+
+
+def host_times(build, latent: tuple[int, int], latent_frames: int, settings: dict[str, Any], rounds: int,
+               meta: bool) -> dict[str, dict[str, float]]:
+    """Median seconds of one call per setting over interleaved rounds, and torch operations per call."""
+    from video_infinity.memory import flash_attention_on_meta
+
+    calls, handles = _host_calls(build, latent, latent_frames, settings)
+    try:
+        # On meta tensors: attention as a flash kernel is called (one operation), not torch's math path.
+        with flash_attention_on_meta() if meta else nullcontext():
+            times = interleaved(calls, rounds, warmup=1)
+            ops = {name: _count_ops(call) for name, call in calls.items()}
+    finally:
+        for handle in handles:
+            handle.remove()
+    return {name: {"host_s": round(statistics.median(times[name]), 4), "ops": ops[name]} for name in calls}
+
+
+def proxy_transformer():
+    """The host-time proxy: Wan2.1-1.3B's configuration with every width cut (:data:`PROXY`), real
+    CPU weights in bf16 but diffusers' float32 modules, as :func:`meta_transformer` casts them."""
+    import torch
+    from diffusers import WanTransformer3DModel
+
+    torch.manual_seed(0)
+    model = WanTransformer3DModel.from_config({**COMMON, **MODELS[HOST_MODEL]["config"], **PROXY})
+    keep = set(model._keep_in_fp32_modules or [])
+    for name, param in model.named_parameters():
+        param.data = param.data.to(torch.float32 if set(name.split(".")) & keep else torch.bfloat16)
+    return model.eval()
+
+
+def host_section(flops: dict[int, int]) -> dict[str, Any]:
+    """Issue 24 item 4 at Wan2.1-1.3B 480x832: host seconds per call, and the extra host time of the
+    frame-chunked blocks over the whole-clip ones against the GPU time assumed from ``flops``."""
+    import torch
+
+    from video_infinity.families.wan.plan import meta_transformer
+    from video_infinity.families.wan.vae import latent_frame_count
+    from video_infinity.presets import resolve_engine
+
+    torch.set_num_threads(1)
+    spec = MODELS[HOST_MODEL]
+    real_tokens = spec["latent"][0] // 2 * spec["latent"][1] // 2
+    default_fpc = max(1, resolve_engine("wan").block_tokens // real_tokens)  # as blocks.frame_chunks
+    chunked = f"frame_chunked ({default_fpc} latent frames per chunk, default)"
+    per_frame = "one latent frame per chunk (block_tokens 1560)"
+    whole, plain = "whole_clip (block_tokens null)", "diffusers without the engine"
+
+    def build_meta():
+        return meta_transformer({**COMMON, **spec["config"]}, torch.bfloat16)
+
+    calibration = host_times(build_meta, spec["latent"], latent_frame_count(FRAMES[0]),
+                             {chunked: default_fpc, whole: None, plain: "diffusers"}, rounds=3, meta=True)
+    frames_out: dict[str, Any] = {}
+    for frames, rounds in HOST_FRAMES.items():
+        latent_frames = latent_frame_count(frames)
+        settings = {chunked: default_fpc, whole: None, plain: "diffusers"}
+        if frames <= PER_FRAME_CHUNKS_UP_TO:
+            settings = {chunked: default_fpc, per_frame: 1, whole: None, plain: "diffusers"}
+        timed = host_times(proxy_transformer, PROXY_LATENT, latent_frames, settings, rounds, meta=False)
+        for name, fpc in settings.items():
+            timed[name]["chunks"] = (None if not isinstance(fpc, int)
+                                     else math.ceil(latent_frames / fpc))
+            timed[name]["host_s_with_launch_margin"] = round(timed[name]["host_s"]
+                                                             + LAUNCH_US * 1e-6 * timed[name]["ops"], 4)
+        extra = timed[chunked]["host_s"] - timed[whole]["host_s"]
+        extra_margin = timed[chunked]["host_s_with_launch_margin"] - timed[whole]["host_s_with_launch_margin"]
+        gpu_s = {label: flops[frames] / (tflops * 1e12) for label, tflops in ASSUMED_TFLOPS.items()}
+        entry: dict[str, Any] = {
+            "latent_frames": latent_frames,
+            "tflop_per_call": round(flops[frames] / 1e12, 1),
+            "host": timed,
+            "chunking_extra_host_s": round(extra, 4),
+            "chunking_extra_host_s_with_launch_margin": round(extra_margin, 4),
+            "assumed_gpu_s": {label: round(g, 3) for label, g in gpu_s.items()},
+            "chunking_extra_over_gpu_time": {label: round(extra / g, 4) for label, g in gpu_s.items()},
+            "chunking_extra_with_launch_margin_over_gpu_time": {label: round(extra_margin / g, 4)
+                                                                for label, g in gpu_s.items()},
+            "chunked_host_over_gpu_time": {label: round(timed[chunked]["host_s"] / g, 4) for label, g in gpu_s.items()},
+            "chunked_host_with_launch_margin_over_gpu_time": {
+                label: round(timed[chunked]["host_s_with_launch_margin"] / g, 4) for label, g in gpu_s.items()},
+        }
+        if per_frame in timed:
+            chunks = timed[per_frame]["chunks"] - timed[chunked]["chunks"]
+            entry["host_ms_per_chunk_and_block"] = round(
+                1e3 * (timed[per_frame]["host_s"] - timed[chunked]["host_s"]) / (chunks * spec["config"]["num_layers"]), 3)
+        frames_out[str(frames)] = entry
+        logger.info("host, %d frames: %s; extra of chunking %.3f s, %.1f%% of the GPU time at 400 TFLOP/s",
+                    frames, ", ".join(f"{n} {t['host_s']:.3f} s" for n, t in timed.items()), extra,
+                    100 * extra / (flops[frames] / 400e12))
+    for name, entry in calibration.items():
+        proxy = frames_out[str(FRAMES[0])]["host"][name]
+        entry["proxy_host_s"], entry["proxy_ops"] = proxy["host_s"], proxy["ops"]
+        entry["meta_over_proxy"] = round(entry["host_s"] / proxy["host_s"], 1)
+    return {
+        "what": "issue 24 item 4: host (Python + dispatcher) seconds of one conditional Wan2.1-1.3B 480x832 call, "
+                "and the extra host time of frame-chunked blocks over whole-clip blocks as a fraction of the "
+                "GPU time assumed from the call's FLOPs",
+        "how": "computed (host time measured on CPU with a width-cut proxy of the same code path; "
+               "GPU time assumed from FLOPs); nothing ran on a GPU",
+        "proxy": {"config": PROXY, "latent": list(PROXY_LATENT), "tokens_per_latent_frame": 1,
+                  "num_layers": spec["config"]["num_layers"], "device": "cpu", "torch_threads": 1,
+                  "engine": "wan preset, split_invariant false (the GPU default), timestep 1000"},
+        "assumed_tflops": {label: t for label, t in ASSUMED_TFLOPS.items()},
+        "launch_margin_us_per_op": LAUNCH_US,
+        "flops_counted_as": "matrix products and attention of the real-size call on meta tensors "
+                            "(frame-chunked; torch FlopCounterMode, attention as a flash kernel)",
+        "meta_calibration": {"frames": FRAMES[0], "note": "the real-size call on meta tensors: wall time "
+                             "of shape functions, not of a GPU's host path", "settings": calibration},
+        "frames": frames_out,
+    }
 
 
 def main() -> None:
@@ -64,45 +260,58 @@ def main() -> None:
     setup_logging()
     import torch
 
-    from video_infinity.families.wan.vae import latent_frame_count
     from video_infinity.families.wan.plan import meta_transformer
+    from video_infinity.families.wan.vae import latent_frame_count
     from video_infinity.memory import parameter_bytes
 
     padding = 8
     results: dict[str, Any] = {}
+    host_flops: dict[int, int] = {}
     for name, spec in MODELS.items():
         model = meta_transformer({**COMMON, **spec["config"]}, torch.bfloat16)
         weights = parameter_bytes(model)
         entry: dict[str, Any] = {"weights_gib": round(weights / 2**30, 2), "calls": {}}
         for block_tokens in ("default", None):
             label = "frame_chunked" if block_tokens == "default" else "whole_clip"
-            peaks = {}
+            peaks, flops = {}, {}
             for frames in FRAMES:
                 latent_frames = latent_frame_count(frames)
-                peaks[frames] = call_peak(model, spec["latent"], latent_frames, spec["per_token_timestep"], block_tokens)
-                logger.info("%s, %s, %d frames: %.0f MiB", name, label, frames, mib(peaks[frames]))
+                measured = call_measure(model, spec["latent"], latent_frames, spec["per_token_timestep"], block_tokens)
+                peaks[frames], flops[frames] = measured.peak_bytes, measured.flops
+                logger.info("%s, %s, %d frames: %.0f MiB, %.1f TFLOP", name, label, frames, mib(peaks[frames]),
+                            flops[frames] / 1e12)
+            if name == HOST_MODEL and block_tokens == "default":
+                host_flops = flops
             first, last = latent_frame_count(FRAMES[1]), latent_frame_count(FRAMES[-1])
             slope = (peaks[FRAMES[-1]] - peaks[FRAMES[1]]) / (last - first)
             constant = peaks[FRAMES[-1]] - slope * last
+
+            def need_bytes(frames: int, world: int) -> float:
+                """One GPU: the call's peak; a rank of N: extrapolated (its frames and halo, at most the clip)."""
+                if world == 1:
+                    return peaks[frames]
+                clip = latent_frame_count(frames)
+                return constant + slope * min(clip, math.ceil(clip / world) + 2 * padding)
+
             entry["calls"][label] = {
                 "peak_mib": {str(f): round(mib(p), 1) for f, p in peaks.items()},
+                "tflop": {str(f): round(x / 1e12, 1) for f, x in flops.items()},
                 "mib_per_latent_frame": round(mib(slope), 2),
                 "peak_with_weights_gib": {str(f): round((p + weights) / 2**30, 2) for f, p in peaks.items()},
                 "fits": {
                     f"{gib} GiB": {
                         f"{world} GPU": {
                             str(frames): {
-                                "fits": (need := (constant + slope * (math.ceil(latent_frame_count(frames) / world)
-                                                                      + (2 * padding if world > 1 else 0))
-                                                  + weights) / 2**30) <= gib,
+                                "fits": (need := (need_bytes(frames, world) + weights) / 2**30) <= gib,
                                 "need_gib": round(need, 2),
-                                "how": "measured on meta tensors" if world == 1 else "extrapolated",
+                                "how": "computed on meta tensors" if world == 1 else "extrapolated",
                             } for frames in FRAMES
                         } for world in WORLDS
                     } for gib in GPUS_GIB
                 },
             }
         results[name] = entry
+    host = host_section(host_flops)
     write_result("one_gpu", {
         "what": "one Wan transformer call (batch 1) at real size on meta tensors: peak working memory, "
                 "frame-chunked blocks (block_tokens default) vs diffusers' whole-clip blocks",
@@ -111,6 +320,7 @@ def main() -> None:
         "not_counted": "text encoder, VAE decode, CUDA context, allocator slack; N-GPU figures are extrapolated",
         "machine": machine(),
         "models": results,
+        "host_overhead": host,
     })
 
 
