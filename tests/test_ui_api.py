@@ -1,10 +1,12 @@
 """The web UI's ``generate`` endpoint through ``gradio_client``, against ``video-infinity serve``
 started as a user would: a real generation with the embedded demo model on 2 CPU processes, the
 same video on 1 (while a second request waits in the queue), refusals before anything starts, and
-what the server hands out."""
+what the server hands out; a start image: refused for the text-to-video demo model, made into a
+video by a tiny Wan2.2 TI2V folder."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 import urllib.error
@@ -15,10 +17,11 @@ import numpy as np
 import pytest
 
 from ui_utils import Server
+from video_infinity.demo import default_model_path
 from video_infinity.video_io import read_video
 
 pytest.importorskip("gradio_client")
-from gradio_client import Client  # noqa: E402
+from gradio_client import Client, handle_file  # noqa: E402
 from gradio_client.exceptions import AppError  # noqa: E402
 from gradio_client.utils import Status  # noqa: E402
 
@@ -113,3 +116,45 @@ def test_only_files_under_base_path_are_served(server, two_ranks):
     outside.write_text("not for the web")
     assert status(outside) in (403, 404)
     assert status(Path("/etc/passwd")) in (403, 404)
+
+
+def _png(path: Path, size: tuple[int, int] = (64, 64)) -> Path:
+    from PIL import Image
+
+    pixels = np.random.default_rng(1).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(path)
+    return path
+
+
+def test_an_image_for_the_text_to_video_demo_model_is_refused_in_one_line_and_nothing_starts(server, client, tmp_path):
+    before = sorted(p.name for p in server.base.iterdir())
+    with pytest.raises(AppError) as info:
+        client.predict(prompts=TIMELINE, devices="1", **SMALL, image=handle_file(str(_png(tmp_path / "first.png"))),
+                       api_name="/generate")
+    assert str(info.value) == (f"pipe_configs.image: {default_model_path()} is a text-to-video model (its transformer "
+                               "takes no image); use an image-to-video model or leave image out")
+    assert sorted(p.name for p in server.base.iterdir()) == before
+    assert not server.runs_left()
+
+
+def test_a_start_image_makes_a_wan_ti2v_video_whose_sidecar_records_it(server, client, tmp_path):
+    from tiny_models import build_tiny_wan_i2v_folder
+
+    model = build_tiny_wan_i2v_folder(tmp_path / "ti2v", "ti2v")  # Wan2.2 TI2V: an image is optional
+    first = _png(tmp_path / "first.png", (48, 32))
+    call = dict(prompts="a cat runs on the beach", num_frames=9, height=32, width=48, steps=1, devices="1", seed=3,
+                guidance_scale=3.0, model=str(model), preset="wan", image=handle_file(str(first)), api_name="/generate")
+    with pytest.raises(AppError, match=r"^pipe_configs\.last_image: .* conditions on its first frames only"):
+        client.predict(**call, last_image=handle_file(str(first)))
+    video, sidecar = client.predict(**call)
+    frames, fps = read_video(video)
+    assert frames.shape == (9, 32, 48, 3) and fps == pytest.approx(8)
+    assert sidecar["family"] == "wan" and sidecar["total_frames"] == 9
+    # The run keeps its own copy of the upload beside its video: the config and the sidecar name it.
+    stem = Path(sidecar["video"]).stem
+    kept = server.base.resolve() / f"{stem}.image.png"
+    assert kept.read_bytes() == first.read_bytes()
+    assert sidecar["request"]["image"] == f"{kept} (sha256 {hashlib.sha256(first.read_bytes()).hexdigest()[:16]})"
+    assert sidecar["request"]["last_image"] is None and sidecar["config"]["pipe_configs"]["image"] == str(kept)
+    saved = json.loads((server.base / f"{stem}.config.json").read_text())
+    assert saved["pipe_configs"]["image"] == str(kept)

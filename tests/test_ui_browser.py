@@ -2,13 +2,16 @@
 ``video-infinity serve``: fill a 2-prompt timeline, generate 16 frames at 64x64 in 2 steps on 2 CPU
 processes while the progress updates, play the video; a bad value shown next to its field with
 nothing started; cancel a second run mid-way (no process left, checkpoint kept), resume it, and
-find the runs in the gallery; "use these settings" loads a run back into the form.
+find the runs in the gallery; "use these settings" loads a run back into the form; a start image for
+the text-to-video demo model refused under the upload, and a run's image loaded back by "use these
+settings".
 
 The page's screenshot is saved (``VIDEO_INFINITY_SCREENSHOT=path``: there; the README's picture,
 docs/web-ui.png, comes from such a run)."""
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from pathlib import Path
@@ -168,3 +171,47 @@ def test_use_these_settings_loads_a_run_into_the_form(server, page):
     assert page.locator("#prompt-0 textarea").input_value() == "a red circle moving right"
     assert page.locator("#prompt-1 textarea").input_value() == "a blue square moving down"
     assert page.locator("#start-1 input").input_value() == "8"
+
+
+def _has_image(page, elem_id: str) -> bool:
+    return page.evaluate(f"() => document.querySelector('#{elem_id} img') !== null")
+
+
+def test_an_image_upload_is_refused_for_the_demo_model_under_it_and_use_these_settings_restores_one(server, page,
+                                                                                                   tmp_path):
+    from video_infinity.demo import default_model_path
+    from video_infinity.ui.form import GenerationForm, Limits, run_config
+
+    first = tmp_path / "first.png"
+    from PIL import Image
+
+    Image.fromarray(np.random.default_rng(2).integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(first)
+    before, status = sorted(p.name for p in server.base.iterdir()), _text(page, "status")
+    _fill_form(page, steps=2)
+    page.set_input_files("#image input[type=file]", str(first))
+    page.wait_for_function("() => document.querySelector('#image img') !== null", timeout=20_000)
+    page.click("#generate")
+    message = (f"pipe_configs.image: {default_model_path()} is a text-to-video model (its transformer takes no image); "
+               "use an image-to-video model or leave image out")
+    page.wait_for_function(f"() => document.querySelector('#image').innerText.includes({message!r})", timeout=20_000)
+    assert message not in _text(page, "last-image") and message not in _text(page, "prompt-0")
+    assert _text(page, "status") == status  # nothing ran
+    assert sorted(p.name for p in server.base.iterdir()) == before and not server.runs_left()
+
+    # A run whose image is kept under base_path (as the UI keeps an upload), and one without an image.
+    for name, image in (("with_image", server.base / "with_image.image.png"), ("text_only", None)):
+        if image is not None:
+            image.write_bytes(first.read_bytes())
+        form = GenerationForm(prompts={0: f"the {name} run"}, steps=3, image=str(image or ""))
+        config = run_config(form, base_path=str(server.base), file_name=name, limits=Limits())
+        (server.base / f"{name}.config.json").write_text(json.dumps(config.model_dump(mode="json")))
+    page.click("#refresh")
+    for name, shown in (("text_only", False), ("with_image", True), ("text_only", False)):
+        page.locator("#run-choice input").fill(name)
+        page.keyboard.press("Enter")
+        page.click("#use-settings")
+        page.wait_for_function(f"() => document.querySelector('#prompt-0 textarea').value === 'the {name} run'",
+                               timeout=20_000)
+        page.wait_for_function(f"() => (document.querySelector('#image img') !== null) === {str(shown).lower()}",
+                               timeout=20_000)
+        assert not _has_image(page, "last-image")

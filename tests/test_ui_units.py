@@ -232,3 +232,81 @@ def test_resume_refuses_a_run_without_a_checkpoint_or_with_a_broken_config(tmp_p
         studio.resume("broken")
     with pytest.raises(FormError, match="no run called"):
         studio.resume("missing")
+
+
+def _png(path: Path, colour: tuple[int, int, int] = (200, 30, 30), size: tuple[int, int] = (64, 64)) -> Path:
+    from PIL import Image
+
+    Image.new("RGB", size, colour).save(path)
+    return path
+
+
+def test_image_uploads_go_into_the_config_and_come_back(tmp_path):
+    first, last = _png(tmp_path / "first.png"), _png(tmp_path / "last.png", (20, 30, 200))
+    form = GenerationForm(**{**FORM.__dict__, "image": str(first), "last_image": str(last)})
+    config = _config(form)
+    assert (config.pipe_configs.image, config.pipe_configs.last_image) == (str(first), str(last))
+    assert config.model_dump(mode="json")["pipe_configs"]["image"] == str(first)  # the file names it by path
+    back = form_from_config(config.model_dump(mode="json"))
+    assert (back.image, back.last_image) == (str(first), str(last))
+    assert _config(back) == config
+    # An empty upload is no image, whatever the server's --config has.
+    plain = run_config(FORM, base_path="/tmp/never-written", file_name="clip", limits=LIMITS, template=config)
+    assert plain.pipe_configs.image is None and plain.pipe_configs.last_image is None
+    assert form_from_config(plain).image == "" and _config().pipe_configs.image is None
+    # Widget values: an upload's path, or None for an empty one.
+    widgets = form_from_values({0: "a"}, {"image": str(first), "last_image": None})
+    assert (widgets.image, widgets.last_image) == (str(first), "")
+
+
+@pytest.mark.parametrize("changes, field, words", [
+    ({"image": "/no/such/first.png"}, "image", "pipe_configs.image: no file at '/no/such/first.png'"),
+    ({"last_image": "LAST"}, "last_image", "pipe_configs.last_image: needs image (the first frame) too"),
+])
+def test_image_refusals_name_their_upload(tmp_path, changes, field, words):
+    changes = {k: str(_png(tmp_path / "last.png")) if v == "LAST" else v for k, v in changes.items()}
+    with pytest.raises(FormError) as info:
+        _config(GenerationForm(**{**FORM.__dict__, **changes}))
+    assert (info.value.field, str(info.value).startswith(words), "\n" in str(info.value)) == (field, True, False), (
+        str(info.value))
+
+
+def test_the_preflight_refuses_an_image_for_the_text_to_video_demo_model_and_an_unreadable_one(tmp_path):
+    from video_infinity.demo import default_model_path
+
+    studio = Studio(tmp_path / "runs", limits=LIMITS)
+    with pytest.raises(FormError) as info:
+        studio.check(GenerationForm(**{**FORM.__dict__, "image": str(_png(tmp_path / "first.png"))}))
+    assert info.value.field == "image"
+    assert str(info.value) == (f"pipe_configs.image: {default_model_path()} is a text-to-video model (its transformer "
+                               "takes no image); use an image-to-video model or leave image out")
+    (tmp_path / "notes.png").write_text("not an image")
+    with pytest.raises(FormError, match=r"^pipe_configs\.image: cannot read '.*notes.png' as an image") as info:
+        studio.check(GenerationForm(**{**FORM.__dict__, "image": str(tmp_path / "notes.png")}))
+    assert info.value.field == "image" and not list((tmp_path / "runs").glob("*"))  # nothing written
+
+
+def test_a_run_keeps_copies_of_its_images_and_use_these_settings_restores_those_that_exist(tmp_path):
+    base = tmp_path / "runs"
+    base.mkdir()
+    studio = Studio(base, limits=LIMITS)
+    upload = _png(tmp_path / "upload.PNG")  # an upload in Gradio's cache, say
+    kept = studio.keep_images(GenerationForm(**{**FORM.__dict__, "image": str(upload)}), "clip")
+    assert kept.image == str(base / "clip.image.png") and kept.last_image == ""
+    assert (base / "clip.image.png").read_bytes() == upload.read_bytes()
+
+    config = _config(kept, tmp=base).model_dump(mode="json")
+    _sidecar(base, "clip", config, age=10)
+    form, notes = studio.settings("clip")
+    assert (form.image, form.last_image, notes) == (str(base / "clip.image.png"), "", [])
+    assert form == GenerationForm(**{**form_from_config(config).__dict__})
+    # An image outside base_path is not handed out; a deleted one is left out; the rest still loads.
+    config["pipe_configs"]["last_image"] = str(upload)
+    _sidecar(base, "outside", config, age=5)
+    form, notes = studio.settings("outside")
+    assert (form.image, form.last_image) == (str(base / "clip.image.png"), "")
+    assert notes == [f"pipe_configs.last_image: {upload} is outside this server's base_path; upload it on the page"]
+    (base / "clip.image.png").unlink()
+    form, notes = studio.settings("clip")
+    assert form.image == "" and form.steps == FORM.steps and form.prompts == FORM.prompts
+    assert notes == [f"pipe_configs.image: {base / 'clip.image.png'} no longer exists; upload the image again"]

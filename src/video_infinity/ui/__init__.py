@@ -47,7 +47,7 @@ def serve(*, base_path: str | Path, host: str = "127.0.0.1", port: int = 7860, l
     """Start the web UI; returns the Gradio app (``block=False``: without waiting for it to close).
     ``step_sleep_s``: test only, see :attr:`video_infinity.run.contract.RunRequest.step_sleep_s`."""
     require_gradio()
-    from .app import build_app
+    from .app import PAGE_CSS, build_app
 
     warning = exposure_warning(host)
     if warning is not None:
@@ -59,7 +59,7 @@ def serve(*, base_path: str | Path, host: str = "127.0.0.1", port: int = 7860, l
     # Only base_path is served: the videos and contact sheets the app shows come from there.
     try:
         app.launch(server_name=host, server_port=port, allowed_paths=[str(studio.base)], prevent_thread_lock=not block,
-                   show_error=True, quiet=False, footer_links=["api"])
+                   show_error=True, quiet=False, footer_links=["api"], css=PAGE_CSS)
     finally:
         if block:  # the server is closing (Ctrl-C): a run in progress stops with it, its checkpoint kept
             studio.cancel()

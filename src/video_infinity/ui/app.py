@@ -4,6 +4,11 @@ Two events start a generation and share one concurrency group of size 1, so one 
 the others wait in Gradio's queue (the page shows their position): the Generate button (the prompt
 timeline as rows) and the ``generate`` API endpoint (the timeline as JSON text), which
 ``gradio_client`` calls with named parameters.
+
+Beside the timeline, two image uploads (``image``, ``last_image``: an image-to-video model's first and
+last frames; empty: none) go into the run config's ``pipe_configs.image`` / ``last_image``; the
+endpoint takes them as its last parameters (``gradio_client.handle_file(path)``). A run keeps copies
+of them beside its video (:meth:`Studio.keep_images`), which "use these settings" loads back.
 """
 
 from __future__ import annotations
@@ -14,6 +19,8 @@ import logging
 import threading
 import urllib.parse
 from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import gradio as gr
@@ -25,6 +32,7 @@ from .form import (
     DEFAULT_PRESET,
     DEFAULT_SCHEDULER,
     FORM_FIELDS,
+    FORM_IMAGES,
     FormError,
     GenerationForm,
     form_from_config,
@@ -42,14 +50,28 @@ TIMELINE_ROWS = 12
 GENERATION = "generation"
 """The concurrency group of everything that runs a generation (one at a time)."""
 
+PAGE_CSS = ".validation-error { overflow-wrap: anywhere; }"
+"""The page's own style (``launch(css=...)``): a field's message breaks inside a long path (a model
+folder's, an image's) instead of running out of its box."""
+
 _DEMO_FORM = GenerationForm(prompts={0: "a red circle moving right", 8: "a green circle moving right"},
                             num_frames=16, height=64, width=64, steps=20, devices="1", seed=0, guidance_scale=5.0,
                             transition_frames=4)
 
 
 def default_form(studio: Studio) -> GenerationForm:
-    """The form's first values: the server's ``--config``, else a demo-model video a laptop makes in seconds."""
-    return form_from_config(studio.template) if studio.template is not None else _DEMO_FORM
+    """The form's first values: the server's ``--config``, else a demo-model video a laptop makes in seconds.
+    The config's images start the form only when they lie under base_path (the page shows nothing else)."""
+    if studio.template is None:
+        return _DEMO_FORM
+    form = form_from_config(studio.template)
+    for name in FORM_IMAGES:
+        path = getattr(form, name)
+        if path and studio.servable(Path(path)) is None:
+            logger.warning("pipe_configs.%s: %s is outside base_path, so the form starts without it (copy it under "
+                           "%s to have it shown, or upload it on the page)", name, path, studio.base)
+            form = replace(form, **{name: ""})
+    return form
 
 
 def _progress_text(progress: RunProgress) -> str:
@@ -78,7 +100,8 @@ def build_app(studio: Studio) -> gr.Blocks:
     schedulers = [DEFAULT_SCHEDULER, *SCHEDULER_NAMES]
 
     with gr.Blocks(title="Video-Infinity", analytics_enabled=False) as app:
-        gr.Markdown("## Video-Infinity: long videos from text, the frames split over several processes")
+        gr.Markdown("## Video-Infinity: long videos from text (and a start image), the frames split over several "
+                    "processes")
         with gr.Row():
             with gr.Column(scale=5):
                 gr.Markdown("### Prompt timeline: each prompt starts at its frame")
@@ -96,6 +119,13 @@ def build_app(studio: Studio) -> gr.Blocks:
                 with gr.Row():
                     add_row = gr.Button("Add prompt", size="sm", elem_id="add-prompt")
                     remove_row = gr.Button("Remove last prompt", size="sm", elem_id="remove-prompt")
+                with gr.Row(equal_height=True):  # image-to-video models (Wan I2V, TI2V); empty: from text only
+                    image = gr.Image(start.image or None, type="filepath", label="start image (image-to-video "
+                                     "models: the first frame)", sources=["upload", "clipboard"], height=180,
+                                     elem_id="image")
+                    last_image = gr.Image(start.last_image or None, type="filepath", label="end image (first-last-frame "
+                                          "models: the last frame)", sources=["upload", "clipboard"], height=180,
+                                          elem_id="last-image")
                 with gr.Row():
                     keyframe_mode = gr.Radio([("hold each prompt, then cross-fade", "hold"),
                                               ("blend gradually from prompt to prompt (FreeNoise)", "interpolate")],
@@ -166,6 +196,7 @@ def build_app(studio: Studio) -> gr.Blocks:
             "scheduler": scheduler, "model": model, "base_model": base_model, "preset": preset,
             "engine_json": engine_json, "padding": padding, "top_k": top_k, "phase_t": phase_t,
             "phase_bias": phase_bias, "loop": loop, "export_fps": export_fps, "checkpoint_every": checkpoint_every,
+            "image": image, "last_image": last_image,
         }
         field_names = [name for name in FORM_FIELDS if name != "prompts"]
         form_inputs = [*starts, *prompts, *(by_field[name] for name in field_names)]
@@ -257,10 +288,11 @@ def build_app(studio: Studio) -> gr.Blocks:
 
         def use_settings(name: str | None) -> list[Any]:
             try:
-                record = find_run(studio.base, name or "")
-                form = form_from_config(record.config or {})
+                form, notes = studio.settings(name or "")
             except (ValueError, TypeError) as exc:
                 raise gr.Error(f"run: cannot load the settings of {name!r} ({exc})") from None
+            for note in notes:  # an image that is gone: the rest of the settings still load
+                gr.Warning(note)
             return _form_values(form)
 
         def _form_values(form: GenerationForm) -> list[Any]:
@@ -272,7 +304,8 @@ def build_app(studio: Studio) -> gr.Blocks:
             count = max(2, len(timeline))
             padded = timeline + [(None, "")] * (TIMELINE_ROWS - len(timeline))
             values = [frame for frame, _ in padded] + [text for _, text in padded]
-            values += [getattr(form, name) for name in field_names]
+            values += [(getattr(form, name) or None) if name in FORM_IMAGES else getattr(form, name)
+                       for name in field_names]
             return [*values, *(gr.update(visible=i < count) for i in range(TIMELINE_ROWS)), count]
 
         def add_prompt_row(count: int) -> list[Any]:
@@ -325,14 +358,16 @@ def _api_endpoint(studio: Studio, start: GenerationForm) -> None:
     def generate(prompts: str, num_frames: int, height: int, width: int, steps: int, devices: str, seed: int,
                  guidance_scale: float, negative_prompt: str, transition_frames: int, keyframe_mode: str,
                  scheduler: str, model: str, preset: str, loop: bool, checkpoint_every: int,
+                 image: str | None = None, last_image: str | None = None,
                  progress: gr.Progress = gr.Progress()) -> tuple[str | None, dict[str, Any]]:
-        """Generate a video; returns the MP4 and the run's sidecar (JSON)."""
+        """Generate a video; returns the MP4 and the run's sidecar (JSON). ``image``, ``last_image``:
+        image-to-video models' first and last frames (``gradio_client.handle_file(path)``; None: none)."""
         try:
             form = form_from_values(parse_timeline(prompts, int(num_frames or 0)), {
                 "num_frames": num_frames, "height": height, "width": width, "steps": steps, "devices": devices,
                 "seed": seed, "guidance_scale": guidance_scale, "negative_prompt": negative_prompt,
                 "transition_frames": transition_frames, "keyframe_mode": keyframe_mode, "scheduler": scheduler, "model": model, "preset": preset,
-                "loop": loop, "checkpoint_every": checkpoint_every,
+                "loop": loop, "checkpoint_every": checkpoint_every, "image": image, "last_image": last_image,
                 # the server's --config engine settings go with its preset choice
                 "engine_json": start.engine_json if preset == start.preset else ""})
             job, name = studio.start(form)
@@ -357,6 +392,7 @@ def _api_endpoint(studio: Studio, start: GenerationForm) -> None:
         gr.Textbox(start.scheduler, **hidden),
         gr.Textbox(start.model, **hidden), gr.Textbox(start.preset, **hidden), gr.Checkbox(start.loop, **hidden),
         gr.Number(start.checkpoint_every, precision=0, **hidden),
+        gr.Image(None, type="filepath", **hidden), gr.Image(None, type="filepath", **hidden),  # the API's own files
     ]
     outputs = [gr.Video(**hidden), gr.JSON(**hidden)]
     trigger = gr.Button(**hidden)

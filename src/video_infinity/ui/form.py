@@ -1,5 +1,5 @@
 """The web UI's form as a run config: the values a user enters (a prompt timeline, sizes, devices,
-engine knobs) become a generation request (:class:`~video_infinity.request.GenerationRequest`'s
+engine knobs, an image-to-video model's start and end images as paths) become a generation request (:class:`~video_infinity.request.GenerationRequest`'s
 fields, :func:`request_values`) and, under the config file's keys with the run's own (devices,
 model, outputs), the same JSON config the command line runs, validated by the same code, plus the
 server's ceilings. Every problem is one :class:`FormError` naming the form field it belongs
@@ -84,6 +84,11 @@ class GenerationForm:
     export_fps: int = 8
     checkpoint_every: int = 5
     """Save a checkpoint every this many steps (what Cancel keeps and Resume continues); 0: never."""
+    image: str = ""
+    """Image-to-video: the path of the video's first frame (``pipe_configs.image``); empty: none."""
+    last_image: str = ""
+    """Image-to-video: the path of the video's last frame (``pipe_configs.last_image``, first-last-frame
+    models); empty: none."""
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -92,6 +97,8 @@ class GenerationForm:
 
 
 FORM_FIELDS: tuple[str, ...] = tuple(f.name for f in fields(GenerationForm))
+FORM_IMAGES: tuple[str, ...] = ("image", "last_image")
+"""The form's image uploads (paths; the run config's ``pipe_configs`` keys of the same names)."""
 
 # A config error's path -> the form field that shows it.
 _FIELD_OF_CONFIG_PATH: dict[str, str] = {
@@ -108,6 +115,8 @@ _FIELD_OF_CONFIG_PATH: dict[str, str] = {
     "pipe_configs.scheduler": "scheduler",
     "pipe_configs.export_fps": "export_fps",
     "pipe_configs.checkpoint_every": "checkpoint_every",
+    "pipe_configs.image": "image",
+    "pipe_configs.last_image": "last_image",
     "devices": "devices",
     "seed": "seed",
     "model": "model",
@@ -311,6 +320,7 @@ def request_values(form: GenerationForm, template: RunConfig | None = None) -> d
         "eta": pipe.eta if pipe is not None and scheduler == "ddim" else 0.0,
         "scheduler": scheduler, "transition_frames": form.transition_frames, "keyframe_mode": form.keyframe_mode,
         "engine": _engine(form),
+        "image": form.image.strip() or None, "last_image": form.last_image.strip() or None,
     }
 
 
@@ -324,6 +334,8 @@ def run_config(form: GenerationForm, *, base_path: str, file_name: str, limits: 
     base = template.model_dump(mode="json", by_alias=False) if template is not None else {}
     pipe = dict(base.get("pipe_configs", {}))
     pipe.pop("num_frames", None)
+    for name in (*FORM_IMAGES, "video"):  # the form's uploads, not the template's: an empty upload is no image
+        pipe.pop(name, None)  # (and the form has no continuation video)
     pipe.update(request["pipe_configs"], export_fps=form.export_fps, file_name=file_name,
                 checkpoint_every=form.checkpoint_every or None, save_latents=False)
     data = {
@@ -363,9 +375,10 @@ def form_from_config(config: RunConfig | dict[str, Any]) -> GenerationForm:
         engine_json=json.dumps(config.plugin_configs.model_dump(mode="json"), indent=1),
         loop=config.plugin_configs.loop,  # the knobs stay empty: the engine JSON holds them
         export_fps=pipe.export_fps, checkpoint_every=pipe.checkpoint_every or 0,
+        image=pipe.image or "", last_image=pipe.last_image or "",  # as recorded: the file may be gone since
     )
 
 
-__all__ = ["DEFAULT_PRESET", "DEFAULT_SCHEDULER", "FORM_FIELDS", "FormError", "GenerationForm", "Limits", "field_of",
+__all__ = ["DEFAULT_PRESET", "DEFAULT_SCHEDULER", "FORM_FIELDS", "FORM_IMAGES", "FormError", "GenerationForm", "Limits", "field_of",
            "form_from_config", "form_from_values", "parse_devices", "parse_timeline", "request_values", "run_config",
            "timeline_from_rows"]

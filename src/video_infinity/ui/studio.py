@@ -6,12 +6,14 @@ so all of it is testable in one process. Imports neither torch nor gradio.
 
 from __future__ import annotations
 
+import json
 import logging
 import re
+import shutil
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from pathlib import Path
 
@@ -21,7 +23,7 @@ from ..run.config import RunConfig, validate_run_config
 from ..run.contract import ErrorReport, RunRequest, RunResult
 from ..run.preflight import prepare
 from ..run.progress import RunProgress
-from .form import FormError, GenerationForm, Limits, field_of, run_config
+from .form import FORM_IMAGES, FormError, GenerationForm, Limits, field_of, form_from_config, run_config
 from .jobs import GenerationJob
 from .runs import CONFIG_SUFFIX, RunRecord, find_run, inside
 
@@ -29,6 +31,8 @@ logger = logging.getLogger(__name__)
 
 POLL_S = 0.25
 """How often a running job's progress files are read."""
+_PLAIN_SUFFIX = re.compile(r"\.[a-z0-9]{1,5}")
+"""An upload's file suffix kept on the run's copy of it (``.png``); any other is dropped."""
 
 
 @dataclass(frozen=True)
@@ -125,13 +129,62 @@ class Studio:
         return self._job
 
     def start(self, form: GenerationForm) -> tuple[GenerationJob, str]:
-        """Check ``form``, save its config as ``<base_path>/<name>.config.json`` and start the run."""
+        """Check ``form``, save its config as ``<base_path>/<name>.config.json`` and start the run.
+        Its images are copied beside it first (``<name>.image.png``, see :meth:`keep_images`)."""
         with self._lock:
             self._one_at_a_time()
             config, name = self.check(form)
+            kept = self.keep_images(form, name)
+            if kept != form:  # the same files' copies: checked above, validated again for the config
+                config = run_config(kept, base_path=str(self.base), file_name=name, limits=self.limits,
+                                    template=self.template)
             config_path = self.base / f"{name}{CONFIG_SUFFIX}"
             write_json_atomic(config_path, config.model_dump(mode="json"))  # the gallery's record of the run
             return self._start(config, config_path), name
+
+    def keep_images(self, form: GenerationForm, name: str) -> GenerationForm:
+        """``form`` with each of its images copied to ``<base_path>/<name>.<field><suffix>``: a run keeps
+        its images where its config and video are (an upload's file lives in Gradio's cache, which
+        may be emptied; Resume and "use these settings" need them), and the page can show them."""
+        copies: dict[str, str] = {}
+        for field in FORM_IMAGES:
+            source = getattr(form, field).strip()
+            if not source:
+                continue
+            suffix = Path(source).suffix.lower()
+            suffix = suffix if _PLAIN_SUFFIX.fullmatch(suffix) else ""
+            target = self.base / f"{name}.{field}{suffix}"
+            try:
+                self.base.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(Path(source).expanduser(), target)
+            except OSError as exc:
+                raise FormError(field, f"pipe_configs.{field}: cannot copy {source} to {target} ({exc})") from None
+            copies[field] = str(target)
+        return replace(form, **copies)
+
+    def settings(self, name: str) -> tuple[GenerationForm, list[str]]:
+        """What "use these settings" loads: the form that gives the run ``name`` back, and a note for
+        each image left out: a file that is gone or lies outside base_path (the UI hands out nothing
+        else), a continuation video (the form has no field for it)."""
+        record = find_run(self.base, name)
+        config = json.loads(json.dumps(record.config or {}))  # a copy, its images checked before it is validated
+        pipe = config.get("pipe_configs") if isinstance(config.get("pipe_configs"), dict) else {}
+        notes = []
+        for field in (*FORM_IMAGES, "video"):
+            path = pipe.get(field)
+            if not isinstance(path, str):
+                continue
+            if field == "video":
+                notes.append(f"pipe_configs.video: the form takes no continuation video ({path}); run the run's "
+                             "config with the command line for it")
+            elif not Path(path).is_file():
+                notes.append(f"pipe_configs.{field}: {path} no longer exists; upload the image again")
+            elif self.servable(Path(path)) is None:
+                notes.append(f"pipe_configs.{field}: {path} is outside this server's base_path; upload it on the page")
+            else:
+                continue
+            pipe[field] = None
+        return form_from_config(config), notes
 
     def resume(self, name: str) -> tuple[GenerationJob, str]:
         """Continue the unfinished run ``name`` from its checkpoint (same config, this server's devices
