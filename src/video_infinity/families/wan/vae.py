@@ -3,13 +3,18 @@
 * frames: a video of ``4 * (latent frames - 1) + 1`` frames (the VAE's temporal compression is 4);
 * decode: each rank decodes its own latent frames, after warming the causal decoder up on a halo of
   preceding latent frames as long as the decoder's temporal receptive field (derived from its
-  layers), so the frames equal those of ``vae.decode`` on the whole latent video.
+  layers), so the frames equal those of ``vae.decode`` on the whole latent video;
+* encode: each rank encodes its own latent frames of a video (image-to-video's condition video),
+  after warming the causal encoder up on the video frames of a halo of preceding latent frames as
+  long as the encoder's receptive field, so the latent means equal those of ``vae.encode`` on the
+  whole video.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 from diffusers import AutoencoderKLWan
@@ -19,8 +24,9 @@ from ...context import ClipContext
 from ...engine.comm import start_exchange
 from ...frames import latent_frame_count
 
-__all__ = ["decode_wan_clip", "decode_wan_window", "denormalize_wan_latents", "latent_frame_count", "stream_wan_clip",
-           "stream_wan_window", "video_frame_count", "video_frames_of", "wan_decoder_receptive_field"]
+__all__ = ["decode_wan_clip", "decode_wan_window", "denormalize_wan_latents", "encode_wan_frames",
+           "latent_frame_count", "stream_wan_clip", "stream_wan_window", "video_frame_count", "video_frames_of",
+           "wan_decoder_receptive_field", "wan_encoder_receptive_field"]
 
 
 # ----------------------------------------------------------------------------------- frames
@@ -138,3 +144,112 @@ def stream_wan_clip(
             yield from stream_wan_window(vae, window, skip)
 
     return frames()
+
+
+# ----------------------------------------------------------------------------------- encode
+ENCODE_TEMPORAL_COMPRESSION = 4
+"""Video frames per latent frame in ``AutoencoderKLWan._encode`` (a literal 4 there): chunk 0 is video
+frame 0 alone, chunk ``i >= 1`` video frames ``4i - 3 .. 4i``; latent frame ``i`` comes from chunk ``i``."""
+
+
+def wan_encoder_receptive_field(vae: AutoencoderKLWan) -> int:
+    """The fewest latent frames of warm-up before a latent frame that make its encoding exact.
+
+    :func:`encode_wan_frames` starts a fresh encoder ``halo`` latent frames before a rank's first one,
+    at video frame ``4 * start`` fed alone (as ``_encode`` feeds frame 0), then the chunks of 4 video
+    frames that follow, which are then those of the whole-video encode. The encoder is causal and FIR
+    (the norms and the attention work per frame; each causal convolution sees its last
+    ``_padding[4]`` frames through its cache; each ``downsample3d`` output frame ``m`` is its
+    ``time_conv`` of input frames ``2m - 2 .. 2m``, but frame 0, the first chunk's, skips it), so
+    only the first few frames of each layer differ from the whole-video encode. Walking the encoder's
+    layers in forward order and counting those frames at each layer's own frame rate: a convolution
+    adds its look-back; a ``downsample3d`` keeps output frame ``m`` only where ``m >= 1`` (frame 0 is
+    the first chunk's) and its inputs from ``2m - 2`` are exact, i.e. ``ceil((n + 2) / 2)`` frames
+    differ after ``n`` did. What differs at the end, in latent frames, is the receptive field (tiny
+    test VAE: 20; Wan2.1's and Wan2.2's VAEs: 28). Parallel branches (1x1 shortcuts, Wan2.2's
+    ``AvgDown3D`` shortcut) reach back less than their block's main path, so the walk of the main path
+    bounds them; the bound is tight for generic weights (the tests check that one frame less is not exact).
+    """
+    differ = 0  # leading frames of the fresh encoder's current layer that differ from the whole-video encode
+    seen: set[int] = set()
+    for module in itertools.chain(vae.encoder.modules(), [vae.quant_conv]):  # registration order = forward order
+        if isinstance(module, WanResample) and module.mode == "downsample3d":
+            conv = module.time_conv
+            seen.add(id(conv))
+            differ = max(1, math.ceil((differ + conv.kernel_size[0] - 1) / conv.stride[0]))
+        elif isinstance(module, WanCausalConv3d) and id(module) not in seen:
+            differ += module._padding[4]
+    return differ
+
+
+def _encode_chunk_frames(latent: int, start: int, compression: int = ENCODE_TEMPORAL_COMPRESSION) -> range:
+    """Video frames fed to the encoder for latent frame ``latent`` by an encoder started at ``start``."""
+    if latent == start:  # a fresh encoder's first chunk: one frame (frame 0, or the last of chunk ``start``)
+        return range(compression * start, compression * start + 1)
+    return range(compression * (latent - 1) + 1, compression * latent + 1)
+
+
+def encode_wan_frames(
+    vae: AutoencoderKLWan,
+    frames: Callable[[range], torch.Tensor],
+    latent_frames: range,
+    halo: int | None = None,
+) -> torch.Tensor:
+    """The latent means of ``latent_frames`` of a video, as ``vae.encode(video).latent_dist.mode()[:, :,
+    latent_frames]`` gives them (VAE scale: not normalised by ``latents_mean``/``latents_std``), shape
+    (batch, z_dim, len(latent_frames), h, w), without the whole video.
+
+    ``frames(range)`` returns those video frames (global indices), (batch, 3, n, H, W) in [-1, 1] in the
+    VAE's dtype and device; it is called once per encoder chunk (1 or 4 frames), in order, and only for
+    the frames from the warm-up's start to the last owned latent frame's chunk: a fresh encoder starts at
+    video frame ``4 * s``, ``s = max(latent_frames.start - halo, 0)`` (default ``halo``: the encoder's
+    receptive field, :func:`wan_encoder_receptive_field`), fed alone as ``_encode`` feeds frame 0, then
+    the chunks of latent frames ``s + 1 ..``; the warm-up's latents are dropped. At ``s = 0`` this is
+    ``_encode``'s own sequence of calls. The encoder calls have the same shapes as ``_encode``'s
+    (``patch_size``'s patchify and ``use_slicing`` included), so the means are bit for bit those of the
+    whole-video encode, except where the final 1x1 ``quant_conv``, given only the owned frames, takes
+    another kernel path than on the whole video (seen on CPU at 2x2 latents and 1-2 frames: 1 ulp).
+
+    A tiling VAE (``vae.use_tiling`` at a size that tiles) encodes through ``vae.encode`` the video frames
+    from ``4 * s`` to the last owned chunk at once (exact too: each tile is the same causal encode), so
+    those frames are whole in memory then.
+    """
+    if latent_frames.step != 1 or len(latent_frames) == 0 or latent_frames.start < 0:
+        raise ValueError(f"latent_frames must be a non-empty range of step 1 from >= 0, not {latent_frames}")
+    from diffusers.models.autoencoders.autoencoder_kl_wan import patchify
+
+    halo = wan_encoder_receptive_field(vae) if halo is None else halo
+    if halo < 0:
+        raise ValueError(f"halo must be >= 0, not {halo}")
+    start = max(latent_frames.start - halo, 0)
+    skip = latent_frames.start - start
+    if hasattr(vae, "_hf_hook") and hasattr(vae._hf_hook, "pre_forward"):  # as vae.encode (CPU offload)
+        vae._hf_hook.pre_forward(vae)
+    with torch.no_grad():
+        first = _encode_chunk_frames(start, start)
+        x = frames(first)
+        batch, _, _, height, width = x.shape
+        if vae.use_tiling and (width > vae.tile_sample_min_width or height > vae.tile_sample_min_height):
+            rest = range(first.stop, _encode_chunk_frames(latent_frames.stop - 1, start).stop)
+            video = torch.cat([x, frames(rest)], dim=2) if len(rest) else x
+            return vae.encode(video).latent_dist.mode()[:, :, skip:]
+        slices = batch if vae.use_slicing and batch > 1 else 1  # as vae.encode: each sample alone
+        count = sum(isinstance(m, WanCausalConv3d) for m in vae.encoder.modules())
+        caches: list[list] = [[None] * count for _ in range(slices)]
+        owned: list[list[torch.Tensor]] = [[] for _ in range(slices)]
+        vae.clear_cache()
+        try:
+            for latent in range(start, latent_frames.stop):
+                if latent > start:
+                    x = frames(_encode_chunk_frames(latent, start))
+                if vae.config.patch_size is not None:
+                    x = patchify(x, patch_size=vae.config.patch_size)
+                for part, cache, out in zip(x.split(1) if slices > 1 else [x], caches, owned):
+                    y = vae.encoder(part, feat_cache=cache, feat_idx=[0])
+                    if latent >= latent_frames.start:
+                        out.append(y)
+                x = None
+            means = [torch.chunk(vae.quant_conv(torch.cat(out, dim=2)), 2, dim=1)[0] for out in owned]
+        finally:
+            vae.clear_cache()
+    return torch.cat(means).contiguous() if slices > 1 else means[0].contiguous()
