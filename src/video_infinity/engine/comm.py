@@ -222,6 +222,15 @@ def stream_to_rank0(chunks: Iterable[torch.Tensor], ctx: ClipContext, device: to
             yield buffer
 
 
+def max_over_ranks(ctx: ClipContext, value: float, device: torch.device) -> float:
+    """The largest of every rank's ``value`` (each rank calls it), exactly (float64)."""
+    if not ctx.distributed:
+        return value
+    tensor = torch.tensor([value], dtype=torch.float64, device=comm_device(ctx, device))
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX, group=ctx.group)
+    return float(tensor.item())
+
+
 def broadcast_from_rank0(
     ctx: ClipContext, produce: Callable[[], torch.Tensor], shape: tuple[int, ...], dtype: torch.dtype,
     device: torch.device | str,

@@ -112,8 +112,12 @@ class TrackCall(ModelHook):
         timestep = args[1] if len(args) > 1 else kwargs["timestep"]
         self.state.layout = self.ctx.layout_for(sample.shape[2])
         self.state.batch = sample.shape[0]
-        self.state.timestep = scalar_timestep(timestep)
+        self.state.timestep = self.call_timestep(timestep)
         return sample, timestep
+
+    def call_timestep(self, timestep: torch.Tensor | float | int) -> float:
+        """The call's one timestep (phase biases, global frames): by default the one the call gives."""
+        return scalar_timestep(timestep)
 
 
 class TrackDenoiseStep(TrackCall):

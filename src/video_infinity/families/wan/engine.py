@@ -51,7 +51,8 @@ from ...engine.per_frame import (
     TokenTimesteps,
     linear_per_block,
 )
-from ...engine.common import TrackCall
+from ...engine.comm import max_over_ranks
+from ...engine.common import TrackCall, scalar_timestep
 from ...engine.handle import ParallelHandle
 from .blocks import ChunkedBlock, chunked_forward
 
@@ -83,6 +84,18 @@ class _TrackWanCall(TrackCall):
                                                 encoder_hidden_states_image, return_dict, attention_kwargs)
         return chunked_forward(module, self.state, self.config.block_tokens, hidden_states, timestep,
                                encoder_hidden_states, encoder_hidden_states_image, return_dict)
+
+    def call_timestep(self, timestep: torch.Tensor | float | int) -> float:
+        """One timestep per token (Wan2.2 TI2V; image-to-video gives the image's tokens 0): the call's
+        is the largest of the whole video's, the step's, so that every rank, also one that holds only
+        given frames, attends with the same phase biases and global frames."""
+        if not torch.is_tensor(timestep) or timestep.dim() < 2 or timestep.device.type == "meta":
+            return scalar_timestep(timestep)
+        per_sample = timestep.detach().flatten(1).amax(dim=1).float().cpu()
+        if not torch.all(per_sample == per_sample[0]):
+            raise ValueError("timestep: the engine needs one timestep per model call (phase biases); got "
+                             "different per-sample values")
+        return max_over_ranks(self.ctx, float(per_sample[0]), timestep.device)
 
     def pre_forward(self, module: nn.Module, *args, **kwargs):
         sample, timestep = self.record(args, kwargs)
@@ -378,8 +391,10 @@ class WanFrameCrossAttnProcessor:
     """Cross-attention of ``WanAttention`` to the text, latent frame by latent frame.
 
     Text of shape (batch, frames, seq, dim) gives each latent frame's tokens their own frame's text
-    (multi-prompt); 3-D text is shared by all frames. When computing split-invariantly, the attention
-    runs as one fused attention call per latent frame, on that frame's queries and its text, so a
+    (multi-prompt); 3-D text is shared by all frames. Image-to-video's CLIP tokens (before the text,
+    ``add_k_proj``) get their own attention, added to the text's, as diffusers does. When computing
+    split-invariantly, the attention runs as one fused attention call per latent frame, on that
+    frame's queries and its text (and image), so a
     token's arithmetic does not depend on how many frames its rank holds (torch's fused CPU
     attention kernel splits its work by sequence length and thread count); per-frame text is
     projected to keys and values one frame at a time too. Otherwise the wrapped processor
@@ -395,7 +410,6 @@ class WanFrameCrossAttnProcessor:
         plain = (
             encoder_hidden_states is None
             or attention_mask is not None
-            or attn.add_k_proj is not None  # image-to-video's extra image keys: diffusers' processor
             or not self.engine_config.split_invariant_on(hidden_states.device.type)
         )
         if plain and not per_frame:
@@ -406,22 +420,41 @@ class WanFrameCrossAttnProcessor:
             out = self.inner(attn, hidden_states.unflatten(1, (frames, -1)).flatten(0, 1),
                              encoder_hidden_states.flatten(0, 1), attention_mask, rotary_emb, **kwargs)
             return out.unflatten(0, (batch, frames)).flatten(1, 2)
-        def text_projection(linear: nn.Module) -> torch.Tensor:
+
+        def text_projection(linear: nn.Module, text: torch.Tensor) -> torch.Tensor:
             # Per-frame text: one product per (batch item, frame) on its own rows, like the token path.
             rows = PerFrameText()
-            blocks = rows.blocks(encoder_hidden_states) if isinstance(linear, nn.Linear) else None
+            blocks = rows.blocks(text) if isinstance(linear, nn.Linear) else None
             if blocks is None:
-                return linear(encoder_hidden_states)
-            return rows.merge(linear_per_block(blocks, linear.weight, linear.bias), encoder_hidden_states)
+                return linear(text)
+            return rows.merge(linear_per_block(blocks, linear.weight, linear.bias), text)
 
+        heads = attn.heads
+
+        def heads_first(t: torch.Tensor) -> torch.Tensor:
+            """(batch, seq, heads*d) -> a fresh (batch, heads, seq, d) tensor."""
+            return t.unflatten(-1, (heads, -1)).transpose(1, 2).contiguous()
+
+        image_kv = None
+        if attn.add_k_proj is not None:
+            # Image-to-video (Wan2.1 I2V): the image's CLIP tokens come first, then the text's 512
+            # (diffusers' rule); they are the same for every frame and every rank, so projected once.
+            image_length = encoder_hidden_states.shape[-2] - 512
+            image = encoder_hidden_states[..., :image_length, :]
+            encoder_hidden_states = encoder_hidden_states[..., image_length:, :]
+            image = image[:, 0] if per_frame else image
+            if getattr(attn, "fused_projections", False):
+                key_img, value_img = attn.to_added_kv(image).chunk(2, dim=-1)
+            else:
+                key_img, value_img = attn.add_k_proj(image), attn.add_v_proj(image)
+            image_kv = (heads_first(attn.norm_added_k(key_img)), heads_first(value_img))
 
         query = attn.to_q(hidden_states)
         if getattr(attn, "fused_projections", False):
-            key, value = text_projection(attn.to_kv).chunk(2, dim=-1)
+            key, value = text_projection(attn.to_kv, encoder_hidden_states).chunk(2, dim=-1)
         else:
-            key, value = text_projection(attn.to_k), text_projection(attn.to_v)
+            key, value = (text_projection(linear, encoder_hidden_states) for linear in (attn.to_k, attn.to_v))
         query, key = attn.norm_q(query), attn.norm_k(key)
-        heads = attn.heads
         # (batch, frames, tokens per frame, heads, d): each frame's queries a view; keys and values
         # (batch, text frames, seq, heads, d) with one text frame shared by all when the text is 3-D.
         query = query.unflatten(2, (heads, -1)).unflatten(1, (frames, -1))
@@ -436,9 +469,13 @@ class WanFrameCrossAttnProcessor:
             if per_frame or shared is None:
                 text_frame = f if per_frame else 0
                 shared = tuple(t[:, text_frame].transpose(1, 2).contiguous() for t in (key, value))
-            frame_out = nn.functional.scaled_dot_product_attention(
-                query[:, f].transpose(1, 2).contiguous(), *shared)
-            out[:, f] = frame_out.transpose(1, 2)
+            frame_query = query[:, f].transpose(1, 2).contiguous()
+            frame_out = nn.functional.scaled_dot_product_attention(frame_query, *shared).transpose(1, 2)
+            if image_kv is not None:  # diffusers adds the image's attention output to the text's
+                frame_image = nn.functional.scaled_dot_product_attention(frame_query, *image_kv).transpose(1, 2)
+                frame_out = (frame_out.flatten(2, 3).type_as(query) + frame_image.flatten(2, 3).type_as(query)
+                             ).unflatten(-1, (heads, -1))
+            out[:, f] = frame_out
         out = out.flatten(3, 4).flatten(1, 2).type_as(query)
         out = attn.to_out[0](out)
         return attn.to_out[1](out)
