@@ -206,9 +206,10 @@ def encode_wan_frames(
     receptive field, :func:`wan_encoder_receptive_field`), fed alone as ``_encode`` feeds frame 0, then
     the chunks of latent frames ``s + 1 ..``; the warm-up's latents are dropped. At ``s = 0`` this is
     ``_encode``'s own sequence of calls. The encoder calls have the same shapes as ``_encode``'s
-    (``patch_size``'s patchify and ``use_slicing`` included), so the means are bit for bit those of the
-    whole-video encode, except where the final 1x1 ``quant_conv``, given only the owned frames, takes
-    another kernel path than on the whole video (seen on CPU at 2x2 latents and 1-2 frames: 1 ulp).
+    (``patch_size``'s patchify and ``use_slicing`` included), and the final 1x1 ``quant_conv`` runs per
+    latent frame, so a latent frame's mean is bit for bit the same whichever range it is encoded in
+    (ranks agree on any split) and equals the whole-video encode's up to that convolution's rounding
+    (one call over all frames there; on CPU 1 ulp at most, seen at 2x2 latents).
 
     A tiling VAE (``vae.use_tiling`` at a size that tiles) encodes through ``vae.encode`` the video frames
     from ``4 * s`` to the last owned chunk at once (exact too: each tile is the same causal encode), so
@@ -249,7 +250,9 @@ def encode_wan_frames(
                     if latent >= latent_frames.start:
                         out.append(y)
                 x = None
-            means = [torch.chunk(vae.quant_conv(torch.cat(out, dim=2)), 2, dim=1)[0] for out in owned]
+            # quant_conv per latent frame: its arithmetic then does not depend on how many frames a rank
+            # owns (a 1x1 convolution over 1-2 frames takes another CPU kernel path than over many)
+            means = [torch.cat([vae.quant_conv(y).chunk(2, dim=1)[0] for y in out], dim=2) for out in owned]
         finally:
             vae.clear_cache()
     return torch.cat(means).contiguous() if slices > 1 else means[0].contiguous()
