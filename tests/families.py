@@ -13,7 +13,7 @@ from typing import Any, Callable
 
 import torch
 
-from tiny_models import build_animatediff_folder, build_tiny_wan_folder, build_unet3d_folder
+from tiny_models import build_animatediff_folder, build_tiny_wan_folder, build_tiny_wan_i2v_folder, build_unet3d_folder
 
 WHOLE_WINDOW = {"attn": {"padding": 1000, "top_k": 0, "local_phase": None, "global_phase": None}}
 """A window covering the whole video, no global frames, no phase biases: the unmodified model."""
@@ -63,6 +63,12 @@ class FamilySpec:
     """Decoded frames of N ranks against one process (0: bit for bit)."""
     memory_frames: tuple[int, int, int] = (4, 8, 16)
     """Latent frames F, 2F, 4F of the peak-memory check (one model call on one process)."""
+    inputs: dict[str, Any] = field(default_factory=dict)
+    """Keywords every call adds, ours and diffusers' alike (image-to-video: ``image``, ``last_image``)."""
+    loops_roll: bool = True
+    """Whether rolling a loop's frames rolls its video (not when an image holds frame 0 in place)."""
+    loop_ends: tuple[int, int] = (0, -1)
+    """The latent frames nearest the video's ends that the loop must change (not an image's own)."""
 
     def __str__(self) -> str:
         return self.name
@@ -84,6 +90,21 @@ def _wan(folder: Path) -> Any:
     from diffusers import WanPipeline
 
     return WanPipeline.from_pretrained(folder)
+
+
+def _wan_i2v(folder: Path) -> Any:
+    from diffusers import WanImageToVideoPipeline
+
+    return WanImageToVideoPipeline.from_pretrained(folder)
+
+
+def sample_image(seed: int, width: int = 40, height: int = 24) -> Any:
+    """A random RGB PIL image (another size than the videos': the pipelines resize it)."""
+    import numpy as np
+    from PIL import Image
+
+    pixels = np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
+    return Image.fromarray(pixels)
 
 
 def _wan_latent_frames(num_frames: int) -> int:
@@ -164,4 +185,42 @@ WAN = FamilySpec(
     decode_atol=1e-5,  # the parallel VAE decode warms its caches up on a halo: equal up to rounding
 )
 
-FAMILIES: tuple[FamilySpec, ...] = (UNET3D, ANIMATEDIFF, WAN)
+# Image-to-video: first-last-frame (CLIP embeddings of both images, mask and image latents
+# concatenated) and Wan2.2 TI2V (the image's latents in place of latent frame 0, timestep 0 there);
+# Wan2.1 I2V and Wan2.2 A14B I2V are the first one's paths without a last image / CLIP (test_wan_i2v).
+_I2V_COMMON = dict(
+    latent_frames=_wan_latent_frames,
+    reference=_wan_i2v,
+    parity_schedulers=(None,),
+    size=dict(height=32, width=48),
+    prompt=["a cat runs on the beach", "a dog jumps in snow"],
+    num_frames=25,
+    engine=WAN.engine,
+    whole_window=WAN.whole_window,
+    scheduler="model",
+    guidance_scale=5.0,
+    loop_cases={"ring_through_the_image": (25, {"loop": True, "attn": {"padding": 2, "top_k": 0}, "block_tokens": 12})},
+    loop_scheduler="model",
+    loops_roll=False,
+    decode_atol=1e-5,
+)
+WAN_FLF = FamilySpec(
+    name="wan_flf",
+    build=lambda path: build_tiny_wan_i2v_folder(path, "flf"),
+    parity_call=dict(prompt="a cat runs on the beach", num_frames=17, height=16, width=16, num_inference_steps=2,
+                     guidance_scale=5.0, image=sample_image(1), last_image=sample_image(2)),
+    inputs=dict(image=sample_image(1), last_image=sample_image(2)),
+    loop_ends=(1, -2),  # the images condition the first and the last latent frame
+    **_I2V_COMMON,
+)
+WAN_TI2V = FamilySpec(
+    name="wan_ti2v",
+    build=lambda path: build_tiny_wan_i2v_folder(path, "ti2v"),
+    parity_call=dict(prompt="a cat runs on the beach", num_frames=17, height=16, width=16, num_inference_steps=2,
+                     guidance_scale=5.0, image=sample_image(3)),
+    inputs=dict(image=sample_image(3)),
+    loop_ends=(1, -1),  # latent frame 0 is the image's own
+    **_I2V_COMMON,
+)
+
+FAMILIES: tuple[FamilySpec, ...] = (UNET3D, ANIMATEDIFF, WAN, WAN_FLF, WAN_TI2V)

@@ -79,14 +79,14 @@ def test_whole_window_equals_its_diffusers_pipeline(spec: FamilySpec, folders):
                           generator=torch.Generator().manual_seed(7))
     for index, name in enumerate(spec.parity_schedulers):
         reference.scheduler = _scheduler(reference, name)
-        theirs = reference(prompt, latents=latents.clone(), output_type="latent", **call).frames[0]
+        theirs = reference(prompt=prompt, latents=latents.clone(), output_type="latent", **call).frames[0]
         ours = pipe(prompt, latents=latents, scheduler=_scheduler(reference, name), output_type="latent", progress=False,
                     **call).frames[0]
         assert ours.shape == theirs.shape == latents.shape[1:]
         difference = (ours - theirs).abs().max().item()
         assert difference <= spec.parity_atol and theirs.abs().max() > 0.1, f"{name}: {difference:.3g}"
         if index == 0:  # and the decoded frames
-            theirs = reference(prompt, latents=latents.clone(), output_type="np", **call).frames[0]
+            theirs = reference(prompt=prompt, latents=latents.clone(), output_type="np", **call).frames[0]
             ours = pipe(prompt, latents=latents, scheduler=_scheduler(reference, name), output_type="np", progress=False,
                         **call).frames[0]
             assert ours.shape == theirs.shape == (call["num_frames"], call["height"], call["width"], 3)
@@ -102,7 +102,7 @@ def test_whole_window_equals_its_diffusers_pipeline(spec: FamilySpec, folders):
 def _call(spec: FamilySpec, **overrides: Any) -> dict[str, Any]:
     return {"prompt": spec.prompt, "num_frames": spec.num_frames, "num_inference_steps": spec.steps,
             "guidance_scale": spec.guidance_scale, "seed": SEED, "scheduler": spec.scheduler, "progress": False,
-            **spec.size, **overrides}
+            **spec.size, **spec.inputs, **overrides}
 
 
 def _video(pipe: VideoInfinityPipeline, ctx: ClipContext, call: dict[str, Any], decode: bool = False) -> dict:
@@ -165,7 +165,7 @@ def _family_worlds(rank: int, spec: FamilySpec, folder: Path, groups: dict, full
                              num_frames=frames, scheduler=spec.loop_scheduler, num_inference_steps=1)
                 call.pop("seed")
                 results[("loop", name, world)] = _video(loop, ctx, {**call, "latents": x})["latents"]
-                if not settings["attn"].get("top_k", 0):  # roll-equivariant (global frames sit at fixed frames)
+                if spec.loops_roll and not settings["attn"].get("top_k", 0):  # roll-equivariant (global frames sit at fixed frames)
                     rolled = torch.roll(x, ROLL, 2)
                     results[("loop_rolled", name, world)] = _video(loop, ctx, {**call, "latents": rolled})["latents"]
                 if world == 1:  # without the loop the video has ends
@@ -251,10 +251,10 @@ def test_loop_is_roll_equivariant_and_rank_invariant(spec: FamilySpec, runs):
         got = results[("loop", name, CHECK_WORLD)]
         assert torch.equal(got, single), f"{spec} {name}, world {CHECK_WORLD} vs 1: {_difference(got, single)}"
         plain = results[("plain", name)]
-        for frame in (0, single.shape[2] - 1):  # the ends see each other only on the ring
+        for frame in spec.loop_ends:  # the ends see each other only on the ring
             assert (plain[:, :, frame] - single[:, :, frame]).abs().max() > 1e-4, (name, frame)
-        if settings["attn"].get("top_k", 0):
-            continue  # global frames sit at fixed frames: rolling moves the video under them
+        if settings["attn"].get("top_k", 0) or not spec.loops_roll:
+            continue  # global frames (or an image) sit at fixed frames: rolling moves the video under them
         expected = torch.roll(single, ROLL, 2)
         for world in (1, CHECK_WORLD):
             got = results[("loop_rolled", name, world)]
@@ -319,7 +319,7 @@ def _model_call_peak(pipe: VideoInfinityPipeline, spec: FamilySpec, latent_frame
     """Peak live bytes of one denoiser call (CFG batch) on ``latent_frames`` on one process."""
     num_frames = pipe.family.video_frames(latent_frames)
     request = pipe.check_inputs("a red circle", num_frames=num_frames, num_inference_steps=1,
-                                guidance_scale=spec.guidance_scale, **spec.size)
+                                guidance_scale=spec.guidance_scale, **spec.size, **spec.inputs)
     ctx = ClipContext(total_frames=latent_frames)
     cond = pipe.conditioning(request, ctx)
     channels, height, width = pipe.family.latent_shape(spec.size["height"], spec.size["width"])

@@ -87,21 +87,29 @@ WAN_I2V_INDEX = {"_class_name": "WanImageToVideoPipeline", "image_encoder": ["tr
                  "image_processor": ["transformers", "CLIPImageProcessor"], "transformer": ["diffusers", "WanTransformer3DModel"],
                  "vae": ["diffusers", "AutoencoderKLWan"], "scheduler": ["diffusers", "UniPCMultistepScheduler"]}
 WAN_I2V_TRANSFORMER = {"_class_name": "WanTransformer3DModel", "image_dim": 1280, "in_channels": 36, "out_channels": 16}
-SUPPORTED = ("supported: text-to-video Wan (WanPipeline), AnimateDiff (AnimateDiffPipeline, or a MotionAdapter on "
-             "Stable Diffusion 1.5) and UNet3D text-to-video (TextToVideoSDPipeline)")  # the registry's order
+SUPPORTED = ("supported: Wan text- and image-to-video (WanPipeline, WanImageToVideoPipeline), AnimateDiff "
+             "(AnimateDiffPipeline, or a MotionAdapter on Stable Diffusion 1.5) and UNet3D text-to-video "
+             "(TextToVideoSDPipeline)")  # the registry's order
 
 
 @pytest.mark.unit
-def test_image_to_video_and_other_pipelines_are_refused_by_what_their_folder_holds(wan_folder, tmp_path):
+def test_wan_folders_are_judged_by_what_they_hold_and_other_pipelines_refused(wan_folder, tmp_path):
     t2v = {**WAN_I2V_INDEX, "_class_name": "WanPipeline"}
     del t2v["image_encoder"], t2v["image_processor"]
+    vae = {"z_dim": 16, "scale_factor_temporal": 4}
     refusals = {
-        "i2v": (_config_only_folder(tmp_path / "i2v", WAN_I2V_INDEX, transformer=WAN_I2V_TRANSFORMER),
-                "holds a WanImageToVideoPipeline (image-to-video: an image_encoder component, an image_processor "
-                "component, transformer image_dim 1280, transformer in_channels 36 != out_channels 16)"),
-        # saved as a WanPipeline, yet its transformer takes an image (Wan2.2 I2V: concatenated latents only)
-        "wan22_i2v": (_config_only_folder(tmp_path / "wan22_i2v", t2v, transformer={"in_channels": 36, "out_channels": 16}),
-                      "holds a WanPipeline (image-to-video: transformer in_channels 36 != out_channels 16)"),
+        "vace": (_config_only_folder(tmp_path / "vace", {**t2v, "_class_name": "WanVACEPipeline"}),
+                 "holds a WanVACEPipeline (VACE (video editing and reference conditioning))"),
+        "animate": (_config_only_folder(tmp_path / "animate", {**t2v, "_class_name": "WanAnimatePipeline"}),
+                    "holds a WanAnimatePipeline (Wan-Animate (character animation))"),
+        "no_image": (_config_only_folder(tmp_path / "no_image", {**WAN_I2V_INDEX, "image_encoder": [None, None]},
+                                         transformer={"in_channels": 16, "out_channels": 16}, vae=vae),
+                     "holds a WanImageToVideoPipeline (image-to-video, but its transformer takes no image "
+                     "(in_channels = out_channels, no expand_timesteps))"),
+        "channels": (_config_only_folder(tmp_path / "channels", t2v, transformer={"in_channels": 32, "out_channels": 16},
+                                         vae=vae),
+                     "holds a WanPipeline (transformer in_channels 32 is not out_channels 16 + 4 mask channels + 16 "
+                     "image latent channels)"),
         "sd": (_config_only_folder(tmp_path / "sd", {"_class_name": "StableDiffusionPipeline",
                                                      "unet": ["diffusers", "UNet2DConditionModel"]}),
                "holds a StableDiffusionPipeline (unet UNet2DConditionModel)"),
@@ -111,8 +119,20 @@ def test_image_to_video_and_other_pipelines_are_refused_by_what_their_folder_hol
     }
     for name, (folder, what) in refusals.items():
         assert unsupported_model(folder) == f"model: '{folder}' {what}, which video-infinity does not run; {SUPPORTED}"
+    i2v = _config_only_folder(tmp_path / "i2v", WAN_I2V_INDEX, transformer=WAN_I2V_TRANSFORMER, vae=vae)
+    flf = _config_only_folder(tmp_path / "flf", WAN_I2V_INDEX, transformer={**WAN_I2V_TRANSFORMER, "pos_embed_seq_len": 514},
+                              vae=vae)
+    # Wan2.2 A14B I2V: no CLIP, mask and latents concatenated; judged by its transformer even saved as a WanPipeline
+    a14b = _config_only_folder(tmp_path / "a14b", t2v, transformer={"in_channels": 36, "out_channels": 16}, vae=vae)
+    ti2v = _config_only_folder(tmp_path / "ti2v", {**t2v, "expand_timesteps": True},
+                               transformer={"in_channels": 48, "out_channels": 48}, vae={"z_dim": 48})
+    facts = {name: detect(folder) for name, folder in (("i2v", i2v), ("flf", flf), ("a14b", a14b), ("ti2v", ti2v))}
+    assert {name: (f.image_mode, f.image_required, f.last_image) for name, f in facts.items()} == {
+        "i2v": ("concat", True, False), "flf": ("concat", True, True), "a14b": ("concat", True, True),
+        "ti2v": ("first_frame", False, False)}
+    assert facts["ti2v"].latent_channels == 48 and facts["i2v"].latent_channels == 16
     supported = [
-        wan_folder,
+        wan_folder, i2v, flf, a14b, ti2v,
         _config_only_folder(tmp_path / "wan22_t2v", t2v, transformer={"in_channels": 16, "out_channels": 16}),
         _config_only_folder(tmp_path / "ms", {"_class_name": "TextToVideoSDPipeline", "unet": ["diffusers", "UNet3DConditionModel"]}),
         # AnimateDiff's image_encoder is an optional IP-Adapter: still text-to-video
@@ -123,8 +143,8 @@ def test_image_to_video_and_other_pipelines_are_refused_by_what_their_folder_hol
     assert [unsupported_model(folder) for folder in supported] == [None] * len(supported)
     # The Python API refuses with the same line, before loading anything (the folder has no weights).
     with pytest.raises(ValueError) as refused:
-        VideoInfinityPipeline.from_pretrained(refusals["i2v"][0], device="cpu")
-    assert str(refused.value) == unsupported_model(refusals["i2v"][0])
+        VideoInfinityPipeline.from_pretrained(refusals["vace"][0], device="cpu")
+    assert str(refused.value) == unsupported_model(refusals["vace"][0])
 
 
 # ----------------------------------------------------------------------------------- VAE
@@ -313,12 +333,13 @@ def test_cli_resume_on_another_world_size_is_bit_identical(wan_folder, tmp_path,
 
 
 @pytest.mark.e2e
-def test_cli_refuses_an_image_to_video_wan_folder_before_any_rank_starts(tmp_path, offline_env):
-    folder = _config_only_folder(tmp_path / "wan_i2v", WAN_I2V_INDEX, transformer=WAN_I2V_TRANSFORMER)
+def test_cli_refuses_a_vace_folder_before_any_rank_starts(tmp_path, offline_env):
+    folder = _config_only_folder(tmp_path / "wan_vace", {**WAN_I2V_INDEX, "_class_name": "WanVACEPipeline"},
+                                 transformer=WAN_I2V_TRANSFORMER)
     config = {"dtype": "float32", "devices": ["cpu", "cpu"], "base_path": str(tmp_path / "out"), "model": str(folder),
               "pipe_configs": {"prompts": PROMPTS, "steps": 1, "total_frames": NUM_FRAMES, "height": SIZE, "width": SIZE}}
     (tmp_path / "config.json").write_text(json.dumps(config))
-    line = one_line_error(run_cli(tmp_path / "config.json", offline_env), 2, "WanImageToVideoPipeline", "image-to-video")
+    line = one_line_error(run_cli(tmp_path / "config.json", offline_env), 2, "WanVACEPipeline", "VACE")
     assert line == f"video-infinity: error: {unsupported_model(folder)}"
     assert line.startswith(f"video-infinity: error: model: '{folder}' ") and line.endswith(SUPPORTED)
     assert not (tmp_path / "out").exists()  # nothing written, not even the output folder

@@ -2,7 +2,8 @@
 
 Model folders (what the pipeline loads): ``build_unet3d_folder`` (TextToVideoSDPipeline),
 ``build_animatediff_folder`` (AnimateDiffPipeline, or an SD base + a MotionAdapter),
-``build_tiny_wan_folder`` (WanPipeline, optionally with a second expert). Denoisers alone:
+``build_tiny_wan_folder`` (WanPipeline, optionally with a second expert), ``build_tiny_wan_i2v_folder``
+(WanImageToVideoPipeline in its four modes). Denoisers alone:
 ``build_tiny_unet`` (UNet3DConditionModel), ``build_tiny_motion_unet`` (UNetMotionModel),
 ``build_tiny_wan_transformer`` (WanTransformer3DModel), and ``TemporalStack`` (one temporal
 transformer with sinusoidal positions). Every weight is random and sizeable (diffusers starts some
@@ -15,9 +16,10 @@ from pathlib import Path
 
 import torch
 from diffusers import (AutoencoderKLWan, UNet3DConditionModel, UNetMotionModel, UniPCMultistepScheduler,
-                       WanPipeline, WanTransformer3DModel)
+                       WanImageToVideoPipeline, WanPipeline, WanTransformer3DModel)
 from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import PreTrainedTokenizerFast, UMT5Config, UMT5EncoderModel
+from transformers import (CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel, PreTrainedTokenizerFast, UMT5Config,
+                          UMT5EncoderModel)
 
 from video_infinity.demo.random_animatediff import build_random_animatediff, random_motion_unet_parts
 from video_infinity.demo.random_model import build_random_model
@@ -61,21 +63,78 @@ def build_tiny_tokenizer() -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
 
 
+def build_tiny_text_encoder() -> UMT5EncoderModel:
+    return UMT5EncoderModel(UMT5Config(vocab_size=len(WORDS) + 3, d_model=TEXT_DIM, d_kv=8, d_ff=32, num_layers=1,
+                                       num_heads=2, relative_attention_num_buckets=8)).eval()
+
+
+def flow_scheduler() -> UniPCMultistepScheduler:
+    return UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0)
+
+
 def build_tiny_wan_folder(path: Path, seed: int = 0, two_experts: bool = False, ffn_dim: int = 32) -> Path:
     """A WanPipeline folder: transformer (and transformer_2), AutoencoderKLWan, UMT5, a word-level tokenizer."""
     torch.manual_seed(seed)
-    encoder = UMT5EncoderModel(UMT5Config(vocab_size=len(WORDS) + 3, d_model=TEXT_DIM, d_kv=8, d_ff=32, num_layers=1,
-                                          num_heads=2, relative_attention_num_buckets=8)).eval()
+    encoder = build_tiny_text_encoder()
     pipe = WanPipeline(
         tokenizer=build_tiny_tokenizer(),
         text_encoder=encoder,
         transformer=build_tiny_wan_transformer(seed, ffn_dim=ffn_dim),
         vae=build_tiny_wan_vae(seed),
-        scheduler=UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0),
+        scheduler=flow_scheduler(),
         transformer_2=build_tiny_wan_transformer(seed + 1, ffn_dim=ffn_dim) if two_experts else None,
         boundary_ratio=0.5 if two_experts else None,
     )
     pipe.save_pretrained(path)
+    return Path(path)
+
+
+I2V_MODES = ("i2v", "flf", "a14b", "ti2v")
+"""WanImageToVideoPipeline's modes: Wan2.1 I2V (CLIP), first-last-frame (CLIP, two images' position
+embedding), Wan2.2 A14B I2V (two experts, no CLIP), Wan2.2 TI2V (``expand_timesteps``)."""
+CLIP_IMAGE_SIZE, CLIP_PATCH, CLIP_WIDTH = 16, 4, 8
+
+
+def build_tiny_wan_i2v_pipeline(mode: str, seed: int = 0) -> WanImageToVideoPipeline:
+    """A tiny ``WanImageToVideoPipeline`` in ``mode`` (one of :data:`I2V_MODES`), every weight random."""
+    torch.manual_seed(seed)
+    vae = build_tiny_wan_vae(seed)
+    z_dim = vae.config.z_dim
+    clip = mode in ("i2v", "flf")
+    image_tokens = (CLIP_IMAGE_SIZE // CLIP_PATCH) ** 2 + 1
+    extra = dict(image_dim=CLIP_WIDTH, added_kv_proj_dim=24) if clip else {}
+    if mode == "flf":
+        extra["pos_embed_seq_len"] = 2 * image_tokens
+
+    def transformer(offset: int) -> WanTransformer3DModel:
+        torch.manual_seed(seed + offset)
+        model = WanTransformer3DModel(
+            patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12,
+            in_channels=z_dim if mode == "ti2v" else 2 * z_dim + vae.config.scale_factor_temporal,
+            out_channels=z_dim, text_dim=TEXT_DIM, freq_dim=32, ffn_dim=32, num_layers=2, cross_attn_norm=True,
+            qk_norm="rms_norm_across_heads", rope_max_seq_len=32, **extra,
+        ).eval()
+        with torch.no_grad():
+            for p in model.parameters():
+                p.copy_(torch.randn_like(p) * 0.2)
+        return model
+
+    encoder = None
+    if clip:
+        encoder = CLIPVisionModel(CLIPVisionConfig(hidden_size=CLIP_WIDTH, num_hidden_layers=2, num_attention_heads=2,
+                                                   image_size=CLIP_IMAGE_SIZE, intermediate_size=16,
+                                                   patch_size=CLIP_PATCH, projection_dim=CLIP_WIDTH)).eval()
+    return WanImageToVideoPipeline(
+        tokenizer=build_tiny_tokenizer(), text_encoder=build_tiny_text_encoder(), vae=vae, scheduler=flow_scheduler(),
+        image_processor=CLIPImageProcessor(crop_size=CLIP_IMAGE_SIZE, size=CLIP_IMAGE_SIZE) if clip else None,
+        image_encoder=encoder, transformer=transformer(1), transformer_2=transformer(2) if mode == "a14b" else None,
+        boundary_ratio=0.5 if mode == "a14b" else None, expand_timesteps=mode == "ti2v",
+    )
+
+
+def build_tiny_wan_i2v_folder(path: Path, mode: str, seed: int = 0) -> Path:
+    """:func:`build_tiny_wan_i2v_pipeline` saved with ``save_pretrained``."""
+    build_tiny_wan_i2v_pipeline(mode, seed).save_pretrained(path)
     return Path(path)
 
 

@@ -50,9 +50,10 @@ from .config import EngineConfig
 from .context import ClipContext
 from .denoise import StepEnd, StopSampling, sample
 from .families import family_from_pipe, load_family
-from .families.base import Conditioning, ModelFamily
+from .families.base import Conditioning, ImageInputs, ModelFamily
 from .engine.comm import comm_device, gather_frames, stream_to_rank0
 from .errors import CheckpointError
+from .images import load_image, load_video
 from .noise import INITIAL, frame_noise
 from .parallel import parallelize
 from .presets import resolve_engine
@@ -149,7 +150,8 @@ class VideoInfinityPipeline:
 
     @classmethod
     def from_pipe(cls, pipeline: Any, engine: EngineConfig | dict | str | None = None) -> VideoInfinityPipeline:
-        """Reuse a loaded diffusers text-to-video pipeline's components (the same modules, no copy)."""
+        """Reuse a loaded diffusers pipeline's components (the same modules, no copy): a text-to-video
+        pipeline, or Wan's ``WanImageToVideoPipeline`` (then call with ``image=``)."""
         return cls(family_from_pipe(pipeline), engine)
 
     @property
@@ -182,7 +184,20 @@ class VideoInfinityPipeline:
         if request.engine_for(self.engine).loop and not self.family.supports_loop:
             raise ValueError(f"loop: the {self.family.name} family does not make loops (its temporal windows do not "
                              "wrap around the video); set loop to false")
+        images = self.load_images(request)
+        if self.family.image_mode is not None:
+            self.family.check_images(images, request.num_frames)
+        elif images:
+            name = next(n for n in ("image", "video", "last_image") if getattr(images, n) is not None)
+            raise ValueError(f"{name}: the {self.family.name} family makes video from text only; leave {name} out")
         return request
+
+    @staticmethod
+    def load_images(request: GenerationRequest) -> ImageInputs:
+        """The request's images, read (paths decoded; in-memory ones as given); one-line ValueErrors."""
+        return ImageInputs(image=load_image(request.image, "image"),
+                           last_image=load_image(request.last_image, "last_image"),
+                           video=load_video(request.video, "video"))
 
     def latent_frames(self, request: GenerationRequest) -> int:
         """The model's frames for the request's video: the engine's time axis (Wan: latent frames)."""
@@ -208,7 +223,11 @@ class VideoInfinityPipeline:
                                      request.keyframe_mode)
         per_frame = frame_embeddings(family.encode_prompts(distinct, ctx), mixes)
         negative = family.encode_prompts([request.negative_prompt or ""], ctx) if request.guidance_scale > 1.0 else None
-        return family.conditioning(per_frame, negative, request.guidance_scale, request.fps)
+        cond = family.conditioning(per_frame, negative, request.guidance_scale, request.fps)
+        if family.image_mode is not None:
+            cond = family.condition_on_images(cond, self.load_images(request), ctx, request.num_frames, request.height,
+                                              request.width)
+        return cond
 
     def initial_latents(self, request: GenerationRequest, ctx: ClipContext, scheduler: Any, seed: int,
                         latents: torch.Tensor | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -282,12 +301,13 @@ class VideoInfinityPipeline:
         handles = [parallelize(model, engine or self.engine, ctx) for model in self.family.denoisers]
         try:
             with torch.no_grad():
-                return sample(lambda x, t: self.family.predict_noise(x, t, cond), scheduler, latents, seed=seed,
-                              frames=ctx.frames, num_steps=request.num_inference_steps, eta=request.eta,
-                              start_step=start_step, restore_scheduler=restore_scheduler, on_step_end=step_end)
+                latents = sample(lambda x, t: self.family.predict_noise(x, t, cond), scheduler, latents, seed=seed,
+                                 frames=ctx.frames, num_steps=request.num_inference_steps, eta=request.eta,
+                                 start_step=start_step, restore_scheduler=restore_scheduler, on_step_end=step_end)
         finally:
             for handle in handles:
                 handle.remove()
+        return latents if self.family.image_mode is None else self.family.finish_latents(latents, cond)
 
     # ------------------------------------------------------------------------------------------
     # Checkpoints (the mechanism of ``__call__``'s checkpoint_dir / resume and of the CLI's --resume)
@@ -363,6 +383,9 @@ class VideoInfinityPipeline:
         self,
         prompt: Prompt,
         *,
+        image: Any = None,
+        last_image: Any = None,
+        video: Any = None,
         negative_prompt: str | None = None,
         num_frames: int,
         height: int,
@@ -393,7 +416,11 @@ class VideoInfinityPipeline:
         ``prompt``: a string, a list (consecutive segments of equal length, blended over
         ``transition_frames``) or FreeNoise's ``{start_frame: prompt}`` dict (frame 0 required;
         embeddings blend linearly from one keyframe to the next; ``keyframe_mode="hold"``: each prompt
-        holds from its frame, blended over ``transition_frames`` at each change). ``scheduler``: a name
+        holds from its frame, blended over ``transition_frames`` at each change). Image-to-video (Wan
+        image-to-video and TI2V models), diffusers' keywords: ``image`` (the first frame: a PIL image, an
+        array, a tensor or a path), ``last_image`` (the last frame: first-last-frame models, Wan2.2 A14B
+        I2V); ``video``: continue given frames (a list of images, an (n, H, W, 3) array, a tensor or a
+        video file), which become the video's first frames. ``scheduler``: a name
         (``model``: the folder's own, ``ddim``, ``dpmsolver++``, ``dpmsolver++-karras``,
         ``sde-dpmsolver++``, ``sde-dpmsolver++-karras``; default: the family's, ``sde-dpmsolver++``
         for UNet3D models, ``model`` for Wan) or a diffusers scheduler object (used as is). Noise: ``latents``
@@ -438,7 +465,7 @@ class VideoInfinityPipeline:
             # A scheduler object is used as is, and takes eta as it does: the request checks names only.
             scheduler=scheduler if named else "ddim" if eta else None, eta=eta,
             transition_frames=transition_frames, keyframe_mode=keyframe_mode, loop=loop,
-            engine=engine)
+            engine=engine, image=image, last_image=last_image, video=video)
         if not named:
             request = request.model_copy(update={"scheduler": None})
         if checkpoint_dir is None and (resume or checkpoint_every is not None):

@@ -29,6 +29,7 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    PlainSerializer,
     StringConstraints,
     ValidationError,
     model_validator,
@@ -36,6 +37,7 @@ from pydantic import (
 from pydantic.fields import FieldInfo
 
 from .config import EngineConfig, _FieldError
+from .images import check_source, describe_source
 from .presets import resolve_engine
 from .schedulers import SchedulerName
 
@@ -95,6 +97,9 @@ def _engine(value: Any) -> Any:
     return resolve_engine(value) if isinstance(value, str) else value
 
 
+ImageSource = Annotated[Any, BeforeValidator(check_source), PlainSerializer(describe_source, when_used="json")]
+VideoSource = Annotated[Any, BeforeValidator(lambda value: check_source(value, video=True)),
+                        PlainSerializer(describe_source, when_used="json")]
 Prompt = Annotated[list[NonEmptyText] | dict[int, NonEmptyText] | str, BeforeValidator(_prompt_form)]
 Side = Annotated[int, BeforeValidator(_multiple_of_8)]
 
@@ -144,6 +149,16 @@ class GenerationRequest(BaseModel):
     engine: Annotated[EngineConfig | None, BeforeValidator(_engine)] = None
     """Engine settings: the original's ``plugin_configs`` knobs or a preset's name (``"wan"``, see
     :mod:`video_infinity.presets`); None: the pipeline's own."""
+    image: ImageSource = None
+    """Image-to-video: the video's first frame, a path to an image file (or, from Python, a PIL image,
+    an array or a tensor, as diffusers takes them), resized to ``height`` x ``width``; None: from text
+    only. For image-to-video models (Wan I2V, Wan2.2 TI2V)."""
+    last_image: ImageSource = None
+    """Image-to-video: the video's last frame (first-last-frame models, Wan2.2 A14B I2V); needs ``image``."""
+    video: VideoSource = None
+    """Continuation: the first frames of the video, e.g. the last seconds of an earlier one (a video
+    file, or from Python a list of images, an (n, H, W, 3) array or a tensor); the rest is generated
+    to follow them. Instead of ``image``."""
 
     @model_validator(mode="after")
     def _consistent(self) -> GenerationRequest:
@@ -157,6 +172,10 @@ class GenerationRequest(BaseModel):
         if self.loop and self.engine is not None and not self.engine.conv_layer.enabled:
             raise _FieldError("loop", "needs temporal convolution halos to close the ring (set "
                                       "engine.conv_layer.enabled to true or loop to false)")
+        if self.last_image is not None and self.image is None and self.video is None:
+            raise _FieldError("last_image", "needs image (the first frame) too")
+        if self.video is not None and self.image is not None:
+            raise _FieldError("video", "the given frames start the video: give video or image, not both")
         if self.engine is not None and self.loop is not None and self.engine.loop != self.loop:
             # One form for one video: the engine settings say what loop says (as a config file's do).
             return self.model_copy(update={"engine": self.engine_for(self.engine)})

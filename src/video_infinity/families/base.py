@@ -36,6 +36,19 @@ class Conditioning:
     expert's guidance scale for Wan2.2 A14B)."""
 
 
+@dataclass
+class ImageInputs:
+    """A request's images, read (PIL images, arrays or tensors, as diffusers' pipelines take them):
+    the first frame, the last frame, and the given first frames of a continuation."""
+
+    image: Any = None
+    last_image: Any = None
+    video: Any = None
+
+    def __bool__(self) -> bool:
+        return any(v is not None for v in (self.image, self.last_image, self.video))
+
+
 class ModelFamily(Protocol):
     """One kind of text-to-video model, loaded: its components and how the pipeline drives them."""
 
@@ -97,6 +110,17 @@ class ModelFamily(Protocol):
         """The model's own noise schedule (a diffusers scheduler config)."""
     supports_loop: ClassVar[bool]
     """Whether the family's engine makes seamless loops (``EngineConfig.loop``)."""
+
+    # ---- image-to-video (families whose ``image_mode`` is not None) ------------------------------
+    image_mode: str | None
+    """How the loaded model takes a start image (see ``FolderFacts.image_mode``); None: text only."""
+    def check_images(self, inputs: ImageInputs, num_frames: int) -> None:
+        """Refuse images this model cannot take (one-line ValueError naming the field), before model work."""
+    def condition_on_images(self, cond: Conditioning, inputs: ImageInputs, ctx: ClipContext, num_frames: int,
+                            height: int, width: int) -> Conditioning:
+        """``cond`` with this rank's image conditioning (all ranks call it together)."""
+    def finish_latents(self, latents: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+        """This rank's denoised latents as they are decoded (given frames put back)."""
     default_scheduler: ClassVar[str]
     """Name of the sampler used when the caller gives none (see ``video_infinity.schedulers``;
     ``"model"`` is the model folder's own scheduler)."""

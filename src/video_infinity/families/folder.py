@@ -97,6 +97,43 @@ class FolderFacts:
     """The folder's ``scheduler/scheduler_config.json``."""
     supports_loop: bool = True
     """Whether the family makes seamless loops (``EngineConfig.loop``)."""
+    image_mode: str | None = None
+    """How the model takes a start image (None: it does not): ``"concat"`` (mask and image latents
+    concatenated to the noise: Wan2.1 I2V, Wan2.2 A14B I2V) or ``"first_frame"`` (the first latent
+    frames replaced by the image's, timestep 0 on their tokens: Wan2.2 TI2V)."""
+    image_required: bool = False
+    """Whether every request must give an image (a model trained only with one)."""
+    last_image: bool = False
+    """Whether the model takes an end image too (``last_image``)."""
+
+    def image_problem(self, model: str, given: set[str], video_frames: int | None, num_frames: int) -> str | None:
+        """Why this model cannot take the request's images (``given``: the names of the image fields
+        set; ``video_frames``: the frames of a given ``video``), as ``field: problem (fix)``; None if it can."""
+        if self.image_mode is None:
+            if given:
+                name = next(n for n in ("image", "video", "last_image") if n in given)
+                return (f"{name}: {model} is a text-to-video model (its transformer takes no image); use an "
+                        f"image-to-video model or leave {name} out")
+            return None
+        if self.image_required and not given & {"image", "video"}:
+            return (f"image: {model} is an image-to-video model (its transformer takes the image's latents): give "
+                    "image (the first frame) or video (the first frames)")
+        if "last_image" in given and not self.last_image:
+            why = ("conditions on its first frames only (Wan2.2 TI2V)" if self.image_mode == "first_frame" else
+                   "embeds one image (no position embedding for two: not a first-last-frame model)")
+            return f"last_image: {model} {why}; leave last_image out"
+        if "last_image" in given and num_frames < 2:
+            return "num_frames: a first and a last image need at least 2 frames"
+        if video_frames is not None:
+            if video_frames >= num_frames:
+                return (f"video: its {video_frames} frames leave none to generate in a {num_frames}-frame video "
+                        "(num_frames counts them: make it larger)")
+            step = self.temporal_compression
+            if self.image_mode == "first_frame" and (video_frames - 1) % step:
+                lower = 1 + (video_frames - 1) // step * step
+                return (f"video: this model replaces whole latent frames: give 1 + {step}k frames (got "
+                        f"{video_frames}; e.g. its last {lower} or {lower + step})")
+        return None
 
     def latent_frames(self, video_frames: int) -> int:
         """Latent frames of a video of ``video_frames`` frames (ValueError naming valid counts)."""

@@ -21,6 +21,7 @@ from pydantic_core import PydanticUndefined
 from ..config import AttentionConfig, EngineConfig, _FieldError, _Strict
 from ..errors import ConfigError
 from ..presets import resolve_engine
+from ..images import is_path
 from ..request import GenerationRequest, KeyframeMode, NonEmptyText, request_field
 from ..request import format_validation_error as _format_error
 from ..schedulers import SchedulerName
@@ -67,10 +68,17 @@ REQUEST_KEYS: dict[str, str] = {
     "keyframe_mode": "pipe_configs.keyframe_mode",
     "engine": "plugin_configs",
     "loop": "plugin_configs.loop",
+    "image": "pipe_configs.image",
+    "last_image": "pipe_configs.last_image",
+    "video": "pipe_configs.video",
 }
 """Each field of :class:`GenerationRequest` -> its key in a run config file (the original's
 Video-Infinity JSON keys): the one map between the two shapes (``RunConfig.request``, the
 command line's flags, the web form)."""
+
+
+IMAGE_FIELDS = ("image", "last_image", "video")
+"""Request fields holding images (paths in a run config)."""
 
 
 def config_data(request: GenerationRequest | Mapping[str, Any]) -> dict[str, Any]:
@@ -78,7 +86,12 @@ def config_data(request: GenerationRequest | Mapping[str, Any]) -> dict[str, Any
     run config validates them as its request, after its own checks): the inverse of
     ``RunConfig.request``. None values are left out (the file's defaults mean the same: fps 24)."""
     data: dict[str, Any] = {}
-    dumped = request.model_dump(mode="json") if isinstance(request, GenerationRequest) else request
+    dumped = request.model_dump(mode="json") if isinstance(request, GenerationRequest) else dict(request)
+    for name in IMAGE_FIELDS:  # a file names its images by path (the JSON dump describes them with a hash)
+        value = getattr(request, name) if isinstance(request, GenerationRequest) else dumped.get(name)
+        if value is not None and not is_path(value):
+            raise ValueError(f"{name}: a run config names images by path; save the in-memory {name} to a file")
+        dumped[name] = None if value is None else str(value)
     values = {name: value for name, value in dumped.items() if value is not None}
     for name in sorted(values, key=lambda name: REQUEST_KEYS[name].count(".")):  # plugin_configs before its loop
         *parents, last = REQUEST_KEYS[name].split(".")
@@ -125,6 +138,12 @@ class PipeConfig(_StrictRun):
     checkpoint_every: int | None = Field(default=None, ge=1)
     """Save a checkpoint (``<base_path>/<file_name>.ckpt``) every this many denoising steps, to
     continue an interrupted run with ``generate --resume``; None: no checkpoints."""
+    image: str | None = None
+    """Image-to-video: the path of the video's first frame (an image file, resized to height x width)."""
+    last_image: str | None = None
+    """Image-to-video: the path of the video's last frame (first-last-frame models); needs image."""
+    video: str | None = None
+    """Continuation: the path of a video file whose frames start the video (instead of image)."""
 
     @model_validator(mode="before")
     @classmethod

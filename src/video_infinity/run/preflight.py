@@ -1,5 +1,5 @@
-"""Pre-flight checks, once, before any rank starts: the model is one video-infinity runs (e.g. not an
-image-to-video Wan folder), the output folder is writable and has room for the estimated outputs,
+"""Pre-flight checks, once, before any rank starts: the model is one video-infinity runs (e.g. not a
+Wan VACE folder), the images it is given decode and suit it, the output folder is writable and has room for the estimated outputs,
 no output would replace a file the user did not ask to replace (and none is the config being run),
 the model folder is complete and its files readable, a ``--resume`` checkpoint belongs to this
 config and model. Each refusal is a one-line :class:`ConfigError` or
@@ -20,6 +20,7 @@ from typing import Any
 from ..errors import ConfigError
 from ..checkpoint import estimate_bytes, load_checkpoint
 from ..families import FolderFacts, detect, plans_memory, unsupported_model
+from ..families.folder import ModelFolder
 from .checkpoint import CheckpointPlan, check_compatible, config_fingerprint
 from .config import RunConfig
 from .outputs import check_outputs, output_paths
@@ -102,6 +103,10 @@ def _pipeline_components(model: str) -> dict[str, list[tuple[str, tuple[str, ...
     components = {name: needs for name, needs in _COMPONENT_FILES.items() if name != "unet"}
     for name in facts.components if facts is not None else ("unet",):
         components[name] = _COMPONENT_FILES["unet"]
+    folder = ModelFolder.find(model)
+    if folder is not None and folder.has_component("image_encoder"):  # Wan2.1 I2V's CLIP
+        components["image_encoder"] = _COMPONENT_FILES["text_encoder"]
+        components["image_processor"] = [("preprocessor_config.json", ("preprocessor_config.json",))]
     return components
 
 
@@ -167,6 +172,50 @@ def check_video_shape(config: RunConfig, model: str, world_size: int) -> None:
             lower = value - value % multiple
             raise ConfigError(f"pipe_configs.{name}: this model needs a multiple of {multiple}, got {value} "
                               f"(use {max(lower, multiple)} or {lower + multiple})")
+
+
+def _video_frames(path: Path) -> int:
+    """Frames of a video file, decoded (PyAV): what a continuation is given."""
+    import av
+
+    with av.open(str(path)) as container:
+        return sum(1 for _ in container.decode(video=0))
+
+
+def check_images(config: RunConfig, model: str) -> None:
+    """Refuse image inputs the run cannot use, before any rank starts: a file that is not an image (or
+    a video), images a text-to-video model cannot take, an image-to-video model without an image, an
+    end image for a model without one, a continuation the model cannot split into its latent frames.
+    An image of another aspect ratio than the video is resized to it (diffusers does): logged."""
+    pipe = config.pipe_configs
+    given = {name for name in ("image", "last_image", "video") if getattr(pipe, name) is not None}
+    facts = detect(model)
+    video_frames = None
+    for name in sorted(given):
+        path = Path(getattr(pipe, name)).expanduser()
+        try:
+            if name == "video":
+                video_frames = _video_frames(path)
+                if not video_frames:
+                    raise ValueError("it holds no frames")
+                continue
+            from PIL import Image
+
+            with Image.open(path) as image:
+                image.load()
+                width, height = image.size
+        except Exception as exc:  # PIL and PyAV raise several kinds for a file they cannot decode
+            kind = "a video" if name == "video" else "an image"
+            raise ConfigError(f"pipe_configs.{name}: cannot read '{path}' as {kind} ({exc})") from None
+        if abs(width / height - pipe.width / pipe.height) > 0.01 * pipe.width / pipe.height:
+            logger.warning("pipe_configs.%s: %dx%d is resized to the video's %dx%d (another aspect ratio: it "
+                           "will look stretched)", name, width, height, pipe.width, pipe.height)
+    if facts is None:
+        return  # a hub id not cached: the ranks check
+    problem = facts.image_problem(model, given, video_frames, config.total_frames)
+    if problem is not None:
+        raise ConfigError(f"pipe_configs.{problem}" if not problem.startswith("num_frames") else
+                          f"pipe_configs.total_frames: {problem.partition(': ')[2]}")
 
 
 def check_motion_adapter_folder(adapter: str) -> None:
@@ -280,6 +329,7 @@ def prepare(config: RunConfig, overwrite: bool = False, resume: str | os.PathLik
     problem = None if config.motion_adapter is not None else unsupported_model(model)  # else: the SD base
     if problem is not None:  # before base_path is created: nothing is written
         raise ConfigError(problem)
+    check_images(config, model)
     _check_base_path(config)
     check_model_folder(model, config.base_model)
     check_video_shape(config, model, world_size)

@@ -1,48 +1,68 @@
-"""Which folders are text-to-video Wan (``WanPipeline``: Wan2.1, Wan2.2 A14B, TI2V-5B used as
-text-to-video), from config files alone. A Wan folder is judged by what it holds, not only by the
-class it was saved with: a ``WanPipeline`` folder whose transformer takes image conditioning is
-image-to-video, which is refused."""
+"""Which folders are Wan the engine runs, from config files alone: text-to-video (``WanPipeline``:
+Wan2.1, Wan2.2 A14B, TI2V-5B) and image-to-video in the four modes of diffusers'
+``WanImageToVideoPipeline`` (Wan2.1 I2V with CLIP, first-last-frame, Wan2.2 A14B I2V, Wan2.2 TI2V
+with an image). VACE, Animate and speech-to-video are refused with one line."""
 
 from __future__ import annotations
 
 from ..folder import FolderFacts, ModelFolder
 
-SUMMARY = "text-to-video Wan (WanPipeline)"
-PIPELINE_CLASSES = ("WanPipeline",)
-"""``_class_name`` values of ``model_index.json`` of text-to-video Wan folders."""
+SUMMARY = "Wan text- and image-to-video (WanPipeline, WanImageToVideoPipeline)"
+PIPELINE_CLASSES = ("WanPipeline", "WanImageToVideoPipeline")
+"""``_class_name`` values of ``model_index.json`` of the Wan folders the engine runs."""
 DENOISERS = ("WanTransformer3DModel",)
 """The denoiser classes its engine plan takes (for messages)."""
-DIFFUSERS_NAMES = ("WanPipeline", "WanTransformer3DModel", "AutoencoderKLWan", "WanAttention", "WanRotaryPosEmbed",
+DIFFUSERS_NAMES = ("WanPipeline", "WanImageToVideoPipeline", "pipeline_wan_i2v", "WanTransformer3DModel", "AutoencoderKLWan", "WanAttention", "WanRotaryPosEmbed",
                    "WanTransformerBlock", "WanTimeTextImageEmbedding", "WanCausalConv3d", "WanResample",
                    "transformer_wan", "autoencoder_kl_wan", "pipeline_wan")
 """diffusers classes and modules particular to this family: only the family's folder imports them."""
 
 
-def _image_conditioning(folder: ModelFolder) -> list[str]:
-    """What in a Wan folder takes an image: an image encoder, a transformer with an image embedder
-    (``image_dim``) or with more input than output channels (image latents concatenated, Wan2.2 I2V)."""
-    found = [f"an {name} component" for name in ("image_encoder", "image_processor")
-             if folder.component_class(name) is not None]
-    for name in ("transformer", "transformer_2"):
-        config = folder.config(name)
-        if config.get("image_dim") is not None:
-            found.append(f"{name} image_dim {config['image_dim']}")
-        ins, outs = config.get("in_channels"), config.get("out_channels")
-        if isinstance(ins, int) and isinstance(outs, int) and ins != outs:
-            found.append(f"{name} in_channels {ins} != out_channels {outs}")
-    return found
+REFUSED = {"WanVACEPipeline": "VACE (video editing and reference conditioning)",
+           "WanAnimatePipeline": "Wan-Animate (character animation)",
+           "WanSpeechToVideoPipeline": "speech-to-video", "WanVideoToVideoPipeline": "video-to-video"}
+"""Wan pipelines whose conditioning the engine does not carry, refused with one line."""
+
+
+def image_mode(folder: ModelFolder) -> tuple[str | None, str]:
+    """(how the folder's transformer takes a start image: ``"concat"``, ``"first_frame"`` or None; what
+    in the folder says so, or why it cannot run). A folder is judged by what it holds, not only by
+    the class it was saved with: a transformer with more input than output channels takes the
+    image's mask and latents concatenated (Wan2.1 I2V, Wan2.2 A14B I2V); ``expand_timesteps`` (Wan2.2
+    TI2V) puts the image's latents in place of the first latent frame."""
+    config = folder.config("transformer") or folder.config("transformer_2")
+    ins, outs = config.get("in_channels"), config.get("out_channels")
+    if isinstance(ins, int) and isinstance(outs, int) and ins != outs:
+        z_dim = folder.config("vae").get("z_dim", outs)
+        temporal = int(folder.config("vae").get("scale_factor_temporal", 4))
+        if ins != outs + temporal + z_dim:
+            return None, (f"transformer in_channels {ins} is not out_channels {outs} + {temporal} mask channels + "
+                          f"{z_dim} image latent channels")
+        return "concat", f"transformer in_channels {ins} = noise {outs} + mask {temporal} + image latents {z_dim}"
+    if folder.index.get("expand_timesteps"):
+        return "first_frame", "expand_timesteps"
+    return None, ""
 
 
 def detect(folder: ModelFolder) -> FolderFacts | str | None:
-    """Facts of a text-to-video Wan folder; what it holds (a refusal) for another Wan pipeline; None if not Wan."""
+    """Facts of a Wan folder the engine runs (text-to-video; image-to-video in diffusers'
+    ``WanImageToVideoPipeline`` modes); what it holds (a refusal) for another Wan pipeline; None if not Wan."""
     class_name = folder.pipeline_class
     if not class_name.startswith("Wan"):
         return None
-    image = _image_conditioning(folder)
-    if class_name not in PIPELINE_CLASSES or image:
-        return f"image-to-video: {', '.join(image)}" if image else (
-            "image-to-video" if "ImageToVideo" in class_name else "not text-to-video")
-    vae, transformer = folder.config("vae"), folder.config("transformer")
+    if class_name in REFUSED or class_name not in PIPELINE_CLASSES:
+        return REFUSED.get(class_name, "not a WanPipeline or WanImageToVideoPipeline")
+    mode, why = image_mode(folder)
+    if mode is None and why:
+        return why
+    if class_name == "WanImageToVideoPipeline" and mode is None:
+        return "image-to-video, but its transformer takes no image (in_channels = out_channels, no expand_timesteps)"
+    transformer = folder.config("transformer") or folder.config("transformer_2")
+    image_encoder = folder.has_component("image_encoder")
+    if image_encoder != (transformer.get("image_dim") is not None):
+        return ("an image_encoder component but no transformer image_dim" if image_encoder
+                else f"transformer image_dim {transformer['image_dim']} but no image_encoder component")
+    vae = folder.config("vae")
     patch = transformer.get("patch_size") or [1, 1, 1]
     spatial = int(vae.get("scale_factor_spatial", 8))
     return FolderFacts(
@@ -55,4 +75,9 @@ def detect(folder: ModelFolder) -> FolderFacts | str | None:
         latent_element_bytes=4,  # the sampling loop carries float32 latents
         default_scheduler="model",  # the folder's flow-matching UniPC with its flow_shift
         model_scheduler=folder.scheduler_config(),
+        image_mode=mode,
+        image_required=mode == "concat",
+        # A CLIP-conditioned transformer takes two images' embeddings only with a position
+        # embedding for both (first-last-frame models); without CLIP the mask and latents suffice.
+        last_image=mode == "concat" and (not image_encoder or transformer.get("pos_embed_seq_len") is not None),
     )
