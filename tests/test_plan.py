@@ -199,3 +199,28 @@ def test_the_shipped_wan_1_3b_configs_plan_81_frames_at_480x832_on_24_gib():
     assert 2.6 * 2**30 < step.weights_bytes < 3.3 * 2**30  # and the VAE's 0.47 GiB (float32)
     assert 10.0 * 2**30 < text.weights_bytes - step.weights_bytes < 11.0 * 2**30  # UMT5-XXL in bf16
     assert plan.fits and plan.latent_frames == 21
+
+
+@pytest.mark.unit
+def test_the_shipped_wan_i2v_14b_configs_plan_the_image_conditioning_on_every_rank(tmp_path):
+    """``examples/model_configs/Wan2.1-I2V-14B-480P`` with a start image on 2 ranks: every rank plans its
+    condition video's encode (its own latent frames after the encoder's warm-up), rank 0 also CLIP's
+    ViT-H (0.63 B parameters, float32)."""
+    from PIL import Image
+
+    from video_infinity.plan import plan_run
+    from video_infinity.run.config import RunConfig
+
+    folder = Path(__file__).resolve().parent.parent / "examples" / "model_configs" / "Wan2.1-I2V-14B-480P"
+    Image.new("RGB", (832, 480)).save(tmp_path / "first.png")
+    base = {**_config(folder, [0, 1], total_frames=81, height=480, width=832), "dtype": "bfloat16"}
+    with_image = {**base, "pipe_configs": {**base["pipe_configs"], "image": str(tmp_path / "first.png")}}
+    plan = plan_run(RunConfig.model_validate(with_image), 80 * 2**30, search=False)
+    first, second = (rank.stage("image conditioning") for rank in plan.ranks)
+    clip = first.weights_bytes - second.weights_bytes
+    assert 2.2 * 2**30 < clip < 2.5 * 2**30  # CLIP ViT-H/14 in float32 on rank 0 only
+    # rank 0 encodes its 11 latent frames (and runs CLIP); rank 1 its 10 after a warm-up on all 11 before
+    # them (the encoder's receptive field, 28, reaches the video's start)
+    assert second.flops > first.flops > 0
+    step = plan.ranks[0].stage("denoising step")
+    assert 30 * 2**30 < step.weights_bytes < 33 * 2**30  # 16.4 B parameters in bf16 and the VAE

@@ -183,6 +183,7 @@ def plan_run(config: RunConfig, gpu_memory: int | None = None, world_size: int |
     components = planner.meta_components(folder, dtype)
     latent_frames = facts.latent_frames(pipe.total_frames_for(world))
     scale = facts.spatial_factor
+    # the model's input channels (image-to-video: the mask and image latents concatenated)
     latent_shape = (components["transformer"].config.in_channels, pipe.height // scale, pipe.width // scale)
     prompts = pipe.prompts if isinstance(pipe.prompts, list) else list(pipe.prompts.values())
     per_frame_text = len(set(prompts)) > 1
@@ -190,17 +191,35 @@ def plan_run(config: RunConfig, gpu_memory: int | None = None, world_size: int |
 
     text_weights, text_call = planner.text_stage(folder, dtype, len(set(prompts)))
     decode_weights, decode_call = planner.decode_stage(components, latent_shape)
+    images = [name for name in ("image", "last_image") if getattr(pipe, name) is not None]
+    conditioned = facts.image_mode is not None and (images or pipe.video is not None)
+    clip = None
+    if conditioned and (folder / "image_encoder" / "config.json").is_file():
+        clip = planner.clip_stage(folder, max(1, len(images)))
+    if conditioned:
+        from .families.wan.vae import wan_encoder_receptive_field
+
+        _, encode_call = planner.encode_stage(components, latent_shape)  # the VAE is resident already
+        field = wan_encoder_receptive_field(components["vae"])
 
     def rank_plan(rank: int, world: int) -> RankPlan:
         with _as_rank(rank, world):
             ctx = ClipContext.from_process_group(latent_frames) if world > 1 else ClipContext(total_frames=latent_frames)
             weights, step = planner.denoise_stage(components, config.plugin_configs, ctx, latent_shape,
-                                                  per_frame_text, guidance)
+                                                  per_frame_text, guidance, image_tokens=clip[2] * len(images) if clip else 0)
         # The transformers and the VAE stay on the device from loading to the end; the text encoder joins
         # them while it encodes.
         resident = weights + decode_weights
         stages = [Stage("denoising step", resident, step.peak_bytes, step.flops),
                   Stage("VAE decode", resident, decode_call.peak_bytes, decode_call.flops * len(ctx.frames))]
+        if conditioned:
+            # each rank encodes its own latent frames after the encoder's warm-up; CLIP on rank 0 first
+            encoded = len(ctx.frames) + min(field, ctx.frames.start)
+            image_stage = Stage("image conditioning", resident, encode_call.peak_bytes, encode_call.flops * encoded)
+            if rank == 0 and clip is not None:
+                image_stage = Stage("image conditioning", resident + clip[0],
+                                    max(encode_call.peak_bytes, clip[1].peak_bytes), image_stage.flops + clip[1].flops)
+            stages.insert(0, image_stage)
         if rank == 0:
             stages.insert(0, Stage("prompt encoding", resident + text_weights, text_call.peak_bytes, text_call.flops))
         return RankPlan(rank, len(ctx.frames), tuple(stages))

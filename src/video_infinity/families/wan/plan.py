@@ -8,7 +8,9 @@
   through the engine (``parallelize`` with the run's engine settings on the rank's clip, in a fake
   process group: every exchange buffer is allocated as on the real rank);
 * VAE decode (every rank): the VAE's weights (float32, as loaded) and the streamed decode of its
-  latent frames (one latent frame's decoder call at a time, with the causal caches).
+  latent frames (one latent frame's decoder call at a time, with the causal caches);
+* image conditioning (image-to-video): every rank's encode of its condition video chunk by chunk
+  (with the encoder's warm-up), and rank 0's CLIP image encoder (Wan2.1 I2V).
 """
 
 from __future__ import annotations
@@ -22,7 +24,8 @@ import torch
 from ...context import ClipContext
 from ...memory import Measurement, measure, parameter_bytes
 
-__all__ = ["decode_stage", "denoise_stage", "meta_components", "meta_transformer", "step_measure", "text_stage"]
+__all__ = ["clip_stage", "decode_stage", "denoise_stage", "encode_stage", "meta_components", "meta_transformer",
+           "step_measure", "text_stage"]
 
 
 def _config(folder: Path, component: str) -> dict[str, Any]:
@@ -77,11 +80,12 @@ def text_stage(folder: Path, dtype: torch.dtype, prompts: int, sequence_length: 
 
 def step_measure(model: torch.nn.Module, engine: Any, ctx: ClipContext, latent_hw: tuple[int, int],
                  expand_timesteps: bool, guidance: bool, per_frame_text: bool = False,
-                 sequence_length: int = 512) -> Measurement:
+                 sequence_length: int = 512, image_tokens: int = 0) -> Measurement:
     """One denoising step of this rank through the engine on meta tensors, as ``WanFamily.predict_noise``
-    makes it: the sampler's float32 latents cast to the model's dtype, the conditional call (and with
-    ``guidance`` the unconditional one and their combination); one timestep per token when
-    ``expand_timesteps`` (Wan2.2 TI2V); text per latent frame when ``per_frame_text``."""
+    makes it: the sampler's float32 latents cast to the model's dtype (image-to-video: the mask and image
+    latents concatenated, the model's input channels), the conditional call (and with ``guidance`` the
+    unconditional one and their combination); one timestep per token when ``expand_timesteps`` (Wan2.2
+    TI2V); text per latent frame when ``per_frame_text``; ``image_tokens`` CLIP tokens (Wan2.1 I2V)."""
     from ... import parallelize
 
     height, width = latent_hw
@@ -94,13 +98,16 @@ def step_measure(model: torch.nn.Module, engine: Any, ctx: ClipContext, latent_h
     _, patch_h, patch_w = model.config.patch_size
     tokens = frames * (height // patch_h) * (width // patch_w)
     timestep = torch.zeros(1, tokens, device="meta") if expand_timesteps else torch.zeros(1, device="meta")
+    image = None
+    if image_tokens and model.config.image_dim is not None:
+        image = torch.empty(1, image_tokens, model.config.image_dim, device="meta", dtype=model.dtype)
 
     def step() -> torch.Tensor:
         x = latents.to(model.dtype)
-        pred = model(x, timestep, text, return_dict=False)[0]
+        pred = model(x, timestep, text, image, return_dict=False)[0]
         if not guidance:
             return pred
-        uncond = model(x, timestep, negative, return_dict=False)[0]
+        uncond = model(x, timestep, negative, image, return_dict=False)[0]
         return uncond + 5.0 * (pred - uncond)
 
     handle = parallelize(model, engine, ctx)
@@ -111,12 +118,13 @@ def step_measure(model: torch.nn.Module, engine: Any, ctx: ClipContext, latent_h
 
 
 def denoise_stage(components: dict[str, Any], engine: Any, ctx: ClipContext, latent_shape: tuple[int, int, int],
-                  per_frame_text: bool, guidance: bool, sequence_length: int = 512) -> tuple[int, Measurement]:
+                  per_frame_text: bool, guidance: bool, sequence_length: int = 512,
+                  image_tokens: int = 0) -> tuple[int, Measurement]:
     """(weights bytes, one denoising step of this rank: :func:`step_measure` on one and two blocks, the
     FLOPs extrapolated to the model's depth)."""
     experts = [m for m in (components["transformer"], components["transformer_2"]) if m is not None]
     first, second = (step_measure(probe, engine, ctx, latent_shape[1:], components["expand_timesteps"], guidance,
-                                  per_frame_text, sequence_length) for probe in components["probes"])
+                                  per_frame_text, sequence_length, image_tokens) for probe in components["probes"])
     per_block = second.flops - first.flops
     step = Measurement(max(first.peak_bytes, second.peak_bytes), first.flops + (components["layers"] - 1) * per_block)
     return sum(parameter_bytes(m) for m in experts), step
@@ -139,3 +147,34 @@ def decode_stage(components: dict[str, Any], latent_shape: tuple[int, int, int],
 
     measured = measure(decode)
     return parameter_bytes(vae), Measurement(measured.peak_bytes, measured.flops // frames)
+
+
+def encode_stage(components: dict[str, Any], latent_shape: tuple[int, int, int], frames: int = 3
+                 ) -> tuple[int, Measurement]:
+    """(VAE weights bytes, the encode of ``frames`` latent frames of a condition video chunk by chunk with
+    the causal caches, as :func:`~.vae.encode_wan_frames` makes it), float32 as a run loads the VAE.
+    Its FLOPs are per latent frame (their mean over ``frames``)."""
+    from .vae import encode_wan_frames
+
+    vae = components["vae"]
+    _, height, width = latent_shape
+    scale = vae.config.scale_factor_spatial
+
+    def video(chunk: range) -> torch.Tensor:
+        return torch.empty(1, 3, len(chunk), height * scale, width * scale, device="meta")
+
+    measured = measure(lambda: encode_wan_frames(vae, video, range(0, frames), halo=0))
+    return parameter_bytes(vae), Measurement(measured.peak_bytes, measured.flops // frames)
+
+
+def clip_stage(folder: Path, images: int) -> tuple[int, Measurement, int]:
+    """(weights bytes, one call on ``images`` images, tokens per image) of the CLIP image encoder
+    (Wan2.1 I2V), float32 as this package loads it."""
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
+    config = CLIPVisionConfig.from_pretrained(folder / "image_encoder")
+    with torch.device("meta"):
+        encoder = CLIPVisionModel(config).eval()
+    pixels = torch.empty(images, 3, config.image_size, config.image_size, device="meta")
+    tokens = (config.image_size // config.patch_size) ** 2 + 1
+    return parameter_bytes(encoder), measure(lambda: encoder(pixel_values=pixels, output_hidden_states=True)), tokens
