@@ -155,21 +155,34 @@ def test_images_a_model_cannot_take_are_refused_in_one_line(tmp_path):
 
 
 # ----------------------------------------------------------------------------------- ranks
-def _band_worker(rank: int, world_size: int, folder, mode: str) -> dict:
-    ctx = ClipContext.from_process_group(total_frames=latent_frame_count(25))
-    pipe = VideoInfinityPipeline.from_pretrained(folder, engine=BAND, device="cpu")
-    images = {"image": sample_image(1)} if mode == "i2v" else {"video": [sample_image(20 + i, 48, 32) for i in range(5)]}
-    latents = pipe(["a cat runs on the beach", "a dog jumps in snow"], num_frames=25, num_inference_steps=2,
-                   guidance_scale=4.0, seed=3, output_type="latent", context=ctx, progress=False, **images, **SIZE).frames
-    return {"latents": latents, "clip_loaded": pipe.family.image_encoder is not None,
-            "text_loaded": pipe.family.text_pipeline is not None}
+def _band_worker(rank: int, world_size: int, folders: dict) -> dict:
+    """Each mode on one rank (a subgroup of rank 0) and on all three."""
+    import torch.distributed as dist
+
+    groups = {1: dist.new_group([0]), 3: None}
+    results = {}
+    for mode, folder in folders.items():
+        images = {"image": sample_image(1)} if mode == "i2v" else {
+            "video": [sample_image(20 + i, 48, 32) for i in range(5)]}
+        for world in (1, 3):
+            if rank >= world:
+                continue
+            ctx = ClipContext(rank=rank, world_size=world, total_frames=latent_frame_count(25), group=groups[world])
+            pipe = VideoInfinityPipeline.from_pretrained(folder, engine=BAND, device="cpu")
+            latents = pipe(["a cat runs on the beach", "a dog jumps in snow"], num_frames=25, num_inference_steps=2,
+                           guidance_scale=4.0, seed=3, output_type="latent", context=ctx, progress=False, **images,
+                           **SIZE).frames
+            results[(mode, world)] = {"latents": latents, "clip_loaded": pipe.family.image_encoder is not None,
+                                      "text_loaded": pipe.family.text_pipeline is not None}
+        dist.barrier()
+    return results
 
 
 @pytest.mark.distributed
 def test_band_window_on_three_ranks_equals_one_rank_and_clip_runs_on_rank_zero(folders, tmp_path):
+    ranks = run_distributed(_band_worker, 3, folders, tmp_dir=tmp_path)
     for mode in ("i2v", "ti2v"):  # Wan2.1 I2V (CLIP), Wan2.2 TI2V continuing 5 given frames
-        one = run_distributed(_band_worker, 1, folders[mode], mode, tmp_dir=tmp_path / mode)[0]
-        three = run_distributed(_band_worker, 3, folders[mode], mode, tmp_dir=tmp_path / mode)
+        one, three = ranks[0][(mode, 1)], [r[(mode, 3)] for r in ranks]
         assert one["latents"].shape[2] == 7 and one["latents"].abs().max() > 0.1
         assert torch.equal(three[0]["latents"], one["latents"]), mode
         assert [r["text_loaded"] for r in three] == [True, False, False]  # rank 0 encodes, the others receive
