@@ -197,10 +197,7 @@ def plan_run(config: RunConfig, gpu_memory: int | None = None, world_size: int |
     if conditioned and (folder / "image_encoder" / "config.json").is_file():
         clip = planner.clip_stage(folder, max(1, len(images)))
     if conditioned:
-        from .families.wan.vae import wan_encoder_receptive_field
-
-        _, encode_call = planner.encode_stage(components, latent_shape)  # the VAE is resident already
-        field = wan_encoder_receptive_field(components["vae"])
+        _, encode_call, field = planner.encode_stage(components, latent_shape)  # the VAE is resident already
 
     def rank_plan(rank: int, world: int) -> RankPlan:
         with _as_rank(rank, world):

@@ -150,11 +150,12 @@ def decode_stage(components: dict[str, Any], latent_shape: tuple[int, int, int],
 
 
 def encode_stage(components: dict[str, Any], latent_shape: tuple[int, int, int], frames: int = 3
-                 ) -> tuple[int, Measurement]:
+                 ) -> tuple[int, Measurement, int]:
     """(VAE weights bytes, the encode of ``frames`` latent frames of a condition video chunk by chunk with
-    the causal caches, as :func:`~.vae.encode_wan_frames` makes it), float32 as a run loads the VAE.
-    Its FLOPs are per latent frame (their mean over ``frames``)."""
-    from .vae import encode_wan_frames
+    the causal caches, as :func:`~.vae.encode_wan_frames` makes it, float32 as a run loads the VAE, its
+    FLOPs per latent frame (their mean over ``frames``); the latent frames of warm-up a rank encodes
+    before its own, at most: the encoder's receptive field)."""
+    from .vae import encode_wan_frames, wan_encoder_receptive_field
 
     vae = components["vae"]
     _, height, width = latent_shape
@@ -164,7 +165,7 @@ def encode_stage(components: dict[str, Any], latent_shape: tuple[int, int, int],
         return torch.empty(1, 3, len(chunk), height * scale, width * scale, device="meta")
 
     measured = measure(lambda: encode_wan_frames(vae, video, range(0, frames), halo=0))
-    return parameter_bytes(vae), Measurement(measured.peak_bytes, measured.flops // frames)
+    return parameter_bytes(vae), Measurement(measured.peak_bytes, measured.flops // frames), wan_encoder_receptive_field(vae)
 
 
 def clip_stage(folder: Path, images: int) -> tuple[int, Measurement, int]:
