@@ -39,7 +39,7 @@ def _noise(pipe: VideoInfinityPipeline, num_frames: int, height: int, width: int
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory):
     root = tmp_path_factory.mktemp("wan_i2v")
-    return {mode: build_tiny_wan_i2v_folder(root / mode, mode) for mode in ("i2v", "ti2v")}
+    return {mode: build_tiny_wan_i2v_folder(root / mode, mode) for mode in ("i2v", "a14b", "ti2v")}
 
 
 # ----------------------------------------------------------------------------------- parity
@@ -91,6 +91,41 @@ def test_an_image_as_path_array_or_tensor_conditions_as_the_pil_image(tmp_path):
     found = [pipe.conditioning(pipe.check_inputs("a cat", num_frames=17, guidance_scale=1.0, image=value, **SIZE),
                                ctx).extra["condition"] for value in (image, tensor)]
     torch.testing.assert_close(found[1], found[0], atol=1e-5, rtol=0)
+
+
+@pytest.mark.unit
+def test_a_ti2v_wan_pipeline_folder_given_an_image_is_the_image_to_video_pipeline(tmp_path):
+    # Wan2.2 TI2V ships as a WanPipeline with expand_timesteps: given an image it runs the image mode.
+    from diffusers import WanPipeline
+
+    i2v = build_tiny_wan_i2v_pipeline("ti2v")
+    WanPipeline(tokenizer=i2v.tokenizer, text_encoder=i2v.text_encoder, transformer=i2v.transformer, vae=i2v.vae,
+                scheduler=i2v.scheduler, expand_timesteps=True).save_pretrained(tmp_path / "ti2v")
+    call = dict(num_frames=9, num_inference_steps=2, guidance_scale=3.0, seed=2, output_type="latent", progress=False,
+                image=sample_image(1), **SIZE)
+    folder = VideoInfinityPipeline.from_pretrained(tmp_path / "ti2v", engine=BAND, device="cpu")
+    assert folder.family.image_mode == "first_frame"
+    ours = folder("a cat runs", **call).frames[0]
+    theirs = VideoInfinityPipeline.from_pipe(i2v, engine=BAND)("a cat runs", **call).frames[0]
+    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=0)  # loaded from files vs in memory
+    text_only = folder("a cat runs", **{**call, "image": None}).frames[0]
+    assert (text_only - ours).abs().max() > 0.1
+
+
+@pytest.mark.unit
+def test_diffusers_model_cpu_offload_composes_with_the_engine():
+    """``enable_model_cpu_offload`` (accelerate's hooks moving each model to the execution device and
+    back) around the engine's hooks: the same video, and the offload hooks stay once the engine's are
+    removed. Run with ``device="cpu"`` here (no GPU): the hooks run, the moves are no-ops."""
+    reference = build_tiny_wan_i2v_pipeline("i2v")
+    call = dict(num_frames=9, num_inference_steps=2, guidance_scale=3.0, seed=2, output_type="latent", progress=False,
+                image=sample_image(1), **SIZE)
+    plain = VideoInfinityPipeline.from_pipe(reference, engine=BAND)("a cat runs", **call).frames[0]
+    reference.enable_model_cpu_offload(device="cpu")
+    offloaded = VideoInfinityPipeline.from_pipe(reference, engine=BAND)("a cat runs", **call).frames[0]
+    assert torch.equal(offloaded, plain)
+    assert type(reference.transformer._hf_hook).__name__ == "CpuOffload"
+    assert not reference.transformer._diffusers_hook.hooks  # the engine's hooks are gone after the call
 
 
 # ----------------------------------------------------------------------------------- continuation
@@ -163,6 +198,7 @@ def _band_worker(rank: int, world_size: int, folders: dict) -> dict:
     results = {}
     for mode, folder in folders.items():
         images = {"image": sample_image(1)} if mode == "i2v" else {
+            "image": sample_image(1), "last_image": sample_image(2)} if mode == "a14b" else {
             "video": [sample_image(20 + i, 48, 32) for i in range(5)]}
         for world in (1, 3):
             if rank >= world:
@@ -181,7 +217,7 @@ def _band_worker(rank: int, world_size: int, folders: dict) -> dict:
 @pytest.mark.distributed
 def test_band_window_on_three_ranks_equals_one_rank_and_clip_runs_on_rank_zero(folders, tmp_path):
     ranks = run_distributed(_band_worker, 3, folders, tmp_dir=tmp_path)
-    for mode in ("i2v", "ti2v"):  # Wan2.1 I2V (CLIP), Wan2.2 TI2V continuing 5 given frames
+    for mode in ("i2v", "a14b", "ti2v"):  # Wan2.1 I2V (CLIP), Wan2.2 A14B (first and last), TI2V continuing 5 frames
         one, three = ranks[0][(mode, 1)], [r[(mode, 3)] for r in ranks]
         assert one["latents"].shape[2] == 7 and one["latents"].abs().max() > 0.1
         assert torch.equal(three[0]["latents"], one["latents"]), mode
