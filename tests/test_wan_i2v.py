@@ -22,7 +22,7 @@ from families import sample_image
 from harness import run_distributed
 from tiny_models import build_tiny_wan_i2v_folder, build_tiny_wan_i2v_pipeline
 from video_infinity import ClipContext, VideoInfinityPipeline
-from video_infinity.families.wan.vae import latent_frame_count
+from video_infinity.families.wan.vae import latent_frame_count, normalize_wan_latents
 from video_infinity.video_io import read_video
 
 WHOLE_WINDOW = {"attn": {"padding": 1000, "top_k": 0, "local_phase": None, "global_phase": None}, "block_tokens": 2}
@@ -148,7 +148,7 @@ def test_continuation_conditions_the_given_frames():
     given = VideoProcessor(vae_scale_factor=8).preprocess_video(frames, height=32, width=48)
     whole = torch.cat([given, given.new_zeros(1, 3, 11, 32, 48)], dim=2)
     with torch.no_grad():
-        encoded = pipe.family._normalize(pipe.family.vae.encode(whole).latent_dist.mode())
+        encoded = normalize_wan_latents(pipe.family.vae, pipe.family.vae.encode(whole).latent_dist.mode())
     torch.testing.assert_close(condition[:, 4:], encoded, atol=1e-5, rtol=0)
 
     # TI2V: whole latent frames of the given video replace the first latent frames (1 + 4k frames)
@@ -158,7 +158,7 @@ def test_continuation_conditions_the_given_frames():
     latents = ti2v("a cat", num_frames=17, num_inference_steps=2, guidance_scale=1.0, video=clip[:5], seed=1,
                    output_type="latent", progress=False, **SIZE).frames[0]
     with torch.no_grad():
-        given_latents = ti2v.family._normalize(ti2v.family.vae.encode(given[:, :, :5]).latent_dist.mode())
+        given_latents = normalize_wan_latents(ti2v.family.vae, ti2v.family.vae.encode(given[:, :, :5]).latent_dist.mode())
     torch.testing.assert_close(latents[None, :, :2], given_latents, atol=1e-5, rtol=0)
     assert (latents[:, 2:] - given_latents[0, :, 1:2]).abs().max() > 0.1  # the rest is generated
 

@@ -24,16 +24,11 @@ from ...engine.comm import broadcast_from_rank0
 from ...images import video_length
 from .detect import image_mode as folder_image_mode
 from . import vae as wan_vae
-from .vae import latent_frame_count, stream_wan_clip, video_frame_count
+from .vae import latent_frame_count, normalize_wan_latents, stream_wan_clip, video_frame_count
 from ..folder import FolderFacts, ModelFolder
 from ..base import Conditioning, ImageInputs
 
 logger = logging.getLogger(__name__)
-
-
-def _first_video_frame(video: Any) -> Any:
-    """The first frame of a video source as the CLIP processor takes an image."""
-    return video[0]
 
 
 # ----------------------------------------------------------------------------------- the family
@@ -79,7 +74,6 @@ class WanFamily:
     is) for a pipeline's own (``from_pipe``)."""
     image_embed_shape: tuple[int, int] | None = None
     """(tokens, width) of one image's CLIP embeddings, for the ranks that receive them; None: no CLIP."""
-    takes_last_image: bool = False
 
     @property
     def model(self) -> torch.nn.Module:
@@ -113,7 +107,7 @@ class WanFamily:
             vision = folder.config("image_encoder")
             tokens = (int(vision.get("image_size", 224)) // int(vision.get("patch_size", 32))) ** 2 + 1  # + class token
             embed_shape = (tokens, int(vision.get("hidden_size", 768)))
-        family = cls(
+        return cls(
             transformer=first if first is not None else second,
             transformer_2=second if first is not None else None,
             vae=vae.to(device).eval().requires_grad_(False),
@@ -125,8 +119,6 @@ class WanFamily:
             image_mode=mode,
             image_embed_shape=embed_shape,
         )
-        family.takes_last_image = family._takes_last_image()
-        return family
 
     @classmethod
     def can_take(cls, pipeline: Any) -> bool:
@@ -153,7 +145,7 @@ class WanFamily:
         if encoder is not None:
             vision = encoder.config
             embed_shape = ((vision.image_size // vision.patch_size) ** 2 + 1, vision.hidden_size)
-        family = cls(
+        return cls(
             transformer=first,
             transformer_2=second,
             vae=pipeline.vae,
@@ -169,8 +161,6 @@ class WanFamily:
             image_processor=getattr(pipeline, "image_processor", None) if encoder is not None else None,
             image_embed_shape=embed_shape,
         )
-        family.takes_last_image = family._takes_last_image()
-        return family
 
     # ---- shapes
     @property
@@ -248,7 +238,8 @@ class WanFamily:
                             {"guidance_scale_2": second})
 
     # ---- images (image-to-video: WanImageToVideoPipeline's four modes)
-    def _takes_last_image(self) -> bool:
+    @property
+    def takes_last_image(self) -> bool:
         """Whether the model takes an end image: mask-and-latents models do; a CLIP-conditioned one
         only with a position embedding for two images' embeddings (first-last-frame models)."""
         if self.image_mode != "concat":
@@ -294,14 +285,6 @@ class WanFamily:
         dtype = self.image_encoder.dtype if self.image_encoder is not None else torch.float32
         return broadcast_from_rank0(ctx, encode, shape, dtype, self.device)
 
-    def _normalize(self, latents: torch.Tensor) -> torch.Tensor:
-        """VAE-scale latents in the model's scale, as WanImageToVideoPipeline.prepare_latents (float32)."""
-        shape = (1, self.vae.config.z_dim, 1, 1, 1)
-        latents = latents.to(self.device, torch.float32)
-        mean = torch.tensor(self.vae.config.latents_mean).view(shape).to(latents.device, latents.dtype)
-        inv_std = 1.0 / torch.tensor(self.vae.config.latents_std).view(shape).to(latents.device, latents.dtype)
-        return (latents - mean) * inv_std
-
     def condition_on_images(self, cond: Conditioning, inputs: ImageInputs, ctx: ClipContext, num_frames: int,
                             height: int, width: int) -> Conditioning:
         """``cond`` with this rank's image conditioning, as ``WanImageToVideoPipeline`` prepares it for
@@ -341,7 +324,7 @@ class WanFamily:
             mine = range(owned.start, min(owned.stop, given_latents))
             extra["given_frames"] = len(mine)
             if mine:
-                extra["given_latents"] = self._normalize(wan_vae.encode_wan_frames(self.vae, condition_frames, mine))
+                extra["given_latents"] = normalize_wan_latents(self.vae, wan_vae.encode_wan_frames(self.vae, condition_frames, mine).to(self.device))
             return Conditioning(cond.prompt_embeds, cond.negative_embeds, cond.guidance_scale, extra)
 
         # "concat": mask (1 on given video frames; the first frame counts 4x) and the condition video's latents
@@ -350,10 +333,10 @@ class WanFamily:
         _, h, w = self.latent_shape(height, width)
         mask_tensor = torch.tensor(latent_mask, dtype=torch.float32, device=self.device).T  # (step, frames)
         mask_tensor = mask_tensor[None, :, :, None, None].expand(1, step, len(owned), h, w)
-        latents = self._normalize(wan_vae.encode_wan_frames(self.vae, condition_frames, owned))
+        latents = normalize_wan_latents(self.vae, wan_vae.encode_wan_frames(self.vae, condition_frames, owned).to(self.device))
         extra["condition"] = torch.cat([mask_tensor, latents], dim=1)
         if self.image_embed_shape is not None:
-            images = [inputs.image if inputs.image is not None else _first_video_frame(inputs.video)]
+            images = [inputs.image if inputs.image is not None else inputs.video[0]]
             if last is not None:
                 images.append(inputs.last_image)
             extra["image_embeds"] = self._clip_embeddings(images, ctx)

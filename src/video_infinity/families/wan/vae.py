@@ -24,7 +24,7 @@ from ...context import ClipContext
 from ...engine.comm import start_exchange
 from ...frames import latent_frame_count
 
-__all__ = ["decode_wan_clip", "decode_wan_window", "denormalize_wan_latents", "encode_wan_frames",
+__all__ = ["decode_wan_clip", "decode_wan_window", "denormalize_wan_latents", "normalize_wan_latents", "encode_wan_frames",
            "latent_frame_count", "stream_wan_clip", "stream_wan_window", "video_frame_count", "video_frames_of",
            "wan_decoder_receptive_field", "wan_encoder_receptive_field"]
 
@@ -68,6 +68,16 @@ def denormalize_wan_latents(vae: AutoencoderKLWan, latents: torch.Tensor) -> tor
     mean = torch.tensor(vae.config.latents_mean).view(shape).to(latents.device, latents.dtype)
     std = torch.tensor(vae.config.latents_std).view(shape).to(latents.device, latents.dtype)
     return latents * std + mean
+
+
+def normalize_wan_latents(vae: AutoencoderKLWan, latents: torch.Tensor) -> torch.Tensor:
+    """VAE-scale latents (an encode's) in the model's scale, float32, as WanImageToVideoPipeline's
+    ``prepare_latents`` makes its condition latents (the inverse of :func:`denormalize_wan_latents`)."""
+    shape = (1, vae.config.z_dim, 1, 1, 1)
+    latents = latents.to(torch.float32)
+    mean = torch.tensor(vae.config.latents_mean).view(shape).to(latents.device, latents.dtype)
+    inv_std = 1.0 / torch.tensor(vae.config.latents_std).view(shape).to(latents.device, latents.dtype)
+    return (latents - mean) * inv_std
 
 
 def decode_wan_window(vae: AutoencoderKLWan, latents: torch.Tensor, skip: int) -> torch.Tensor:
