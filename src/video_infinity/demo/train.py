@@ -2,6 +2,8 @@
 
     python -m video_infinity.demo.train --out .demo_work/run [--resume] [--minutes 90]
 
+(``--family wan``: the Wan-architecture demo model, :mod:`video_infinity.demo.train_wan`.)
+
 Stages, each skipped when its output already exists in ``--out``:
 
 1. ``vae``: a small AutoencoderKL (x4 downsampling, 4 latent channels), the shape's pixels weighted
@@ -677,7 +679,16 @@ def _lengths(text: str) -> tuple[int, ...]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    family = argparse.ArgumentParser(add_help=False)
+    family.add_argument("--family", choices=("unet3d", "wan"), default="unet3d")
+    known, rest = family.parse_known_args(argv)
+    if known.family == "wan":  # the Wan-architecture demo model: its own stages (train_wan)
+        from .train_wan import main as train_wan_main
+
+        return train_wan_main(rest)
     parser = argparse.ArgumentParser(prog="python -m video_infinity.demo.train", description=__doc__.split("\n")[0])
+    parser.add_argument("--family", choices=("unet3d", "wan"), default="unet3d",
+                        help="which demo model: the UNet3D one (these options) or the Wan one (--family wan --help)")
     parser.add_argument("--out", required=True, type=Path, help="work folder (checkpoints, logs, samples)")
     parser.add_argument("--stage", choices=("all", "vae", "latents", "unet", "export"), default="all")
     parser.add_argument("--resume", action="store_true", help="continue the UNet from out/checkpoint.pt")

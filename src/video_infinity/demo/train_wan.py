@@ -1,0 +1,478 @@
+"""Train the tiny Wan-architecture demo model on procedural videos (:mod:`video_infinity.demo.data`).
+
+    python -m video_infinity.demo.train --family wan --out .demo_work/wan [--resume] [--minutes 90]
+
+The same moving-shape videos and prompts as the UNet3D demo (:mod:`video_infinity.demo.train`), in
+Wan2.1's architecture: a ``WanTransformer3DModel`` (patch 1x2x2, 3-D rotary positions, full
+spatio-temporal attention), an ``AutoencoderKLWan`` (causal, 4x in time and in space) and a small
+UMT5 text encoder, trained by flow matching as Wan is. Stages, each skipped when its output exists:
+
+1. ``vae``: the autoencoder on random 9-frame clips (3 latent frames), the shape's pixels weighted
+   ~10x in the reconstruction loss; its ``latents_mean`` / ``latents_std`` are measured afterwards.
+2. ``latents``: a fixed set of 33-frame training clips (9 latent frames) with the motion trail,
+   encoded once and normalised as ``WanPipeline`` expects them.
+3. ``transformer``: flow matching (x_t = (1 - s) x0 + s noise, target noise - x0, timestep 1000 s)
+   with ``s`` drawn uniformly and shifted by the scheduler's ``flow_shift`` (as sampling spaces its
+   steps), on windows of 5 or 9 latent frames (17 or 33 frames) at any offset, random whole-latent-
+   pixel shifts, 10% empty captions (for classifier-free guidance), EMA. The text encoder stays as
+   initialised (frozen; its prompt embeddings are computed once): for the UNet3D demo a jointly
+   trained one drowned the direction word (see ``train.new_text_encoder``). Atomic, resumable
+   checkpoints; ``loss.csv``; 8 prompts sampled and probed every ``--eval-minutes``.
+4. ``export``: the EMA weights as a ``WanPipeline`` folder (``--export DIR``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import logging
+import os
+import shutil
+import signal
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from . import data
+from .train import EVAL_PROMPTS, WHOLE_WINDOW_ENGINE, Ema, _save_eval_sheet, _terminate, save_atomic, to_pixels
+
+logger = logging.getLogger("video_infinity.demo.train_wan")
+
+MAX_SEQUENCE_LENGTH = 512
+"""Text tokens the pipeline pads every prompt to (WanPipeline's default, which the engine uses): the
+zero padding's keys take part in cross-attention, so training pads the same way."""
+FLOW_SHIFT = 3.0
+SCHEDULER_CONFIG: dict[str, Any] = {
+    "_class_name": "UniPCMultistepScheduler",
+    "num_train_timesteps": 1000,
+    "prediction_type": "flow_prediction",
+    "use_flow_sigmas": True,
+    "flow_shift": FLOW_SHIFT,
+    "solver_order": 2,
+    "predict_x0": True,
+    "solver_type": "bh2",
+    "lower_order_final": True,
+    "timestep_spacing": "linspace",
+}
+LATENT_CHANNELS = 8
+VAE_CONFIG: dict[str, Any] = dict(
+    base_dim=16, z_dim=LATENT_CHANNELS, dim_mult=[1, 2, 4], num_res_blocks=1, temperal_downsample=[True, True],
+    scale_factor_spatial=4, scale_factor_temporal=4,
+    latents_mean=[0.0] * LATENT_CHANNELS, latents_std=[1.0] * LATENT_CHANNELS,
+)
+TEXT_DIM = 64
+TEXT_CONFIG: dict[str, Any] = dict(d_model=TEXT_DIM, d_kv=16, d_ff=128, num_layers=2, num_heads=4,
+                                   relative_attention_num_buckets=8)
+TRANSFORMER_CONFIG: dict[str, Any] = dict(
+    patch_size=(1, 2, 2), num_attention_heads=4, attention_head_dim=32, in_channels=LATENT_CHANNELS,
+    out_channels=LATENT_CHANNELS, text_dim=TEXT_DIM, freq_dim=64, ffn_dim=512, num_layers=4, cross_attn_norm=True,
+    qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=1024,
+)
+CLIP_FRAMES = 33
+"""Frames per training clip (9 latent frames)."""
+WINDOWS = (5, 9)
+"""Latent frames per training window, taking turns step by step."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Building blocks
+
+
+def new_tokenizer() -> Any:
+    """A word-level tokenizer over the caption words (every word one token, ``</s>`` appended as T5 does)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2, **{w: i + 3 for i, w in enumerate(data.caption_words())}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>",
+                                   model_max_length=MAX_SEQUENCE_LENGTH)
+
+
+def new_text_encoder(tokenizer: Any, seed: int) -> torch.nn.Module:
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    torch.manual_seed(seed)
+    config = UMT5Config(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
+                        eos_token_id=tokenizer.eos_token_id, **TEXT_CONFIG)
+    return UMT5EncoderModel(config).eval().requires_grad_(False)
+
+
+def new_vae(seed: int) -> Any:
+    from diffusers import AutoencoderKLWan
+
+    torch.manual_seed(seed)
+    return AutoencoderKLWan(**VAE_CONFIG)
+
+
+def new_transformer(seed: int) -> Any:
+    from diffusers import WanTransformer3DModel
+
+    torch.manual_seed(seed)
+    return WanTransformer3DModel(**TRANSFORMER_CONFIG)
+
+
+def new_scheduler() -> Any:
+    from diffusers import UniPCMultistepScheduler
+
+    return UniPCMultistepScheduler.from_config({k: v for k, v in SCHEDULER_CONFIG.items() if k != "_class_name"})
+
+
+def text_pipeline(tokenizer: Any, text_encoder: Any) -> Any:
+    from diffusers import WanPipeline
+
+    return WanPipeline(tokenizer=tokenizer, text_encoder=text_encoder, transformer=None, vae=None, scheduler=None)
+
+
+@torch.no_grad()
+def encode_prompts(tokenizer: Any, text_encoder: Any, prompts: list[str]) -> torch.Tensor:
+    """(len(prompts), MAX_SEQUENCE_LENGTH, TEXT_DIM) as WanPipeline encodes them (zero padding)."""
+    embeds, _ = text_pipeline(tokenizer, text_encoder).encode_prompt(
+        prompts, do_classifier_free_guidance=False, max_sequence_length=MAX_SEQUENCE_LENGTH, device=torch.device("cpu"))
+    return embeds
+
+
+def video_tensor(frames: np.ndarray) -> torch.Tensor:
+    """uint8 (B, F, H, W, 3) -> float (B, 3, F, H, W) in [-1, 1]."""
+    return to_pixels(frames).transpose(1, 2)
+
+
+def _load_vae(out: Path) -> Any:
+    from diffusers import AutoencoderKLWan
+
+    return AutoencoderKLWan.from_pretrained(out / "vae").eval().requires_grad_(False)
+
+
+# --------------------------------------------------------------------------------------------------
+# Stage 1: VAE
+
+
+def train_vae(out: Path, minutes: float, seed: int, batch: int = 4, frames: int = 9, shape_weight: float = 10.0,
+              scale_clips: int = 32, max_steps: int | None = None) -> None:
+    path = out / "vae"
+    if (path / "config.json").exists():
+        logger.info("vae: %s exists, skipping", path)
+        return
+    vae = new_vae(seed).train()
+    logger.info("vae: %.2f M parameters, training %.1f min", sum(p.numel() for p in vae.parameters()) / 1e6, minutes)
+    opt = torch.optim.AdamW(vae.parameters(), lr=1e-3, weight_decay=0.0)
+    rng = np.random.default_rng(seed)
+    torch.manual_seed(seed)
+    start = time.perf_counter()
+    step, running, rows = 0, None, []
+    while time.perf_counter() - start < minutes * 60 and (max_steps is None or step < max_steps):
+        specs = [data.random_spec(rng) for _ in range(batch)]
+        offsets = rng.integers(0, 16, size=batch)
+        clips = np.stack([data.render(s, frames, int(t), trail=data.TRAIL) for s, t in zip(specs, offsets)])
+        masks = np.stack([data.shape_mask(s, frames, int(t), trail=data.TRAIL) for s, t in zip(specs, offsets)])
+        x = video_tensor(clips)
+        m = torch.from_numpy(masks)[:, None]  # (B, 1, F, H, W)
+        weight = 1.0 + (shape_weight - 1.0) * F.max_pool3d(m, (1, 3, 3), 1, (0, 1, 1))
+        posterior = vae.encode(x).latent_dist
+        recon = vae.decode(posterior.sample()).sample
+        rec = (weight * (recon - x) ** 2).mean()
+        kl = posterior.kl().mean() / (x.shape[-1] * x.shape[-2] * x.shape[-3])
+        loss = rec + 1e-4 * kl
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        opt.step()
+        step += 1
+        running = loss.item() if running is None else 0.95 * running + 0.05 * loss.item()
+        if step % 25 == 0:
+            logger.info("vae step %d  loss %.5f (rec %.5f, kl %.2f)  %.0f s", step, running, rec.item(), kl.item(),
+                        time.perf_counter() - start)
+            rows.append((step, round(time.perf_counter() - start, 1), running))
+    vae.eval()
+    with torch.no_grad():
+        clips, _ = data.batch(np.random.default_rng(seed + 1), scale_clips, frames, trail=data.TRAIL)
+        x = video_tensor(clips)
+        latents = vae.encode(x).latent_dist.mode()
+        mean, std = latents.mean(dim=(0, 2, 3, 4)), latents.std(dim=(0, 2, 3, 4))
+        err = float((vae.decode(latents).sample - x).abs().mean())
+    vae.register_to_config(latents_mean=[round(float(v), 5) for v in mean],
+                           latents_std=[round(float(v), 5) for v in std])
+    logger.info("vae: %d steps, latent mean %s std %s, mean abs error %.4f", step,
+                [round(float(v), 3) for v in mean], [round(float(v), 3) for v in std], err)
+    tmp = out / ".vae.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    vae.save_pretrained(tmp)
+    with open(out / "vae_loss.csv", "w", newline="") as fh:
+        csv.writer(fh).writerows([("step", "seconds", "loss"), *rows])
+    os.replace(tmp, path)
+
+
+# --------------------------------------------------------------------------------------------------
+# Stage 2: training clips as normalised latents
+
+
+def encode_clips(out: Path, clips_per_class: int, seed: int, frames: int = CLIP_FRAMES) -> None:
+    path = out / "latents.pt"
+    if path.exists():
+        logger.info("latents: %s exists, skipping", path)
+        return
+    from ..families.wan.vae import normalize_wan_latents
+
+    vae = _load_vae(out)
+    rng = np.random.default_rng(seed + 2)
+    classes = data.all_classes()
+    latents, labels = [], []
+    start = time.perf_counter()
+    with torch.no_grad():
+        for k in range(clips_per_class):
+            specs = [data.random_spec(rng, [c]) for c in classes]
+            for first in range(0, len(specs), 12):
+                group = specs[first:first + 12]
+                x = video_tensor(np.stack([data.render(s, frames, trail=data.TRAIL) for s in group]))
+                z = normalize_wan_latents(vae, vae.encode(x).latent_dist.mode())
+                latents.extend(z.to(torch.float16))
+            labels.extend(range(len(classes)))
+            logger.info("latents: %d/%d clips per class, %.0f s", k + 1, clips_per_class, time.perf_counter() - start)
+    save_atomic({"latents": torch.stack(latents), "labels": torch.tensor(labels), "classes": classes}, path)
+    logger.info("latents: %d clips in %.0f s", len(labels), time.perf_counter() - start)
+
+
+# --------------------------------------------------------------------------------------------------
+# Stage 3: transformer
+
+
+def shifted_sigmas(u: torch.Tensor, shift: float = FLOW_SHIFT) -> torch.Tensor:
+    """Noise levels as the flow scheduler spaces them: uniform ``u`` pushed towards 1 by ``shift``."""
+    return shift * u / (1 + (shift - 1) * u)
+
+
+def components(out: Path, transformer: Any, seed: int) -> dict[str, Any]:
+    """The pipeline's components around ``transformer`` (tokenizer, frozen text encoder, VAE, scheduler)."""
+    tokenizer = new_tokenizer()
+    return {"tokenizer": tokenizer, "text_encoder": new_text_encoder(tokenizer, seed), "transformer": transformer,
+            "vae": _load_vae(out), "scheduler": new_scheduler()}
+
+
+def sample(parts: dict[str, Any], prompts: list[str], frames: int = 17, steps: int = 20, guidance: float = 5.0,
+           seed: int = 0) -> np.ndarray:
+    """Single-process samples made by the package's pipeline: uint8 (len(prompts), F, H, W, 3)."""
+    from diffusers import WanPipeline
+
+    from ..pipeline import VideoInfinityPipeline
+
+    pipe = VideoInfinityPipeline.from_pipe(WanPipeline(**parts), WHOLE_WINDOW_ENGINE)
+    videos = []
+    for i, prompt in enumerate(prompts):
+        video = pipe(prompt, num_frames=frames, height=data.SIZE, width=data.SIZE, num_inference_steps=steps,
+                     guidance_scale=guidance, seed=seed + i, progress=False).frames[0]
+        videos.append((video * 255).round().astype(np.uint8))
+    return np.stack(videos)
+
+
+def evaluate_quick(parts: dict[str, Any], seed: int) -> dict[str, Any]:
+    from .probe import analyse
+
+    prompts = [data.caption(*c) for c in EVAL_PROMPTS]
+    videos = sample(parts, prompts, seed=seed)
+    reports = [analyse(v) for v in videos]
+    found = [f"{r.colour}/{r.direction}" for r in reports]
+    return {"colour": float(np.mean([r.colour == c for r, (c, _s, _d) in zip(reports, EVAL_PROMPTS)])),
+            "direction": float(np.mean([r.direction == d for r, (_c, _s, d) in zip(reports, EVAL_PROMPTS)])),
+            "found": found, "videos": videos}
+
+
+def _checkpoint(out: Path) -> Path:
+    return out / "checkpoint.pt"
+
+
+def train_transformer(out: Path, minutes: float, seed: int, resume: bool, batch: int = 8, lr: float = 3e-4,
+                      ema_decay: float = 0.999, checkpoint_minutes: float = 5.0, eval_minutes: float = 20.0,
+                      max_steps: int | None = None, windows: tuple[int, ...] = WINDOWS) -> None:
+    clips = torch.load(out / "latents.pt")
+    latents_all, labels_all = clips["latents"], clips["labels"]
+    classes = [tuple(c) for c in clips["classes"]]
+    tokenizer = new_tokenizer()
+    text_encoder = new_text_encoder(tokenizer, seed)
+    text = encode_prompts(tokenizer, text_encoder, [data.caption(*c) for c in classes])
+    empty = encode_prompts(tokenizer, text_encoder, [""])[0]
+    clip_frames = latents_all.shape[2]
+    windows = tuple(min(w, clip_frames) for w in windows)
+
+    transformer = new_transformer(seed).train()
+    ema = Ema({"transformer": transformer}, ema_decay)
+    opt = torch.optim.AdamW(transformer.parameters(), lr=lr, weight_decay=0.01)
+    step, trained_seconds = 0, 0.0
+    gen = torch.Generator().manual_seed(seed)
+    if resume and _checkpoint(out).exists():
+        state = torch.load(_checkpoint(out), weights_only=False)
+        if state.get("config") != json.loads(json.dumps(TRANSFORMER_CONFIG)):
+            raise SystemExit(f"{_checkpoint(out)} holds another transformer configuration")
+        transformer.load_state_dict(state["transformer"])
+        ema.shadow["transformer"].load_state_dict(state["ema_transformer"])
+        opt.load_state_dict(state["optimizer"])
+        gen.set_state(state["generator"])
+        step, trained_seconds = state["step"], state["trained_seconds"]
+        logger.info("transformer: resumed at step %d (%.1f min trained)", step, trained_seconds / 60)
+    elif _checkpoint(out).exists():
+        raise SystemExit(f"{_checkpoint(out)} exists: pass --resume to continue it, or use another --out")
+    logger.info("transformer: %.2f M parameters, %d clips of %d latent frames, windows %s, %.1f min",
+                sum(p.numel() for p in transformer.parameters()) / 1e6, len(labels_all), clip_frames, windows, minutes)
+
+    def save() -> None:
+        save_atomic({"transformer": transformer.state_dict(), "ema_transformer": ema.shadow["transformer"].state_dict(),
+                     "optimizer": opt.state_dict(), "generator": gen.get_state(), "step": step,
+                     "trained_seconds": trained_seconds, "config": json.loads(json.dumps(TRANSFORMER_CONFIG))},
+                    _checkpoint(out))
+        logger.info("transformer: checkpoint at step %d", step)
+
+    loss_csv = out / "loss.csv"
+    new_csv = not loss_csv.exists()
+    csv_file = open(loss_csv, "a", newline="")
+    writer = csv.writer(csv_file)
+    if new_csv:
+        writer.writerow(("step", "trained_seconds", "loss", "lr"))
+    eval_csv = out / "eval.csv"
+    if not eval_csv.exists():
+        eval_csv.write_text("step,trained_seconds,colour,direction,found\n")
+    session_start = last_ckpt = last_eval = time.perf_counter()
+    window_loss: list[float] = []
+    try:
+        while time.perf_counter() - session_start < minutes * 60 and (max_steps is None or step < max_steps):
+            if (out / "STOP").exists():
+                logger.info("transformer: %s found, stopping", out / "STOP")
+                break
+            t0 = time.perf_counter()
+            window = windows[step % len(windows)]
+            idx = torch.randint(len(labels_all), (batch,), generator=gen)
+            first = int(torch.randint(0, clip_frames - window + 1, (1,), generator=gen))
+            shifts = torch.randint(0, latents_all.shape[-1], (batch, 2), generator=gen)
+            x0 = latents_all[idx, :, first:first + window].float()
+            x0 = torch.stack([torch.roll(c, (int(a), int(b)), dims=(-2, -1)) for c, (a, b) in zip(x0, shifts)])
+            noise = torch.randn(x0.shape, generator=gen)
+            sigma = shifted_sigmas(torch.rand(batch, generator=gen))
+            drop = torch.rand(batch, generator=gen) < 0.1
+            s = sigma.view(-1, 1, 1, 1, 1)
+            noisy = (1 - s) * x0 + s * noise
+            target = noise - x0
+            context = torch.where(drop[:, None, None], empty[None], text[labels_all[idx]])
+            pred = transformer(noisy, timestep=sigma * 1000, encoder_hidden_states=context, return_dict=False)[0]
+            loss = F.mse_loss(pred, target)
+            current_lr = lr * min(1.0, (step + 1) / 200)
+            for group in opt.param_groups:
+                group["lr"] = current_lr
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(transformer.parameters(), 1.0)
+            opt.step()
+            step += 1
+            ema.update({"transformer": transformer}, step)
+            trained_seconds += time.perf_counter() - t0
+            window_loss.append(loss.item())
+            if step % 25 == 0:
+                writer.writerow((step, round(trained_seconds, 1), f"{np.mean(window_loss):.5f}", f"{current_lr:.2e}"))
+                csv_file.flush()
+                logger.info("transformer step %d  loss %.4f  %.2f s/step  %.1f min trained", step,
+                            np.mean(window_loss), time.perf_counter() - t0, trained_seconds / 60)
+                window_loss.clear()
+            now = time.perf_counter()
+            if now - last_ckpt > checkpoint_minutes * 60:
+                save()
+                last_ckpt = now
+            if eval_minutes > 0 and now - last_eval > eval_minutes * 60:
+                result = evaluate_quick(components(out, ema.shadow["transformer"], seed), seed)
+                _save_eval_sheet(out, step, result["videos"])
+                logger.info("transformer eval at step %d: colour %.0f%%, direction %.0f%%: %s", step,
+                            100 * result["colour"], 100 * result["direction"], " ".join(result["found"]))
+                with open(eval_csv, "a") as fh:
+                    fh.write(f"{step},{trained_seconds:.0f},{result['colour']},{result['direction']},"
+                             f"{' '.join(result['found'])}\n")
+                last_eval = time.perf_counter()
+    finally:
+        save()
+        csv_file.close()
+
+
+# --------------------------------------------------------------------------------------------------
+# Stage 4: export
+
+
+def export(out: Path, target: Path, seed: int = 0) -> Path:
+    """Write the EMA weights as a ``WanPipeline`` folder at ``target`` (replaced atomically)."""
+    from diffusers import WanPipeline
+
+    state = torch.load(_checkpoint(out), weights_only=False, map_location="cpu")
+    transformer = new_transformer(0)
+    transformer.load_state_dict(state["ema_transformer"])
+    pipe = WanPipeline(**components(out, transformer.eval(), seed))
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        pipe.save_pretrained(tmp)
+        (tmp / "README.md").write_text(
+            "Tiny Wan-architecture demo model trained by `python -m video_infinity.demo.train --family wan` on "
+            "procedural videos (one coloured circle, square or triangle moving right, left, up or down on a grey "
+            f"background; prompts like \"a red circle moving right\"). EMA weights after {state['step']} steps "
+            f"({state['trained_seconds'] / 60:.0f} min of transformer steps).\n")
+        if target.exists():
+            old = target.with_name(f".{target.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(target, old)
+            os.replace(tmp, target)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    size = sum(f.stat().st_size for f in target.rglob("*") if f.is_file())
+    logger.info("exported step %s to %s (%.1f MB)", state["step"], target, size / 1e6)
+    return target
+
+
+# --------------------------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m video_infinity.demo.train --family wan",
+                                     description=__doc__.split("\n")[0])
+    parser.add_argument("--out", required=True, type=Path, help="work folder (checkpoints, logs, samples)")
+    parser.add_argument("--stage", choices=("all", "vae", "latents", "transformer", "export"), default="all")
+    parser.add_argument("--resume", action="store_true", help="continue the transformer from out/checkpoint.pt")
+    parser.add_argument("--minutes", type=float, default=90.0, help="transformer training time for this run")
+    parser.add_argument("--max-steps", type=int, default=None, help="transformer steps (in all, resumed ones included)")
+    parser.add_argument("--vae-minutes", type=float, default=8.0)
+    parser.add_argument("--vae-max-steps", type=int, default=None)
+    parser.add_argument("--vae-scale-clips", type=int, default=32)
+    parser.add_argument("--clips-per-class", type=int, default=24)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--lr", type=float, default=3e-4)
+    parser.add_argument("--ema-decay", type=float, default=0.999)
+    parser.add_argument("--checkpoint-minutes", type=float, default=5.0)
+    parser.add_argument("--eval-minutes", type=float, default=20.0)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--export", type=Path, default=None, help="write the EMA model as a WanPipeline folder here")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    torch.set_num_threads(args.threads)
+    torch.set_flush_denormal(True)
+    signal.signal(signal.SIGTERM, _terminate)  # checkpoint on `kill PID` too
+    args.out.mkdir(parents=True, exist_ok=True)
+    if args.stage in ("all", "vae"):
+        train_vae(args.out, args.vae_minutes, args.seed, scale_clips=args.vae_scale_clips, max_steps=args.vae_max_steps)
+    if args.stage in ("all", "latents"):
+        encode_clips(args.out, args.clips_per_class, args.seed)
+    if args.stage in ("all", "transformer"):
+        train_transformer(args.out, args.minutes, args.seed, args.resume, batch=args.batch, lr=args.lr,
+                          ema_decay=args.ema_decay, checkpoint_minutes=args.checkpoint_minutes,
+                          eval_minutes=args.eval_minutes, max_steps=args.max_steps)
+    if args.export is not None and args.stage in ("all", "export"):
+        export(args.out, args.export, args.seed)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

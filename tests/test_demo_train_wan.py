@@ -1,0 +1,105 @@
+"""The Wan demo model's training script at toy size: every stage runs, the transformer resumes, the
+export is a WanPipeline folder the package loads, and training sees the prompts and latents exactly as
+the pipeline will give them at sampling time."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from video_infinity.demo import data, train_wan
+
+pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
+
+
+def _train(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "video_infinity.demo.train", "--family", "wan", "--threads", "1",
+                           "--eval-minutes", "0", *args], capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo_train_wan")
+    done = _train("--out", str(out), "--vae-max-steps", "2", "--vae-scale-clips", "2", "--clips-per-class", "1",
+                  "--max-steps", "3", "--batch", "2", "--export", str(out / "export"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    return out
+
+
+def test_every_stage_writes_its_output_and_resumes(run):
+    clips = torch.load(run / "latents.pt")
+    latent = data.SIZE // 4
+    assert clips["latents"].shape == (len(data.all_classes()), train_wan.LATENT_CHANNELS, 9, latent, latent)
+    assert torch.load(run / "checkpoint.pt", weights_only=False)["step"] == 3
+    done = _train("--out", str(run), "--stage", "transformer", "--resume", "--max-steps", "5", "--batch", "2")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert torch.load(run / "checkpoint.pt", weights_only=False)["step"] == 5
+    done = _train("--out", str(run), "--stage", "transformer", "--max-steps", "6")
+    assert done.returncode != 0 and "--resume" in done.stderr
+
+
+def test_training_latents_are_the_pipelines_scale(run):
+    """The stored clips, denormalised as the pipeline does before decoding, are the VAE's encodings."""
+    from diffusers import AutoencoderKLWan
+
+    from video_infinity.families.wan.vae import denormalize_wan_latents
+
+    vae = AutoencoderKLWan.from_pretrained(run / "vae").eval()
+    clips = torch.load(run / "latents.pt")
+    colour, shape, direction = clips["classes"][int(clips["labels"][0])]
+    spec = data.random_spec(np.random.default_rng(2), [(colour, shape, direction)])  # encode_clips' first draw
+    with torch.no_grad():
+        encoded = vae.encode(train_wan.video_tensor(data.render(spec, 33, trail=data.TRAIL)[None])).latent_dist.mode()
+    restored = denormalize_wan_latents(vae, clips["latents"][:1].float())
+    assert torch.allclose(restored, encoded, atol=5e-3 * encoded.abs().max().item())  # float16 storage
+
+
+def test_training_prompt_embeddings_are_the_pipelines(run):
+    """Training pads prompts as the engine's Wan family encodes them at sampling time (keys of the zero
+    padding take part in cross-attention, so a different length would be another model)."""
+    from diffusers import WanPipeline
+
+    from video_infinity.families.wan.family import WanFamily
+
+    parts = train_wan.components(run, train_wan.new_transformer(0), seed=0)
+    prompts = ["a red circle moving right", ""]
+    family = WanFamily.from_pipe(WanPipeline(**parts))
+    expected = family.encode_prompts(prompts)
+    got = train_wan.encode_prompts(parts["tokenizer"], parts["text_encoder"], prompts)
+    assert got.shape == expected.shape == (2, train_wan.MAX_SEQUENCE_LENGTH, train_wan.TEXT_DIM)
+    assert torch.equal(got, expected)
+
+
+def test_export_loads_through_the_package_and_keeps_the_frozen_text_encoder(run):
+    from video_infinity import VideoInfinityPipeline
+
+    pipe = VideoInfinityPipeline.from_pretrained(str(run / "export"))
+    family = pipe.family
+    assert family.name == "wan" and family.vae.config.scale_factor_spatial == 4
+    encoder = family.text_pipeline.text_encoder if family.text_pipeline is not None else None
+    if encoder is None:
+        family.encode_prompts(["a"])
+        encoder = family.text_pipeline.text_encoder
+    fresh = train_wan.new_text_encoder(train_wan.new_tokenizer(), seed=0)
+    for (name, exported), initial in zip(encoder.state_dict().items(), fresh.state_dict().values()):
+        assert torch.equal(exported, initial), name
+    video = pipe("a red circle moving right", num_frames=9, height=data.SIZE, width=data.SIZE, num_inference_steps=2,
+                 seed=0, progress=False).frames[0]
+    assert video.shape == (9, data.SIZE, data.SIZE, 3) and np.isfinite(video).all()
+
+
+def test_flow_matching_noise_levels_follow_the_schedulers_shift():
+    from video_infinity.schedulers import make_scheduler
+
+    u = torch.linspace(0, 1, 11)
+    sigma = train_wan.shifted_sigmas(u)
+    assert sigma[0] == 0 and sigma[-1] == 1 and bool((sigma.diff() > 0).all()) and bool((sigma >= u).all())
+    # Sampling's steps are the same map of an evenly spaced grid (UniPC with use_flow_sigmas, flow_shift).
+    scheduler = make_scheduler("model", dict(train_wan.SCHEDULER_CONFIG))
+    scheduler.set_timesteps(10)
+    steps = torch.as_tensor(scheduler.sigmas[:10], dtype=torch.float64)
+    assert torch.allclose(train_wan.shifted_sigmas(torch.linspace(1, 0.1, 10, dtype=torch.float64)), steps, atol=3e-3)
