@@ -140,10 +140,12 @@ def _add_run_flags(parser: argparse.ArgumentParser) -> None:
                                metavar=flag.name.upper(), help=help_text)
 
 
-def _demo_run() -> dict:
-    from .demo import DEMO_RUN  # no torch: the demo package imports it only to build a model
+def _demo_run(model: str | None) -> dict | None:
+    """The run defaults of the embedded model ``--model`` names (none: the default one); None for a
+    folder or hub id."""
+    from .demo import embedded_run  # no torch: the demo package imports it only to build a model
 
-    return DEMO_RUN
+    return embedded_run(model)
 
 
 def _dest(flag: RunFlag) -> str:
@@ -245,8 +247,10 @@ def _request(args: argparse.Namespace, folder: StatusFolder | None) -> RunReques
     if args.request is None:
         if args.config is None and flags["prompt"] is None and not any(o.startswith("pipe_configs") for o in args.overrides):
             raise ConfigError("--prompt: give a prompt (e.g. --prompt 'a red circle moving right') or a --config file")
-        demo = args.config is None and not any(flags[name] for name in ("model", "base_model", "motion_adapter"))
-        config = load_run_config(args.config, args.overrides, flags, defaults=_demo_run() if demo else None)
+        # Without a config file, an embedded model (none named: "demo") starts from its own run defaults.
+        demo = args.config is None and not any(flags[name] for name in ("base_model", "motion_adapter"))
+        defaults = _demo_run(flags["model"]) if demo else None  # type: ignore[arg-type]
+        config = load_run_config(args.config, args.overrides, flags, defaults=defaults)
         return RunRequest(config=config, config_path=args.config, resume=args.resume, overwrite=args.overwrite,
                           step_sleep_s=args.test_step_sleep)
     if args.overrides or args.resume or args.overwrite or args.test_step_sleep or args.progress_dir or \

@@ -114,7 +114,8 @@ class VideoInfinityPipeline:
         torch_dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
     ) -> VideoInfinityPipeline:
-        """Load a model: ``None`` is the embedded demo model; else a diffusers folder or hub id (a
+        """Load a model: ``None`` or ``"demo"`` is the embedded demo model, ``"demo-wan"`` the embedded
+        Wan one (:data:`video_infinity.demo.EMBEDDED_MODELS`); else a diffusers folder or hub id (a
         UNet-only VideoCrafter2 folder takes the other components from ``base_model``; an AnimateDiff
         pipeline folder loads as is).
 
@@ -140,10 +141,9 @@ class VideoInfinityPipeline:
             pipe = cls(load_family(str(motion_adapter), sd_base, torch_dtype or torch.float32, device,
                                    family="animatediff"), engine)
         else:
-            if model is None:
-                from .demo import default_model_path
+            from .demo import resolve_model
 
-                model = default_model_path()
+            model = resolve_model(model)  # None or an embedded model's name ("demo", "demo-wan"): its folder
             pipe = cls(load_family(str(model), base, torch_dtype or torch.float32, device), engine)
         pipe._model_files = (str(model if model is not None else base), base, adapter)
         return pipe

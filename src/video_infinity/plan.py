@@ -166,9 +166,14 @@ def _ranks_to_plan(world_size: int) -> list[int]:
 def plan_run(config: RunConfig, gpu_memory: int | None = None, world_size: int | None = None,
              search: bool = True) -> Plan:
     """The plan of ``config``'s run on ``world_size`` ranks (default: its devices' count)."""
+    from .demo import resolve_model
+    from .errors import UserError
     from .families import detect
 
-    model = config.model
+    try:
+        model = resolve_model(config.model) if config.model is not None else None  # "demo-wan": its folder
+    except UserError as exc:  # an embedded model this installation lacks
+        raise ValueError(str(exc)) from None
     if model is None or not Path(model).is_dir():
         raise ValueError(f"model: planning needs a local model folder (its config files), got {model!r}")
     folder = Path(model)

@@ -121,7 +121,7 @@ def continuity(pipe: Any, model: str, config_file: Path, prompt: str, total_fram
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m video_infinity.demo.evaluate", description=__doc__.split("\n")[0])
-    parser.add_argument("--model", default=None, help="model folder (default: the demo model)")
+    parser.add_argument("--model", default=None, help="model folder, or an embedded model's name: demo (the default), demo-wan")
     parser.add_argument("--scheduler", nargs="+", default=["ddim"])
     parser.add_argument("--steps", nargs="+", type=int, default=[20])
     parser.add_argument("--guidance", nargs="+", type=float, default=[5.0])
@@ -145,10 +145,9 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     from ..pipeline import VideoInfinityPipeline
 
-    if args.model is None:
-        from . import default_model_path
+    from . import resolve_model
 
-        args.model = str(default_model_path())
+    args.model = resolve_model(args.model)  # None or "demo": the embedded demo model; "demo-wan": the Wan one
     if args.continuity is not None:
         engine = json.loads(Path(args.config).read_text()).get("plugin_configs")
         pipe = VideoInfinityPipeline.from_pretrained(args.model, engine=engine, device=args.device)

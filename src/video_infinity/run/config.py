@@ -232,7 +232,8 @@ class RunConfig(_StrictRun):
     base_path: str = Field(default="./exp", min_length=1)
     """Output folder."""
     model: str | None = None
-    """Local diffusers folder or hub id; None: the embedded demo model."""
+    """An embedded model's name (``demo``, ``demo-wan``), a local diffusers folder or a hub id; None:
+    the embedded demo model (``demo``)."""
     base_model: str | None = None
     """Where the VAE, text encoder, tokenizer and scheduler come from when ``model`` is a UNet-only
     folder (such as VideoCrafter2's diffusers UNet), or the Stable Diffusion 1.5 pipeline that

@@ -29,14 +29,17 @@ logger = logging.getLogger(__name__)
 
 def resolve_model(config: RunConfig) -> str:
     """The model folder or hub id (with a motion adapter: its Stable Diffusion base); without one,
-    the embedded demo model."""
+    the embedded demo model; an embedded model's name (``"demo-wan"``), its folder
+    (:func:`video_infinity.demo.resolve_model`). ConfigError for an embedded model this installation lacks."""
     if config.motion_adapter is not None:
         return config.model if config.model is not None else str(config.base_model)
-    if config.model is not None:
-        return config.model
-    from ..demo import default_model_path
+    from ..demo import resolve_model as resolve_name
+    from ..errors import UserError
 
-    return str(default_model_path())
+    try:
+        return resolve_name(config.model)
+    except UserError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 # What each component subfolder of a pipeline folder must hold (as families/unet3d/model.py checks it at load time).
