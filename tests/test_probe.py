@@ -91,3 +91,30 @@ def test_inspect_command_reports_and_writes_a_contact_sheet(tmp_path):
     assert grid.shape == (4 * data.SIZE, 8 * data.SIZE, 3)  # 32 of the 48 frames, 8 per row
     # The first tile is frame 0 (through H.264, so close, not equal).
     assert np.abs(grid[: data.SIZE, : data.SIZE].astype(int) - frames[0].astype(int)).mean() < 6
+
+
+def test_clip_borders_of_a_video_split_in_latent_frames():
+    """Wan splits latent frames: latent frame 0 is video frame 0, latent frame L >= 1 video frames
+    4L-3..4L, so a clip starting at latent frame L starts at video frame 4(L-1)+1."""
+    assert probe.clip_borders(129, ranks=2, temporal_compression=4) == [65]  # 33 latent frames: 17 + 16
+    assert probe.clip_borders(17, ranks=3, temporal_compression=4) == [5, 13]  # 5 latent frames: 2 + 2 + 1
+    assert probe.clip_borders(128, ranks=2) == [64]  # a UNet's video frames, as before
+    with pytest.raises(ValueError, match="128 frames are not 4k \\+ 1"):
+        probe.clip_borders(128, ranks=2, temporal_compression=4)
+
+
+def test_inspect_reads_the_temporal_compression_from_the_sidecar(tmp_path):
+    frames = data.render(data.VideoSpec("red", "circle", "right", 10.0, 30.0), 17)
+    video = tmp_path / "v.mp4"
+    with VideoWriter(video, data.SIZE, data.SIZE, 8) as writer:
+        writer.write(frames)
+
+    def borders() -> list[int]:
+        return json.loads(probe.inspect_video(str(video), ranks=3, as_json=True))["borders"]
+
+    assert borders() == [6, 12]  # no sidecar: split in video frames
+    (tmp_path / "v.json").write_text(json.dumps({"temporal_compression": 4, "clip_borders": [5, 13]}))
+    assert borders() == [5, 13]
+    (tmp_path / "v.json").write_text(json.dumps({"total_frames": 17, "frames_per_rank": [2, 2, 1]}))  # an older sidecar
+    assert borders() == [5, 13]
+    assert json.loads(probe.inspect_video(str(video), ranks=3, as_json=True, temporal_compression=1))["borders"] == [6, 12]

@@ -109,6 +109,9 @@ def build_parser() -> argparse.ArgumentParser:
     borders = inspect.add_mutually_exclusive_group()
     borders.add_argument("--clip-frames", type=int, metavar="N", help="clip borders every N frames")
     borders.add_argument("--ranks", type=int, metavar="N", help="clip borders as the frames split over N ranks")
+    inspect.add_argument("--temporal-compression", type=int, metavar="N",
+                         help="with --ranks: video frames per latent frame, as the model split them (Wan: 4, "
+                         "clips start at latent frames); default: from the video's sidecar (VIDEO's .json), else 1")
     inspect.add_argument("--json", action="store_true", help="print the report as JSON")
     inspect.add_argument("--contact-sheet", metavar="PNG", help="also write a grid of 32 evenly spaced frames here")
     inspect.add_argument("--overwrite", action="store_true", help="replace an existing contact sheet")
@@ -163,7 +166,7 @@ def _inspect(args: argparse.Namespace) -> int:
         return _error(f"--contact-sheet: {args.contact_sheet} is the video being inspected")
     try:
         print(inspect_video(args.video, clip_frames=args.clip_frames, ranks=args.ranks, as_json=args.json,
-                            contact_sheet_path=args.contact_sheet))
+                            contact_sheet_path=args.contact_sheet, temporal_compression=args.temporal_compression))
     except (OSError, ValueError) as exc:
         return _error(f"{args.video}: {exc}")
     return 0

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -113,15 +114,54 @@ def classify_direction(velocity: tuple[float, float]) -> str:
     return "still"  # pragma: no cover
 
 
-def clip_borders(total_frames: int, clip_frames: int | None = None, ranks: int | None = None) -> list[int]:
-    """First frame of every clip but the first, from a clip size or a number of ranks."""
+def clip_borders(total_frames: int, clip_frames: int | None = None, ranks: int | None = None,
+                 temporal_compression: int = 1) -> list[int]:
+    """First frame of every clip but the first, from a clip size or a number of ranks.
+
+    With ``ranks``, the model's frames are split as the engine splits them: video frames for a
+    UNet (``temporal_compression`` 1); for Wan (4) the ``(total_frames - 1) / 4 + 1`` latent frames,
+    latent frame 0 decoding to video frame 0 and latent frame L >= 1 to video frames 4L - 3 .. 4L,
+    so a clip starting at latent frame L starts at video frame 4(L - 1) + 1 (ValueError when
+    ``total_frames`` is no such count)."""
     if clip_frames:
         return list(range(clip_frames, total_frames, clip_frames))
     if ranks and ranks > 1:
-        from ..frames import partition_frames
+        from ..frames import latent_frame_count, partition_frames
 
-        return [part.start for part in partition_frames(total_frames, ranks)[1:]]
+        step = temporal_compression
+        if step < 1:
+            raise ValueError(f"temporal compression must be a positive number, got {step}")
+        try:
+            frames = total_frames if step == 1 else latent_frame_count(total_frames, step)
+        except ValueError:
+            raise ValueError(f"{total_frames} frames are not {step}k + 1, so the video was not split in latent frames "
+                             f"of {step} (temporal compression {step}); probe it with temporal compression 1") from None
+        return [part.start if step == 1 else step * (part.start - 1) + 1 for part in partition_frames(frames, ranks)[1:]]
     return []
+
+
+def sidecar_temporal_compression(video_path: str | Path) -> int | None:
+    """Video frames per latent frame of the run that made ``video_path``, from its sidecar
+    (``<name>.json`` beside it: its ``temporal_compression``, or derived from ``total_frames`` and
+    ``frames_per_rank`` for sidecars written before that key); None without a readable sidecar."""
+    sidecar = Path(video_path).with_suffix(".json")
+    try:
+        data = json.loads(sidecar.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return None
+    if not isinstance(data, dict):
+        return None
+    if isinstance(data.get("temporal_compression"), int) and data["temporal_compression"] >= 1:
+        return int(data["temporal_compression"])
+    total, per_rank = data.get("total_frames"), data.get("frames_per_rank")
+    if not isinstance(total, int) or not isinstance(per_rank, list) or not all(isinstance(n, int) for n in per_rank):
+        return None
+    latents = sum(per_rank)
+    if latents == total:
+        return 1
+    if latents > 1 and (total - 1) % (latents - 1) == 0:
+        return (total - 1) // (latents - 1)
+    return None
 
 
 @dataclass
@@ -151,15 +191,17 @@ class ProbeReport:
         return asdict(self)
 
 
-def analyse(frames: np.ndarray, clip_frames: int | None = None, ranks: int | None = None) -> ProbeReport:
-    """Probe ``frames`` (n, H, W, 3) uint8; clip borders from ``clip_frames`` or ``ranks`` (optional)."""
+def analyse(frames: np.ndarray, clip_frames: int | None = None, ranks: int | None = None,
+            temporal_compression: int = 1) -> ProbeReport:
+    """Probe ``frames`` (n, H, W, 3) uint8; clip borders from ``clip_frames`` or ``ranks`` (optional;
+    ``temporal_compression``: see :func:`clip_borders`)."""
     frames = np.asarray(frames)
     n, height, width, _ = frames.shape
+    borders = clip_borders(n, clip_frames, ranks, temporal_compression)
     centres = track(frames)
     found = int(np.isfinite(centres[:, 0]).sum())
     colour, fraction = classify_colour(frames)
     d = steps(centres, width, height) if n > 1 else np.zeros((0, 2))
-    borders = clip_borders(n, clip_frames, ranks)
     crossing = np.zeros(len(d), bool)
     for b in borders:
         if 0 < b <= len(d):
@@ -216,17 +258,23 @@ def format_report(report: ProbeReport, name: str = "") -> str:
 
 
 def inspect_video(path: str, clip_frames: int | None = None, ranks: int | None = None,
-                  as_json: bool = False, contact_sheet_path: str | None = None) -> str:
+                  as_json: bool = False, contact_sheet_path: str | None = None,
+                  temporal_compression: int | None = None) -> str:
     """Decode the video at ``path``, probe it, and return the report as a table or JSON text;
-    ``contact_sheet_path``: also write a PNG grid of 32 evenly spaced frames there."""
+    ``contact_sheet_path``: also write a PNG grid of 32 evenly spaced frames there.
+    ``temporal_compression`` (for ``ranks``' borders; Wan: 4): None reads it from the video's
+    sidecar (``<name>.json`` beside it), else 1."""
     from ..video_io import contact_sheet, read_video, write_png
 
+    if temporal_compression is None:
+        temporal_compression = (sidecar_temporal_compression(path) or 1) if ranks and ranks > 1 else 1
     frames, _ = read_video(path)
     if len(frames) == 0:
         raise ValueError(f"{path}: no frames")
+    clip_borders(len(frames), clip_frames, ranks, temporal_compression)  # a bad split: refused before any file is written
     if contact_sheet_path is not None:
         write_png(contact_sheet_path, contact_sheet(frames, columns=8, max_frames=32))
-    report = analyse(frames, clip_frames=clip_frames, ranks=ranks)
+    report = analyse(frames, clip_frames=clip_frames, ranks=ranks, temporal_compression=temporal_compression)
     if as_json:
         return json.dumps({"video": str(path), **report.to_dict()}, indent=2, default=str)
     return format_report(report, str(path))

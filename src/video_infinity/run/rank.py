@@ -250,6 +250,10 @@ def _sidecar(config: RunConfig, request: GenerationRequest, model: str, pipe: Vi
         "total_frames": total,
         "world_size": ctx.world_size,
         "frames_per_rank": [len(c) for c in ctx.layout.partition],  # the model's frames (Wan: latent frames)
+        # Video frames per latent frame after the first (Wan: 4; the frames before latent frame L: video_frames(L)).
+        "temporal_compression": family.video_frames(2) - family.video_frames(1),
+        # The first video frame of every rank's clip but the first (what the probe's --ranks checks).
+        "clip_borders": [family.video_frames(c.start) for c in ctx.layout.partition[1:]],
         "versions": {"video_infinity": __version__, "torch": torch.__version__, "diffusers": diffusers.__version__,
                      "python": platform.python_version()},
         "seconds": {"total": elapsed, **reports[0]["seconds"]},
