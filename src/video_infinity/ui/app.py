@@ -31,12 +31,15 @@ from ..schedulers import SCHEDULER_NAMES
 from .form import (
     DEFAULT_PRESET,
     DEFAULT_SCHEDULER,
+    EMBEDDED_MODEL_SETTINGS,
     FORM_FIELDS,
     FORM_IMAGES,
     FormError,
     GenerationForm,
+    embedded_model_settings,
     form_from_config,
     form_from_values,
+    model_choices,
     parse_timeline,
     timeline_from_rows,
 )
@@ -143,8 +146,11 @@ def build_app(studio: Studio) -> gr.Blocks:
                     seed = gr.Number(start.seed, label="seed", precision=0, elem_id="seed")
                     scheduler = gr.Dropdown(schedulers, value=start.scheduler, label="scheduler", elem_id="scheduler")
                 with gr.Row():
-                    model = gr.Textbox(start.model, label="model (folder or hub id)", placeholder="the embedded demo model",
-                                       elem_id="model")
+                    # The embedded models to choose from; a folder or hub id can be typed in (empty: "demo").
+                    model = gr.Dropdown(model_choices(), value=start.model, allow_custom_value=True,
+                                        label="model (embedded, or a folder or hub id)",
+                                        info="empty: demo; choosing an embedded model sets its frames, size and steps",
+                                        elem_id="model")
                     devices = gr.Textbox(start.devices, label="devices",
                                          info='number of CPU processes ("2"), or GPU ids ("gpu:0,1")', elem_id="devices")
                 with gr.Accordion("Engine and advanced settings", open=False, elem_id="advanced"):
@@ -319,6 +325,14 @@ def build_app(studio: Studio) -> gr.Blocks:
                     *(gr.update(value=None) if i in hidden_rows else gr.update() for i in range(TIMELINE_ROWS)),
                     *(gr.update(value="") if i in hidden_rows else gr.update() for i in range(TIMELINE_ROWS)), count]
 
+        settable = sorted({name for settings in EMBEDDED_MODEL_SETTINGS.values() for name in settings})
+
+        def choose_model(name: str | None) -> list[Any]:
+            """An embedded model chosen: the frames, size, steps and engine it was made for."""
+            settings = embedded_model_settings(name or "")
+            return [gr.update(value=settings[n]) if n in settings else gr.update() for n in settable]
+
+        model.input(choose_model, model, [by_field[name] for name in settable], queue=False)
         add_row.click(add_prompt_row, shown, [*row_boxes, shown], queue=False)
         remove_row.click(remove_prompt_row, shown, [*row_boxes, *starts, *prompts, shown], queue=False)
         generate.click(generate_from_form, form_inputs, results, validator=validate, concurrency_id=GENERATION,

@@ -68,7 +68,8 @@ class GenerationForm:
     ``interpolate``: FreeNoise's blend from each keyframe to the next (``pipe_configs.keyframe_mode``)."""
     scheduler: str = DEFAULT_SCHEDULER
     model: str = ""
-    """A diffusers folder or hub id; empty: the embedded demo model."""
+    """An embedded model's name (``demo``, ``demo-wan``), a diffusers folder or a hub id; empty: the
+    embedded demo model."""
     base_model: str = ""
     preset: str = DEFAULT_PRESET
     engine_json: str = ""
@@ -128,6 +129,30 @@ _FIELD_OF_CONFIG_PATH: dict[str, str] = {
     "plugin_configs.loop": "loop",
     "plugin_configs": "engine_json",
 }
+
+
+EMBEDDED_MODEL_SETTINGS: dict[str, dict[str, Any]] = {
+    "demo": {"num_frames": 16, "height": 64, "width": 64, "steps": 20, "guidance_scale": 5.0,
+             "scheduler": DEFAULT_SCHEDULER, "preset": DEFAULT_PRESET},
+    # Wan: 4k + 1 frames (17: 5 latent frames), the "wan" preset's window and global frames, the folder's sampler.
+    "demo-wan": {"num_frames": 17, "height": 64, "width": 64, "steps": 20, "guidance_scale": 5.0,
+                 "scheduler": DEFAULT_SCHEDULER, "preset": "wan"},
+}
+"""The form values that choosing an embedded model in the model field puts in: a video the model
+was trained for that a laptop CPU makes in seconds (the rest of the form stays as it is)."""
+
+
+def model_choices() -> list[tuple[str, str]]:
+    """The model field's choices, ``(label, value)``: each embedded model by name (empty, or a folder
+    or hub id typed in, is also accepted)."""
+    from ..demo import EMBEDDED_MODELS  # no torch
+
+    return [(f"{name}: {model.description}", name) for name, model in EMBEDDED_MODELS.items()]
+
+
+def embedded_model_settings(model: str) -> dict[str, Any]:
+    """What choosing ``model`` in the form sets besides the model ({} for a folder or hub id)."""
+    return dict(EMBEDDED_MODEL_SETTINGS.get(str(model).strip(), {}))
 
 
 def field_of(message: str) -> str | None:
@@ -379,6 +404,6 @@ def form_from_config(config: RunConfig | dict[str, Any]) -> GenerationForm:
     )
 
 
-__all__ = ["DEFAULT_PRESET", "DEFAULT_SCHEDULER", "FORM_FIELDS", "FORM_IMAGES", "FormError", "GenerationForm", "Limits", "field_of",
-           "form_from_config", "form_from_values", "parse_devices", "parse_timeline", "request_values", "run_config",
-           "timeline_from_rows"]
+__all__ = ["DEFAULT_PRESET", "DEFAULT_SCHEDULER", "EMBEDDED_MODEL_SETTINGS", "FORM_FIELDS", "FORM_IMAGES", "FormError",
+           "GenerationForm", "Limits", "embedded_model_settings", "field_of", "form_from_config", "form_from_values",
+           "model_choices", "parse_devices", "parse_timeline", "request_values", "run_config", "timeline_from_rows"]

@@ -56,9 +56,12 @@ class Outcome:
 
 
 def _is_demo(record: RunRecord) -> bool:
-    """Made with the embedded demo model: the one the probe's object tracking understands."""
+    """Made with an embedded demo model (``demo``, ``demo-wan``): the moving shapes the probe's object
+    tracking understands."""
+    from ..demo import EMBEDDED_MODELS
+
     config = record.config or {}
-    return config.get("model") is None and config.get("motion_adapter") is None
+    return (config.get("model") is None or config.get("model") in EMBEDDED_MODELS) and config.get("motion_adapter") is None
 
 
 def _world_size(record: RunRecord) -> int:
