@@ -1,4 +1,5 @@
-# Two entry points for a fresh machine: `make demo` and `make test` (`make test-fast`: the unit tests).
+# Two entry points for a fresh machine: `make demo` and `make test` (`make test-fast`: the unit tests;
+# `make demo-wan`: the demo with the embedded Wan-architecture model).
 # All create .venv and install.
 PYTHON ?= python3
 VENV := .venv
@@ -7,7 +8,7 @@ BIN := $(VENV)/bin
 # index serves for the platform (see README: set PIP_INDEX_URL for the CPU-only wheel).
 CPU_TORCH := torch==2.13.0
 
-.PHONY: install test test-fast demo serve clean
+.PHONY: install test test-fast demo demo-wan serve clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -40,6 +41,12 @@ test-fast: install
 demo: install
 	HF_HUB_OFFLINE=1 $(BIN)/video-infinity generate --config examples/cpu_demo.json --overwrite
 	$(BIN)/video-infinity inspect outputs/cpu_demo.mp4 --ranks 2 --contact-sheet outputs/cpu_demo.png --overwrite
+
+# The same with the embedded Wan-architecture model ("demo-wan"): 129 frames (33 latent frames) on 2 CPU
+# processes; the probe takes the clip border in latent frames from the video's sidecar.
+demo-wan: install
+	HF_HUB_OFFLINE=1 $(BIN)/video-infinity generate --config examples/cpu_demo_wan.json --overwrite
+	$(BIN)/video-infinity inspect outputs/cpu_demo_wan.mp4 --ranks 2 --contact-sheet outputs/cpu_demo_wan.png --overwrite
 
 # The web UI on http://127.0.0.1:7860 (runs go to ./outputs).
 serve: install
