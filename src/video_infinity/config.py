@@ -70,6 +70,21 @@ class AttentionConfig(_Strict):
     """Original key, accepted for compatibility; it had no effect there either."""
     query_chunk_size: int = Field(default=64, ge=1)
     """Query frames processed at once; bounds attention memory, which stays linear in frames."""
+    rotary_clip: int | None = Field(default=None, ge=1)
+    """Models with rotary positions (Wan) only, in latent frames: a query of latent frame q sees a key
+    of latent frame k at the temporal rotary distance clamp(k - q, -rotary_clip, rotary_clip) (sign
+    kept; FreeLOC-style re-encoding of long distances into the trained range), local and global keys
+    alike (in a loop: the ring distance of a local key); the spatial rotary channels are unchanged.
+    Exact and split-invariant. A clip reaching the video's longest distance (``rotary_clip >= latent
+    frames - 1``) changes nothing and is computed as without it. None (default): the model's own
+    distances. Unmeasured: its effect on quality awaits the benchmark. Refused for families without
+    rotary positions (UNet3D, AnimateDiff)."""
+    global_frames: Literal["fixed", "rotating"] = "fixed"
+    """Which frames are the ``top_k`` global frames. ``fixed`` (default): the same evenly spread
+    indices at every step. ``rotating`` (LVSA-style): at denoising step s (0: the schedule's first,
+    also after a resume) the fixed indices shifted by s frames, modulo the video's frames, so every
+    frame serves as a global frame over the run; the same on every rank. Unmeasured: its effect on
+    quality awaits the benchmark."""
 
     def phase_biases(self, timestep: float) -> tuple[float, float]:
         """(local bias, global bias) to add to the logits at ``timestep``."""
@@ -89,6 +104,13 @@ class AttentionConfig(_Strict):
         if self.dynamic_attn_tokens:
             return int(self.top_k * max(0.0, min(timestep, 1000.0)) / 1000.0)
         return self.top_k
+
+
+def rotary_clip_refusal(family: str) -> str:
+    """The one line refusing ``attn.rotary_clip`` for a family whose temporal attention has no rotary
+    positions (the caller prefixes the field's parent, e.g. ``plugin_configs.``)."""
+    return (f"attn.rotary_clip applies to models with rotary positions (Wan); the {family} family's temporal "
+            "attention has none: leave attn.rotary_clip unset (null)")
 
 
 class Conv3dConfig(_Strict):

@@ -132,3 +132,13 @@ class DenoiseState:
     """The call gives every token its own timestep (a DiT's (batch, tokens) timestep, Wan2.2 TI2V)."""
     tokens_per_frame: int = 0
     """A DiT call's tokens per latent frame (frame-major token rows); 0 for a UNet."""
+    step: int = 0
+    """Index of the denoising step in progress (0: the schedule's first), the same on every rank:
+    what rotating global frames shift by. Given by the sampling loop before each step
+    (``ParallelHandle.set_step``; a resumed run gives the step it resumes at); until given (the model
+    under another sampling loop, e.g. diffusers' own pipeline) counted from the calls: a call whose
+    timestep differs from the previous call's starts the next step."""
+    step_given: bool = False
+    """Whether ``step`` comes from the sampling loop (else it is counted from the calls)."""
+    counted_timestep: float | None = None
+    """The previous call's timestep, while the steps are counted from the calls."""

@@ -69,6 +69,7 @@ def sample(
     start_step: int = 0,
     restore_scheduler: Callable[[Any], None] | None = None,
     on_step_end: StepEnd | None = None,
+    on_step_start: Callable[[int], None] | None = None,
 ) -> torch.Tensor:
     """Denoise ``latents`` (batch, C, frames, H, W) holding global (latent) frames ``frames``.
 
@@ -79,7 +80,9 @@ def sample(
     Resuming: ``latents`` are those after ``start_step`` steps, and ``restore_scheduler(scheduler)``,
     called right after ``set_timesteps``, puts back the scheduler's state at that point. After each
     step ``on_step_end(i, t, latents, scheduler)`` runs; it may return new latents, or raise
-    :class:`StopSampling` to end the loop with the current latents.
+    :class:`StopSampling` to end the loop with the current latents. ``on_step_start(i)`` runs before
+    step i's model calls (the engine's step index: ``ParallelHandle.set_step``; a resumed loop
+    starts at ``start_step``, as the uninterrupted one reached it).
     """
     if not 0 <= start_step <= num_steps:
         raise ValueError(f"start_step must be in [0, {num_steps}], got {start_step}")
@@ -92,6 +95,8 @@ def sample(
     for index, t in enumerate(scheduler.timesteps):
         if index < start_step:
             continue
+        if on_step_start is not None:
+            on_step_start(index)
         noise_pred = predict_noise(scheduler.scale_model_input(latents, t), t)
         step_kwargs: dict[str, Any] = {}
         if adds_noise:

@@ -11,6 +11,7 @@ and its position ``u`` holds the video's frame ``u mod total_frames`` (so ``-1``
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 
@@ -76,13 +77,28 @@ def ring_offset(span: range, frame: int, total_frames: int) -> int | None:
     return offset if offset < len(span) else None
 
 
-def global_frame_indices(total_frames: int, count: int) -> list[int]:
-    """``count`` distinct frame indices spread evenly over the whole video (centres of equal bins).
+def global_frame_indices(total_frames: int, count: int, shift: int = 0) -> list[int]:
+    """``count`` distinct frame indices spread evenly over the whole video (centres of equal bins),
+    each moved ``shift`` frames on around the video (modulo ``total_frames``), in ascending order.
 
-    Depends only on the video length, never on the number of ranks.
+    ``shift`` is the denoising step's index for rotating global frames (``attn.global_frames``:
+    ``"rotating"``), 0 for fixed ones. Depends only on the video length, ``count`` and ``shift``,
+    never on the number of ranks.
     """
     count = max(0, min(count, total_frames))
-    return [((2 * j + 1) * total_frames) // (2 * count) for j in range(count)]
+    fixed = [((2 * j + 1) * total_frames) // (2 * count) for j in range(count)]
+    if not shift:
+        return fixed
+    return sorted((frame + shift) % total_frames for frame in fixed)
+
+
+def clipped_offsets(query_frame: int, key_frames: Iterable[int], clip: int | None) -> list[int]:
+    """Temporal rotary offsets of ``key_frames`` (positions, unwrapped in a loop) as seen from
+    ``query_frame``: ``clamp(k - query_frame, -clip, clip)``, sign kept; the plain ``k - query_frame``
+    with ``clip`` None. (``attn.rotary_clip``: distances beyond the trained range read as ``clip``.)"""
+    if clip is None:
+        return [k - query_frame for k in key_frames]
+    return [max(-clip, min(clip, k - query_frame)) for k in key_frames]
 
 
 @dataclass(frozen=True)

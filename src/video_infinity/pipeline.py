@@ -46,7 +46,7 @@ from .checkpoint import (
     saved_fingerprint,
     step_saver,
 )
-from .config import EngineConfig
+from .config import EngineConfig, rotary_clip_refusal
 from .context import ClipContext
 from .denoise import StepEnd, StopSampling, sample
 from .families import family_from_pipe, load_family
@@ -181,7 +181,10 @@ class VideoInfinityPipeline:
         if latent_frames < world_size:
             raise ValueError(f"num_frames: {request.num_frames} frames ({latent_frames} latent frames) cannot be split "
                              f"over {world_size} ranks (give every rank at least one frame)")
-        if request.engine_for(self.engine).loop and not self.family.supports_loop:
+        engine = request.engine_for(self.engine)
+        if engine.attn.rotary_clip is not None and not self.family.rotary_positions:
+            raise ValueError(rotary_clip_refusal(self.family.name))
+        if engine.loop and not self.family.supports_loop:
             raise ValueError(f"loop: the {self.family.name} family does not make loops (its temporal windows do not "
                              "wrap around the video); set loop to false")
         images = self.load_images(request)
@@ -299,11 +302,19 @@ class VideoInfinityPipeline:
 
         cond = self.conditioning(request, ctx)
         handles = [parallelize(model, engine or self.engine, ctx) for model in self.family.denoisers]
+
+        def step_start(index: int) -> None:
+            # Every expert learns the step's index from the loop (not by counting its own calls), so
+            # rotating global frames are those of the step, also after a resume.
+            for handle in handles:
+                handle.set_step(index)
+
         try:
             with torch.no_grad():
                 latents = sample(lambda x, t: self.family.predict_noise(x, t, cond), scheduler, latents, seed=seed,
                                  frames=ctx.frames, num_steps=request.num_inference_steps, eta=request.eta,
-                                 start_step=start_step, restore_scheduler=restore_scheduler, on_step_end=step_end)
+                                 start_step=start_step, restore_scheduler=restore_scheduler, on_step_end=step_end,
+                                 on_step_start=step_start)
         finally:
             for handle in handles:
                 handle.remove()

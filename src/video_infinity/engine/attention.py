@@ -3,7 +3,8 @@
 Query frame g (global index) attends to
   * local keys: every frame j of the video with |g - j| <= padding (clipped at the video ends; in a
     loop taken around the ring instead, see ``frames.attention_reach``), and
-  * global keys: ``top_k`` frames at fixed global indices, the same for every rank.
+  * global keys: ``top_k`` frames at fixed global indices, the same for every rank (with
+    ``global_frames="rotating"`` shifted by the denoising step's index, the same for every rank too).
 Phase biases are added to the local and global logits; ``token_num_scale`` multiplies the softmax
 scale of each query by log(number of keys it attends)/log(16).
 
@@ -215,7 +216,8 @@ class TemporalAttnProcessor:
 
     1. a self-attention call only (no encoder states, no mask);
     2. the call's :class:`TemporalCall`: its layout and timestep (the handle's ``DenoiseState``), the
-       window's reach (:meth:`reach`), the global frames (``top_k``) and phase biases of the step;
+       window's reach (:meth:`reach`), the global frames (``top_k``, rotating with the step's index
+       if asked) and phase biases of the step;
     3. what neighbours need (:meth:`exchanged`: the hidden states, or a DiT's keys and values as they
        enter attention) leaves point-to-point, with the global frames from their owners;
     4. meanwhile :meth:`before_wait` (the queries: computing while frames travel);
@@ -251,9 +253,12 @@ class TemporalAttnProcessor:
         layout, timestep = self.state.layout, self.state.timestep
         left, right = self.reach(layout)
         local_bias, global_bias = self.config.phase_biases(timestep)
+        # Rotating global frames move one frame per denoising step (the step the sampling loop gave
+        # every rank alike), so that every frame serves as an anchor over the run.
+        shift = self.state.step if self.config.global_frames == "rotating" else 0
         return TemporalCall(
             layout=layout, timestep=timestep, left=left, right=right,
-            global_frames=global_frame_indices(layout.total_frames, self.config.global_frame_count(timestep)),
+            global_frames=global_frame_indices(layout.total_frames, self.config.global_frame_count(timestep), shift),
             local_bias=local_bias, global_bias=global_bias,
             split_invariant=self.engine_config.split_invariant_on(device_type),
             loop=self.engine_config.loop and self.loops,

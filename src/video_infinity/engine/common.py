@@ -113,7 +113,19 @@ class TrackCall(ModelHook):
         self.state.layout = self.ctx.layout_for(sample.shape[2])
         self.state.batch = sample.shape[0]
         self.state.timestep = self.call_timestep(timestep)
+        self._count_step()
         return sample, timestep
+
+    def _count_step(self) -> None:
+        """Without a step index from the sampling loop (``ParallelHandle.set_step``), count the steps:
+        a call at another timestep than the previous one starts the next step (classifier-free
+        guidance's two calls of a step share theirs); the timestep is the same on every rank."""
+        state = self.state
+        if state.step_given:
+            return
+        if state.counted_timestep is not None and state.timestep != state.counted_timestep:
+            state.step += 1
+        state.counted_timestep = state.timestep
 
     def call_timestep(self, timestep: torch.Tensor | float | int) -> float:
         """The call's one timestep (phase biases, global frames): by default the one the call gives."""

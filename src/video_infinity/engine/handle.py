@@ -53,6 +53,12 @@ class ParallelHandle:
         self.processors.append((attn, attn.processor))
         attn.set_processor(processor)
 
+    def set_step(self, index: int) -> None:
+        """The denoising step about to run (0: the schedule's first): every rank's sampling loop calls
+        it before the step's model calls, so that what depends on the step (rotating global frames,
+        ``attn.global_frames``) is the same on every rank and after a resume."""
+        self.state.step, self.state.step_given = int(index), True
+
     def remove(self) -> None:
         """Restore the model's original behaviour (hooks off, original attention processors back)."""
         if not self.active:

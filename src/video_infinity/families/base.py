@@ -110,6 +110,8 @@ class ModelFamily(Protocol):
         """The model's own noise schedule (a diffusers scheduler config)."""
     supports_loop: ClassVar[bool]
     """Whether the family's engine makes seamless loops (``EngineConfig.loop``)."""
+    rotary_positions: ClassVar[bool]
+    """Whether the family's temporal attention has rotary positions (``attn.rotary_clip`` applies)."""
 
     # ---- image-to-video (families whose ``image_mode`` is not None) ------------------------------
     image_mode: str | None

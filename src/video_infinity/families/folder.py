@@ -97,6 +97,8 @@ class FolderFacts:
     """The folder's ``scheduler/scheduler_config.json``."""
     supports_loop: bool = True
     """Whether the family makes seamless loops (``EngineConfig.loop``)."""
+    rotary_positions: bool = False
+    """Whether the family's temporal attention has rotary positions (``attn.rotary_clip`` applies)."""
     image_mode: str | None = None
     """How the model takes a start image (None: it does not): ``"concat"`` (mask and image latents
     concatenated to the noise: Wan2.1 I2V, Wan2.2 A14B I2V) or ``"first_frame"`` (the first latent

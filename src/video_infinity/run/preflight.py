@@ -19,6 +19,7 @@ from typing import Any
 
 from ..errors import ConfigError
 from ..checkpoint import estimate_bytes, load_checkpoint
+from ..config import rotary_clip_refusal
 from ..families import FolderFacts, detect, plans_memory, unsupported_model
 from ..families.folder import ModelFolder
 from .checkpoint import CheckpointPlan, check_compatible, config_fingerprint
@@ -155,7 +156,12 @@ def check_video_shape(config: RunConfig, model: str, world_size: int) -> None:
     before any rank starts: e.g. Wan's video frames ``t*k + 1`` for the VAE's temporal compression
     ``t``, height and width multiples of its spatial compression times the patch size (16)."""
     facts = detect(model)
-    looping = config.request.engine_for(config.plugin_configs).loop
+    engine = config.request.engine_for(config.plugin_configs)
+    if engine.attn.rotary_clip is not None and (config.motion_adapter is not None
+                                                or (facts is not None and not facts.rotary_positions)):
+        family = facts.family if facts is not None and config.motion_adapter is None else "animatediff"
+        raise ConfigError(f"plugin_configs.{rotary_clip_refusal(family)}")
+    looping = engine.loop
     if looping and (config.motion_adapter is not None or (facts is not None and not facts.supports_loop)):
         family = facts.family if facts is not None and config.motion_adapter is None else "animatediff"
         raise ConfigError(f"plugin_configs.loop: the {family} family does not make loops (its temporal windows do "

@@ -35,7 +35,7 @@ from diffusers.models.attention_processor import Attention
 from diffusers.models.embeddings import SinusoidalPositionalEmbedding
 from torch import nn
 
-from ...config import EngineConfig
+from ...config import EngineConfig, rotary_clip_refusal
 from ...context import ClipContext, DenoiseState, FrameLayout
 from ...engine.attention import TemporalAttnProcessor, TemporalCall
 from ...engine.common import (
@@ -261,6 +261,8 @@ def parallelize(unet: nn.Module, config: EngineConfig, context: ClipContext) -> 
     motion = config.motion
     if not accepts(unet):
         raise TypeError(f"{type(unet).__name__} is not a UNetMotionModel")
+    if config.attn.rotary_clip is not None:
+        raise ValueError(rotary_clip_refusal("animatediff"))
     if any(isinstance(m, FreeNoiseTransformerBlock) for m in unet.modules()):
         raise ValueError("the UNet has FreeNoise blocks: call pipe.disable_free_noise() before parallelize()")
     motion_modules = [m for m in unet.modules() if isinstance(m, AnimateDiffTransformer3D)]

@@ -73,6 +73,7 @@ class AnimateDiffFamily(UNet3DFamily):
     name: ClassVar[str] = "animatediff"
     default_scheduler: ClassVar[str] = "ddim"  # AnimateDiff's published pipelines sample with DDIM
     supports_loop: ClassVar[bool] = False  # motion windows do not wrap around the video
+    rotary_positions: ClassVar[bool] = False  # sinusoidal positions: no attn.rotary_clip
     image_mode: ClassVar[str | None] = None  # text to video only
 
     pipeline: Any = None

@@ -16,7 +16,7 @@ from diffusers.models.resnet import TemporalConvLayer
 from diffusers.models.transformers.transformer_temporal import TransformerTemporalModel
 from torch import nn
 
-from ...config import EngineConfig
+from ...config import EngineConfig, rotary_clip_refusal
 from ...context import ClipContext, DenoiseState
 from ...engine.attention import DualScopeAttnProcessor
 from ...engine.comm import start_exchange
@@ -128,6 +128,8 @@ def accepts(model: nn.Module) -> bool:
 
 def parallelize(unet: nn.Module, config: EngineConfig, context: ClipContext) -> ParallelHandle:
     """Hooks and processors for a UNet3D-family model (see :func:`video_infinity.parallelize`)."""
+    if config.attn.rotary_clip is not None:
+        raise ValueError(rotary_clip_refusal("unet3d"))
     temporal_convs = [m for m in unet.modules() if isinstance(m, TemporalConvLayer)]
     temporal_transformers = [m for m in unet.modules() if isinstance(m, TransformerTemporalModel)]
     if not temporal_convs and not temporal_transformers:

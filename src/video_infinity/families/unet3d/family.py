@@ -31,6 +31,7 @@ class UNet3DFamily:
     name: ClassVar[str] = "unet3d"
     default_scheduler: ClassVar[str] = "sde-dpmsolver++"  # what the original's published runs used
     supports_loop: ClassVar[bool] = True
+    rotary_positions: ClassVar[bool] = False  # no positions in the temporal attention: no attn.rotary_clip
     image_mode: ClassVar[str | None] = None  # text to video only
 
     tokenizer: Any

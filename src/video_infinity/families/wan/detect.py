@@ -75,6 +75,7 @@ def detect(folder: ModelFolder) -> FolderFacts | str | None:
         latent_element_bytes=4,  # the sampling loop carries float32 latents
         default_scheduler="model",  # the folder's flow-matching UniPC with its flow_shift
         model_scheduler=folder.scheduler_config(),
+        rotary_positions=True,
         image_mode=mode,
         image_required=mode == "concat",
         # A CLIP-conditioned transformer takes two images' embeddings only with a position

@@ -17,7 +17,8 @@ contiguous range of latent frames; only self-attention needs other ranks:
   rotary embedding, the neighbours' frames arrive point-to-point (and the global frames from their
   owners) while the queries are computed, then dual-scope attention over latent frames; in a loop
   (``EngineConfig.loop``) the latent frames lie on a ring and a key's temporal rotary angle is that of
-  its unwrapped position, so query-key distances are ring distances;
+  its unwrapped position, so query-key distances are ring distances; ``attn.rotary_clip`` clamps
+  each query-key temporal distance;
 * cross-attentions get :class:`WanFrameCrossAttnProcessor`: one text embedding per latent frame
   (multi-prompt) and, when computing split-invariantly, arithmetic fixed per latent frame.
 
@@ -42,7 +43,7 @@ from torch import nn
 from ...engine.attention import TemporalAttnProcessor, TemporalCall, dual_scope_attention
 from ...config import EngineConfig
 from ...context import ClipContext, DenoiseState
-from ...frames import window
+from ...frames import clipped_offsets, window
 from ...engine.per_frame import (
     FrameMajorTokens,
     PerFrameLinear,
@@ -260,6 +261,11 @@ class WanDualScopeAttnProcessor(TemporalAttnProcessor):
     same product by RoPE's rotation identity), so no frame has angles of its own and rolling the
     video rolls the result bit for bit; otherwise queries and keys keep their absolute angles and
     the keys across the wrap get one more rotation by +-frames.
+
+    ``attn.rotary_clip`` R: a key at (unwrapped) position u is rotated relative to each query frame g
+    by clamp(u - g, -R, R) (global keys by clamp(k - g, -R, R)), the query not at all, one query
+    frame at a time as above; the spatial channels keep their absolute angles. An R reaching the
+    video's longest distance changes no angle and is not applied (the same bits as without it).
     """
 
     kind = "Wan dual-scope attention"
@@ -277,9 +283,17 @@ class WanDualScopeAttnProcessor(TemporalAttnProcessor):
     def check(self, attn: WanAttention, hidden_states: torch.Tensor) -> None:
         pass  # (batch, tokens, channels); the token count is checked against the frames in ``_tokens``
 
+    def _clip(self, call: TemporalCall) -> int | None:
+        """``attn.rotary_clip`` where it changes a distance: None when it reaches the longest
+        query-key distance of the video (its latent frames - 1: a global frame at the far end;
+        local keys in a loop are nearer), so such a clip computes as no clip at all."""
+        clip = self.config.rotary_clip
+        return clip if clip is not None and clip < call.layout.total_frames - 1 else None
+
     def _relative(self, call: TemporalCall, rotary_emb) -> bool:
-        """Relative temporal angles (split-invariant ring): only the spatial channels rotate up front."""
-        return call.loop and call.split_invariant and rotary_emb is not None
+        """Relative temporal angles (split-invariant ring, or clipped distances): only the spatial
+        channels rotate up front."""
+        return rotary_emb is not None and ((call.loop and call.split_invariant) or self._clip(call) is not None)
 
     def _rotate(self, x: torch.Tensor, call: TemporalCall, rotary_emb) -> torch.Tensor:
         if rotary_emb is None:
@@ -347,15 +361,17 @@ class WanDualScopeAttnProcessor(TemporalAttnProcessor):
         global_frames = call.global_frames
         if self._relative(call, rotary_emb):
             # One query frame at a time (as the split-invariant ring computes anyway): its window's
-            # keys and the global keys rotated by their distance from it, the query not at all.
+            # keys and the global keys rotated by their distance from it (clamped to
+            # ``attn.rotary_clip``), the query not at all. Memory: one query frame's keys at a time.
+            clip = self._clip(call)
             outputs = []
             for index, frame in enumerate(query_frames):
-                span = window(range(frame, frame + 1), left, right, total, loop=True)
+                span = window(range(frame, frame + 1), left, right, total, loop)
                 at = (span.start - context_frames.start) * tokens
                 span_key = key[:, at : at + len(span) * tokens]
-                span_key = _rotate_temporal(span_key, self.rope, len(span), [u - frame for u in span])
+                span_key = _rotate_temporal(span_key, self.rope, len(span), clipped_offsets(frame, span, clip))
                 frame_global_key = _rotate_temporal(global_key, self.rope, len(global_frames),
-                                                    [g - frame for g in global_frames])
+                                                    clipped_offsets(frame, global_frames, clip))
                 outputs.append(dual_scope_attention(
                     heads_first(query[:, index * tokens : (index + 1) * tokens]),
                     heads_first(span_key),
@@ -364,7 +380,8 @@ class WanDualScopeAttnProcessor(TemporalAttnProcessor):
                     heads_first(global_value),
                     query_frames=range(frame, frame + 1),
                     key_frames=span,
-                    **attend,
+                    # one frame per block: a whole window's block of frames would attend them all
+                    **{**attend, "chunk_size": 1},
                 ))
             out = torch.cat(outputs, dim=-2)
         else:

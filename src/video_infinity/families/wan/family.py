@@ -45,6 +45,7 @@ class WanFamily:
     name: ClassVar[str] = "wan"
     default_scheduler: ClassVar[str] = "model"  # the folder's flow-matching UniPC with its flow_shift
     supports_loop: ClassVar[bool] = True
+    rotary_positions: ClassVar[bool] = True  # attn.rotary_clip applies
 
     transformer: WanTransformer3DModel
     transformer_2: WanTransformer3DModel | None
