@@ -191,6 +191,19 @@ def tokenize(tokenizer: Any, prompts: list[str]) -> torch.Tensor:
                      return_tensors="pt").input_ids
 
 
+def install_folder(tmp: Path, target: Path) -> None:
+    """Put the finished folder ``tmp`` at ``target`` by renames, replacing what was there (a reader sees
+    the old folder or the new one, never half of one)."""
+    if target.exists():
+        old = target.with_name(f".{target.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(target, old)
+        os.replace(tmp, target)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, target)
+
+
 def save_atomic(obj: Any, path: Path) -> None:
     """``torch.save`` through :func:`video_infinity.atomic.atomic_output`."""
     from ..atomic import atomic_output
@@ -646,14 +659,7 @@ def export(out: Path, target: Path, ema_file: Path | None = None) -> Path:
         for stale in tmp.rglob("*"):
             if stale.is_file() and stale.suffix in (".bin",):
                 stale.unlink()
-        if target.exists():
-            old = target.with_name(f".{target.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(target, old)
-            os.replace(tmp, target)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, target)
+        install_folder(tmp, target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     size = sum(f.stat().st_size for f in target.rglob("*") if f.is_file())
