@@ -119,6 +119,40 @@ def continuity(pipe: Any, model: str, config_file: Path, prompt: str, total_fram
             "independent": analyse(independent, ranks=ranks).to_dict()}
 
 
+def _cpu_model() -> str:
+    import platform
+
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _provenance() -> dict[str, Any]:
+    """What the figures were made with: the command, when, the package's checkout commit (if it is
+    one), the machine and the library versions."""
+    import os
+    import subprocess
+    import sys
+
+    import diffusers
+
+    root = Path(__file__).resolve().parents[3]
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
+                                check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        commit = "unknown"
+    return {"command": " ".join(["python -m video_infinity.demo.evaluate", *sys.argv[1:]]),
+            "written": time.strftime("%Y-%m-%d %H:%M:%S"), "commit": commit,
+            "machine": {"cpu": _cpu_model(), "host_cpus": os.cpu_count(),
+                        "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
+                        "diffusers": diffusers.__version__}}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m video_infinity.demo.evaluate", description=__doc__.split("\n")[0])
     parser.add_argument("--model", default=None, help="model folder, or an embedded model's name: demo (the default), demo-wan")
@@ -147,6 +181,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from . import resolve_model
 
+    given = args.model if args.model is not None else "demo"
     args.model = resolve_model(args.model)  # None or "demo": the embedded demo model; "demo-wan": the Wan one
     if args.continuity is not None:
         engine = json.loads(Path(args.config).read_text()).get("plugin_configs")
@@ -175,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
         write_png(args.sheet, videos_sheet(results[-1]["videos"]))
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"model": args.model, "results": [
+        args.json.write_text(json.dumps({"model": given, **_provenance(), "results": [
             {k: v for k, v in r.items() if k != "videos"} for r in results]}, indent=2, default=str) + "\n")
     return 0
 
