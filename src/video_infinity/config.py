@@ -163,8 +163,8 @@ class EngineConfig(_Strict):
     """Compute every frame the same way whatever other frames share its rank, so a video is
     bit-identical on any number of ranks (true): operations whose shapes are fixed by each frame
     alone (spatial layers one frame per call, temporal layers one frame's rows per call, temporal
-    attention one query frame at a time), GroupNorm statistics in float64, fixed-size VAE decode
-    chunks. False: torch's fused kernels, faster, the same up to rounding. Default (null): true on
+    attention as fused attention over query blocks aligned to the video, with zeros for the rows and
+    keys a call does not hold), GroupNorm statistics in float64, fixed-size VAE decode chunks. False: torch's fused kernels, faster, the same up to rounding. Default (null): true on
     CPU, false on GPUs, whose kernels pick their algorithms by shape anyway."""
 
     block_tokens: int | None = Field(default=16384, ge=1)
