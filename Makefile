@@ -5,10 +5,10 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 # Without nvidia-smi and without torch in .venv: this torch version, whichever build the package
-# index serves for the platform (see README: set PIP_INDEX_URL for the CPU-only wheel).
+# index serves for the platform (see docs/install.md: set PIP_INDEX_URL for the CPU-only wheel).
 CPU_TORCH := torch==2.13.0
 
-.PHONY: install test test-fast demo demo-wan serve clean
+.PHONY: install test test-fast demo demo-wan serve docs clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -52,5 +52,11 @@ demo-wan: install
 serve: install
 	HF_HUB_OFFLINE=1 $(BIN)/video-infinity serve
 
+# The documentation site (mkdocs.yml, docs/) into site/: strict, so a broken link or a warning fails.
+# docs/hooks.py generates the config reference from the package's pydantic models, hence the install.
+docs: install
+	@$(BIN)/python -c "import mkdocs, material" 2>/dev/null || $(BIN)/pip install --quiet -e ".[docs]"
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
+
 clean:
-	rm -rf $(VENV) .make-install.stamp build dist src/*.egg-info
+	rm -rf $(VENV) .make-install.stamp build dist site src/*.egg-info
