@@ -77,7 +77,7 @@ def test_one_owner_of_atomic_file_writes():
     assert owners == ["src/video_infinity/atomic.py", "src/video_infinity/demo/train.py"], owners
 
 
-# ---- the family layout (README: "Layout") ---------------------------------------------------------
+# ---- the family layout (docs/architecture.md) ---------------------------------------------------------
 FAMILIES_DIR = PACKAGE / "families"
 CORE = ("engine", "context", "frames", "config", "noise", "denoise", "schedulers", "prompts", "errors", "atomic",
         "request", "checkpoint", "memory",

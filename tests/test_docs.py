@@ -1,10 +1,12 @@
 """The documentation site's generated pages (docs/hooks.py, run by mkdocs at every build): the config
 reference holds every field of the run config's models and of the generation request, with its
-type, default and docstring. (``make docs`` builds the whole site with ``mkdocs build --strict``.)"""
+type, default and docstring; every page is in the navigation; the README stays a short overview.
+(``make docs`` builds the whole site with ``mkdocs build --strict``.)"""
 
 from __future__ import annotations
 
 import importlib.util
+import re
 from pathlib import Path
 
 import pytest
@@ -77,3 +79,14 @@ def test_every_docs_page_is_in_the_navigation():
     on_disk = {str(p.relative_to(ROOT / "docs")) for p in (ROOT / "docs").rglob("*.md")}
     assert on_disk <= listed, sorted(on_disk - listed)
     assert listed - on_disk == {"benchmarks/index.md"}  # added by docs/hooks.py from benchmarks/README.md
+
+
+def test_the_readme_is_an_overview_of_at_most_250_lines_whose_links_resolve():
+    readme = (ROOT / "README.md").read_text()
+    assert len(readme.splitlines()) <= 250
+    for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", readme):
+        if "://" not in target:
+            assert (ROOT / target).exists(), target
+    for said in ("No real pretrained weights of any family have been run here", "No GPU run of the current engine",
+                 "Multi-node has never been run", "torchrun --standalone"):
+        assert said in readme, said

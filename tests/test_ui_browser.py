@@ -6,7 +6,7 @@ find the runs in the gallery; "use these settings" loads a run back into the for
 the text-to-video demo model refused under the upload, and a run's image loaded back by "use these
 settings".
 
-The page's screenshot is saved (``VIDEO_INFINITY_SCREENSHOT=path``: there; the README's picture,
+The page's screenshot is saved (``VIDEO_INFINITY_SCREENSHOT=path``: there; the web UI page's picture,
 docs/web-ui.png, comes from such a run)."""
 
 from __future__ import annotations
