@@ -18,7 +18,7 @@ The formula, from the UNet config (layer list: ``temporal_layers``), for rank r 
     already hold it;
   * every temporal GroupNorm (4 per TemporalConvLayer, 1 per TransformerTemporalModel; G groups,
     norm_scope "video"): its (count, mean, M2) float64 moments, 3*B*G*8 bytes, to each of w-1 ranks.
-The original design (METHOD.md), same notation: attention halos by all-gather inside each 2-rank
+The original design, as modelled here from the original Video-Infinity code, same notation: attention halos by all-gather inside each 2-rank
 group of neighbours, `padding` frames of k AND v (2*D wide); conv halos likewise (4 frames of the
 layer input); global frames: an all-gather over all ranks in which each rank contributes
 max(1, top_k // w) frames of k and v (counted as a ring all-gather: (w-1) contributions sent per
