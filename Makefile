@@ -33,7 +33,7 @@ test: install
 
 # The unit tests only (one process, in-process calls; pytest -m unit): two pytest-xdist workers, a
 # test file each at a time, one BLAS/OpenMP thread per process (two workers each spinning two
-# threads on two cores ran some tests 50x slower); 72 s on 2 CPU cores.
+# threads on two cores ran some tests 50x slower, an observation not kept in a result file).
 test-fast: install
 	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(ENV) $(BIN)/python -m pytest -q -n 2 --dist loadfile -m unit tests
 
