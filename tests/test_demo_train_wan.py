@@ -35,7 +35,8 @@ def test_every_stage_writes_its_output_and_resumes(run):
     latent = data.SIZE // 4
     assert clips["latents"].shape == (len(data.all_classes()), train_wan.LATENT_CHANNELS, 9, latent, latent)
     assert torch.load(run / "checkpoint.pt", weights_only=False)["step"] == 3
-    done = _train("--out", str(run), "--stage", "transformer", "--resume", "--max-steps", "5", "--batch", "2")
+    done = _train("--out", str(run), "--stage", "transformer", "--resume", "--max-steps", "5", "--batch", "2",
+                  "--counterfactual", "1", "--counterfactual-sigma", "0")
     assert done.returncode == 0, done.stderr[-3000:]
     assert torch.load(run / "checkpoint.pt", weights_only=False)["step"] == 5
     done = _train("--out", str(run), "--stage", "transformer", "--max-steps", "6")
@@ -103,3 +104,26 @@ def test_flow_matching_noise_levels_follow_the_schedulers_shift():
     scheduler.set_timesteps(10)
     steps = torch.as_tensor(scheduler.sigmas[:10], dtype=torch.float64)
     assert torch.allclose(train_wan.shifted_sigmas(torch.linspace(1, 0.1, 10, dtype=torch.float64)), steps, atol=3e-3)
+
+
+def test_clip_starts_replay_the_encoders_draws(run):
+    stored = torch.load(run / "latents.pt")["starts"]
+    assert torch.equal(train_wan.clip_starts(0, len(stored)), stored)
+
+
+@pytest.mark.parametrize("frame", [0, 5, 29])
+def test_a_counterfactual_clip_rolled_by_meeting_roll_meets_the_object(frame):
+    """The target clip, rolled by whole latent pixels, has its object where the sample's is in ``frame``."""
+    from video_infinity.demo.probe import track
+
+    rng = np.random.default_rng(frame)
+    one = data.random_spec(rng, [("red", "circle", "right")])
+    other = data.random_spec(rng, [("red", "circle", "up")])
+    velocity = {name: torch.tensor(v) * data.SPEED for name, v in data.DIRECTIONS.items()}
+    dy, dx = train_wan.meeting_roll(frame, torch.tensor([one.x0, one.y0]), velocity["right"],
+                                    torch.tensor([other.x0, other.y0]), velocity["up"], latent_pixel=4.0)
+    seen = data.render(one, 1, frame)
+    moved = np.roll(data.render(other, 1, frame), (4 * dy, 4 * dx), axis=(1, 2))
+    (x1, y1), (x2, y2) = track(seen)[0], track(moved)[0]
+    gap = [(a - b + data.SIZE / 2) % data.SIZE - data.SIZE / 2 for a, b in ((x1, x2), (y1, y2))]
+    assert max(abs(g) for g in gap) <= 2.5  # rounded to whole latent pixels of 4 (a pixel = 4), tracker error aside

@@ -237,6 +237,8 @@ def train_vae(out: Path, minutes: float, seed: int, batch: int = 4, frames: int 
 
 
 def encode_clips(out: Path, clips_per_class: int, seed: int, frames: int = CLIP_FRAMES) -> None:
+    """Encode ``clips_per_class`` clips of every class (``starts``: each clip's object centre in frame 0,
+    pixels, for the counterfactual targets)."""
     path = out / "latents.pt"
     if path.exists():
         logger.info("latents: %s exists, skipping", path)
@@ -246,11 +248,12 @@ def encode_clips(out: Path, clips_per_class: int, seed: int, frames: int = CLIP_
     vae = _load_vae(out)
     rng = np.random.default_rng(seed + 2)
     classes = data.all_classes()
-    latents, labels = [], []
+    latents, labels, starts = [], [], []
     start = time.perf_counter()
     with torch.no_grad():
         for k in range(clips_per_class):
             specs = [data.random_spec(rng, [c]) for c in classes]
+            starts.extend((spec.x0, spec.y0) for spec in specs)
             for first in range(0, len(specs), 12):
                 group = specs[first:first + 12]
                 x = video_tensor(np.stack([data.render(s, frames, trail=data.TRAIL) for s in group]))
@@ -258,7 +261,8 @@ def encode_clips(out: Path, clips_per_class: int, seed: int, frames: int = CLIP_
                 latents.extend(z.to(torch.float16))
             labels.extend(range(len(classes)))
             logger.info("latents: %d/%d clips per class, %.0f s", k + 1, clips_per_class, time.perf_counter() - start)
-    save_atomic({"latents": torch.stack(latents), "labels": torch.tensor(labels), "classes": classes}, path)
+    save_atomic({"latents": torch.stack(latents), "labels": torch.tensor(labels), "classes": classes,
+                 "starts": torch.tensor(starts)}, path)
     logger.info("latents: %d clips in %.0f s", len(labels), time.perf_counter() - start)
 
 
@@ -306,16 +310,51 @@ def evaluate_quick(parts: dict[str, Any], seed: int) -> dict[str, Any]:
             "found": found, "videos": videos}
 
 
+def clip_starts(seed: int, clips: int) -> torch.Tensor:
+    """The frame-0 object centres (pixels) of the first ``clips`` clips :func:`encode_clips` draws with
+    ``seed`` (for latents written before it stored them: the same random draws, replayed)."""
+    rng = np.random.default_rng(seed + 2)
+    classes = data.all_classes()
+    starts: list[tuple[float, float]] = []
+    while len(starts) < clips:
+        starts.extend((s.x0, s.y0) for s in (data.random_spec(rng, [c]) for c in classes))
+    return torch.tensor(starts[:clips])
+
+
+def meeting_roll(frame: int, start: torch.Tensor, velocity: torch.Tensor, other_start: torch.Tensor,
+                 other_velocity: torch.Tensor, latent_pixel: float) -> tuple[int, int]:
+    """(dy, dx) latent pixels to roll the other clip by so that its object sits where this clip's is in
+    video ``frame`` (centres and velocities (x, y) in pixels and pixels per frame; wrapped the short way)."""
+    offset = (start + velocity * frame) - (other_start + other_velocity * frame)
+    offset = (offset + data.SIZE / 2) % data.SIZE - data.SIZE / 2
+    dx, dy = (offset / latent_pixel).round().long().tolist()
+    return dy, dx
+
+
 def _checkpoint(out: Path) -> Path:
     return out / "checkpoint.pt"
 
 
 def train_transformer(out: Path, minutes: float, seed: int, resume: bool, batch: int = 8, lr: float = 3e-4,
                       ema_decay: float = 0.999, checkpoint_minutes: float = 5.0, eval_minutes: float = 20.0,
-                      max_steps: int | None = None, windows: tuple[int, ...] = WINDOWS) -> None:
+                      max_steps: int | None = None, windows: tuple[int, ...] = WINDOWS, counterfactual: float = 0.0,
+                      counterfactual_sigma: float = 0.85) -> None:
+    """Flow-matching training. ``counterfactual``: the share of captioned samples at noise level
+    sigma >= ``counterfactual_sigma`` whose caption's direction is drawn anew, a clip of that class
+    rolled to meet the sample's object at the window's first frame being the target (so that there the
+    prompt, not the faint motion left in the noise, chooses the direction: what taught the UNet3D demo
+    the direction; see ``demo/weights/README.md``)."""
     clips = torch.load(out / "latents.pt")
     latents_all, labels_all = clips["latents"], clips["labels"]
     classes = [tuple(c) for c in clips["classes"]]
+    starts = clips.get("starts")
+    if starts is None:
+        starts = clip_starts(seed, len(labels_all))
+    class_index = {c: i for i, c in enumerate(classes)}
+    members = [torch.nonzero(labels_all == i).flatten() for i in range(len(classes))]
+    partner = torch.tensor([[class_index[(c, sh, d)] for d in data.DIRECTIONS] for c, sh, _d in classes])
+    velocity = torch.tensor([data.DIRECTIONS[d] for _c, _s, d in classes]) * data.SPEED  # (x, y) px per frame
+    latent_pixel = data.SIZE / latents_all.shape[-1]
     tokenizer = new_tokenizer()
     text_encoder = new_text_encoder(tokenizer, seed)
     text = encode_prompts(tokenizer, text_encoder, [data.caption(*c) for c in classes])
@@ -379,7 +418,22 @@ def train_transformer(out: Path, minutes: float, seed: int, resume: bool, batch:
             s = sigma.view(-1, 1, 1, 1, 1)
             noisy = (1 - s) * x0 + s * noise
             target = noise - x0
-            context = torch.where(drop[:, None, None], empty[None], text[labels_all[idx]])
+            label = labels_all[idx].clone()
+            if counterfactual > 0:
+                swap = (torch.rand(batch, generator=gen) < counterfactual) & (sigma >= counterfactual_sigma) & ~drop
+                new_direction = torch.randint(0, len(data.DIRECTIONS), (batch,), generator=gen)
+                pick = torch.randint(0, 1 << 30, (batch,), generator=gen)
+                frame = 0 if first == 0 else 4 * first - 3  # the window's first latent frame's first video frame
+                for b in torch.nonzero(swap).flatten().tolist():
+                    other_class = int(partner[label[b], new_direction[b]])
+                    j = int(members[other_class][pick[b] % len(members[other_class])])
+                    dy, dx = meeting_roll(frame, starts[idx[b]], velocity[label[b]], starts[j], velocity[other_class],
+                                          latent_pixel)
+                    other = torch.roll(latents_all[j, :, first:first + window].float(),
+                                       (dy + int(shifts[b, 0]), dx + int(shifts[b, 1])), dims=(-2, -1))
+                    target[b] = (noisy[b] - other) / sigma[b]  # the velocity from noisy[b] towards the other clip
+                    label[b] = other_class
+            context = torch.where(drop[:, None, None], empty[None], text[label])
             pred = transformer(noisy, timestep=sigma * 1000, encoder_hidden_states=context, return_dict=False)[0]
             loss = F.mse_loss(pred, target)
             current_lr = lr * min(1.0, (step + 1) / 200)
@@ -467,6 +521,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--lr", type=float, default=3e-4)
     parser.add_argument("--ema-decay", type=float, default=0.999)
+    parser.add_argument("--counterfactual", type=float, default=0.0,
+                        help="share of captioned samples at sigma >= --counterfactual-sigma given another direction's "
+                             "caption and, as the target, a clip moving that way from where the object is")
+    parser.add_argument("--counterfactual-sigma", type=float, default=0.85)
     parser.add_argument("--checkpoint-minutes", type=float, default=5.0)
     parser.add_argument("--eval-minutes", type=float, default=20.0)
     parser.add_argument("--seed", type=int, default=0)
@@ -486,7 +544,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.stage in ("all", "transformer"):
         train_transformer(args.out, args.minutes, args.seed, args.resume, batch=args.batch, lr=args.lr,
                           ema_decay=args.ema_decay, checkpoint_minutes=args.checkpoint_minutes,
-                          eval_minutes=args.eval_minutes, max_steps=args.max_steps)
+                          eval_minutes=args.eval_minutes, max_steps=args.max_steps,
+                          counterfactual=args.counterfactual, counterfactual_sigma=args.counterfactual_sigma)
     if args.export is not None and args.stage in ("all", "export"):
         export(args.out, args.export, args.seed)
     return 0
