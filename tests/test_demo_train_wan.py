@@ -4,6 +4,7 @@ the pipeline will give them at sampling time."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -41,6 +42,21 @@ def test_every_stage_writes_its_output_and_resumes(run):
     assert torch.load(run / "checkpoint.pt", weights_only=False)["step"] == 5
     done = _train("--out", str(run), "--stage", "transformer", "--max-steps", "6")
     assert done.returncode != 0 and "--resume" in done.stderr
+
+
+def test_training_continues_from_an_exported_model(run, tmp_path):
+    """The shipped weights are a starting point: --init FOLDER --vae-init FOLDER/vae (0 VAE minutes)
+    continues the transformer's steps and keeps the VAE as it is."""
+    export = run / "export"
+    assert json.loads((export / "training.json").read_text())["step"] == 3
+    done = _train("--out", str(tmp_path / "more"), "--init", str(export), "--vae-init", str(export / "vae"),
+                  "--vae-minutes", "0", "--vae-scale-clips", "2", "--clips-per-class", "1", "--max-steps", "4",
+                  "--batch", "2")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert torch.load(tmp_path / "more" / "checkpoint.pt", weights_only=False)["step"] == 4
+    before = json.loads((export / "vae" / "config.json").read_text())
+    after = json.loads((tmp_path / "more" / "vae" / "config.json").read_text())
+    assert after["latents_std"] == before["latents_std"]
 
 
 def test_training_latents_are_the_pipelines_scale(run):

@@ -338,7 +338,7 @@ def _checkpoint(out: Path) -> Path:
 def train_transformer(out: Path, minutes: float, seed: int, resume: bool, batch: int = 8, lr: float = 3e-4,
                       ema_decay: float = 0.999, checkpoint_minutes: float = 5.0, eval_minutes: float = 20.0,
                       max_steps: int | None = None, windows: tuple[int, ...] = WINDOWS, counterfactual: float = 0.0,
-                      counterfactual_sigma: float = 0.85) -> None:
+                      counterfactual_sigma: float = 0.85, init: Path | None = None) -> None:
     """Flow-matching training. ``counterfactual``: the share of captioned samples at noise level
     sigma >= ``counterfactual_sigma`` whose caption's direction is drawn anew, a clip of that class
     rolled to meet the sample's object at the window's first frame being the target (so that there the
@@ -379,6 +379,17 @@ def train_transformer(out: Path, minutes: float, seed: int, resume: bool, batch:
         logger.info("transformer: resumed at step %d (%.1f min trained)", step, trained_seconds / 60)
     elif _checkpoint(out).exists():
         raise SystemExit(f"{_checkpoint(out)} exists: pass --resume to continue it, or use another --out")
+    elif init is not None:  # an exported model (its EMA weights) to continue from, with a fresh optimiser
+        from diffusers import WanTransformer3DModel
+
+        weights = WanTransformer3DModel.from_pretrained(Path(init) / "transformer").state_dict()
+        transformer.load_state_dict(weights)
+        ema.shadow["transformer"].load_state_dict(weights)
+        record = Path(init) / "training.json"
+        if record.exists():
+            done = json.loads(record.read_text())
+            step, trained_seconds = done["step"], done["trained_seconds"]
+        logger.info("transformer: starting from %s (step %d, %.1f min trained)", init, step, trained_seconds / 60)
     logger.info("transformer: %.2f M parameters, %d clips of %d latent frames, windows %s, %.1f min",
                 sum(p.numel() for p in transformer.parameters()) / 1e6, len(labels_all), clip_frames, windows, minutes)
 
@@ -488,6 +499,8 @@ def export(out: Path, target: Path, seed: int = 0) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
         pipe.save_pretrained(tmp)
+        (tmp / "training.json").write_text(json.dumps(
+            {"step": state["step"], "trained_seconds": round(state["trained_seconds"], 1)}, indent=2) + "\n")
         (tmp / "README.md").write_text(
             "Tiny Wan-architecture demo model trained by `python -m video_infinity.demo.train --family wan` on "
             "procedural videos (one coloured circle, square or triangle moving right, left, up or down on a grey "
@@ -525,6 +538,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="share of captioned samples at sigma >= --counterfactual-sigma given another direction's "
                              "caption and, as the target, a clip moving that way from where the object is")
     parser.add_argument("--counterfactual-sigma", type=float, default=0.85)
+    parser.add_argument("--init", type=Path, default=None,
+                        help="start the transformer from this exported model folder (e.g. the shipped weights_wan); "
+                             "with --vae-init FOLDER/vae the whole model continues")
     parser.add_argument("--checkpoint-minutes", type=float, default=5.0)
     parser.add_argument("--eval-minutes", type=float, default=20.0)
     parser.add_argument("--seed", type=int, default=0)
@@ -545,7 +561,8 @@ def main(argv: list[str] | None = None) -> int:
         train_transformer(args.out, args.minutes, args.seed, args.resume, batch=args.batch, lr=args.lr,
                           ema_decay=args.ema_decay, checkpoint_minutes=args.checkpoint_minutes,
                           eval_minutes=args.eval_minutes, max_steps=args.max_steps,
-                          counterfactual=args.counterfactual, counterfactual_sigma=args.counterfactual_sigma)
+                          counterfactual=args.counterfactual, counterfactual_sigma=args.counterfactual_sigma,
+                          init=args.init)
     if args.export is not None and args.stage in ("all", "export"):
         export(args.out, args.export, args.seed)
     return 0
