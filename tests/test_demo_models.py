@@ -3,7 +3,7 @@ wherever a model is given (the Python call, a run config and the CLI, the web fo
 precedence of a name over a local folder of that name, and the one-line refusals of an unknown name
 and of an embedded model this installation lacks.
 
-Tests that load ``demo-wan`` need ``src/video_infinity/demo/weights_wan/`` (skipped without it).
+Both models' weights are part of the repository: a test that needs them fails without them.
 """
 
 from __future__ import annotations
@@ -27,10 +27,6 @@ from video_infinity.demo import (
 )
 from video_infinity.errors import ModelLoadError
 
-needs_wan = pytest.mark.skipif(not EMBEDDED_MODELS["demo-wan"].is_present(),
-                               reason="no demo-wan weights in src/video_infinity/demo/weights_wan/")
-needs_demo = pytest.mark.skipif(not EMBEDDED_MODELS["demo"].is_present(),
-                                reason="no demo weights in src/video_infinity/demo/weights/")
 EXAMPLE = ROOT / "examples" / "cpu_demo_wan.json"
 
 
@@ -42,8 +38,6 @@ def _without_wan_weights(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Pat
 
 
 @pytest.mark.unit
-@needs_demo
-@needs_wan
 def test_each_name_resolves_to_its_folder_and_other_models_pass_through():
     assert list(EMBEDDED_MODELS) == ["demo", "demo-wan"]
     assert resolve_model(None) == resolve_model("demo") == str(WEIGHTS_DIR)
@@ -54,7 +48,6 @@ def test_each_name_resolves_to_its_folder_and_other_models_pass_through():
 
 
 @pytest.mark.unit
-@needs_wan
 def test_a_name_wins_over_a_local_folder_of_that_name(tmp_path, monkeypatch, caplog):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "demo-wan").mkdir()
@@ -106,8 +99,6 @@ def test_the_cli_refuses_missing_weights_in_one_line_before_any_rank_starts(tmp_
 
 
 @pytest.mark.unit
-@needs_demo
-@needs_wan
 @pytest.mark.parametrize("name,family", [("demo", "unet3d"), ("demo-wan", "wan")])
 def test_from_pretrained_by_name(name, family):
     from video_infinity import VideoInfinityPipeline
@@ -118,7 +109,6 @@ def test_from_pretrained_by_name(name, family):
 
 
 @pytest.mark.unit
-@needs_wan
 def test_the_example_run_config_names_demo_wan_and_passes_the_preflight(tmp_path):
     from video_infinity.presets import resolve_engine
     from video_infinity.run.config import load_run_config
@@ -144,7 +134,6 @@ def test_cli_run_defaults_follow_the_named_embedded_model():
 
 
 @pytest.mark.unit
-@needs_wan
 def test_the_web_form_offers_both_models_and_checks_a_demo_wan_run(tmp_path):
     from video_infinity.ui.form import GenerationForm, embedded_model_settings, model_choices
     from video_infinity.ui.runs import RunRecord
@@ -175,7 +164,6 @@ def test_the_web_ui_model_field_lists_both_names(tmp_path):
 
 
 @pytest.mark.e2e
-@needs_wan
 def test_generate_with_model_demo_wan_uses_its_folder_and_run_defaults(tmp_path, offline_env):
     """17 frames, 2 steps, one process: the name through the CLI, the demo-wan defaults (64x64, CPU,
     the folder's scheduler) and the sidecar's clip facts."""
