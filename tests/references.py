@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import math
 
 import torch
@@ -43,12 +45,19 @@ def band_reference(model: WanTransformer3DModel, x: torch.Tensor, t: torch.Tenso
     """Plain diffusers on the whole latent video with every self-attention limited to a frame band."""
     _, p_h, p_w = model.config.patch_size
     tokens = (x.shape[3] // p_h) * (x.shape[4] // p_w)
+    return with_self_attention(model, lambda: FrameBandMaskProcessor(x.shape[2], tokens, padding), x, t, text)
+
+
+def with_self_attention(model: WanTransformer3DModel, processor: Any, x: torch.Tensor, t: torch.Tensor,
+                        text: torch.Tensor) -> torch.Tensor:
+    """``model(x, t, text).sample`` with every block's self-attention processor a new ``processor()``,
+    the model's own processors put back afterwards."""
     originals = [block.attn1.processor for block in model.blocks]
     for block in model.blocks:
-        block.attn1.set_processor(FrameBandMaskProcessor(x.shape[2], tokens, padding))
+        block.attn1.set_processor(processor())
     try:
         with torch.no_grad():
             return model(x, t, text).sample
     finally:
-        for block, processor in zip(model.blocks, originals):
-            block.attn1.set_processor(processor)
+        for block, original in zip(model.blocks, originals):
+            block.attn1.set_processor(original)

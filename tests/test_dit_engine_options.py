@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from harness import run_distributed
-from references import band_reference
+from references import band_reference, with_self_attention
 from tiny_models import TEXT_DIM, build_tiny_wan_folder, build_tiny_wan_transformer
 from video_infinity import ClipContext, VideoInfinityPipeline, parallelize
 from video_infinity.config import EngineConfig
@@ -134,16 +134,8 @@ class _ClippedRotaryReference:
 
 def _clipped_reference(model, x, t, text, padding: int, clip: int, global_frames: list[int]) -> torch.Tensor:
     tokens = (x.shape[3] // 2) * (x.shape[4] // 2)
-    originals = [block.attn1.processor for block in model.blocks]
-    for block in model.blocks:
-        block.attn1.set_processor(_ClippedRotaryReference(x.shape[2], tokens, padding, clip, global_frames,
-                                                          model.rope.t_dim))
-    try:
-        with torch.no_grad():
-            return model(x, t, text).sample
-    finally:
-        for block, processor in zip(model.blocks, originals):
-            block.attn1.set_processor(processor)
+    return with_self_attention(model, lambda: _ClippedRotaryReference(x.shape[2], tokens, padding, clip, global_frames,
+                                                                      model.rope.t_dim), x, t, text)
 
 
 def _engine(model, settings: dict, x, t, text, ctx: ClipContext | None = None) -> torch.Tensor:
