@@ -512,9 +512,6 @@ def train_unet(out: Path, minutes: float, seed: int, resume: bool, batch: int = 
     writer = csv.writer(csv_file)
     if new_csv:
         writer.writerow(("step", "trained_seconds", "loss", "lr"))
-    eval_csv = out / "eval.csv"
-    if not eval_csv.exists():
-        eval_csv.write_text("step,trained_seconds,colour,direction,found\n")
 
     session_start = time.perf_counter()
     last_ckpt = last_eval = time.perf_counter()
@@ -599,16 +596,24 @@ def train_unet(out: Path, minutes: float, seed: int, resume: bool, batch: int = 
                 last_ckpt = now
             if eval_minutes > 0 and now - last_eval > eval_minutes * 60:
                 result = evaluate_quick(ema.shadow["unet"], ema.shadow["text_encoder"], tokenizer, vae, seed)
-                _save_eval_sheet(out, step, result["videos"])
-                logger.info("unet eval at step %d: colour %.0f%%, direction %.0f%%: %s", step,
-                            100 * result["colour"], 100 * result["direction"], " ".join(result["found"]))
-                with open(eval_csv, "a") as fh:
-                    fh.write(f"{step},{trained_seconds:.0f},{result['colour']},{result['direction']},"
-                             f"{' '.join(result['found'])}\n")
+                record_eval(out, "unet", step, trained_seconds, result)
                 last_eval = time.perf_counter()
     finally:
         save()
         csv_file.close()
+
+
+def record_eval(out: Path, model: str, step: int, trained_seconds: float, result: dict[str, Any]) -> None:
+    """A training-time evaluation (``evaluate_quick``'s result): its samples' sheet, a log line and a
+    row of ``out/eval.csv``."""
+    _save_eval_sheet(out, step, result["videos"])
+    if not (out / "eval.csv").exists():
+        (out / "eval.csv").write_text("step,trained_seconds,colour,direction,found\n")
+    logger.info("%s eval at step %d: colour %.0f%%, direction %.0f%%: %s", model, step,
+                100 * result["colour"], 100 * result["direction"], " ".join(result["found"]))
+    with open(out / "eval.csv", "a") as fh:
+        fh.write(f"{step},{trained_seconds:.0f},{result['colour']},{result['direction']},"
+                 f"{' '.join(result['found'])}\n")
 
 
 def _save_eval_sheet(out: Path, step: int, videos: np.ndarray) -> None:

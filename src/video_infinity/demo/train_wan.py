@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 
 from . import data
-from .train import (EVAL_PROMPTS, WHOLE_WINDOW_ENGINE, Ema, _save_eval_sheet, _terminate, install_folder, save_atomic,
+from .train import (EVAL_PROMPTS, WHOLE_WINDOW_ENGINE, Ema, _terminate, install_folder, record_eval, save_atomic,
                     to_pixels)
 
 logger = logging.getLogger("video_infinity.demo.train_wan")
@@ -406,9 +406,6 @@ def train_transformer(out: Path, minutes: float, seed: int, resume: bool, batch:
     writer = csv.writer(csv_file)
     if new_csv:
         writer.writerow(("step", "trained_seconds", "loss", "lr"))
-    eval_csv = out / "eval.csv"
-    if not eval_csv.exists():
-        eval_csv.write_text("step,trained_seconds,colour,direction,found\n")
     session_start = last_ckpt = last_eval = time.perf_counter()
     window_loss: list[float] = []
     try:
@@ -470,12 +467,7 @@ def train_transformer(out: Path, minutes: float, seed: int, resume: bool, batch:
                 last_ckpt = now
             if eval_minutes > 0 and now - last_eval > eval_minutes * 60:
                 result = evaluate_quick(components(out, ema.shadow["transformer"], seed), seed)
-                _save_eval_sheet(out, step, result["videos"])
-                logger.info("transformer eval at step %d: colour %.0f%%, direction %.0f%%: %s", step,
-                            100 * result["colour"], 100 * result["direction"], " ".join(result["found"]))
-                with open(eval_csv, "a") as fh:
-                    fh.write(f"{step},{trained_seconds:.0f},{result['colour']},{result['direction']},"
-                             f"{' '.join(result['found'])}\n")
+                record_eval(out, "transformer", step, trained_seconds, result)
                 last_eval = time.perf_counter()
     finally:
         save()
