@@ -130,7 +130,7 @@ def test_diffusers_model_cpu_offload_composes_with_the_engine():
 
 # ----------------------------------------------------------------------------------- continuation
 @pytest.mark.unit
-def test_continuation_conditions_the_given_frames():
+def test_continuation_conditions_the_given_frames(monkeypatch):
     # I2V models: the mask covers the given video frames and their latents are encoded with zeros after.
     pipe = VideoInfinityPipeline.from_pipe(build_tiny_wan_i2v_pipeline("i2v"), engine=WHOLE_WINDOW)
     clip = np.stack([np.asarray(sample_image(10 + i, 48, 32)) for i in range(6)])  # 6 frames of an earlier video
@@ -155,8 +155,14 @@ def test_continuation_conditions_the_given_frames():
     ti2v = VideoInfinityPipeline.from_pipe(build_tiny_wan_i2v_pipeline("ti2v"), engine=WHOLE_WINDOW)
     with pytest.raises(ValueError, match=r"^video: .* give 1 \+ 4k frames \(got 6; e.g. its last 5 or 9\)$"):
         ti2v.check_inputs("a cat", num_frames=17, guidance_scale=1.0, video=clip, **SIZE)
+    import video_infinity.pipeline
+
+    reads = []  # the call checks and conditions with one read of the video (a file would be decoded once)
+    read = video_infinity.pipeline.load_video
+    monkeypatch.setattr(video_infinity.pipeline, "load_video", lambda *a: reads.append(a) or read(*a))
     latents = ti2v("a cat", num_frames=17, num_inference_steps=2, guidance_scale=1.0, video=clip[:5], seed=1,
                    output_type="latent", progress=False, **SIZE).frames[0]
+    assert len(reads) == 1
     with torch.no_grad():
         given_latents = normalize_wan_latents(ti2v.family.vae, ti2v.family.vae.encode(given[:, :, :5]).latent_dist.mode())
     torch.testing.assert_close(latents[None, :, :2], given_latents, atol=1e-5, rtol=0)

@@ -173,6 +173,12 @@ class VideoInfinityPipeline:
         cannot know: this model's size multiple and frame count (Wan: 16 pixels, 4n + 1 frames),
         and one frame at least per rank. One-line ValueErrors naming the field, before any model work."""
         request = prompt if isinstance(prompt, GenerationRequest) else GenerationRequest.checked(prompt=prompt, **values)
+        self.checked_images(request, world_size=world_size)
+        return request
+
+    def checked_images(self, request: GenerationRequest, *, world_size: int = 1) -> ImageInputs:
+        """``check_inputs`` for a request, returning its images as read and checked: passed on to
+        :meth:`generate_latents` (``images=``), files (a video above all) are decoded once per call."""
         multiple = self.family.spatial_multiple
         for name in ("height", "width"):
             if getattr(request, name) % multiple:
@@ -193,7 +199,7 @@ class VideoInfinityPipeline:
         elif images:
             name = next(n for n in ("image", "video", "last_image") if getattr(images, n) is not None)
             raise ValueError(f"{name}: the {self.family.name} family makes video from text only; leave {name} out")
-        return request
+        return images
 
     @staticmethod
     def load_images(request: GenerationRequest) -> ImageInputs:
@@ -216,8 +222,10 @@ class VideoInfinityPipeline:
     # ------------------------------------------------------------------------------------------
     # The steps under __call__ (also what the CLI's ranks run)
 
-    def conditioning(self, request: GenerationRequest, ctx: ClipContext) -> Conditioning:
-        """Text for this rank's frames: each frame's (blended) prompt embedding, and the negative one."""
+    def conditioning(self, request: GenerationRequest, ctx: ClipContext,
+                     images: ImageInputs | None = None) -> Conditioning:
+        """Text for this rank's frames: each frame's (blended) prompt embedding, and the negative one;
+        image families add the request's ``images`` (read from the request when not given)."""
         family = self.family
         prompt = request.prompt
         if isinstance(prompt, Mapping):  # keyframes are video frames: move each to the latent frame decoded into it
@@ -228,8 +236,8 @@ class VideoInfinityPipeline:
         negative = family.encode_prompts([request.negative_prompt or ""], ctx) if request.guidance_scale > 1.0 else None
         cond = family.conditioning(per_frame, negative, request.guidance_scale, request.fps)
         if family.image_mode is not None:
-            cond = family.condition_on_images(cond, self.load_images(request), ctx, request.num_frames, request.height,
-                                              request.width)
+            cond = family.condition_on_images(cond, images if images is not None else self.load_images(request), ctx,
+                                              request.num_frames, request.height, request.width)
         return cond
 
     def initial_latents(self, request: GenerationRequest, ctx: ClipContext, scheduler: Any, seed: int,
@@ -268,6 +276,7 @@ class VideoInfinityPipeline:
         engine: EngineConfig | None = None,
         checkpoint: CheckpointSpec | None = None,
         on_step_done: Callable[[int], None] | None = None,
+        images: ImageInputs | None = None,
     ) -> torch.Tensor:
         """Denoise this rank's ``latents`` (from ``initial_latents`` or a checkpoint) with the engine on.
 
@@ -278,13 +287,15 @@ class VideoInfinityPipeline:
         ``checkpoint.path`` every ``checkpoint.every`` steps (every rank calls, rank 0 writes), after
         ``on_step_end`` so that latents it replaced are the ones saved; a step whose ``on_step_end``
         raises is not saved, and the last checkpoint stays. ``on_step_done(index)``: after step
-        ``index`` and its checkpoint (progress reports: a stop from then on keeps this step).
+        ``index`` and its checkpoint (progress reports: a stop from then on keeps this step). ``images``:
+        the request's images as :meth:`checked_images` returned them (read again when not given).
         """
         step_end = on_step_end
         if checkpoint is not None or on_step_done is not None:
             save = step_saver(checkpoint, ctx, latents.device, request.num_inference_steps) if checkpoint else None
 
-            def step_end(index: int, t: torch.Tensor, current: torch.Tensor, scheduler: Any) -> torch.Tensor | None:
+            def saving_step_end(index: int, t: torch.Tensor, current: torch.Tensor,
+                                scheduler: Any) -> torch.Tensor | None:
                 stop: StopSampling | None = None
                 replaced = None
                 if on_step_end is not None:
@@ -300,7 +311,9 @@ class VideoInfinityPipeline:
                     raise stop
                 return replaced
 
-        cond = self.conditioning(request, ctx)
+            step_end = saving_step_end
+
+        cond = self.conditioning(request, ctx, images)
         handles = [parallelize(model, engine or self.engine, ctx) for model in self.family.denoisers]
 
         def step_start(index: int) -> None:
@@ -486,7 +499,7 @@ class VideoInfinityPipeline:
                                              or checkpoint_every < 1):
             raise ValueError(f"checkpoint_every: must be a positive integer, got {checkpoint_every!r}")
         world_size = context.world_size if context is not None else (dist.get_world_size() if dist.is_initialized() else 1)
-        self.check_inputs(request, world_size=world_size)
+        images = self.checked_images(request, world_size=world_size)
         engine = request.engine_for(self.engine)
         latent_frames = self.latent_frames(request)
         if context is None:
@@ -544,7 +557,8 @@ class VideoInfinityPipeline:
             result = self.generate_latents(request, context, scheduler, initial, seed=seed, on_step_end=on_step_end,
                                            engine=engine, checkpoint=spec,
                                            start_step=resumed.step if resumed is not None else 0,
-                                           restore_scheduler=resumed.restore if resumed is not None else None)
+                                           restore_scheduler=resumed.restore if resumed is not None else None,
+                                           images=images)
         finally:
             bar.close()
         frames = self._output(result, context, output_type)

@@ -9,11 +9,15 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from diffusers import DDIMScheduler, MotionAdapter, UNet2DConditionModel, UNetMotionModel
 
 from .random_model import MAX_LENGTH, SCHEDULER_CONFIG, _vae, _write_tokenizer, build_vocab
+
+if TYPE_CHECKING:
+    from transformers import CLIPTextModel
 
 logger = logging.getLogger(__name__)
 

@@ -144,7 +144,7 @@ def generate_on_rank(config: RunConfig, model: str, ctx: ClipContext, device: to
     request = config.request
     if request.num_frames != config.pipe_configs.total_frames_for(ctx.world_size):  # torchrun: its world size
         request = request.model_copy(update={"num_frames": config.pipe_configs.total_frames_for(ctx.world_size)})
-    pipe.check_inputs(request, world_size=ctx.world_size)
+    images = pipe.checked_images(request, world_size=ctx.world_size)
     latent_frames = pipe.latent_frames(request)
     if ctx.total_frames != latent_frames:  # the engine counts the model's frames (Wan: latent frames)
         ctx = ClipContext.from_process_group(latent_frames, ctx.group)
@@ -179,7 +179,7 @@ def generate_on_rank(config: RunConfig, model: str, ctx: ClipContext, device: to
         latents = pipe.generate_latents(request, ctx, scheduler, latents, seed=seed,
                                         start_step=resume.step if resume is not None else 0,
                                         restore_scheduler=resume.restore if resume is not None else None,
-                                        checkpoint=spec, on_step_done=on_step_done)
+                                        checkpoint=spec, on_step_done=on_step_done, images=images)
     comm_bytes = ctx.stats.total
 
     if pipe_config.save_latents:
