@@ -79,7 +79,7 @@ def build_unet(config: dict[str, Any], sample_size: int, seed: int = 0, fps: boo
 
     torch.manual_seed(seed)
     if fps:
-        from video_infinity.families.unet3d.family.model import FpsUNet3DConditionModel
+        from video_infinity.families.unet3d.model import FpsUNet3DConditionModel
 
         cls, extra = FpsUNet3DConditionModel, {"fps_cond": True}
     else:

@@ -61,7 +61,7 @@ def _load(folder: str, device: str):
     import torch
     from diffusers.utils import logging as diffusers_logging
 
-    from video_infinity.families.animatediff.family.family import load_animatediff
+    from video_infinity.families.animatediff.family import load_animatediff
 
     diffusers_logging.disable_progress_bar()
     diffusers_logging.set_verbosity_error()
@@ -177,7 +177,7 @@ def temporal_flops(method: str, frames: int, world_size: int, shapes: list[dict[
     adds per-position rows (L x C per call), and each query attends 16 window keys + the global frames
     outside its window."""
     from video_infinity.frames import global_frame_indices, partition_frames
-    from video_infinity.families.animatediff.family.windows import MotionWindows
+    from video_infinity.families.animatediff.windows import MotionWindows
 
     if method == "freenoise":
         windows = free_noise_windows(frames) if frames > CONTEXT_LENGTH else 1

@@ -36,7 +36,7 @@ def main() -> None:
 
     from video_infinity import ClipContext, VideoInfinityPipeline, parallelize
     from video_infinity.demo import data
-    from video_infinity.families.unet3d.family.family import denoise
+    from video_infinity.families.unet3d.family import denoise
 
     torch.set_num_threads(args.threads)
     pipe = VideoInfinityPipeline.from_pretrained(args.model, device="cpu")
