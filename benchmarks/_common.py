@@ -1,8 +1,9 @@
 """Helpers shared by the benchmark scripts (not a benchmark itself).
 
 Benchmarks import the library and never copy it; what lives here is only benchmark plumbing: the
-UNet configurations the benchmarks time, the machine description that goes into every result, peak
-memory probes, real multi-process gloo runs, and a helper for interleaved timings.
+UNet configurations the benchmarks time, the one writer of result files (``write_result``: every
+result labelled with its commit, machine, command line, environment knobs and the files it
+measures), peak memory probes, real multi-process gloo runs, and a helper for interleaved timings.
 """
 
 from __future__ import annotations
@@ -10,16 +11,34 @@ from __future__ import annotations
 import json
 import logging
 import os
-import platform
+import shlex
 import socket
 import statistics
 import sys
 import time
 import traceback
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
-RESULTS = Path(__file__).resolve().parent / "results"
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = Path(os.environ.get("VIDEO_INFINITY_BENCH_RESULTS") or ROOT / "benchmarks" / "results").resolve()
+"""Where results go; the variable points a check of a script elsewhere (the committed files stay)."""
+
+# What the figures depend on, by part (``write_result``'s ``measures``; files the writing process
+# imported are added to them). Folders stand for every file in them.
+ENGINE_CORE = ("src/video_infinity/engine", "src/video_infinity/parallel.py", "src/video_infinity/config.py",
+               "src/video_infinity/presets.py", "src/video_infinity/context.py", "src/video_infinity/frames.py",
+               "src/video_infinity/families/__init__.py", "src/video_infinity/families/base.py")
+UNET3D_ENGINE = (*ENGINE_CORE, "src/video_infinity/families/unet3d")
+WAN_ENGINE = (*ENGINE_CORE, "src/video_infinity/families/wan", "src/video_infinity/memory.py")
+ANIMATEDIFF_ENGINE = (*ENGINE_CORE, "src/video_infinity/families/animatediff")
+PIPELINE = ("src/video_infinity/pipeline.py", "src/video_infinity/denoise.py", "src/video_infinity/noise.py",
+            "src/video_infinity/schedulers.py", "src/video_infinity/prompts.py", "src/video_infinity/request.py",
+            "src/video_infinity/families/folder.py")
+DEMO_MODEL = ("src/video_infinity/demo/__init__.py", "src/video_infinity/demo/data.py",
+              "src/video_infinity/demo/random_model.py", "src/video_infinity/demo/weights")
+PROBE = ("src/video_infinity/demo/probe.py", "src/video_infinity/video_io.py")
+CLI = ("src/video_infinity/cli.py", "src/video_infinity/run")
 
 ENGINE_WHOLE_WINDOW = {"attn": {"padding": 64, "top_k": 0, "local_phase": None, "global_phase": None}}
 """Engine settings whose window covers any clip of <= 65 frames: no global frames, no phase biases.
@@ -96,38 +115,10 @@ def build_unet(config: dict[str, Any], sample_size: int, seed: int = 0, fps: boo
 
 
 def machine() -> dict[str, Any]:
-    """What the figures were measured on."""
-    import torch
+    """What the figures were measured on (CPU model and cores, versions, threads, GPU, load average now)."""
+    from video_infinity.demo.provenance import machine as describe
 
-    info: dict[str, Any] = {
-        "host_cpus": os.cpu_count(),
-        "cpu": _cpu_model(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "torch_threads": torch.get_num_threads(),
-        "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
-        "cuda": torch.cuda.is_available(),
-    }
-    try:
-        import diffusers
-
-        info["diffusers"] = diffusers.__version__
-    except ImportError:  # pragma: no cover
-        pass
-    if torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name(0)
-        info["gpu_memory_gib"] = round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1)
-    return info
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:  # pragma: no cover
-        pass
-    return platform.processor() or "unknown"
+    return describe()
 
 
 def bench_inputs(seed: int, frames: int, latent: int, batch: int, device: str = "cpu") -> tuple[Any, Any]:
@@ -140,33 +131,39 @@ def bench_inputs(seed: int, frames: int, latent: int, batch: int, device: str = 
     return sample, text
 
 
-def write_result(name: str, payload: dict[str, Any]) -> Path:
-    """Write ``results/<name>.json`` atomically; returns the path."""
-    RESULTS.mkdir(exist_ok=True)
-    payload = {**payload, "load_average_at_end": [round(x, 2) for x in os.getloadavg()],
-               "written": time.strftime("%Y-%m-%d %H:%M:%S"), "commit": _commit(),
-               "command": " ".join(["python", *sys.argv])}
+def command_line() -> str:
+    """This process's command line as run from the repository root (``python benchmarks/x.py ...``)."""
+    script = Path(sys.argv[0]).resolve()
+    shown = script.relative_to(ROOT).as_posix() if script.is_relative_to(ROOT) else str(script)
+    return shlex.join(["python", shown, *sys.argv[1:]])
+
+
+def write_result(name: str, payload: dict[str, Any], measures: Sequence[str],
+                 labels: dict[str, Any] | None = None) -> Path:
+    """Write ``RESULTS/<name>.json`` atomically, labelled (see ``video_infinity.demo.provenance``): commit,
+    time, command line, machine (``payload["machine"]`` if given: it holds the load average at the
+    start), environment knobs, and ``measures``: the calling script, ``measures`` (files or folders
+    relative to the repository root), and the repository files this process and its ``run_ranks``
+    processes imported. ``labels`` replaces the label fields (a merge of results measured elsewhere).
+    Returns the path."""
+    from video_infinity.demo.provenance import labels as make_labels
+
+    script = Path(sys.argv[0]).resolve()
+    declared = [*([script.relative_to(ROOT).as_posix()] if script.is_relative_to(ROOT) else []), *measures]
+    record = {**payload, "load_average_at_end": [round(x, 2) for x in os.getloadavg()],
+              **make_labels(ROOT if (ROOT / ".git").exists() else None, command_line(), declared,
+                            extra=_RANK_FILES, machine_info=payload.get("machine")),
+              **(labels or {})}
+    from video_infinity.atomic import write_json_atomic  # after the labels: writing is not what was measured
+
+    RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"{name}.json"
-    from video_infinity.atomic import write_json_atomic
-
-    write_json_atomic(path, payload)
-    logger.info("wrote %s", path.relative_to(RESULTS.parent.parent))
+    write_json_atomic(path, record)
+    logger.info("wrote %s (commit %s)", path, record["commit"][:12])
+    if record.get("uncommitted_measures"):
+        logger.warning("the figures measure uncommitted changes to %s: commit them and re-run for a current result",
+                       record["uncommitted_measures"])
     return path
-
-
-def _commit() -> str:
-    """The checkout's commit, with ``+changes`` when files differ from it (the figures are then of those)."""
-    import subprocess
-
-    root = Path(__file__).resolve().parent.parent
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
-                                check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
-                               capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-    return commit + ("+changes" if dirty else "")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -266,6 +263,10 @@ def paired_ratio(numerator: list[float], denominator: list[float]) -> float:
 # ------------------------------------------------------------------------------------------------
 
 
+_RANK_FILES: set[str] = set()
+"""Repository files the ``run_ranks`` processes imported (the parent may never import the engine)."""
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -284,6 +285,10 @@ def _rank_main(rank: int, world_size: int, port: int, threads: int, fn: Callable
     try:
         result = fn(rank, world_size, *args)
         Path(out_dir, f"rank{rank}.json").write_text(json.dumps(result, default=str))
+        if (ROOT / ".git").exists():  # what this rank ran, for the result's ``measures``
+            from video_infinity.demo.provenance import imported_files
+
+            Path(out_dir, f"rank{rank}.files").write_text("\n".join(sorted(imported_files(ROOT))))
     except BaseException:
         Path(out_dir, f"rank{rank}.err").write_text(traceback.format_exc())
         raise
@@ -305,6 +310,8 @@ def run_ranks(fn: Callable, world_size: int, *args: Any, threads: int = 1) -> li
         except Exception as exc:
             errors = "\n".join(p.read_text() for p in sorted(Path(out_dir).glob("*.err")))
             raise RuntimeError(f"distributed run failed:\n{errors}") from exc
+        for files in Path(out_dir).glob("rank*.files"):
+            _RANK_FILES.update(files.read_text().split())
         return [json.loads(Path(out_dir, f"rank{r}.json").read_text()) for r in range(world_size)]
 
 

@@ -21,9 +21,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+from _common import ENGINE_CORE, machine, setup_logging, write_result
+
 logger = logging.getLogger("attention_memory")
-RESULTS = Path(__file__).parent / "results"
 KERNELS = ("split_invariant", "fused")
+MEASURES = ENGINE_CORE
+"""The dual-scope processor and what it reads (config, context); measured in child processes."""
 
 
 def _rss_kib(field: str) -> int:
@@ -88,7 +91,8 @@ def main() -> None:
         print(json.dumps(measure(args.child, args.spatial, args.channels, args.padding, args.top_k, args.device,
                                  args.kernels[0])))
         return
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    setup_logging()
+    info = machine()
     kernels = {}
     for kernel in args.kernels:
         rows = []
@@ -112,12 +116,12 @@ def main() -> None:
                     last["frames"] // first["frames"], first["frames"], last["linear_ratio"],
                     "linear" if verdict else "NOT linear")
         kernels[kernel] = {"rows": rows, "linear_within_1_3": verdict}
-    RESULTS.mkdir(exist_ok=True)
     main_kernel = kernels[args.kernels[0]]
-    out = {"device": args.device, "spatial": args.spatial, "channels": args.channels, "padding": args.padding,
-           "top_k": args.top_k, "kernel": args.kernels[0], "rows": main_kernel["rows"],
-           "linear_within_1_3": all(k["linear_within_1_3"] for k in kernels.values()), "kernels": kernels}
-    (RESULTS / "attention_memory.json").write_text(json.dumps(out, indent=2))
+    write_result("attention_memory", {
+        "machine": info, "device": args.device, "spatial": args.spatial, "channels": args.channels,
+        "padding": args.padding, "top_k": args.top_k, "kernel": args.kernels[0], "rows": main_kernel["rows"],
+        "linear_within_1_3": all(k["linear_within_1_3"] for k in kernels.values()), "kernels": kernels,
+    }, MEASURES)
 
 
 if __name__ == "__main__":

@@ -35,9 +35,12 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from _common import BENCH_UNET, VIDEOCRAFTER2_UNET, RESULTS, machine, mib, run_ranks, setup_logging, write_result
+from _common import (BENCH_UNET, UNET3D_ENGINE, VIDEOCRAFTER2_UNET, RESULTS, machine, mib, run_ranks, setup_logging,
+                     write_result)
 
 logger = logging.getLogger("communication")
+MEASURES = UNET3D_ENGINE
+"""Bytes counted by the engine itself (``ClipContext.stats``) in the ranks; the formulas are this script's."""
 
 KINDS = ("conv_halo", "attn_halo", "global", "norm")
 CONV_HALO = 4
@@ -350,7 +353,7 @@ def main() -> None:
                  "frames_per_rank": vc_frames, "padding": args.padding, "top_k": args.top_k, "rows": scan,
                  "engine_halo_constant_for_world_3_up": halo_flat},
         "plot": "communication.png",
-    })
+    }, MEASURES)
 
 
 if __name__ == "__main__":

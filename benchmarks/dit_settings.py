@@ -34,9 +34,14 @@ from typing import Any
 
 import numpy as np
 
-from _common import machine, setup_logging, write_result
+from _common import PIPELINE, PROBE, WAN_ENGINE, command_line, machine, setup_logging, write_result
 
 logger = logging.getLogger("dit_settings")
+MEASURES = (*WAN_ENGINE, *PIPELINE, *PROBE, "src/video_infinity/demo/__init__.py", "src/video_infinity/demo/data.py",
+            "src/video_infinity/demo/weights_wan")
+"""The Wan engine and pipeline, the probe that judges the videos, and the trained demo-wan weights."""
+LABELS = ("commit", "written", "command", "machine", "environment", "measures", "uncommitted_measures")
+"""A result's label fields (``_common.write_result``)."""
 
 WAN = {"padding": 8, "top_k": 4}
 SETTINGS: dict[str, dict[str, Any]] = {
@@ -130,9 +135,19 @@ def merge(parts: list[str], out: str) -> None:
     from pathlib import Path
 
     loaded = [json.loads(Path(p).read_text()) for p in parts]
-    merged = {k: v for k, v in loaded[0].items() if k not in ("results", "settings", "command", "written", "commit",
-                                                            "load_average_at_end")}
-    merged["parts"] = [{k: part[k] for k in ("command", "written", "commit", "load_average_at_end")} for part in loaded]
+    commits = {part.get("commit") for part in loaded}
+    if len(commits) != 1:
+        raise SystemExit(f"--merge: the parts were measured at different commits {sorted(map(str, commits))}")
+    merged = {k: v for k, v in loaded[0].items() if k not in ("results", "settings", "load_average_at_end", *LABELS)}
+    merged["parts"] = [{k: part.get(k) for k in ("command", "written", "commit", "load_average_at_end")}
+                       for part in loaded]
+    # The figures were measured by the parts: the merged file carries their commit and machine, the
+    # latest part's time, and every file any part measured.
+    labels = {k: loaded[0].get(k) for k in LABELS}
+    labels["written"] = max(str(part.get("written")) for part in loaded)
+    labels["command"] = "; ".join(str(part.get("command")) for part in loaded) + "; then " + command_line()
+    labels["measures"] = sorted({m for part in loaded for m in part.get("measures") or []})
+    labels["uncommitted_measures"] = sorted({m for part in loaded for m in part.get("uncommitted_measures") or []})
     merged["settings"], merged["results"] = {}, {}
     for part in loaded:
         merged["settings"].update(part["settings"])
@@ -141,7 +156,7 @@ def merge(parts: list[str], out: str) -> None:
     order = list(SETTINGS)
     merged["results"] = {frames: dict(sorted(s.items(), key=lambda kv: order.index(kv[0])))
                          for frames, s in sorted(merged["results"].items(), key=lambda kv: int(kv[0]))}
-    write_result(out, merged)
+    write_result(out, merged, MEASURES, labels=labels)
     for p in parts:
         Path(p).unlink()
     print(table(merged["results"]))
@@ -191,9 +206,8 @@ def main() -> None:
         "what": "DiT engine settings on the trained Wan demo model, one process, per-frame noise of seeds 0..n-1",
         "model": str(args.model), "settings": {k: SETTINGS[k] for k in args.settings}, "seeds": args.seeds,
         "steps": args.steps, "guidance_scale": args.guidance, "segment_frames": SEGMENT,
-        "measures": ["src/video_infinity/engine", "src/video_infinity/families/wan", "src/video_infinity/demo/weights_wan"],
         "machine": machine(), "results": results,
-    })
+    }, MEASURES)
     print(table(results))
 
 

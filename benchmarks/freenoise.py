@@ -38,9 +38,11 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (  # noqa: E402
-    PeakMemory, interleaved, machine, mib, paired_ratio, run_ranks, setup_logging, timed, write_result)
+    ANIMATEDIFF_ENGINE, PIPELINE, PeakMemory, interleaved, machine, mib, paired_ratio, run_ranks, setup_logging, timed,
+    write_result)
 
 logger = logging.getLogger("benchmarks")
+MEASURES = (*ANIMATEDIFF_ENGINE, *PIPELINE, "src/video_infinity/demo/random_animatediff.py")
 
 SIZES: dict[str, dict[str, Any]] = {
     "small": dict(block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=8, attention_head_dim=8,
@@ -263,7 +265,7 @@ def main(argv: list[str] | None = None) -> int:
             logger.info("%s (%.0f M parameters, %dx%d latents): motion modules %.1f of %.1f GFLOP per 16-frame call "
                         "(%.0f%%)", share["size"], share["parameters_millions"], share["latent"], share["latent"],
                         share["motion_modules_gflop"], share["unet_gflop_16_frames"], 100 * share["motion_share"])
-        write_result(f"{args.out}_flops", {"machine": machine(), "counts": shares})
+        write_result(f"{args.out}_flops", {"machine": machine(), "counts": shares}, MEASURES)
         return 0
 
     from video_infinity.demo.random_animatediff import build_random_animatediff
@@ -314,7 +316,7 @@ def main(argv: list[str] | None = None) -> int:
                                 f", vs 1 process: max {run['vs_own_1_process']['max_abs']:.3g}, "
                                 f"{run['vs_own_1_process']['frames_changed']} frames changed" if world == 2 else "")
     _summarise(results)
-    write_result(args.out, results)
+    write_result(args.out, results, MEASURES)
     return 0
 
 

@@ -38,10 +38,11 @@ import sys
 import time
 from typing import Any
 
-from _common import (BENCH_UNET, ENGINE_DEFAULT, ENGINE_WHOLE_WINDOW, TEXT_TOKENS, VIDEOCRAFTER2_UNET, PeakMemory,
-                     build_unet, largest_fitting, machine, mib, paired_ratio, setup_logging, write_result)
+from _common import (BENCH_UNET, ENGINE_DEFAULT, ENGINE_WHOLE_WINDOW, TEXT_TOKENS, UNET3D_ENGINE, VIDEOCRAFTER2_UNET,
+                     PeakMemory, build_unet, largest_fitting, machine, mib, paired_ratio, setup_logging, write_result)
 
 logger = logging.getLogger("gpu")
+MEASURES = UNET3D_ENGINE
 
 VARIANTS = {"diffusers": None, "engine_whole_window": ENGINE_WHOLE_WINDOW, "engine_default": ENGINE_DEFAULT}
 TIMESTEP = 500
@@ -240,7 +241,7 @@ def main() -> int:
         "machine": info, "card": card, "smoke": args.smoke, "unet": unet_config, "fps_cond": True,
         "dtype": str(runner.dtype), "latent": runner.latent, "batch": 2, "parameters": runner.params,
         "rows": rows, "largest_clip": largest, "extrapolation": extrapolation, "paper": PAPER,
-    })
+    }, MEASURES)
     return 0
 
 

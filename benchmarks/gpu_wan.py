@@ -35,9 +35,10 @@ import sys
 import time
 from typing import Any
 
-from _common import PeakMemory, largest_fitting, machine, mib, paired_ratio, setup_logging, write_result
+from _common import WAN_ENGINE, PeakMemory, largest_fitting, machine, mib, paired_ratio, setup_logging, write_result
 
 logger = logging.getLogger("gpu_wan")
+MEASURES = WAN_ENGINE
 
 WAN21_1_3B = dict(patch_size=(1, 2, 2), num_attention_heads=12, attention_head_dim=128, in_channels=16, out_channels=16,
                   text_dim=4096, freq_dim=256, ffn_dim=8960, num_layers=30, cross_attn_norm=True,
@@ -237,7 +238,7 @@ def main() -> int:
         logger.info("EXTRAPOLATION: %d frames on %d GPUs, %d steps: %.0f s of denoising (measured %.2f s per call at "
                     "%d latent frames + %.3f s assumed communication per call)", args.target_frames, args.target_gpus,
                     args.steps, total, call, per_rank, communication)
-    write_result("gpu_wan_cpu" if args.cpu else "gpu_wan", result)
+    write_result("gpu_wan_cpu" if args.cpu else "gpu_wan", result, MEASURES)
     return 0
 
 

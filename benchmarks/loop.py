@@ -24,9 +24,11 @@ import socket
 import time
 from pathlib import Path
 
-from _common import machine, setup_logging, write_result
+from _common import CLI, DEMO_MODEL, PIPELINE, PROBE, UNET3D_ENGINE, machine, setup_logging, write_result
 
 logger = logging.getLogger("loop")
+MEASURES = (*UNET3D_ENGINE, *PIPELINE, *DEMO_MODEL, *PROBE, *CLI)
+"""The videos are made and probed by the command line, in processes of their own; the run config is added."""
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -35,6 +37,12 @@ def _cli(*args: str) -> str:
     if done.returncode != 0:
         raise RuntimeError(f"video-infinity {' '.join(args)} failed ({done.returncode}): {done.stderr[-2000:]}")
     return done.stdout
+
+
+def _repository_path(path: Path) -> list[str]:
+    """``path`` relative to the repository root, if it lies in it (a measured file), else nothing."""
+    resolved = path.resolve()
+    return [resolved.relative_to(ROOT).as_posix()] if resolved.is_relative_to(ROOT) else []
 
 
 def _free_port() -> int:
@@ -101,7 +109,7 @@ def main() -> None:
                                                                 if args.config.is_relative_to(ROOT) else args.config),
                             "overrides": args.overrides,
                             "pipe_configs": config["pipe_configs"], "plugin_configs": config["plugin_configs"],
-                            "videos": rows, "summary": summary})
+                            "videos": rows, "summary": summary}, [*MEASURES, *_repository_path(args.config)])
 
 
 if __name__ == "__main__":

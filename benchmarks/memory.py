@@ -22,9 +22,12 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from _common import BENCH_UNET, ENGINE_DEFAULT, RESULTS, machine, mib, run_ranks, setup_logging, write_result
+from _common import (BENCH_UNET, ENGINE_DEFAULT, RESULTS, UNET3D_ENGINE, machine, mib, run_ranks, setup_logging,
+                     write_result)
 
 logger = logging.getLogger("memory")
+MEASURES = (*UNET3D_ENGINE, "benchmarks/attention_memory.py")
+"""The engine in the ranks, and attention_memory.py's result, which this one includes."""
 
 FLAT_TARGET = 1.15
 """Per-rank peak at the largest world / at world 1, at equal frames per rank."""
@@ -157,7 +160,7 @@ def main() -> None:
         "per_rank_flat_target": FLAT_TARGET, "per_rank_flat": flat,
         "attention": attention, "attention_linear": attention["linear_within_1_3"] if attention else None,
         "plot": plot.name,
-    })
+    }, MEASURES)
 
 
 if __name__ == "__main__":

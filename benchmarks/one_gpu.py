@@ -46,9 +46,10 @@ import statistics
 from contextlib import nullcontext
 from typing import Any
 
-from _common import interleaved, machine, mib, setup_logging, write_result
+from _common import WAN_ENGINE, interleaved, machine, mib, setup_logging, write_result
 
 logger = logging.getLogger("one_gpu")
+MEASURES = WAN_ENGINE
 
 MODELS: dict[str, dict[str, Any]] = {
     "Wan2.1-T2V-1.3B 480x832": dict(
@@ -321,7 +322,7 @@ def main() -> None:
         "machine": machine(),
         "models": results,
         "host_overhead": host,
-    })
+    }, MEASURES)
 
 
 if __name__ == "__main__":

@@ -32,10 +32,11 @@ import subprocess
 import sys
 from typing import Any
 
-from _common import (BENCH_UNET, ENGINE_DEFAULT, ENGINE_WHOLE_WINDOW, ENGINE_WHOLE_WINDOW_FUSED, PeakMemory, bench_inputs, build_unet,
-                     interleaved, machine, mib, paired_ratio, setup_logging, write_result)
+from _common import (BENCH_UNET, ENGINE_DEFAULT, ENGINE_WHOLE_WINDOW, ENGINE_WHOLE_WINDOW_FUSED, UNET3D_ENGINE, PeakMemory,
+                     bench_inputs, build_unet, interleaved, machine, mib, paired_ratio, setup_logging, write_result)
 
 logger = logging.getLogger("overhead")
+MEASURES = UNET3D_ENGINE
 
 VARIANTS = {"diffusers": None, "engine_whole_window": ENGINE_WHOLE_WINDOW,
             "engine_whole_window_fused": ENGINE_WHOLE_WINDOW_FUSED, "engine_default": ENGINE_DEFAULT}
@@ -160,7 +161,7 @@ def main() -> None:
         "timestep": TIMESTEP, "repeats": args.repeats, "warmup": args.warmup, "memory_repeats": args.memory_repeats, "variants": VARIANTS,
         "targets": {"time_ratio": TIME_TARGET, "memory_ratio": MEMORY_TARGET},
         "time_target_met": time_ok, "memory_target_met": memory_ok, "rows": rows,
-    })
+    }, MEASURES)
 
 
 if __name__ == "__main__":

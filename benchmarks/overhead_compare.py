@@ -23,10 +23,12 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from _common import (BENCH_UNET, ENGINE_DEFAULT, ENGINE_WHOLE_WINDOW, ENGINE_WHOLE_WINDOW_FUSED, bench_inputs, build_unet,
-                     interleaved, machine, paired_ratio, setup_logging, write_result)
+from _common import (BENCH_UNET, ENGINE_DEFAULT, ENGINE_WHOLE_WINDOW, ENGINE_WHOLE_WINDOW_FUSED, UNET3D_ENGINE, bench_inputs,
+                     build_unet, interleaved, machine, paired_ratio, setup_logging, write_result)
 
 logger = logging.getLogger("overhead_compare")
+MEASURES = UNET3D_ENGINE
+"""The "after" engine (this checkout); "before" is the other checkout, recorded by its label."""
 TIMESTEP = 500
 
 
@@ -103,7 +105,7 @@ def main() -> None:
         "machine": info, "unet": BENCH_UNET, "frames": args.frames, "latent": args.latent, "batch": args.batch,
         "timestep": TIMESTEP, "repeats": args.repeats, "warmup": args.warmup, "before": args.before_label,
         "variants": {name: None if v is None else v[1] for name, v in variants.items()}, "rows": rows,
-    })
+    }, MEASURES)
 
 
 if __name__ == "__main__":

@@ -18,9 +18,10 @@ from __future__ import annotations
 import argparse
 import logging
 
-from _common import interleaved, machine, paired_ratio, setup_logging, write_result
+from _common import DEMO_MODEL, PIPELINE, UNET3D_ENGINE, interleaved, machine, paired_ratio, setup_logging, write_result
 
 logger = logging.getLogger("pipeline_overhead")
+MEASURES = (*UNET3D_ENGINE, *PIPELINE, *DEMO_MODEL)
 
 
 def main() -> None:
@@ -83,7 +84,7 @@ def main() -> None:
         "steps": args.steps, "threads": args.threads, "repeats": args.repeats, "size": size,
         "engine": pipe.engine.model_dump(mode="json"), "seconds": times, "ratio_to_direct": ratios,
         "same_latents_as_direct": same,
-    })
+    }, MEASURES)
 
 
 if __name__ == "__main__":

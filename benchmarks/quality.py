@@ -38,9 +38,10 @@ from typing import Any
 
 import numpy as np
 
-from _common import RESULTS, machine, run_ranks, setup_logging, write_result
+from _common import DEMO_MODEL, PIPELINE, PROBE, RESULTS, UNET3D_ENGINE, machine, run_ranks, setup_logging, write_result
 
 logger = logging.getLogger("quality")
+MEASURES = (*UNET3D_ENGINE, *PIPELINE, *DEMO_MODEL, *PROBE)
 
 PROMPTS = ["a red circle moving right", "a blue square moving down", "a green triangle moving left",
            "a yellow circle moving up"]
@@ -290,7 +291,7 @@ def main() -> None:
         "borders": borders, "steps": args.steps, "guidance": args.guidance, "scheduler": args.scheduler,
         "seeds": seeds, "engine": args.engine, "one_process_vs_ranks_max_abs_latent_diff": same,
         "expected_ordering_holds": ordering, "results": results, "plot": "quality.png",
-    })
+    }, MEASURES)
 
 
 if __name__ == "__main__":

@@ -34,9 +34,10 @@ import statistics
 import time
 from typing import Any
 
-from _common import BENCH_UNET, ENGINE_DEFAULT, machine, run_ranks, setup_logging, write_result
+from _common import BENCH_UNET, ENGINE_DEFAULT, UNET3D_ENGINE, machine, run_ranks, setup_logging, write_result
 
 logger = logging.getLogger("scaling")
+MEASURES = UNET3D_ENGINE
 
 VARIANTS = ("world1", "world1_concurrent", "world2", "world2_no_overlap", "world2_cfg_split")
 TIMESTEP = 500
@@ -204,7 +205,7 @@ def main() -> None:
         "repeats": args.repeats, "warmup": args.warmup, "variants": rows,
         "weak_scaling_efficiency": 1 / rows["world2"]["ratio_to_world1"],
         "cpu_contention_factor": contention, "communication_factor": comm_cost,
-    })
+    }, MEASURES)
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ import argparse
 import itertools
 import json
 import logging
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -119,38 +120,29 @@ def continuity(pipe: Any, model: str, config_file: Path, prompt: str, total_fram
             "independent": analyse(independent, ranks=ranks).to_dict()}
 
 
-def _cpu_model() -> str:
-    import platform
-
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+MEASURES = ("src/video_infinity/demo/evaluate.py", "src/video_infinity/demo/__init__.py", "src/video_infinity/demo/data.py",
+            "src/video_infinity/demo/probe.py")
+"""What every evaluation depends on besides the model and the modules it imported (added at writing)."""
+CONTINUITY_MEASURES = ("src/video_infinity/cli.py", "src/video_infinity/run")
+"""--continuity makes its joint video with the command line, in processes of its own."""
 
 
-def _provenance() -> dict[str, Any]:
-    """What the figures were made with: the command, when, the package's checkout commit (if it is
-    one), the machine and the library versions."""
-    import os
-    import subprocess
-    import sys
+def _provenance(argv: list[str], model: str | Path | None, extra: tuple[str, ...] = (),
+                machine: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The result's labels (:mod:`video_infinity.demo.provenance`): the command, when, the checkout's
+    commit (if the package runs from one), the machine, the environment knobs, and ``measures``: this
+    module, the model's folder when it is in the repository (the embedded weights), ``extra`` and the
+    repository files the run imported. ``machine``: as described when the run started."""
+    import shlex
 
-    import diffusers
+    from .provenance import labels, repository_root
 
-    root = Path(__file__).resolve().parents[3]
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
-                                check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        commit = "unknown"
-    return {"command": " ".join(["python -m video_infinity.demo.evaluate", *sys.argv[1:]]),
-            "written": time.strftime("%Y-%m-%d %H:%M:%S"), "commit": commit,
-            "machine": {"cpu": _cpu_model(), "host_cpus": os.cpu_count(),
-                        "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
-                        "diffusers": diffusers.__version__}}
+    root = repository_root()
+    declared = list(MEASURES + extra)
+    if root is not None and model is not None and Path(model).resolve().is_relative_to(root):
+        declared.append(Path(model).resolve().relative_to(root).as_posix())
+    return labels(root, shlex.join(["python", "-m", "video_infinity.demo.evaluate", *argv]), declared,
+                  machine_info=machine)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -174,10 +166,14 @@ def main(argv: list[str] | None = None) -> int:
                         help="with --continuity: run config for the joint video (prompt, frames, sampler replaced)")
     parser.add_argument("--out-dir", type=Path, default=Path("outputs/continuity"),
                         help="with --continuity: where both videos go")
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")  # a script's own
     torch.set_num_threads(args.threads)
     from ..pipeline import VideoInfinityPipeline
+    from .provenance import machine
+
+    started_on = machine()  # the load average before the run, not after it
 
     from . import resolve_model
 
@@ -193,7 +189,8 @@ def main(argv: list[str] | None = None) -> int:
                   f"{report['median_step']:.2f} px, border jumps {[round(j, 2) for j in report['border_jumps']]} "
                   f"(max / median step {report['border_ratio']:.2f})", flush=True)
         if args.json is not None:
-            args.json.write_text(json.dumps(result, indent=2, default=str) + "\n")
+            args.json.write_text(json.dumps({"model": given, **_provenance(argv, args.model, CONTINUITY_MEASURES, started_on),
+                                             **result}, indent=2, default=str) + "\n")
         return 0
     pipe = VideoInfinityPipeline.from_pretrained(args.model, device=args.device)
     results = []
@@ -210,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
         write_png(args.sheet, videos_sheet(results[-1]["videos"]))
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"model": given, **_provenance(), "results": [
+        args.json.write_text(json.dumps({"model": given, **_provenance(argv, args.model, machine=started_on), "results": [
             {k: v for k, v in r.items() if k != "videos"} for r in results]}, indent=2, default=str) + "\n")
     return 0
 
