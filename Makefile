@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 # index serves for the platform (see docs/install.md: set PIP_INDEX_URL for the CPU-only wheel).
 CPU_TORCH := torch==2.13.0
 
-.PHONY: install test test-fast demo demo-wan serve docs clean
+.PHONY: install test test-fast demo demo-wan serve docs bench-cpu clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -57,6 +57,14 @@ serve: install
 docs: install
 	@$(BIN)/python -c "import mkdocs, material" 2>/dev/null || $(BIN)/pip install --quiet -e ".[docs]"
 	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
+
+# Every CPU result under benchmarks/results/ regenerated in sequence, about 29 minutes on 2 cores
+# (benchmarks/bench_cpu.py --list: each run's arguments and estimate; GPU results and the long demo
+# evaluations are run separately). Each result records its commit, machine, command line, environment
+# and the files it measures: commit the code first, run this on a quiet machine, then commit the results.
+bench-cpu: install
+	@$(BIN)/python -c "import matplotlib" 2>/dev/null || $(BIN)/pip install --quiet -e ".[bench]"
+	$(ENV) $(BIN)/python benchmarks/bench_cpu.py
 
 clean:
 	rm -rf $(VENV) .make-install.stamp build dist site src/*.egg-info
