@@ -11,8 +11,8 @@ dots or spaces in double quotes; an optional last word ``*N`` or ``/N`` scales t
 into the text's unit. The quoted figure is the last number before the marker; it must equal the
 scaled value to the decimals shown (``1.4e-6``: to the mantissa's decimals). A marker in backticks
 is an example, not a tie. Scanned: the docs
-pages, README.md and benchmarks/README.md. (Whether a result file is older than the code it
-measures is not checked here: most result files do not yet record their commit.)
+pages, README.md and benchmarks/README.md. Whether a result file is older than the code it measures
+is checked by tests/test_results_labels.py.
 """
 
 from __future__ import annotations
