@@ -24,8 +24,8 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULTS = Path(os.environ.get("VIDEO_INFINITY_BENCH_RESULTS") or ROOT / "benchmarks" / "results").resolve()
 """Where results go; the variable points a check of a script elsewhere (the committed files stay)."""
 
-# What the figures depend on, by part (``write_result``'s ``measures``; files the writing process
-# imported are added to them). Folders stand for every file in them.
+# What the figures depend on, by part (``write_result``'s ``measures``; the other repository files the
+# run imported are listed apart, as ``imported``). Folders stand for every file in them.
 ENGINE_CORE = ("src/video_infinity/engine", "src/video_infinity/parallel.py", "src/video_infinity/config.py",
                "src/video_infinity/presets.py", "src/video_infinity/context.py", "src/video_infinity/frames.py",
                "src/video_infinity/families/__init__.py", "src/video_infinity/families/base.py")
@@ -142,9 +142,9 @@ def write_result(name: str, payload: dict[str, Any], measures: Sequence[str],
                  labels: dict[str, Any] | None = None) -> Path:
     """Write ``RESULTS/<name>.json`` atomically, labelled (see ``video_infinity.demo.provenance``): commit,
     time, command line, machine (``payload["machine"]`` if given: it holds the load average at the
-    start), environment knobs, and ``measures``: the calling script, ``measures`` (files or folders
-    relative to the repository root), and the repository files this process and its ``run_ranks``
-    processes imported. ``labels`` replaces the label fields (a merge of results measured elsewhere).
+    start), environment knobs, ``measures``: the calling script and ``measures`` (files or folders
+    relative to the repository root), and ``imported``: the other repository files this process and
+    its ``run_ranks`` processes imported. ``labels`` replaces the label fields (a merge of results measured elsewhere).
     Returns the path."""
     from video_infinity.demo.provenance import labels as make_labels
 

@@ -37,9 +37,10 @@ import numpy as np
 from _common import PIPELINE, PROBE, WAN_ENGINE, command_line, machine, setup_logging, write_result
 
 logger = logging.getLogger("dit_settings")
-MEASURES = (*WAN_ENGINE, *PIPELINE, *PROBE, "src/video_infinity/demo/__init__.py", "src/video_infinity/demo/data.py",
-            "src/video_infinity/demo/weights_wan")
-"""The Wan engine and pipeline, the probe that judges the videos, and the trained demo-wan weights."""
+MEASURES = (*(m for m in WAN_ENGINE if m != "src/video_infinity/presets.py"), *PIPELINE, *PROBE,
+            "src/video_infinity/demo/__init__.py", "src/video_infinity/demo/data.py", "src/video_infinity/demo/weights_wan")
+"""The Wan engine and pipeline, the probe that judges the videos, and the trained demo-wan weights; not
+the presets: every setting compared is spelled out below (the ``wan`` preset is chosen from this result)."""
 LABELS = ("commit", "written", "command", "machine", "environment", "measures", "uncommitted_measures")
 """A result's label fields (``_common.write_result``)."""
 

@@ -121,24 +121,27 @@ def continuity(pipe: Any, model: str, config_file: Path, prompt: str, total_fram
 
 
 MEASURES = ("src/video_infinity/demo/evaluate.py", "src/video_infinity/demo/__init__.py", "src/video_infinity/demo/data.py",
-            "src/video_infinity/demo/probe.py")
-"""What every evaluation depends on besides the model and the modules it imported (added at writing)."""
+            "src/video_infinity/demo/probe.py", "src/video_infinity/pipeline.py", "src/video_infinity/denoise.py",
+            "src/video_infinity/noise.py", "src/video_infinity/schedulers.py", "src/video_infinity/prompts.py",
+            "src/video_infinity/engine", "src/video_infinity/families/base.py", "src/video_infinity/families/folder.py")
+"""What every evaluation depends on besides the model's folder and its family's package (added at writing):
+the sampling loop, the engine and the probe that judges the videos."""
 CONTINUITY_MEASURES = ("src/video_infinity/cli.py", "src/video_infinity/run")
 """--continuity makes its joint video with the command line, in processes of its own."""
 
 
 def _provenance(argv: list[str], model: str | Path | None, extra: tuple[str, ...] = (),
-                machine: dict[str, Any] | None = None) -> dict[str, Any]:
+                machine: dict[str, Any] | None = None, family: str | None = None) -> dict[str, Any]:
     """The result's labels (:mod:`video_infinity.demo.provenance`): the command, when, the checkout's
     commit (if the package runs from one), the machine, the environment knobs, and ``measures``: this
-    module, the model's folder when it is in the repository (the embedded weights), ``extra`` and the
-    repository files the run imported. ``machine``: as described when the run started."""
+    module and the sampling code, the model's folder when it is in the repository (the embedded weights),
+    its ``family``'s package, and ``extra``. ``machine``: as described when the run started."""
     import shlex
 
     from .provenance import labels, repository_root
 
     root = repository_root()
-    declared = list(MEASURES + extra)
+    declared = list(MEASURES + extra) + ([f"src/video_infinity/families/{family}"] if family else [])
     if root is not None and model is not None and Path(model).resolve().is_relative_to(root):
         declared.append(Path(model).resolve().relative_to(root).as_posix())
     return labels(root, shlex.join(["python", "-m", "video_infinity.demo.evaluate", *argv]), declared,
@@ -189,7 +192,8 @@ def main(argv: list[str] | None = None) -> int:
                   f"{report['median_step']:.2f} px, border jumps {[round(j, 2) for j in report['border_jumps']]} "
                   f"(max / median step {report['border_ratio']:.2f})", flush=True)
         if args.json is not None:
-            args.json.write_text(json.dumps({"model": given, **_provenance(argv, args.model, CONTINUITY_MEASURES, started_on),
+            args.json.write_text(json.dumps({"model": given, **_provenance(argv, args.model, CONTINUITY_MEASURES, started_on,
+                                                                      pipe.family.name),
                                              **result}, indent=2, default=str) + "\n")
         return 0
     pipe = VideoInfinityPipeline.from_pretrained(args.model, device=args.device)
@@ -207,7 +211,8 @@ def main(argv: list[str] | None = None) -> int:
         write_png(args.sheet, videos_sheet(results[-1]["videos"]))
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"model": given, **_provenance(argv, args.model, machine=started_on), "results": [
+        args.json.write_text(json.dumps({"model": given, **_provenance(argv, args.model, machine=started_on,
+                                                                      family=pipe.family.name), "results": [
             {k: v for k, v in r.items() if k != "videos"} for r in results]}, indent=2, default=str) + "\n")
     return 0
 

@@ -82,18 +82,27 @@ def imported_files(root: Path) -> set[str]:
     return found
 
 
-def measured_files(root: Path | None, declared: Iterable[str], extra: Iterable[str] = ()) -> list[str]:
-    """``declared`` (files or folders relative to ``root``; each must exist) plus ``extra`` and the files
-    this process imported, minus those a declared folder holds already: what the figures depend on."""
-    declared = [str(p).rstrip("/") for p in declared]
+def measured_files(root: Path | None, declared: Iterable[str]) -> list[str]:
+    """``declared``: files or folders relative to ``root`` (each must exist), what the figures depend on.
+
+    Declared, not every file the run imported: an import (the CLI, the web UI, a docstring's module)
+    is not a dependence of a timing or a memory figure, and counting it would mark every result
+    stale at every commit. ``imported`` in the labels lists the rest, for the record."""
+    declared = sorted({str(p).rstrip("/") for p in declared})
+    if root is not None:
+        missing = [p for p in declared if not (root / p).exists()]
+        if missing:
+            raise ValueError(f"measures: {missing} not in the repository at {root}")
+    return declared
+
+
+def other_imports(root: Path | None, measures: Sequence[str], extra: Iterable[str] = ()) -> list[str]:
+    """The repository files this process (and ``extra``: its ranks') imported that ``measures`` does
+    not cover: informational."""
     if root is None:
-        return sorted(set(declared))
-    missing = [p for p in declared if not (root / p).exists()]
-    if missing:
-        raise ValueError(f"measures: {missing} not in the repository at {root}")
-    folders = [p for p in declared if (root / p).is_dir()]
-    found = set(declared) | ((imported_files(root) | set(extra)) - set(NOT_MEASURED))
-    return sorted(p for p in found if p in declared or not any(p.startswith(f + "/") for f in folders))
+        return []
+    found = (imported_files(root) | set(extra)) - set(NOT_MEASURED)
+    return sorted(p for p in found if p not in measures and not any(p.startswith(f + "/") for f in measures))
 
 
 def cpu_model() -> str:
@@ -144,7 +153,7 @@ def labels(root: Path | None, command: str, declared: Iterable[str], extra: Iter
            machine_info: dict[str, Any] | None = None) -> dict[str, Any]:
     """The label fields of a result file (``machine_info``: the machine as recorded at the start of
     the run, with its load average then; measured now otherwise)."""
-    measures = measured_files(root, declared, extra)
+    measures = measured_files(root, declared)
     return {
         "commit": commit(root),
         "written": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
@@ -153,4 +162,5 @@ def labels(root: Path | None, command: str, declared: Iterable[str], extra: Iter
         "environment": environment(),
         "measures": measures,
         "uncommitted_measures": uncommitted(root, measures) if root is not None else None,
+        "imported": other_imports(root, measures, extra),
     }
