@@ -26,16 +26,20 @@ install: .make-install.stamp
 
 ENV := HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 
-# Serially: the command-line tests start rank processes whose launcher picks a free port, and two
-# pytest workers made two launchers race for one (EADDRINUSE, seen once in two runs).
-test: install
-	$(ENV) $(BIN)/python -m pytest -q tests
+# Two pytest-xdist workers, a test file each at a time (module fixtures built once), one BLAS/OpenMP
+# thread per process: serially the suite kept one of the two cores idle most of the time. Tests that
+# need two threads per rank set them (the conformance suite's two_threads_per_rank). Launchers running
+# at once are safe: each holds its rendezvous port from the start (run/supervise.rendezvous_socket,
+# tests/test_reliability.py starts two runs on one master_port).
+PYTEST_PARALLEL := OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(ENV) $(BIN)/python -m pytest -q -n 2 --dist loadfile
 
-# The unit tests only (one process, in-process calls; pytest -m unit): two pytest-xdist workers, a
-# test file each at a time, one BLAS/OpenMP thread per process (two workers each spinning two
-# threads on two cores ran some tests 50x slower, an observation not kept in a result file).
+test: install
+	$(PYTEST_PARALLEL) tests
+
+# The unit tests only (one process, in-process calls; pytest -m unit), as make test runs them (one
+# thread per process: two workers each spinning two threads on two cores ran some tests 50x slower).
 test-fast: install
-	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(ENV) $(BIN)/python -m pytest -q -n 2 --dist loadfile -m unit tests
+	$(PYTEST_PARALLEL) -m unit tests
 
 # The demo video, its JSON sidecar, a contact sheet (PNG grid of frames) and the quality probe's report.
 demo: install
