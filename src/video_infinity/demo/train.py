@@ -506,12 +506,7 @@ def train_unet(out: Path, minutes: float, seed: int, resume: bool, batch: int = 
                     out / "ema" / f"ema_{step:06d}.pt")
         logger.info("unet: checkpoint at step %d (%.1f min trained)", step, trained_seconds / 60)
 
-    loss_csv = out / "loss.csv"
-    new_csv = not loss_csv.exists()
-    csv_file = open(loss_csv, "a", newline="")
-    writer = csv.writer(csv_file)
-    if new_csv:
-        writer.writerow(("step", "trained_seconds", "loss", "lr"))
+    loss_log = LossLog(out)
 
     session_start = time.perf_counter()
     last_ckpt = last_eval = time.perf_counter()
@@ -586,8 +581,7 @@ def train_unet(out: Path, minutes: float, seed: int, resume: bool, batch: int = 
             if step % log_every == 0:
                 mean = float(np.mean(window_loss))
                 window_loss.clear()
-                writer.writerow((step, round(trained_seconds, 1), f"{mean:.5f}", f"{current_lr:.2e}"))
-                csv_file.flush()
+                loss_log.row(step, trained_seconds, mean, current_lr)
                 logger.info("unet step %d  loss %.4f (ema %.4f)  %.2f s/step  %.1f min trained", step, mean, running,
                             time.perf_counter() - t0, trained_seconds / 60)
             now = time.perf_counter()
@@ -600,7 +594,27 @@ def train_unet(out: Path, minutes: float, seed: int, resume: bool, batch: int = 
                 last_eval = time.perf_counter()
     finally:
         save()
-        csv_file.close()
+        loss_log.close()
+
+
+class LossLog:
+    """``out/loss.csv`` (step, trained seconds, mean loss, learning rate), appended to across resumes
+    and flushed every row, so that a killed run's curve is on disk up to its last row."""
+
+    def __init__(self, out: Path) -> None:
+        path = out / "loss.csv"
+        new = not path.exists()
+        self._file = open(path, "a", newline="")
+        self._writer = csv.writer(self._file)
+        if new:
+            self._writer.writerow(("step", "trained_seconds", "loss", "lr"))
+
+    def row(self, step: int, trained_seconds: float, loss: float, lr: float) -> None:
+        self._writer.writerow((step, round(trained_seconds, 1), f"{loss:.5f}", f"{lr:.2e}"))
+        self._file.flush()
+
+    def close(self) -> None:
+        self._file.close()
 
 
 def record_eval(out: Path, model: str, step: int, trained_seconds: float, result: dict[str, Any]) -> None:

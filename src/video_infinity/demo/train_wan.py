@@ -40,8 +40,8 @@ import torch
 import torch.nn.functional as F
 
 from . import data
-from .train import (EVAL_PROMPTS, WHOLE_WINDOW_ENGINE, Ema, _terminate, install_folder, record_eval, save_atomic,
-                    to_pixels)
+from .train import (EVAL_PROMPTS, WHOLE_WINDOW_ENGINE, Ema, LossLog, _terminate, install_folder, record_eval,
+                    save_atomic, to_pixels)
 
 logger = logging.getLogger("video_infinity.demo.train_wan")
 
@@ -400,12 +400,7 @@ def train_transformer(out: Path, minutes: float, seed: int, resume: bool, batch:
                     _checkpoint(out))
         logger.info("transformer: checkpoint at step %d", step)
 
-    loss_csv = out / "loss.csv"
-    new_csv = not loss_csv.exists()
-    csv_file = open(loss_csv, "a", newline="")
-    writer = csv.writer(csv_file)
-    if new_csv:
-        writer.writerow(("step", "trained_seconds", "loss", "lr"))
+    loss_log = LossLog(out)
     session_start = last_ckpt = last_eval = time.perf_counter()
     window_loss: list[float] = []
     try:
@@ -456,8 +451,7 @@ def train_transformer(out: Path, minutes: float, seed: int, resume: bool, batch:
             trained_seconds += time.perf_counter() - t0
             window_loss.append(loss.item())
             if step % 25 == 0:
-                writer.writerow((step, round(trained_seconds, 1), f"{np.mean(window_loss):.5f}", f"{current_lr:.2e}"))
-                csv_file.flush()
+                loss_log.row(step, trained_seconds, float(np.mean(window_loss)), current_lr)
                 logger.info("transformer step %d  loss %.4f  %.2f s/step  %.1f min trained", step,
                             np.mean(window_loss), time.perf_counter() - t0, trained_seconds / 60)
                 window_loss.clear()
@@ -471,7 +465,7 @@ def train_transformer(out: Path, minutes: float, seed: int, resume: bool, batch:
                 last_eval = time.perf_counter()
     finally:
         save()
-        csv_file.close()
+        loss_log.close()
 
 
 # --------------------------------------------------------------------------------------------------
