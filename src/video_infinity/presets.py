@@ -1,14 +1,19 @@
 """Named engine settings per model family: ``EngineConfig.model_validate(PRESETS[name])``.
 
 ``wan`` (Wan2.1 / Wan2.2 text-to-video, counted in latent frames): Wan2.1 was trained on 81-frame
-clips, i.e. 21 latent frames attended jointly. The preset keeps every query's key set at 21 latent
-frames: its own frame, 8 on each side (``padding`` 8: 17 local frames) and 4 global frames spread
-over the whole video (``top_k`` 4), so the number of keys per query, and hence the softmax's
-spread, is the one the model was trained with (``token_num_scale`` stays off). The phase biases
-are the method's published ones (favour the global frames while t >= 800, the local window below;
-Wan's flow-matching timesteps also run 0..1000). Unverified here: the output quality of real Wan
-weights under these settings (no weights can be downloaded where this is built); note that global
-frames farther than 20 latent frames away sit at rotary distances the model never saw in training.
+clips, i.e. 21 latent frames attended jointly. A query frame at least 8 latent frames from both
+ends of the video sees its own frame and 8 on each side (``padding`` 8: 17 local frames) plus the 4
+global frames spread over the whole video (``top_k`` 4) when they lie outside that window: at most
+21 latent frames, the trained number of keys per query (``token_num_scale`` stays off). Near the
+ends the window is clipped and a global frame inside it is not counted twice, so there a query sees
+fewer. The phase biases are the method's published ones (favour the global frames while t >= 800,
+the local window below; Wan's flow-matching timesteps also run 0..1000). Global frames stay fixed
+and rotary distances unclipped (``rotary_clip`` None): on the trained demo-wan model neither
+rotating global frames nor clipping the distance to the trained range changed prompt following or
+continuity beyond the spread of 8 seeds at 129 and 257 frames, and clipping cost 27-31% more time
+(``benchmarks/results/dit_settings.json``); that model follows prompts weakly, so the choice is
+open to a re-measure on stronger weights. Unverified here: real Wan weights under these settings
+(none can be downloaded where this is built).
 """
 
 from __future__ import annotations
