@@ -107,6 +107,37 @@ def test_a_quoted_figure_equals_its_result_file(page, line, file, path, scale, b
     assert _matches(last.group(), value), f"{page}:{line}: the text says {last.group()}, {file} {path} holds {value}"
 
 
+TABLE = re.compile(r"<!--\s*table:\s*(\S+\.json)\s*-->\n+((?:\|.*\|\n?)+)")
+TABLE_MAKERS = {"dit_settings.json": ("dit_settings.py", "results")}
+"""Result files whose docs quote a whole table, marked ``<!-- table: FILE.json -->`` right above it:
+the script that wrote the file prints the table with its ``table`` function from this key's value."""
+TABLES = [(str(page.relative_to(ROOT)), m.group(1), m.group(2)) for page in PAGES
+          for m in TABLE.finditer(page.read_text())]
+
+
+def _script(name: str):
+    import importlib.util
+    import sys
+
+    folder = str(ROOT / "benchmarks")
+    sys.path.insert(0, folder)  # the scripts import _common from their folder
+    try:
+        spec = importlib.util.spec_from_file_location(f"docs_table_{Path(name).stem}", ROOT / "benchmarks" / name)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+    finally:
+        sys.path.remove(folder)
+
+
+@pytest.mark.parametrize("page,file,shown", TABLES, ids=[f"{t[0]}:{t[1]}" for t in TABLES])
+def test_a_quoted_table_is_the_one_its_result_file_prints(page, file, shown):
+    assert file in TABLE_MAKERS, f"{page}: no table maker for {file} (TABLE_MAKERS)"
+    script, key = TABLE_MAKERS[file]
+    expected = _script(script).table(json.loads((RESULTS / file).read_text())[key])
+    assert shown.strip() == expected.strip(), f"{page}: the table differs from {file} (print it: benchmarks/{script})"
+
+
 def test_the_comparison_respects_the_rounding_shown():
     assert _matches("0.85", 0.8466) and not _matches("0.84", 0.8466)
     assert _matches("1,024", 1024) and _matches("70", 70.35) and not _matches("71", 70.35)
