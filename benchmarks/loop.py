@@ -62,7 +62,8 @@ def _one(config: Path, seed: int, loop: bool, out_dir: Path, overrides: list[str
     wall = time.perf_counter() - started
     sidecar = json.loads((out_dir / f"{name}.json").read_text())
     report = json.loads(_cli("inspect", str(out_dir / f"{name}.mp4"), "--ranks", str(sidecar["world_size"]), "--json",
-                             "--contact-sheet", str(out_dir / f"{name}.png")))
+                             # this benchmark's own sheets from an earlier run are replaced, as the videos are
+                             "--contact-sheet", str(out_dir / f"{name}.png"), "--overwrite"))
     return {"seed": seed, "loop": loop, "wall_s": round(wall, 1), "world_size": sidecar["world_size"],
             "frames": report["frames"], "direction": report["direction"], "median_step": report["median_step"],
             "wrap_jump": report["wrap_jump"], "wrap_ratio": report["wrap_ratio"],

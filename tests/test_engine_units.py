@@ -106,6 +106,35 @@ def test_dual_scope_attention_matches_dense_masked_softmax(padding, top_k, token
         assert torch.equal(part, whole[..., clip.start:clip.stop, :])
 
 
+@pytest.mark.parametrize("total", [64, 256])
+def test_split_invariant_rank_attends_only_near_its_clip(monkeypatch, total):
+    """With the default block size a rank's attention work does not grow with the video: a clip of
+    16 aligned frames computes 16 query rows, whatever the video's length (with 64-frame blocks, every
+    rank of a 64-frame video computed 64 rows, 48 of them zeros)."""
+    rows = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def counting(q, k, v, **kwargs):
+        rows.append((q.shape[-2], k.shape[-2]))
+        return sdpa(q, k, v, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", counting)
+    config = AttentionConfig()
+    chunk = config.query_chunk(split_invariant=True)
+    assert chunk == 16 and config.query_chunk(split_invariant=False) == 64
+    assert AttentionConfig(query_chunk_size=8).query_chunk(split_invariant=True) == 8
+    padding, top_k = config.padding, config.top_k
+    clip = range(16, 32)
+    keys = window(clip, padding, padding, total)
+    q = torch.randn(2, 1, len(clip), 4)
+    k, v = (torch.randn(2, 1, len(keys), 4) for _ in range(2))
+    kg, vg = (torch.randn(2, 1, top_k, 4) for _ in range(2))
+    dual_scope_attention(q, k, v, kg, vg, query_frames=clip, key_frames=keys, total_frames=total, padding=padding,
+                         scale=0.5, chunk_size=chunk, split_invariant=True)
+    assert sum(r for r, _ in rows) == len(clip)
+    assert max(key_rows for _, key_rows in rows) == len(clip) + 2 * padding + top_k
+
+
 def test_phase_biases_follow_the_timestep():
     cfg = AttentionConfig(local_phase={"t": 800, "local_biase": 10, "global_biase": 1},
                           global_phase={"t": 700, "local_biase": 2, "global_biase": 10})

@@ -68,8 +68,12 @@ class AttentionConfig(_Strict):
     """Original key: shrink the number of global frames with the timestep (top_k * t / 1000)."""
     top_k_chunk_size: int | None = Field(default=None, ge=1)
     """Original key, accepted for compatibility; it had no effect there either."""
-    query_chunk_size: int = Field(default=64, ge=1)
-    """Query frames processed at once; bounds attention memory, which stays linear in frames."""
+    query_chunk_size: int | None = Field(default=None, ge=1)
+    """Query frames per attention call; bounds attention memory, which stays linear in frames. None:
+    64 with fused kernels (one call covers a usual clip), 16 split-invariant: there the calls are
+    blocks aligned to the video and a rank computes every block its clip touches, rows it does not
+    own as zeros, so a block longer than the clip costs the rank memory and work for frames it does
+    not own (with 64, a 16-frame clip of a 64-frame video computed all 64 rows)."""
     rotary_clip: int | None = Field(default=None, ge=1)
     """Models with rotary positions (Wan) only, in latent frames: a query of latent frame q sees a key
     of latent frame k at the temporal rotary distance clamp(k - q, -rotary_clip, rotary_clip) (sign
@@ -104,6 +108,12 @@ class AttentionConfig(_Strict):
         if self.dynamic_attn_tokens:
             return int(self.top_k * max(0.0, min(timestep, 1000.0)) / 1000.0)
         return self.top_k
+
+    def query_chunk(self, split_invariant: bool) -> int:
+        """Query frames per attention call in the given mode (``query_chunk_size``, or its default)."""
+        if self.query_chunk_size is not None:
+            return self.query_chunk_size
+        return 16 if split_invariant else 64
 
 
 def rotary_clip_refusal(family: str) -> str:

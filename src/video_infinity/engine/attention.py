@@ -351,7 +351,7 @@ class DualScopeAttnProcessor(TemporalAttnProcessor):
             local_bias=call.local_bias,
             global_bias=call.global_bias,
             token_num_scale=config.token_num_scale,
-            chunk_size=config.query_chunk_size,
+            chunk_size=config.query_chunk(call.split_invariant),
             split_invariant=call.split_invariant,
             loop=call.loop,
         )

@@ -153,7 +153,7 @@ class WindowedMotionAttnProcessor(TemporalAttnProcessor):
         options = dict(scale=attn.scale * self.config.attn_scale, local_bias=call.local_bias,
                        global_bias=call.global_bias, token_num_scale=self.config.token_num_scale, split_invariant=exact)
         heads = _Heads(attn, hidden_states.shape[0])
-        per_block = max(1, self.config.query_chunk_size // windows.block_frames) if not exact else 1
+        per_block = max(1, self.config.query_chunk(exact) // windows.block_frames) if not exact else 1
         outputs = []
         for first in range(blocks.start, blocks.stop, per_block):
             group = range(first, min(first + per_block, blocks.stop))

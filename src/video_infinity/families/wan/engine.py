@@ -346,8 +346,8 @@ class WanDualScopeAttnProcessor(TemporalAttnProcessor):
         whole_window = not loop and max(left, right) >= total - 1
         attend = dict(total_frames=total, padding=config.padding, scale=head_dim**-0.5 * config.attn_scale,
                       local_bias=call.local_bias, global_bias=call.global_bias, token_num_scale=config.token_num_scale,
-                      chunk_size=config.query_chunk_size if whole_window else 1, split_invariant=call.split_invariant,
-                      loop=loop, tokens_per_frame=tokens)
+                      chunk_size=config.query_chunk(call.split_invariant) if whole_window else 1,
+                      split_invariant=call.split_invariant, loop=loop, tokens_per_frame=tokens)
 
         def split(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             """(batch, frames, tokens, heads, 2d) -> keys (batch, frames*tokens, heads, d) and values."""
