@@ -13,12 +13,17 @@ scaled value to the decimals shown (``1.4e-6``: to the mantissa's decimals). A m
 is an example, not a tie. Scanned: the docs
 pages, README.md and benchmarks/README.md. Whether a result file is older than the code it measures
 is checked by tests/test_results_labels.py.
+
+After re-running benchmarks, ``python tests/test_docs_figures.py --refresh`` rewrites each tied
+figure that disagrees with its file (same decimals and thousands separators) and prints every
+change with its page and line: the prose around a figure is not checked, so read each one.
 """
 
 from __future__ import annotations
 
 import json
 import re
+import sys
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -144,3 +149,48 @@ def test_the_comparison_respects_the_rounding_shown():
     assert _matches("1.4e-6", 1.430511474609375e-06) and not _matches("1.5e-6", 1.430511474609375e-06)
     assert _matches("1.000", 1.0) and not _matches("1.000", 1.0006)
     assert _path('models."Wan2.1 480x832".calls') == ["models", "Wan2.1 480x832", "calls"]
+
+
+def _formatted(shown: str, value: float) -> str:
+    """``value`` written as ``shown`` is: its decimals (or mantissa decimals) and thousands separators."""
+    if "e" in shown.lower():
+        mantissa = shown.lower().split("e")[0]
+        return f"{value:.{len(mantissa.split('.')[1]) if '.' in mantissa else 0}e}".replace("e-0", "e-").replace("e+0", "e")
+    decimals = len(shown.split(".")[1]) if "." in shown else 0
+    return f"{value:{',' if ',' in shown else ''}.{decimals}f}"
+
+
+def refresh() -> int:
+    """Rewrite the tied figures that disagree with their result files; returns how many changed."""
+    changed = 0
+    for page in PAGES:
+        text = page.read_text()
+        edits, previous = [], 0
+        for match in MARKER.finditer(text):
+            if text[match.start() - 1: match.start()] == "`":
+                continue
+            words = match.group(2).rsplit(" ", 1)
+            scale = words[1] if len(words) == 2 and re.fullmatch(r"[*/]\d+(?:\.\d+)?", words[1]) else None
+            value = _lookup(json.loads((RESULTS / match.group(1)).read_text()), _path(words[0] if scale else match.group(2)))
+            if scale:
+                value = value * float(scale[1:]) if scale[0] == "*" else value / float(scale[1:])
+            numbers = list(NUMBER.finditer(text, previous, match.start()))
+            previous = match.end()
+            if not numbers or _matches(numbers[-1].group(), value):
+                continue
+            last = numbers[-1]
+            edits.append((last.start(), last.end(), _formatted(last.group(), value)))
+            print(f"{page.relative_to(ROOT)}:{text.count(chr(10), 0, last.start()) + 1}: {last.group()} -> {edits[-1][2]}"
+                  f"  ({match.group(1)} {match.group(2)})")
+        for start, end, new in reversed(edits):
+            text = text[:start] + new + text[end:]
+        if edits:
+            page.write_text(text)
+            changed += len(edits)
+    return changed
+
+
+if __name__ == "__main__":
+    if sys.argv[1:] != ["--refresh"]:
+        sys.exit("usage: python tests/test_docs_figures.py --refresh")
+    print(f"{refresh()} figures rewritten")
