@@ -34,7 +34,7 @@ ENV := HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 PYTEST_PARALLEL := OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(ENV) $(BIN)/python -m pytest -q -n 2 --dist loadfile
 
 test: install
-	$(PYTEST_PARALLEL) tests
+	$(PYTEST_PARALLEL) --durations=15 tests
 
 # The unit tests only (one process, in-process calls; pytest -m unit), as make test runs them (one
 # thread per process: two workers each spinning two threads on two cores ran some tests 50x slower).
