@@ -91,6 +91,8 @@ RUNS: tuple[Run, ...] = (
          "--threads", "2", "--json", "benchmarks/results/demo_wan_eval.json", "--sheet",
          "benchmarks/results/demo_wan_eval.png"), ("demo_wan_eval.json", "demo_wan_eval.png"), 105, group="extra",
         note="the demo-wan model's prompt following, 48 prompts (101 s on 12-03); re-made with each new demo-wan weights"),
+    Run("demo_runs", ("benchmarks/demo_runs.py",), ("demo_runs.json",), 70, group="extra",
+        note="make demo and make demo-wan as a user runs them: wall time and the probe's report"),
     Run("dit_settings", ("benchmarks/dit_settings.py",), ("dit_settings.json",), 2900, group="extra",
         note="the DiT engine's settings on demo-wan, an issue of its own; in one process (the estimate: twice the 24 min of "
              "its run split over 2 one-thread processes, then --merge, as its docstring shows)"),
