@@ -26,12 +26,13 @@ install: .make-install.stamp
 
 ENV := HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 
-# Two pytest-xdist workers, a test file each at a time (module fixtures built once), one BLAS/OpenMP
+# Two pytest-xdist workers, a test file each at a time (module fixtures built once; the longest files
+# first, in the order tests/conftest.py sets, so that both workers finish together), one BLAS/OpenMP
 # thread per process: serially the suite kept one of the two cores idle most of the time. Tests that
 # need two threads per rank set them (the conformance suite's two_threads_per_rank). Launchers running
 # at once are safe: each holds its rendezvous port from the start (run/supervise.rendezvous_socket,
 # tests/test_reliability.py starts two runs on one master_port).
-PYTEST_PARALLEL := OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(ENV) $(BIN)/python -m pytest -q -n 2 --dist loadfile
+PYTEST_PARALLEL := OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(ENV) $(BIN)/python -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder
 
 test: install
 	$(PYTEST_PARALLEL) --durations=15 tests
