@@ -14,14 +14,12 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 
-# --no-compile: pip would byte-compile every installed module (torch, transformers, gradio: tens of
-# thousands) up front; Python compiles the ones a run imports, once, on first use.
 .make-install.stamp: $(BIN)/python pyproject.toml
 	@if ! command -v nvidia-smi >/dev/null 2>&1 && ! $(BIN)/python -c "import torch" 2>/dev/null; then \
 		echo "no GPU found: installing $(CPU_TORCH) (the build your package index serves for this platform)"; \
-		$(BIN)/pip install --quiet --no-compile "$(CPU_TORCH)"; \
+		$(BIN)/pip install --quiet "$(CPU_TORCH)"; \
 	fi
-	$(BIN)/pip install --quiet --no-compile -e ".[test,ui]"
+	$(BIN)/pip install --quiet -e ".[test,ui]"
 	@touch $@
 
 install: .make-install.stamp
