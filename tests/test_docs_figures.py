@@ -21,9 +21,12 @@ change with its page and line: the prose around a figure is not checked, so read
 
 from __future__ import annotations
 
+import functools
 import json
+import logging
 import re
 import sys
+from collections.abc import Iterator
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -33,6 +36,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 PAGES = sorted((ROOT / "docs").rglob("*.md")) + [ROOT / "README.md", ROOT / "benchmarks" / "README.md"]
+logger = logging.getLogger("docs_figures")
 MARKER = re.compile(r"<!--\s*fig:\s*(\S+\.json)\s+(.*?)\s*-->", re.S)
 NUMBER = re.compile(r"(?<![\w.])-?\d{1,3}(?:,\d{3})+(?:\.\d+)?(?:e-?\d+)?|(?<![\w.])-?\d+(?:\.\d+)?(?:e-?\d+)?")
 NEAR = 40
@@ -61,21 +65,40 @@ def _lookup(data: Any, path: list[str]) -> Any:
     return data
 
 
+def _ties(text: str) -> Iterator[tuple[re.Match[str], str, str | None, int]]:
+    """Each marker of ``text`` that ties a figure: (the marker's match, its JSON path, its scale or
+    None, where the text before it starts: the end of the previous such marker)."""
+    previous = 0
+    for match in MARKER.finditer(text):
+        if text[match.start() - 1: match.start()] == "`":  # a marker shown as code, e.g. in prose about markers
+            continue
+        words = match.group(2).rsplit(" ", 1)
+        scale = words[1] if len(words) == 2 and re.fullmatch(r"[*/]\d+(?:\.\d+)?", words[1]) else None
+        yield match, words[0] if scale else match.group(2), scale, previous
+        previous = match.end()
+
+
+@functools.cache
+def _result(file: str) -> Any:
+    return json.loads((RESULTS / file).read_text())
+
+
+def _value(file: str, path: str, scale: str | None) -> Any:
+    """The JSON's value at ``path``, scaled into the text's unit (a value that is no number: as it is)."""
+    value = _lookup(_result(file), _path(path))
+    if scale and isinstance(value, (int, float)) and not isinstance(value, bool):
+        value = value * float(scale[1:]) if scale[0] == "*" else value / float(scale[1:])
+    return value
+
+
 def _markers() -> list[tuple[str, int, str, str, str | None, str]]:
     """(page, line, file, path, scale, the text between the previous marker and this one)."""
     found = []
     for page in PAGES:
         text = page.read_text()
-        previous = 0
-        for match in MARKER.finditer(text):
-            if text[match.start() - 1: match.start()] == "`":  # a marker shown as code, e.g. in prose about markers
-                continue
-            words = match.group(2).rsplit(" ", 1)
-            scale = words[1] if len(words) == 2 and re.fullmatch(r"[*/]\d+(?:\.\d+)?", words[1]) else None
-            path = words[0] if scale else match.group(2)
+        for match, path, scale, previous in _ties(text):
             found.append((str(page.relative_to(ROOT)), text.count("\n", 0, match.start()) + 1, match.group(1),
                           path, scale, text[previous: match.start()]))
-            previous = match.end()
     return found
 
 
@@ -100,11 +123,8 @@ def _matches(shown: str, value: float) -> bool:
 @pytest.mark.parametrize("page,line,file,path,scale,before", MARKERS,
                          ids=[f"{m[0]}:{m[1]}" for m in MARKERS])
 def test_a_quoted_figure_equals_its_result_file(page, line, file, path, scale, before):
-    data = json.loads((RESULTS / file).read_text())
-    value = _lookup(data, _path(path))
+    value = _value(file, path, scale)
     assert isinstance(value, (int, float)) and not isinstance(value, bool), f"{file} {path}: {value!r} is no number"
-    if scale:
-        value = value * float(scale[1:]) if scale[0] == "*" else value / float(scale[1:])
     numbers = list(NUMBER.finditer(before))
     assert numbers, f"{page}:{line}: no figure before the marker"
     last = numbers[-1]
@@ -165,23 +185,16 @@ def refresh() -> int:
     changed = 0
     for page in PAGES:
         text = page.read_text()
-        edits, previous = [], 0
-        for match in MARKER.finditer(text):
-            if text[match.start() - 1: match.start()] == "`":
-                continue
-            words = match.group(2).rsplit(" ", 1)
-            scale = words[1] if len(words) == 2 and re.fullmatch(r"[*/]\d+(?:\.\d+)?", words[1]) else None
-            value = _lookup(json.loads((RESULTS / match.group(1)).read_text()), _path(words[0] if scale else match.group(2)))
-            if scale:
-                value = value * float(scale[1:]) if scale[0] == "*" else value / float(scale[1:])
-            numbers = list(NUMBER.finditer(text, previous, match.start()))
-            previous = match.end()
+        edits = []
+        for match, path, scale, previous in _ties(text):
+            value = _value(match.group(1), path, scale)
+            numbers = list(NUMBER.finditer(text[previous: match.start()]))  # as the test reads them
             if not numbers or _matches(numbers[-1].group(), value):
                 continue
-            last = numbers[-1]
-            edits.append((last.start(), last.end(), _formatted(last.group(), value)))
-            print(f"{page.relative_to(ROOT)}:{text.count(chr(10), 0, last.start()) + 1}: {last.group()} -> {edits[-1][2]}"
-                  f"  ({match.group(1)} {match.group(2)})")
+            start, end = previous + numbers[-1].start(), previous + numbers[-1].end()
+            edits.append((start, end, _formatted(numbers[-1].group(), value)))
+            logger.info("%s:%d: %s -> %s  (%s %s)", page.relative_to(ROOT), text.count("\n", 0, start) + 1,
+                        numbers[-1].group(), edits[-1][2], match.group(1), match.group(2))
         for start, end, new in reversed(edits):
             text = text[:start] + new + text[end:]
         if edits:
@@ -193,4 +206,5 @@ def refresh() -> int:
 if __name__ == "__main__":
     if sys.argv[1:] != ["--refresh"]:
         sys.exit("usage: python tests/test_docs_figures.py --refresh")
-    print(f"{refresh()} figures rewritten")
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logger.info("%d figures rewritten", refresh())
