@@ -36,7 +36,7 @@ def _one(config: Path, out_dir: Path) -> dict:
     wall = time.perf_counter() - started
     sidecar = json.loads((out_dir / f"{name}.json").read_text())
     report = json.loads(_cli("inspect", str(out_dir / f"{name}.mp4"), "--ranks", str(sidecar["world_size"]), "--json"))
-    row = {"config": _repository_path(config)[0] if _repository_path(config) else str(config), "wall_s": round(wall, 1),
+    row = {"config": next(iter(_repository_path(config)), str(config)), "wall_s": round(wall, 1),
            "denoise_and_decode_s": sidecar.get("seconds"), "world_size": sidecar["world_size"],
            "model": sidecar.get("model"), "seed": sidecar.get("seed"), "frames": report["frames"],
            "found_frames": report["found_frames"], "found_share": report["found_frames"] / report["frames"],
