@@ -19,8 +19,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from _cli_runs import cli, free_port, repository_path
 from _common import CLI, DEMO_MODEL, PIPELINE, PROBE, UNET3D_ENGINE, WAN_ENGINE, machine, setup_logging, write_result
-from loop import _cli, _free_port, _repository_path
 
 logger = logging.getLogger("demo_runs")
 MEASURES = (*UNET3D_ENGINE, *WAN_ENGINE, *PIPELINE, *DEMO_MODEL, "src/video_infinity/demo/weights_wan", *PROBE, *CLI)
@@ -32,11 +32,11 @@ CONFIGS = [ROOT / "examples" / "cpu_demo.json", ROOT / "examples" / "cpu_demo_wa
 def _one(config: Path, out_dir: Path) -> dict:
     name = config.stem
     started = time.perf_counter()
-    _cli("generate", "--config", str(config), "--set", f"base_path={out_dir}", "--set", f"master_port={_free_port()}")
+    cli("generate", "--config", str(config), "--set", f"base_path={out_dir}", "--set", f"master_port={free_port()}")
     wall = time.perf_counter() - started
     sidecar = json.loads((out_dir / f"{name}.json").read_text())
-    report = json.loads(_cli("inspect", str(out_dir / f"{name}.mp4"), "--ranks", str(sidecar["world_size"]), "--json"))
-    row = {"config": next(iter(_repository_path(config)), str(config)), "wall_s": round(wall, 1),
+    report = json.loads(cli("inspect", str(out_dir / f"{name}.mp4"), "--ranks", str(sidecar["world_size"]), "--json"))
+    row = {"config": next(iter(repository_path(config)), str(config)), "wall_s": round(wall, 1),
            "denoise_and_decode_s": sidecar.get("seconds"), "world_size": sidecar["world_size"],
            "model": sidecar.get("model"), "seed": sidecar.get("seed"), "frames": report["frames"],
            "found_frames": report["found_frames"], "found_share": report["found_frames"] / report["frames"],
@@ -59,7 +59,7 @@ def main() -> None:
     write_result(args.name, {"what": "the example configs as make demo / make demo-wan run them (CLI, 2 CPU ranks): "
                                      "wall time from start to exit and the probe's report",
                              "machine": info, "runs": rows},
-                 [*MEASURES, *(p for config in args.configs for p in _repository_path(config))])
+                 [*MEASURES, *(p for config in args.configs for p in repository_path(config))])
 
 
 if __name__ == "__main__":

@@ -18,12 +18,10 @@ import argparse
 import json
 import logging
 import statistics
-import subprocess
-import sys
-import socket
 import time
 from pathlib import Path
 
+from _cli_runs import cli, free_port, repository_path
 from _common import CLI, DEMO_MODEL, PIPELINE, PROBE, UNET3D_ENGINE, machine, setup_logging, write_result
 
 logger = logging.getLogger("loop")
@@ -32,36 +30,16 @@ MEASURES = (*UNET3D_ENGINE, *PIPELINE, *DEMO_MODEL, *PROBE, *CLI)
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _cli(*args: str) -> str:
-    done = subprocess.run([sys.executable, "-m", "video_infinity.cli", *args], capture_output=True, text=True)
-    if done.returncode != 0:
-        raise RuntimeError(f"video-infinity {' '.join(args)} failed ({done.returncode}): {done.stderr[-2000:]}")
-    return done.stdout
-
-
-def _repository_path(path: Path) -> list[str]:
-    """``path`` relative to the repository root, if it lies in it (a measured file), else nothing."""
-    resolved = path.resolve()
-    return [resolved.relative_to(ROOT).as_posix()] if resolved.is_relative_to(ROOT) else []
-
-
-def _free_port() -> int:
-    # Other jobs on a shared machine may take the config's port between the launcher's check and its bind.
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _one(config: Path, seed: int, loop: bool, out_dir: Path, overrides: list[str]) -> dict:
     name = f"seed{seed}_{'loop' if loop else 'no_loop'}"
     started = time.perf_counter()
-    _cli("generate", "--config", str(config), "--overwrite", "--set", f"seed={seed}",
+    cli("generate", "--config", str(config), "--overwrite", "--set", f"seed={seed}",
          "--set", f"plugin_configs.loop={json.dumps(loop)}", "--set", f"base_path={out_dir}",
-         "--set", f"pipe_configs.file_name={name}", "--set", f"master_port={_free_port()}",
+         "--set", f"pipe_configs.file_name={name}", "--set", f"master_port={free_port()}",
          *[arg for item in overrides for arg in ("--set", item)])
     wall = time.perf_counter() - started
     sidecar = json.loads((out_dir / f"{name}.json").read_text())
-    report = json.loads(_cli("inspect", str(out_dir / f"{name}.mp4"), "--ranks", str(sidecar["world_size"]), "--json",
+    report = json.loads(cli("inspect", str(out_dir / f"{name}.mp4"), "--ranks", str(sidecar["world_size"]), "--json",
                              # this benchmark's own sheets from an earlier run are replaced, as the videos are
                              "--contact-sheet", str(out_dir / f"{name}.png"), "--overwrite"))
     return {"seed": seed, "loop": loop, "wall_s": round(wall, 1), "world_size": sidecar["world_size"],
@@ -110,7 +88,7 @@ def main() -> None:
                                                                 if args.config.is_relative_to(ROOT) else args.config),
                             "overrides": args.overrides,
                             "pipe_configs": config["pipe_configs"], "plugin_configs": config["plugin_configs"],
-                            "videos": rows, "summary": summary}, [*MEASURES, *_repository_path(args.config)])
+                            "videos": rows, "summary": summary}, [*MEASURES, *repository_path(args.config)])
 
 
 if __name__ == "__main__":

@@ -33,7 +33,8 @@ RESULTS = BENCHMARKS / "results"
 FILES = sorted(RESULTS.glob("*.json"))
 PAGES = sorted((ROOT / "docs").rglob("*.md")) + [ROOT / "README.md", BENCHMARKS / "README.md"]
 REQUIRED = ("commit", "written", "command", "machine", "measures")
-SCRIPTS = sorted(p for p in BENCHMARKS.glob("*.py") if p.name not in ("_common.py", "bench_cpu.py"))
+SCRIPTS = sorted(p for p in BENCHMARKS.glob("*.py") if not p.name.startswith("_") and p.name != "bench_cpu.py")
+"""The benchmarks (``_*.py``: their shared helpers; ``bench_cpu.py`` runs them)."""
 
 
 def _load(path: Path) -> dict[str, Any]:

@@ -153,7 +153,9 @@ class WindowedMotionAttnProcessor(TemporalAttnProcessor):
         options = dict(scale=attn.scale * self.config.attn_scale, local_bias=call.local_bias,
                        global_bias=call.global_bias, token_num_scale=self.config.token_num_scale, split_invariant=exact)
         heads = _Heads(attn, hidden_states.shape[0])
-        per_block = max(1, self.config.query_chunk(exact) // windows.block_frames) if not exact else 1
+        # Split-invariant: one window block per call, whatever the clip holds besides (its rows then do
+        # not depend on the split); fused: as many blocks as the query chunk holds.
+        per_block = 1 if exact else max(1, self.config.query_chunk(False) // windows.block_frames)
         outputs = []
         for first in range(blocks.start, blocks.stop, per_block):
             group = range(first, min(first + per_block, blocks.stop))
