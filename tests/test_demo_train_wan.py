@@ -71,11 +71,27 @@ def test_training_latents_are_the_pipelines_scale(run):
     vae = AutoencoderKLWan.from_pretrained(run / "vae").eval()
     clips = torch.load(run / "latents.pt")
     colour, shape, direction = clips["classes"][int(clips["labels"][0])]
-    spec = data.random_spec(np.random.default_rng(2), [(colour, shape, direction)])  # encode_clips' first draw
+    spec = train_wan.random_spec(np.random.default_rng(2), [(colour, shape, direction)])  # encode_clips' first draw
+    assert train_wan.clip_speed(clips) == spec.speed == train_wan.SPEED
     with torch.no_grad():
         encoded = vae.encode(train_wan.video_tensor(data.render(spec, 33, trail=data.TRAIL)[None])).latent_dist.mode()
     restored = denormalize_wan_latents(vae, clips["latents"][:1].float())
     assert torch.allclose(restored, encoded, atol=5e-3 * encoded.abs().max().item())  # float16 storage
+    with pytest.raises(SystemExit, match=r"moving 2 px a frame, not --speed 4: .* pass --speed 2"):
+        train_wan.encode_clips(run, 1, seed=0, speed=4.0)  # stored clips at another speed are never mixed in
+
+
+@pytest.mark.parametrize("speed", [1.0, 2.0, 3.0])
+def test_training_clips_move_at_the_chosen_speed(speed):
+    """The Wan demo's shapes move ``speed`` px a frame from the same start as data's draw; the trail
+    stays behind the shape."""
+    from video_infinity.demo.probe import analyse
+
+    spec = train_wan.random_spec(np.random.default_rng(3), [("blue", "square", "up")], speed)
+    drawn = data.random_spec(np.random.default_rng(3), [("blue", "square", "up")])
+    assert (spec.x0, spec.y0, spec.direction) == (drawn.x0, drawn.y0, drawn.direction)
+    report = analyse(data.render(spec, 17, trail=data.TRAIL))
+    assert report.direction == "up" and report.velocity[1] == pytest.approx(-speed, abs=0.1)
 
 
 def test_training_prompt_embeddings_are_the_pipelines(run):

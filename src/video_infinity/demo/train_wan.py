@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import json
 import logging
 import shutil
@@ -75,6 +76,12 @@ TRANSFORMER_CONFIG: dict[str, Any] = dict(
     out_channels=LATENT_CHANNELS, text_dim=TEXT_DIM, freq_dim=64, ffn_dim=512, num_layers=4, cross_attn_norm=True,
     qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=1024,
 )
+SPEED = 2.0
+"""Pixels a frame the shapes move in this model's videos: half the UNet3D demo's :data:`data.SPEED`.
+The VAE packs 4 frames into a latent frame, so at 4 px a frame the 16-px shape moved its own width
+between latent frames, a quarter of the 64-px wrap: from latent positions alone, right and left are
+one sequence played forwards and backwards. The model trained at that speed moved the shape along the
+prompt's axis but often the wrong way (up read as down in 8 of 12 prompts)."""
 CLIP_FRAMES = 33
 """Frames per training clip (9 latent frames)."""
 WINDOWS = (5, 9)
@@ -83,6 +90,23 @@ WINDOWS = (5, 9)
 
 # --------------------------------------------------------------------------------------------------
 # Building blocks
+
+
+@dataclasses.dataclass(frozen=True)
+class Spec(data.VideoSpec):
+    """A :class:`data.VideoSpec` whose shape moves ``speed`` pixels a frame (its trail keeps its lag in
+    frames)."""
+
+    speed: float = SPEED
+
+    def centre(self, frame: float) -> tuple[float, float]:
+        return super().centre(frame * self.speed / data.SPEED)
+
+
+def random_spec(rng: np.random.Generator, classes: list[tuple[str, str, str]] | None = None,
+                speed: float = SPEED) -> Spec:
+    """:func:`data.random_spec`'s draw (the same random numbers) at ``speed``."""
+    return Spec(**dataclasses.asdict(data.random_spec(rng, classes)), speed=speed)
 
 
 def new_tokenizer() -> Any:
@@ -171,7 +195,8 @@ def _decode_unclamped(vae: Any, z: torch.Tensor) -> torch.Tensor:
 
 
 def train_vae(out: Path, minutes: float, seed: int, batch: int = 4, frames: int = 9, shape_weight: float = 10.0,
-              scale_clips: int = 32, max_steps: int | None = None, lr: float = 5e-4, init: Path | None = None) -> None:
+              scale_clips: int = 32, max_steps: int | None = None, lr: float = 5e-4, init: Path | None = None,
+              speed: float = SPEED) -> None:
     """Train the autoencoder deterministically (the posterior's mode is decoded): sampled latents, with
     the posterior's initial unit variance, drowned the encoder's signal and the decoder learned the
     background only (a grey frame tinted by the clip's colour after 268 steps). 9-frame clips: the
@@ -192,7 +217,7 @@ def train_vae(out: Path, minutes: float, seed: int, batch: int = 4, frames: int 
     start = time.perf_counter()
     step, running, rows = 0, None, []
     while time.perf_counter() - start < minutes * 60 and (max_steps is None or step < max_steps):
-        specs = [data.random_spec(rng) for _ in range(batch)]
+        specs = [random_spec(rng, speed=speed) for _ in range(batch)]
         offsets = rng.integers(0, 16, size=batch)
         clips = np.stack([data.render(s, frames, int(t), trail=data.TRAIL) for s, t in zip(specs, offsets)])
         masks = np.stack([data.shape_mask(s, frames, int(t), trail=data.TRAIL) for s, t in zip(specs, offsets)])
@@ -215,8 +240,9 @@ def train_vae(out: Path, minutes: float, seed: int, batch: int = 4, frames: int 
             rows.append((step, round(time.perf_counter() - start, 1), running))
     vae.eval()
     with torch.no_grad():
-        clips, _ = data.batch(np.random.default_rng(seed + 1), scale_clips, frames, trail=data.TRAIL)
-        x = video_tensor(clips)
+        rng = np.random.default_rng(seed + 1)
+        x = video_tensor(np.stack([data.render(random_spec(rng, speed=speed), frames, trail=data.TRAIL)
+                                   for _ in range(scale_clips)]))
         latents = vae.encode(x).latent_dist.mode()
         mean, std = latents.mean(dim=(0, 2, 3, 4)), latents.std(dim=(0, 2, 3, 4))
         err = float((vae.decode(latents).sample - x).abs().mean() * 127.5)
@@ -236,11 +262,15 @@ def train_vae(out: Path, minutes: float, seed: int, batch: int = 4, frames: int 
 # Stage 2: training clips as normalised latents
 
 
-def encode_clips(out: Path, clips_per_class: int, seed: int, frames: int = CLIP_FRAMES) -> None:
-    """Encode ``clips_per_class`` clips of every class (``starts``: each clip's object centre in frame 0,
-    pixels, for the counterfactual targets)."""
+def encode_clips(out: Path, clips_per_class: int, seed: int, frames: int = CLIP_FRAMES, speed: float = SPEED) -> None:
+    """Encode ``clips_per_class`` clips of every class moving ``speed`` pixels a frame (``starts``: each
+    clip's object centre in frame 0, pixels, for the counterfactual targets)."""
     path = out / "latents.pt"
     if path.exists():
+        stored = clip_speed(torch.load(path))
+        if stored != speed:
+            raise SystemExit(f"{path} holds clips moving {stored:g} px a frame, not --speed {speed:g}: "
+                             f"use another --out, or pass --speed {stored:g}")
         logger.info("latents: %s exists, skipping", path)
         return
     from ..families.wan.vae import normalize_wan_latents
@@ -252,7 +282,7 @@ def encode_clips(out: Path, clips_per_class: int, seed: int, frames: int = CLIP_
     start = time.perf_counter()
     with torch.no_grad():
         for k in range(clips_per_class):
-            specs = [data.random_spec(rng, [c]) for c in classes]
+            specs = [random_spec(rng, [c], speed) for c in classes]
             starts.extend((spec.x0, spec.y0) for spec in specs)
             for first in range(0, len(specs), 12):
                 group = specs[first:first + 12]
@@ -262,8 +292,13 @@ def encode_clips(out: Path, clips_per_class: int, seed: int, frames: int = CLIP_
             labels.extend(range(len(classes)))
             logger.info("latents: %d/%d clips per class, %.0f s", k + 1, clips_per_class, time.perf_counter() - start)
     save_atomic({"latents": torch.stack(latents), "labels": torch.tensor(labels), "classes": classes,
-                 "starts": torch.tensor(starts)}, path)
+                 "starts": torch.tensor(starts), "speed": speed}, path)
     logger.info("latents: %d clips in %.0f s", len(labels), time.perf_counter() - start)
+
+
+def clip_speed(clips: dict[str, Any]) -> float:
+    """Pixels a frame of stored training clips (those written before the speed was stored: data.SPEED)."""
+    return float(clips.get("speed", data.SPEED))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -353,7 +388,7 @@ def train_transformer(out: Path, minutes: float, seed: int, resume: bool, batch:
     class_index = {c: i for i, c in enumerate(classes)}
     members = [torch.nonzero(labels_all == i).flatten() for i in range(len(classes))]
     partner = torch.tensor([[class_index[(c, sh, d)] for d in data.DIRECTIONS] for c, sh, _d in classes])
-    velocity = torch.tensor([data.DIRECTIONS[d] for _c, _s, d in classes]) * data.SPEED  # (x, y) px per frame
+    velocity = torch.tensor([data.DIRECTIONS[d] for _c, _s, d in classes]) * clip_speed(clips)  # (x, y) px a frame
     latent_pixel = data.SIZE / latents_all.shape[-1]
     tokenizer = new_tokenizer()
     text_encoder = new_text_encoder(tokenizer, seed)
@@ -517,6 +552,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--vae-init", type=Path, default=None, help="continue training this VAE folder")
     parser.add_argument("--vae-frames", type=int, default=9, help="frames per VAE training clip (1 + 4k)")
     parser.add_argument("--clips-per-class", type=int, default=24)
+    parser.add_argument("--speed", type=float, default=SPEED,
+                        help=f"pixels a frame the shapes move in the VAE's and the transformer's clips (default {SPEED:g})")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--lr", type=float, default=3e-4)
     parser.add_argument("--ema-decay", type=float, default=0.999)
@@ -540,9 +577,9 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     if args.stage in ("all", "vae"):
         train_vae(args.out, args.vae_minutes, args.seed, scale_clips=args.vae_scale_clips, max_steps=args.vae_max_steps,
-                  init=args.vae_init, frames=args.vae_frames)
+                  init=args.vae_init, frames=args.vae_frames, speed=args.speed)
     if args.stage in ("all", "latents"):
-        encode_clips(args.out, args.clips_per_class, args.seed)
+        encode_clips(args.out, args.clips_per_class, args.seed, speed=args.speed)
     if args.stage in ("all", "transformer"):
         train_transformer(args.out, args.minutes, args.seed, args.resume, batch=args.batch, lr=args.lr,
                           ema_decay=args.ema_decay, checkpoint_minutes=args.checkpoint_minutes,
