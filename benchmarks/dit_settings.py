@@ -11,7 +11,7 @@ direction twice in 8 seeds). Per setting and length, averaged over the seeds:
 * the largest step of the object anywhere / its median step (a jump anywhere in the video), and the
   same at the borders of a 2-rank and a 4-rank split (the engine's result does not depend on the
   split; these are where a naive split would break);
-* motion: the object's median step (pixels per frame; training clips move 4) and the mean absolute
+* motion: the object's median step (pixels per frame; the shipped model's last training clips move 2) and the mean absolute
   change between consecutive frames (0..255): a frozen video scores ~0 on both, however continuous;
 * wall time per video (this machine, one process).
 

@@ -38,8 +38,9 @@ def test_every_stage_writes_its_output_and_resumes(run):
     assert clips["latents"].shape == (len(data.all_classes()), train_wan.LATENT_CHANNELS, 9, latent, latent)
     assert torch.load(run / "checkpoint.pt", weights_only=False)["step"] == 3
     done = _train("--out", str(run), "--stage", "transformer", "--resume", "--max-steps", "5", "--batch", "2",
-                  "--counterfactual", "1", "--counterfactual-sigma", "0")
+                  "--counterfactual", "1", "--counterfactual-sigma", "0", "--window-start", "first")
     assert done.returncode == 0, done.stderr[-3000:]
+    assert "moving 2 px a frame, windows (5, 9) starting at the first latent frame" in done.stderr
     assert torch.load(run / "checkpoint.pt", weights_only=False)["step"] == 5
     with pytest.raises(SystemExit, match="exists: pass --resume"):  # in-process: no third interpreter start
         train_wan.train_transformer(run, minutes=1, seed=0, resume=False, max_steps=6)

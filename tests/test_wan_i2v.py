@@ -195,6 +195,18 @@ def test_images_a_model_cannot_take_are_refused_in_one_line(tmp_path):
     ti2v.check_inputs("a cat", **call)
 
 
+@pytest.mark.unit
+def test_a_pipeline_whose_transformer_channels_fit_no_image_mode_is_refused_in_one_line():
+    """``from_pipe`` judges a loaded pipeline by the rule a folder's config files are judged by."""
+    reference = build_tiny_wan_i2v_pipeline("a14b")
+    denoiser = reference.transformer if reference.transformer is not None else reference.transformer_2
+    outs = denoiser.config.out_channels
+    denoiser.register_to_config(in_channels=outs + 1)
+    with pytest.raises(ValueError, match=rf"^WanImageToVideoPipeline: transformer in_channels {outs + 1} is not "
+                                         rf"out_channels {outs} \+ 4 mask channels \+ {outs} image latent channels$"):
+        VideoInfinityPipeline.from_pipe(reference)
+
+
 # ----------------------------------------------------------------------------------- ranks
 def _band_worker(rank: int, world_size: int, folders: dict) -> dict:
     """Each mode on one rank (a subgroup of rank 0) and on all three."""

@@ -24,24 +24,38 @@ REFUSED = {"WanVACEPipeline": "VACE (video editing and reference conditioning)",
 """Wan pipelines whose conditioning the engine does not carry, refused with one line."""
 
 
-def image_mode(folder: ModelFolder) -> tuple[str | None, str]:
-    """(how the folder's transformer takes a start image: ``"concat"``, ``"first_frame"`` or None; what
-    in the folder says so, or why it cannot run). A folder is judged by what it holds, not only by
-    the class it was saved with: a transformer with more input than output channels takes the
-    image's mask and latents concatenated (Wan2.1 I2V, Wan2.2 A14B I2V); ``expand_timesteps`` (Wan2.2
-    TI2V) puts the image's latents in place of the first latent frame."""
-    config = folder.config("transformer") or folder.config("transformer_2")
-    ins, outs = config.get("in_channels"), config.get("out_channels")
-    if isinstance(ins, int) and isinstance(outs, int) and ins != outs:
-        z_dim = folder.config("vae").get("z_dim", outs)
-        temporal = int(folder.config("vae").get("scale_factor_temporal", 4))
-        if ins != outs + temporal + z_dim:
-            return None, (f"transformer in_channels {ins} is not out_channels {outs} + {temporal} mask channels + "
-                          f"{z_dim} image latent channels")
-        return "concat", f"transformer in_channels {ins} = noise {outs} + mask {temporal} + image latents {z_dim}"
-    if folder.index.get("expand_timesteps"):
+def transformer_image_mode(in_channels: int, out_channels: int, expand_timesteps: bool, z_dim: int,
+                           temporal: int) -> tuple[str | None, str]:
+    """(how a transformer with these channels takes a start image: ``"concat"``, ``"first_frame"`` or
+    None; what says so, or why it cannot run). A transformer with more input than output channels
+    takes the image's mask and latents concatenated (Wan2.1 I2V, Wan2.2 A14B I2V); ``expand_timesteps``
+    (Wan2.2 TI2V) puts the image's latents in place of the first latent frame. One rule for a folder's
+    config files and a pipeline's loaded components."""
+    if in_channels != out_channels:
+        if in_channels != out_channels + temporal + z_dim:
+            return None, (f"transformer in_channels {in_channels} is not out_channels {out_channels} + {temporal} mask "
+                          f"channels + {z_dim} image latent channels")
+        return "concat", f"transformer in_channels {in_channels} = noise {out_channels} + mask {temporal} + image latents {z_dim}"
+    if expand_timesteps:
         return "first_frame", "expand_timesteps"
     return None, ""
+
+
+def image_mode(folder: ModelFolder) -> tuple[str | None, str]:
+    """:func:`transformer_image_mode` of a folder, judged by what it holds, not only by the class it
+    was saved with."""
+    config = folder.config("transformer") or folder.config("transformer_2")
+    ins, outs = config.get("in_channels"), config.get("out_channels")
+    vae = folder.config("vae")
+    if not (isinstance(ins, int) and isinstance(outs, int)):
+        ins = outs = 0
+    return transformer_image_mode(ins, outs, bool(folder.index.get("expand_timesteps")), int(vae.get("z_dim", outs)),
+                                  int(vae.get("scale_factor_temporal", 4)))
+
+
+def clip_image_tokens(image_size: int, patch_size: int) -> int:
+    """Tokens of one image's CLIP embeddings (Wan2.1 I2V): the patches and the class token."""
+    return (int(image_size) // int(patch_size)) ** 2 + 1
 
 
 def detect(folder: ModelFolder) -> FolderFacts | str | None:

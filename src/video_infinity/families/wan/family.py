@@ -22,7 +22,7 @@ from diffusers import AutoencoderKLWan, WanImageToVideoPipeline, WanPipeline, Wa
 from ...context import ClipContext
 from ...engine.comm import broadcast_from_rank0
 from ...images import video_length
-from .detect import image_mode as folder_image_mode
+from .detect import clip_image_tokens, image_mode as folder_image_mode, transformer_image_mode
 from . import vae as wan_vae
 from .vae import latent_frame_count, normalize_wan_latents, stream_wan_clip, video_frame_count
 from ..folder import FolderFacts, ModelFolder
@@ -106,8 +106,8 @@ class WanFamily:
         embed_shape = None
         if folder is not None and folder.has_component("image_encoder"):
             vision = folder.config("image_encoder")
-            tokens = (int(vision.get("image_size", 224)) // int(vision.get("patch_size", 32))) ** 2 + 1  # + class token
-            embed_shape = (tokens, int(vision.get("hidden_size", 768)))
+            embed_shape = (clip_image_tokens(vision.get("image_size", 224), vision.get("patch_size", 32)),
+                           int(vision.get("hidden_size", 768)))
         return cls(
             transformer=first if first is not None else second,
             transformer_2=second if first is not None else None,
@@ -136,16 +136,16 @@ class WanFamily:
         first, second = pipeline.transformer, pipeline.transformer_2
         if first is None:  # Wan2.2 A14B saved with its low-noise expert only
             first, second = second, None
-        mode = None
-        if first.config.in_channels != first.config.out_channels:
-            mode = "concat"
-        elif pipeline.config.expand_timesteps:
-            mode = "first_frame"
+        mode, why = transformer_image_mode(first.config.in_channels, first.config.out_channels,
+                                           bool(pipeline.config.expand_timesteps), pipeline.vae.config.z_dim,
+                                           pipeline.vae.config.scale_factor_temporal)
+        if mode is None and why:
+            raise ValueError(f"{type(pipeline).__name__}: {why}")
         encoder = getattr(pipeline, "image_encoder", None)
         embed_shape = None
         if encoder is not None:
             vision = encoder.config
-            embed_shape = ((vision.image_size // vision.patch_size) ** 2 + 1, vision.hidden_size)
+            embed_shape = (clip_image_tokens(vision.image_size, vision.patch_size), vision.hidden_size)
         return cls(
             transformer=first,
             transformer_2=second,

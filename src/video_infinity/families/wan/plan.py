@@ -23,6 +23,7 @@ import torch
 
 from ...context import ClipContext
 from ...memory import Measurement, measure, parameter_bytes
+from .detect import clip_image_tokens
 
 __all__ = ["clip_stage", "decode_stage", "denoise_stage", "encode_stage", "meta_components", "meta_transformer",
            "step_measure", "text_stage"]
@@ -177,5 +178,5 @@ def clip_stage(folder: Path, images: int) -> tuple[int, Measurement, int]:
     with torch.device("meta"):
         encoder = CLIPVisionModel(config).eval()
     pixels = torch.empty(images, 3, config.image_size, config.image_size, device="meta")
-    tokens = (config.image_size // config.patch_size) ** 2 + 1
+    tokens = clip_image_tokens(config.image_size, config.patch_size)
     return parameter_bytes(encoder), measure(lambda: encoder(pixel_values=pixels, output_hidden_states=True)), tokens
