@@ -89,8 +89,9 @@ WINDOWS = (5, 9)
 WINDOW_STARTS = ("any", "first")
 """Where a training window starts in its clip: at ``any`` latent frame, or at the ``first`` (the causal
 VAE's one-frame latent, as every video the pipeline samples begins). With ``any``, a window's first
-latent frame is a one-frame latent in some steps and a four-frame one in others, and samples of the
-model trained so show a garbled first frame (the suspected cause; ``first`` is not yet measured)."""
+latent frame is a one-frame latent in some steps and a four-frame one in others. Measured on the demo
+weights (12-03): 1,362 steps with ``first`` after 10,694 with ``any`` took the 48-prompt colour accuracy
+from 72.9% to 95.8% (direction 64.6% -> 60.4%); the first frame or two stayed garbled."""
 
 
 # --------------------------------------------------------------------------------------------------
