@@ -81,7 +81,8 @@ SPEED = 2.0
 The VAE packs 4 frames into a latent frame, so at 4 px a frame the 16-px shape moved its own width
 between latent frames, a quarter of the 64-px wrap: from latent positions alone, right and left are
 one sequence played forwards and backwards. The model trained at that speed moved the shape along the
-prompt's axis but often the wrong way (up read as down in 8 of 12 prompts)."""
+prompt's axis but often the opposite way (48 prompts: 16 of 26 wrong directions, "down" going up in 8
+of 12)."""
 CLIP_FRAMES = 33
 """Frames per training clip (9 latent frames)."""
 WINDOWS = (5, 9)
