@@ -84,8 +84,7 @@ def test_training_latents_are_the_pipelines_scale(run):
 
 @pytest.mark.parametrize("speed", [1.0, 2.0, 3.0])
 def test_training_clips_move_at_the_chosen_speed(speed):
-    """The Wan demo's shapes move ``speed`` px a frame from the same start as data's draw; the trail
-    stays behind the shape."""
+    """The Wan demo's shapes move ``speed`` px a frame, from the same start as data's draw."""
     from video_infinity.demo.probe import analyse
 
     spec = train_wan.random_spec(np.random.default_rng(3), [("blue", "square", "up")], speed)
