@@ -396,7 +396,8 @@ def train_transformer(out: Path, minutes: float, seed: int, resume: bool, batch:
     class_index = {c: i for i, c in enumerate(classes)}
     members = [torch.nonzero(labels_all == i).flatten() for i in range(len(classes))]
     partner = torch.tensor([[class_index[(c, sh, d)] for d in data.DIRECTIONS] for c, sh, _d in classes])
-    velocity = torch.tensor([data.DIRECTIONS[d] for _c, _s, d in classes]) * clip_speed(clips)  # (x, y) px a frame
+    speed = clip_speed(clips)
+    velocity = torch.tensor([data.DIRECTIONS[d] for _c, _s, d in classes]) * speed  # (x, y) px a frame
     latent_pixel = data.SIZE / latents_all.shape[-1]
     tokenizer = new_tokenizer()
     text_encoder = new_text_encoder(tokenizer, seed)
@@ -435,7 +436,7 @@ def train_transformer(out: Path, minutes: float, seed: int, resume: bool, batch:
         logger.info("transformer: starting from %s (step %d, %.1f min trained)", init, step, trained_seconds / 60)
     logger.info("transformer: %.2f M parameters, %d clips of %d latent frames moving %g px a frame, windows %s "
                 "starting at %s latent frame, %.1f min", sum(p.numel() for p in transformer.parameters()) / 1e6,
-                len(labels_all), clip_frames, clip_speed(clips), windows, "the first" if window_start == "first" else "any",
+                len(labels_all), clip_frames, speed, windows, "the first" if window_start == "first" else "any",
                 minutes)
 
     def save() -> None:
