@@ -141,6 +141,16 @@ def test_flow_matching_noise_levels_follow_the_schedulers_shift():
     assert torch.allclose(train_wan.shifted_sigmas(torch.linspace(1, 0.1, 10, dtype=torch.float64)), steps, atol=3e-3)
 
 
+def test_learning_rate_warms_up_holds_and_decays_to_zero_over_the_runs_last_minutes():
+    factor = train_wan.lr_factor
+    assert factor(0, 0.0, 100, 30) == pytest.approx(1 / 200) and factor(199, 60.0, 100, 30) == 1.0
+    assert factor(5000, 70 * 60, 100, 30) == 1.0  # the decay begins 30 min before the end
+    assert factor(5000, 85 * 60, 100, 30) == pytest.approx(0.5)
+    assert factor(9000, 100 * 60, 100, 30) == 0.0 and factor(9000, 101 * 60, 100, 30) == 0.0
+    assert factor(9000, 100 * 60, 100, 0) == 1.0  # no decay asked: constant to the end
+    assert factor(10, 99 * 60, 100, 30) == pytest.approx(1 / 30)  # the smaller of warm-up (11/200) and decay
+
+
 def test_clip_starts_replay_the_encoders_draws(run):
     stored = torch.load(run / "latents.pt")["starts"]
     assert torch.equal(train_wan.clip_starts(0, len(stored)), stored)

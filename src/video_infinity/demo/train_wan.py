@@ -373,6 +373,16 @@ def meeting_roll(frame: int, start: torch.Tensor, velocity: torch.Tensor, other_
     return dy, dx
 
 
+def lr_factor(step: int, elapsed_s: float, minutes: float, decay_minutes: float, warmup: int = 200) -> float:
+    """The learning rate's share at ``step``, ``elapsed_s`` seconds into a run of ``minutes``: rising
+    over ``warmup`` steps, then constant, then falling linearly to zero over the run's last
+    ``decay_minutes`` (wall time, as the run's length is; none when 0)."""
+    factor = min(1.0, (step + 1) / warmup)
+    if decay_minutes > 0:
+        factor = min(factor, max(0.0, (minutes * 60 - elapsed_s) / (decay_minutes * 60)))
+    return factor
+
+
 def _checkpoint(out: Path) -> Path:
     return out / "checkpoint.pt"
 
@@ -381,9 +391,10 @@ def train_transformer(out: Path, minutes: float, seed: int, resume: bool, batch:
                       ema_decay: float = 0.999, checkpoint_minutes: float = 5.0, eval_minutes: float = 20.0,
                       max_steps: int | None = None, windows: tuple[int, ...] = WINDOWS, window_start: str = "any",
                       counterfactual: float = 0.0,
-                      counterfactual_sigma: float = 0.85, init: Path | None = None) -> None:
-    """Flow-matching training. ``counterfactual``: the share of captioned samples at noise level
-    sigma >= ``counterfactual_sigma`` whose caption's direction is drawn anew, a clip of that class
+                      counterfactual_sigma: float = 0.85, init: Path | None = None, decay_minutes: float = 0.0) -> None:
+    """Flow-matching training. ``decay_minutes``: the learning rate falls to zero over this run's last
+    so many minutes (:func:`lr_factor`). ``counterfactual``: the share of captioned samples at noise
+    level sigma >= ``counterfactual_sigma`` whose caption's direction is drawn anew, a clip of that class
     rolled to meet the sample's object at the window's first frame being the target (so that there the
     prompt, not the faint motion left in the noise, chooses the direction: what taught the UNet3D demo
     the direction; see ``demo/weights/README.md``)."""
@@ -435,9 +446,9 @@ def train_transformer(out: Path, minutes: float, seed: int, resume: bool, batch:
             step, trained_seconds = done["step"], done["trained_seconds"]
         logger.info("transformer: starting from %s (step %d, %.1f min trained)", init, step, trained_seconds / 60)
     logger.info("transformer: %.2f M parameters, %d clips of %d latent frames moving %g px a frame, windows %s "
-                "starting at %s latent frame, %.1f min", sum(p.numel() for p in transformer.parameters()) / 1e6,
-                len(labels_all), clip_frames, speed, windows, "the first" if window_start == "first" else "any",
-                minutes)
+                "starting at %s latent frame, lr %g (falling to 0 over the last %g min), %.1f min",
+                sum(p.numel() for p in transformer.parameters()) / 1e6, len(labels_all), clip_frames, speed, windows,
+                "the first" if window_start == "first" else "any", lr, decay_minutes, minutes)
 
     def save() -> None:
         save_atomic({"transformer": transformer.state_dict(), "ema_transformer": ema.shadow["transformer"].state_dict(),
@@ -487,7 +498,7 @@ def train_transformer(out: Path, minutes: float, seed: int, resume: bool, batch:
             context = torch.where(drop[:, None, None], empty[None], text[label])
             pred = transformer(noisy, timestep=sigma * 1000, encoder_hidden_states=context, return_dict=False)[0]
             loss = F.mse_loss(pred, target)
-            current_lr = lr * min(1.0, (step + 1) / 200)
+            current_lr = lr * lr_factor(step, time.perf_counter() - session_start, minutes, decay_minutes)
             for group in opt.param_groups:
                 group["lr"] = current_lr
             opt.zero_grad(set_to_none=True)
@@ -570,6 +581,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--lr", type=float, default=3e-4)
     parser.add_argument("--ema-decay", type=float, default=0.999)
+    parser.add_argument("--decay-minutes", type=float, default=0.0,
+                        help="let the learning rate fall linearly to zero over this run's last so many minutes")
     parser.add_argument("--window-start", choices=WINDOW_STARTS, default="any",
                         help="where a training window starts in its clip: any latent frame, or the first")
     parser.add_argument("--counterfactual", type=float, default=0.0,
@@ -601,7 +614,7 @@ def main(argv: list[str] | None = None) -> int:
                           eval_minutes=args.eval_minutes, max_steps=args.max_steps,
                           window_start=args.window_start, counterfactual=args.counterfactual,
                           counterfactual_sigma=args.counterfactual_sigma,
-                          init=args.init)
+                          init=args.init, decay_minutes=args.decay_minutes)
     if args.export is not None and args.stage in ("all", "export"):
         export(args.out, args.export, args.seed)
     return 0
