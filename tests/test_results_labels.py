@@ -4,12 +4,15 @@ Labels (written by ``benchmarks/_common.write_result`` and ``video_infinity.demo
 through ``video_infinity.demo.provenance``): ``commit``, ``written``, ``command``, ``machine`` (CPU
 model and cores; the GPU when there was one), ``environment`` (thread and BLAS knobs) and
 ``measures``: the repository files and folders the figures depend on. A result is stale when
-``git diff <its commit> HEAD -- <measures>`` shows a change, or when it measured uncommitted changes
+``git diff <its commit> HEAD -- <measures>`` shows a change to what runs, or when it measured uncommitted changes
 to them (``uncommitted_measures``; a ``+changes`` commit without that record counts as clean only if
 its measures are unchanged since). ``make bench-cpu`` re-runs every CPU result; a result made on a
 GPU may stay older than its code (no GPU here to re-run it) only when it names the engine it
 measured (``engine_commit``), says so (``stale_note``), and every page quoting it names that commit.
 ``benchmarks/bench_cpu.py``'s ``RUNS`` names the producer of every file under ``results/``.
+"What runs": a Python file whose syntax tree is unchanged once docstrings are dropped (comments and
+docstrings edited) and a Markdown file (a model folder's README: no measured code reads one) do not
+make a result stale; any other change does.
 """
 
 from __future__ import annotations
@@ -87,6 +90,41 @@ def test_a_result_file_says_what_made_it(path):
         assert isinstance(data.get("environment"), dict), f"{path.name}: no environment knobs"
 
 
+def _docstrings_dropped(source: str) -> str:
+    tree = ast.parse(source)
+    for node in ast.walk(tree):
+        body = getattr(node, "body", None)
+        if (isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and body
+                and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant)
+                and isinstance(body[0].value.value, str)):
+            node.body = body[1:] or [ast.Pass()]
+    return ast.dump(tree)
+
+
+def _changes_what_runs(path: str, commit: str) -> bool:
+    """Whether ``path``'s change between ``commit`` and HEAD can change a figure (see the module's doc)."""
+    if path.endswith(".md"):
+        return False
+    if not path.endswith(".py"):
+        return True
+    before, after = _git("show", f"{commit}:{path}"), _git("show", f"HEAD:{path}")
+    if before.returncode or after.returncode:  # added or removed
+        return True
+    try:
+        return _docstrings_dropped(before.stdout) != _docstrings_dropped(after.stdout)
+    except SyntaxError:
+        return True
+
+
+def test_what_runs_ignores_docstrings_and_comments_only():
+    base = 'def f(x):\n    """Old words."""\n    return x + 1  # why\n'
+    assert _docstrings_dropped(base) == _docstrings_dropped('def f(x):\n    """New words."""\n    return x + 1\n')
+    assert _docstrings_dropped(base) == _docstrings_dropped("def f(x):\n    return x + 1\n")
+    assert _docstrings_dropped(base) != _docstrings_dropped('def f(x):\n    """Old words."""\n    return x + 2\n')
+    assert _docstrings_dropped('X = 1\n"""About X."""\n') != _docstrings_dropped("X = 2\n")
+    assert _docstrings_dropped('def f():\n    """Only words."""\n') == _docstrings_dropped("def f():\n    pass\n")
+
+
 def test_no_result_is_older_than_the_code_it_measures():
     if not _has_history():
         pytest.skip("no whole git history (a tarball, a shallow clone): the result files' commits cannot be compared")
@@ -104,7 +142,8 @@ def test_no_result_is_older_than_the_code_it_measures():
         if dirty:
             stale.append(f"{path.name}: measured uncommitted changes to {', '.join(dirty)} (at {commit[:9]})")
             continue
-        changed = _git("diff", "--name-only", commit, "HEAD", "--", *data["measures"]).stdout.split()
+        changed = [p for p in _git("diff", "--name-only", commit, "HEAD", "--", *data["measures"]).stdout.split()
+                   if _changes_what_runs(p, commit)]
         if changed:
             shown = ", ".join(changed[:4]) + (f" and {len(changed) - 4} more" if len(changed) > 4 else "")
             source = " (or before: the commit is from git log)" if "commit_source" in data else ""

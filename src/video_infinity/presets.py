@@ -8,12 +8,13 @@ global frames spread over the whole video (``top_k`` 4) when they lie outside th
 ends the window is clipped and a global frame inside it is not counted twice, so there a query sees
 fewer. The phase biases are the method's published ones (favour the global frames while t >= 800,
 the local window below; Wan's flow-matching timesteps also run 0..1000). Global frames stay fixed
-and rotary distances unclipped (``rotary_clip`` None): on the trained demo-wan model neither
-rotating global frames nor clipping the distance to the trained range changed prompt following or
-continuity beyond the spread of 8 seeds at 129 and 257 frames, and clipping cost 27-31% more time
-(``benchmarks/results/dit_settings.json``); that model follows prompts weakly, so the choice is
-open to a re-measure on stronger weights. Unverified here: real Wan weights under these settings
-(none can be downloaded where this is built).
+and rotary distances unclipped (``rotary_clip`` None), chosen from ``benchmarks/results/dit_settings.json``
+(the trained demo-wan model, 8 seeds, 129 and 257 frames): rotating global frames followed the
+prompt's direction as often as fixed ones (53% against 53% at 129 frames, 36% against 34% at 257),
+clipping the distance to the trained range lost direction at both lengths (31% and 17%) and cost
+25-41% more time, and local attention alone (``top_k`` 0) led at 257 frames only (58%), which one run
+of 8 seeds on a model trained on 9-latent-frame clips does not justify dropping global frames for.
+Unverified here: real Wan weights under these settings (none can be downloaded where this is built).
 """
 
 from __future__ import annotations
