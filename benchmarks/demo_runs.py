@@ -7,7 +7,14 @@ with its sidecar's world size: the share of frames in which the object is found,
 inside clips (px per frame: motion), the largest jump at a clip border over that median step, and
 the direction over the whole video. The seed and every setting are the config's own.
 
+``--seeds N --engines NAME=SETTINGS ...``: instead, the first config over seeds 0..N-1 with each engine
+setting (``plugin_configs``: a preset name or JSON), counting the seeds whose video passes the checks
+the demo is meant to pass: the object found in >= 90% of the frames, moving (median step >= 1 px),
+and no jump at a clip border over 2 median steps (a border where the object is missing fails).
+
     python benchmarks/demo_runs.py [--configs examples/cpu_demo.json examples/cpu_demo_wan.json]
+    python benchmarks/demo_runs.py --configs examples/cpu_demo_wan.json --seeds 12 --name demo_wan_seeds \
+        --engines 'wan="wan"' 'local only={"attn": {"padding": 8, "top_k": 0}}'
 """
 
 from __future__ import annotations
@@ -15,8 +22,10 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import statistics
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 
 from _cli_runs import cli, free_port, repository_path
@@ -29,10 +38,15 @@ ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = [ROOT / "examples" / "cpu_demo.json", ROOT / "examples" / "cpu_demo_wan.json"]
 
 
-def _one(config: Path, out_dir: Path) -> dict:
+FOUND, MOVING, BORDER = 0.9, 1.0, 2.0
+"""The demo's checks: share of frames with the object, median step (px), border jump / median step."""
+
+
+def _one(config: Path, out_dir: Path, overrides: tuple[str, ...] = ()) -> dict:
     name = config.stem
     started = time.perf_counter()
-    cli("generate", "--config", str(config), "--set", f"base_path={out_dir}", "--set", f"master_port={free_port()}")
+    cli("generate", "--config", str(config), "--set", f"base_path={out_dir}", "--set", f"master_port={free_port()}",
+        *(arg for o in overrides for arg in ("--set", o)))
     wall = time.perf_counter() - started
     sidecar = json.loads((out_dir / f"{name}.json").read_text())
     report = json.loads(cli("inspect", str(out_dir / f"{name}.mp4"), "--ranks", str(sidecar["world_size"]), "--json"))
@@ -42,24 +56,73 @@ def _one(config: Path, out_dir: Path) -> dict:
            "found_frames": report["found_frames"], "found_share": report["found_frames"] / report["frames"],
            "colour": report["colour"], "direction": report["direction"], "median_step": report["median_step"],
            "borders": report["borders"], "border_jumps": report["border_jumps"], "border_ratio": report["border_ratio"]}
-    logger.info("%s: %.1f s wall, object in %d of %d frames, median step %.2f px, border jump / median step %.2f",
-                name, wall, row["found_frames"], row["frames"], row["median_step"], row["border_ratio"])
+    logger.info("%s %s: %.1f s wall, object in %d of %d frames, median step %.2f px, border jump / median step %s",
+                name, " ".join(overrides), wall, row["found_frames"], row["frames"], row["median_step"],
+                row["border_ratio"])
     return row
+
+
+def passes(row: dict) -> bool:
+    """The demo's checks on one probed run (a border where the object was not found fails)."""
+    ratio = row["border_ratio"]
+    return (row["found_share"] >= FOUND and row["median_step"] >= MOVING and ratio is not None
+            and ratio <= BORDER)
+
+
+def _seed_sweep(config: Path, seeds: int, engines: dict[str, object], out_dir: Path) -> dict:
+    results = {}
+    for label, engine in engines.items():
+        rows = [_one(config, out_dir, (f"seed={seed}", f"plugin_configs={json.dumps(engine)}")) for seed in range(seeds)]
+        ratios = [r["border_ratio"] for r in rows]
+        results[label] = {"plugin_configs": engine, "summary": {
+            "passing_seeds": [r["seed"] for r in rows if passes(r)],
+            "pass_share": round(sum(map(passes, rows)) / seeds, 4),
+            "border_ratio_median": round(statistics.median(x if x is not None else float("inf") for x in ratios), 4),
+            "border_missing": sum(x is None for x in ratios),
+            "border_ratio_le_2": sum(x is not None and x <= BORDER for x in ratios),
+            "found_share_min": round(min(r["found_share"] for r in rows), 4),
+            "median_step_median": round(statistics.median(r["median_step"] for r in rows), 4),
+            "directions": dict(Counter(r["direction"] for r in rows)),
+            "wall_s_median": statistics.median(r["wall_s"] for r in rows)}, "runs": rows}
+        logger.info("%s: %d of %d seeds pass the demo's checks", label, len(results[label]["summary"]["passing_seeds"]),
+                    seeds)
+    return results
+
+
+def _engine(text: str) -> tuple[str, object]:
+    label, sep, value = text.partition("=")
+    if not sep or not label:
+        raise SystemExit(f"--engines: {text!r} is not NAME=SETTINGS (a preset name in quotes or a JSON object)")
+    return label, json.loads(value)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--configs", type=Path, nargs="+", default=CONFIGS)
     parser.add_argument("--name", default="demo_runs")
+    parser.add_argument("--seeds", type=int, default=None, help="the first config over seeds 0..N-1 (see above)")
+    parser.add_argument("--engines", nargs="+", type=_engine, default=[("config", None)],
+                        help="with --seeds: NAME=SETTINGS, SETTINGS a JSON preset name or object (default: the config's)")
     args = parser.parse_args()
     setup_logging()
     info = machine()
+    measured = [*MEASURES, *(p for config in args.configs for p in repository_path(config))]
+    if args.seeds is not None:
+        config = args.configs[0]
+        engines = {label: engine if engine is not None else json.loads(config.read_text()).get("plugin_configs")
+                   for label, engine in args.engines}
+        with tempfile.TemporaryDirectory(prefix="vi-demo-seeds-") as out:
+            results = _seed_sweep(config, args.seeds, engines, Path(out))
+        write_result(args.name, {"what": f"{config.name} through the CLI over seeds 0..{args.seeds - 1} per engine "
+                                         f"setting: the demo's checks (object in >= {FOUND:.0%} of frames, median step "
+                                         f">= {MOVING:g} px, clip-border jump <= {BORDER:g} median steps)",
+                                 "machine": info, "seeds": args.seeds, "results": results}, measured)
+        return
     with tempfile.TemporaryDirectory(prefix="vi-demo-runs-") as out:
         rows = [_one(config, Path(out)) for config in args.configs]
     write_result(args.name, {"what": "the example configs as make demo / make demo-wan run them (CLI, 2 CPU ranks): "
                                      "wall time from start to exit and the probe's report",
-                             "machine": info, "runs": rows},
-                 [*MEASURES, *(p for config in args.configs for p in repository_path(config))])
+                             "machine": info, "runs": rows}, measured)
 
 
 if __name__ == "__main__":
