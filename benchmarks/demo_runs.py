@@ -71,8 +71,9 @@ def passes(row: dict) -> bool:
 
 def _seed_sweep(config: Path, seeds: int, engines: dict[str, object], out_dir: Path) -> dict:
     results = {}
-    for label, engine in engines.items():
-        rows = [_one(config, out_dir, (f"seed={seed}", f"plugin_configs={json.dumps(engine)}")) for seed in range(seeds)]
+    for number, (label, engine) in enumerate(engines.items()):
+        rows = [_one(config, out_dir / f"{number}-{seed}", (f"seed={seed}", f"plugin_configs={json.dumps(engine)}"))
+                for seed in range(seeds)]  # a folder a run: the config's file name stays
         ratios = [r["border_ratio"] for r in rows]
         results[label] = {"plugin_configs": engine, "summary": {
             "passing_seeds": [r["seed"] for r in rows if passes(r)],
