@@ -10,8 +10,8 @@ its measures are unchanged since). ``make bench-cpu`` re-runs every CPU result; 
 GPU may stay older than its code (no GPU here to re-run it) only when it names the engine it
 measured (``engine_commit``), says so (``stale_note``), and every page quoting it names that commit.
 ``benchmarks/bench_cpu.py``'s ``RUNS`` names the producer of every file under ``results/``.
-"What runs": a Python file whose syntax tree is unchanged once docstrings are dropped (comments and
-docstrings edited) and a Markdown file (a model folder's README: no measured code reads one) do not
+"What runs": a Python file whose syntax tree is unchanged once string statements are dropped (comments,
+docstrings and attribute docstrings edited) and a Markdown file (a model folder's README: no measured code reads one) do not
 make a result stale; any other change does.
 """
 
@@ -91,13 +91,16 @@ def test_a_result_file_says_what_made_it(path):
 
 
 def _docstrings_dropped(source: str) -> str:
+    """``source``'s syntax tree without its string statements (docstrings, attribute docstrings): they
+    compute nothing. Comments are not in the tree."""
     tree = ast.parse(source)
     for node in ast.walk(tree):
-        body = getattr(node, "body", None)
-        if (isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and body
-                and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant)
-                and isinstance(body[0].value.value, str)):
-            node.body = body[1:] or [ast.Pass()]
+        for field in ("body", "orelse", "finalbody"):
+            body = getattr(node, field, None)
+            if isinstance(body, list) and body and isinstance(body[0], ast.stmt):
+                kept = [s for s in body if not (isinstance(s, ast.Expr) and isinstance(s.value, ast.Constant)
+                                                and isinstance(s.value.value, str))]
+                setattr(node, field, kept or [ast.Pass()])
     return ast.dump(tree)
 
 
@@ -121,7 +124,9 @@ def test_what_runs_ignores_docstrings_and_comments_only():
     assert _docstrings_dropped(base) == _docstrings_dropped('def f(x):\n    """New words."""\n    return x + 1\n')
     assert _docstrings_dropped(base) == _docstrings_dropped("def f(x):\n    return x + 1\n")
     assert _docstrings_dropped(base) != _docstrings_dropped('def f(x):\n    """Old words."""\n    return x + 2\n')
+    assert _docstrings_dropped('X = 1\n"""About X."""\n') == _docstrings_dropped('X = 1\n"""About X, reworded."""\n')
     assert _docstrings_dropped('X = 1\n"""About X."""\n') != _docstrings_dropped("X = 2\n")
+    assert _docstrings_dropped('print("a")\n') != _docstrings_dropped('print("b")\n')  # a string that is used
     assert _docstrings_dropped('def f():\n    """Only words."""\n') == _docstrings_dropped("def f():\n    pass\n")
 
 
