@@ -95,8 +95,9 @@ RUNS: tuple[Run, ...] = (
         note="make demo and make demo-wan as a user runs them: wall time and the probe's report"),
     Run("demo_wan_seeds", ("benchmarks/demo_runs.py", "--configs", "examples/cpu_demo_wan.json", "--seeds", "12",
                            "--name", "demo_wan_seeds", "--engines", 'wan="wan"',
-                           'local only={"attn": {"padding": 8, "top_k": 0}}'), ("demo_wan_seeds.json",), 440,
-        group="extra", note="make demo-wan's config over seeds 0-11, the wan preset against local attention only"),
+                           'local only={"attn": {"padding": 8, "top_k": 0}}'), ("demo_wan_seeds.json",), 500,
+        group="extra", note="make demo-wan's config over seeds 0-11, the wan preset against local attention only "
+                            "(24 CLI runs on 2 ranks; 498 s on 12-03)"),
     Run("dit_settings", ("benchmarks/dit_settings.py",), ("dit_settings.json",), 2900, group="extra",
         note="the DiT engine's settings on demo-wan, an issue of its own; in one process (the estimate: twice the 24 min of "
              "its run split over 2 one-thread processes, then --merge, as its docstring shows)"),
