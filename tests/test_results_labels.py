@@ -18,6 +18,7 @@ make a result stale; any other change does.
 from __future__ import annotations
 
 import ast
+import functools
 import importlib.util
 import json
 import re
@@ -104,6 +105,7 @@ def _docstrings_dropped(source: str) -> str:
     return ast.dump(tree)
 
 
+@functools.cache  # many results share a commit and a changed file: read and parse each pair once
 def _changes_what_runs(path: str, commit: str) -> bool:
     """Whether ``path``'s change between ``commit`` and HEAD can change a figure (see the module's doc)."""
     if path.endswith(".md"):
