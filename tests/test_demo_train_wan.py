@@ -172,3 +172,35 @@ def test_a_counterfactual_clip_rolled_by_meeting_roll_meets_the_object(frame):
     (x1, y1), (x2, y2) = track(seen)[0], track(moved)[0]
     gap = [(a - b + data.SIZE / 2) % data.SIZE - data.SIZE / 2 for a, b in ((x1, x2), (y1, y2))]
     assert max(abs(g) for g in gap) <= 2.5  # rounded to whole latent pixels of 4 (a pixel = 4), tracker error aside
+
+
+def test_trimmed_padding_attends_as_the_pipelines_512_tokens():
+    """Training keeps 16 text tokens and weighs the padding it drops into the cross-attention's logits:
+    the transformer's output equals the one on the pipeline's 512-token embeddings (float rounding),
+    for captions and the empty prompt in one batch; without the weight it does not."""
+    tokenizer = train_wan.new_tokenizer()
+    encoder = train_wan.new_text_encoder(tokenizer, seed=0)
+    prompts = [data.caption("red", "circle", "right"), "", data.caption("blue", "triangle", "up")]
+    full = train_wan.encode_prompts(tokenizer, encoder, prompts)
+    assert full.shape[1] == train_wan.MAX_SEQUENCE_LENGTH
+    trimmed, bias = train_wan.trim_padding(full, train_wan.token_counts(tokenizer, prompts))
+    assert trimmed.shape == (3, train_wan.TRAIN_TEXT_TOKENS, train_wan.TEXT_DIM)
+    assert bias[1, 0, 0, 0] == 0 and bias[1, 0, 0, 1] == pytest.approx(np.log(511 / 15))
+    transformer = train_wan.new_transformer(seed=1).eval()
+    torch.manual_seed(2)
+    for block in transformer.blocks:  # away from the initialisation's zeros, so that every path counts
+        for p in block.parameters():
+            p.data.add_(0.05 * torch.randn_like(p))
+    x = torch.randn(3, train_wan.LATENT_CHANNELS, 5, 16, 16)
+    t = torch.tensor([900.0, 400.0, 50.0])
+    with torch.no_grad():
+        expected = transformer(x, timestep=t, encoder_hidden_states=full, return_dict=False)[0]
+        unweighted = transformer(x, timestep=t, encoder_hidden_states=trimmed, return_dict=False)[0]
+        weights = train_wan.PaddingWeight().install(transformer)
+        weights.bias = bias
+        got = transformer(x, timestep=t, encoder_hidden_states=trimmed, return_dict=False)[0]
+    scale = expected.abs().max()
+    assert (got - expected).abs().max() <= 1e-5 * scale
+    assert (unweighted - expected).abs().max() > 1e-3 * scale
+    with pytest.raises(ValueError, match="leaves no padding"):
+        train_wan.trim_padding(full, [16, 1, 7])
