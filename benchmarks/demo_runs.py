@@ -7,7 +7,7 @@ with its sidecar's world size: the share of frames in which the object is found,
 inside clips (px per frame: motion), the largest jump at a clip border over that median step, and
 the direction over the whole video. The seed and every setting are the config's own.
 
-``--seeds N --engines NAME=SETTINGS ...``: instead, the first config over seeds 0..N-1 with each engine
+``--seeds N --engines NAME=SETTINGS ...``: instead, one config (exactly one ``--configs``) over seeds 0..N-1 with each engine
 setting (``plugin_configs``: a preset name or JSON), counting the seeds whose video passes the checks
 the demo is meant to pass: the object found in >= 90% of the frames, moving (median step >= 1 px),
 and no jump at a clip border over 2 median steps (a border where the object is missing fails).
@@ -101,10 +101,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--configs", type=Path, nargs="+", default=CONFIGS)
     parser.add_argument("--name", default="demo_runs")
-    parser.add_argument("--seeds", type=int, default=None, help="the first config over seeds 0..N-1 (see above)")
+    parser.add_argument("--seeds", type=int, default=None, help="one config over seeds 0..N-1 (see above)")
     parser.add_argument("--engines", nargs="+", type=_engine, default=[("config", None)],
                         help="with --seeds: NAME=SETTINGS, SETTINGS a JSON preset name or object (default: the config's)")
     args = parser.parse_args()
+    if args.seeds is not None and (args.seeds < 1 or len(args.configs) != 1):
+        parser.error("--seeds N (N >= 1) sweeps one config: pass exactly one --configs FILE")
+    if args.seeds is None and args.engines != [("config", None)]:
+        parser.error("--engines applies to a --seeds sweep only: add --seeds N")
     setup_logging()
     info = machine()
     measured = [*MEASURES, *(p for config in args.configs for p in repository_path(config))]
