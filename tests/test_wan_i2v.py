@@ -205,6 +205,11 @@ def test_a_pipeline_whose_transformer_channels_fit_no_image_mode_is_refused_in_o
     with pytest.raises(ValueError, match=rf"^WanImageToVideoPipeline: transformer in_channels {outs + 1} is not "
                                          rf"out_channels {outs} \+ 4 mask channels \+ {outs} image latent channels$"):
         VideoInfinityPipeline.from_pipe(reference)
+    denoiser.register_to_config(in_channels=outs)  # fits text-to-video only: a folder so is refused, and so is this
+    assert not reference.config.expand_timesteps
+    with pytest.raises(ValueError, match=r"^WanImageToVideoPipeline: image-to-video, but its transformer takes no "
+                                         r"image \(in_channels = out_channels, no expand_timesteps\)$"):
+        VideoInfinityPipeline.from_pipe(reference)
 
 
 # ----------------------------------------------------------------------------------- ranks

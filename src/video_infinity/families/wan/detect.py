@@ -58,6 +58,10 @@ def clip_image_tokens(image_size: int, patch_size: int) -> int:
     return (int(image_size) // int(patch_size)) ** 2 + 1
 
 
+NO_IMAGE = "image-to-video, but its transformer takes no image (in_channels = out_channels, no expand_timesteps)"
+"""Why a ``WanImageToVideoPipeline`` whose transformer fits no image mode is refused (folder or object)."""
+
+
 def detect(folder: ModelFolder) -> FolderFacts | str | None:
     """Facts of a Wan folder the engine runs (text-to-video; image-to-video in diffusers'
     ``WanImageToVideoPipeline`` modes); what it holds (a refusal) for another Wan pipeline; None if not Wan."""
@@ -70,7 +74,7 @@ def detect(folder: ModelFolder) -> FolderFacts | str | None:
     if mode is None and why:
         return why
     if class_name == "WanImageToVideoPipeline" and mode is None:
-        return "image-to-video, but its transformer takes no image (in_channels = out_channels, no expand_timesteps)"
+        return NO_IMAGE
     transformer = folder.config("transformer") or folder.config("transformer_2")
     image_encoder = folder.has_component("image_encoder")
     if image_encoder != (transformer.get("image_dim") is not None):

@@ -22,7 +22,7 @@ from diffusers import AutoencoderKLWan, WanImageToVideoPipeline, WanPipeline, Wa
 from ...context import ClipContext
 from ...engine.comm import broadcast_from_rank0
 from ...images import video_length
-from .detect import clip_image_tokens, image_mode as folder_image_mode, transformer_image_mode
+from .detect import NO_IMAGE, clip_image_tokens, image_mode as folder_image_mode, transformer_image_mode
 from . import vae as wan_vae
 from .vae import latent_frame_count, normalize_wan_latents, stream_wan_clip, video_frame_count
 from ..folder import FolderFacts, ModelFolder
@@ -139,8 +139,8 @@ class WanFamily:
         mode, why = transformer_image_mode(first.config.in_channels, first.config.out_channels,
                                            bool(pipeline.config.expand_timesteps), pipeline.vae.config.z_dim,
                                            pipeline.vae.config.scale_factor_temporal)
-        if mode is None and why:
-            raise ValueError(f"{type(pipeline).__name__}: {why}")
+        if mode is None and (why or isinstance(pipeline, WanImageToVideoPipeline)):  # as detect() judges a folder
+            raise ValueError(f"{type(pipeline).__name__}: {why or NO_IMAGE}")
         encoder = getattr(pipeline, "image_encoder", None)
         embed_shape = None
         if encoder is not None:
