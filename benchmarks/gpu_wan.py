@@ -160,6 +160,8 @@ def main() -> int:
     parser.add_argument("--target-frames", type=int, default=1025)
     parser.add_argument("--steps", type=int, default=50, help="denoising steps of the extrapolated run (Wan's default)")
     parser.add_argument("--link-gbytes", type=float, default=16.0, help="assumed GB/s each GPU sends to its peers")
+    parser.add_argument("--commit", default=None, help="on a copy without git history: the commit the copy holds "
+                        "(recorded as commit and engine_commit)")
     args = parser.parse_args()
     import torch
 
@@ -238,7 +240,12 @@ def main() -> int:
         logger.info("EXTRAPOLATION: %d frames on %d GPUs, %d steps: %.0f s of denoising (measured %.2f s per call at "
                     "%d latent frames + %.3f s assumed communication per call)", args.target_frames, args.target_gpus,
                     args.steps, total, call, per_rank, communication)
-    write_result("gpu_wan_cpu" if args.cpu else "gpu_wan", result, MEASURES)
+    labels = None
+    if args.commit and not args.cpu:
+        labels = {"commit": args.commit, "engine_commit": args.commit,
+                  "stale_note": f"measured on one {info.get('gpu')} with the engine of {args.commit[:7]}; "
+                                "kept until a GPU re-runs benchmarks/gpu_wan.py"}
+    write_result("gpu_wan_cpu" if args.cpu else "gpu_wan", result, MEASURES, labels)
     return 0
 
 

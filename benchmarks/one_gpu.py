@@ -42,9 +42,10 @@ from __future__ import annotations
 import argparse
 import logging
 import math
+import os
 import statistics
 from contextlib import nullcontext
-from typing import Any
+from typing import Any, NamedTuple
 
 from _common import WAN_ENGINE, interleaved, machine, mib, setup_logging, write_result
 
@@ -256,9 +257,202 @@ def host_section(flops: dict[int, int]) -> dict[str, Any]:
     }
 
 
+GPU_FRAMES = {"Wan2.1-T2V-1.3B 480x832": (81, 321, 1025), "Wan2.2-TI2V-5B 704x1280 (one timestep per token)": (81, 321, 1025)}
+"""Frame counts measured with ``--gpu`` (each: planned, then measured frame-chunked and whole-clip)."""
+SMOKE = dict(num_attention_heads=2, attention_head_dim=16, ffn_dim=64, text_dim=32, freq_dim=16, num_layers=2)
+"""``--smoke``: every width cut, to check the GPU section on CPU (not a measurement)."""
+
+
+class Measured(NamedTuple):
+    peak_bytes: int
+    flops: int
+
+
+def real_transformer(config: dict[str, Any], device: str, dtype: Any):
+    """``WanTransformer3DModel(config)`` with random weights on ``device``, ``dtype`` but for diffusers'
+    float32 modules, as ``from_pretrained(torch_dtype=dtype)`` loads it (and :func:`meta_transformer` builds it)."""
+    import torch
+    from diffusers import WanTransformer3DModel
+
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = WanTransformer3DModel.from_config(config)
+    keep = set(model._keep_in_fp32_modules or [])
+    for name, param in model.named_parameters():
+        param.data = param.data.to(torch.float32 if set(name.split(".")) & keep else dtype)
+    return model.eval().requires_grad_(False)
+
+
+def measured_call(model, latent: tuple[int, int], latent_frames: int, per_token: bool, block_tokens: Any,
+                  device: str, repeats: int) -> dict[str, Any]:
+    """The call :func:`call_measure` plans, run for real: its peak above what was allocated before it
+    (``max_memory_allocated``; ``max_memory_reserved`` beside it: the allocator's caching on top) and
+    its seconds (one untimed call first, then the median of ``repeats``)."""
+    import time
+
+    import torch
+
+    from video_infinity import ClipContext, parallelize
+    from video_infinity.presets import resolve_engine
+
+    engine = resolve_engine("wan")
+    if block_tokens != "default":
+        engine = engine.model_copy(update={"block_tokens": block_tokens})
+    generator = torch.Generator(device).manual_seed(0)
+    latents = torch.randn(1, model.config.in_channels, latent_frames, *latent, device=device, generator=generator)
+    text = torch.randn(1, 512, model.config.text_dim, device=device, generator=generator).to(model.dtype)
+    tokens = latent_frames * (latent[0] // 2) * (latent[1] // 2)
+    timestep = torch.full((1, tokens) if per_token else (1,), 500.0, device=device)
+    cuda = device == "cuda"
+
+    def call() -> None:
+        with torch.no_grad():
+            model(latents.to(model.dtype), timestep, text, return_dict=False)
+        if cuda:
+            torch.cuda.synchronize()
+
+    handle = parallelize(model, engine, ClipContext(total_frames=latent_frames))
+    try:
+        if cuda:
+            torch.cuda.empty_cache()
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            base, base_reserved = torch.cuda.memory_allocated(), torch.cuda.memory_reserved()
+        call()  # the first call: its peak is the one that counts (nothing cached from an earlier call)
+        peak = torch.cuda.max_memory_allocated() - base if cuda else None
+        reserved = torch.cuda.max_memory_reserved() - base_reserved if cuda else None
+        seconds = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            call()
+            seconds.append(time.perf_counter() - start)
+    finally:
+        handle.remove()
+    return {"peak_bytes": peak, "reserved_bytes": reserved, "seconds": [round(s, 4) for s in seconds],
+            "seconds_median": round(statistics.median(seconds), 4) if seconds else None}
+
+
+BLOCKS = (("frame_chunked", "default"), ("whole_clip", None))
+
+
+def _gpu_case(name: str, smoke: bool) -> tuple[dict[str, Any], tuple[int, int], tuple[int, ...]]:
+    """A ``--gpu`` model's configuration, latent size and frame counts."""
+    spec = MODELS[name]
+    return ({**COMMON, **spec["config"], **(SMOKE if smoke else {})}, (4, 6) if smoke else spec["latent"],
+            (9, 17) if smoke else GPU_FRAMES[name])
+
+
+def _plan(name: str, smoke: bool, latent_frames: int, block_tokens: Any) -> tuple[int, int]:
+    """:func:`call_measure` on a meta model of its own (run in a worker process): peak bytes and FLOPs."""
+    import torch
+
+    from video_infinity.families.wan.plan import meta_transformer
+
+    torch.set_num_threads(1)
+    config, latent, _ = _gpu_case(name, smoke)
+    meta = meta_transformer(config, torch.float32 if smoke else torch.bfloat16)
+    planned = call_measure(meta, latent, latent_frames, MODELS[name]["per_token_timestep"], block_tokens)
+    return planned.peak_bytes, planned.flops
+
+
+def gpu_section(smoke: bool, repeats: int, only: list[str] | None) -> dict[str, Any]:
+    """Issue 24 items 3 and 5 on a GPU: each model's call planned on meta tensors (the planner's
+    :func:`call_measure`) and run with random weights, frame-chunked (default) and whole-clip blocks.
+    The plans are counted in worker processes while the GPU runs (they need no GPU; the device's
+    time is what is short)."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    import torch
+
+    from video_infinity.families.wan.vae import latent_frame_count
+
+    device, dtype = ("cpu", torch.float32) if smoke else ("cuda", torch.bfloat16)
+    names = [name for name in MODELS if not only or any(o in name for o in only)]
+    # Forked before CUDA is initialised in this process (a fork after it is unsafe).
+    pool = ProcessPoolExecutor(max_workers=max(1, min(8, (os.cpu_count() or 2) - 2)),
+                               mp_context=multiprocessing.get_context("fork"))
+    plans = {(name, frames, label): pool.submit(_plan, name, smoke, latent_frame_count(frames), block_tokens)
+             for name in names for frames in _gpu_case(name, smoke)[2] for label, block_tokens in BLOCKS}
+    models: dict[str, Any] = {}
+    for name in names:
+        spec = MODELS[name]
+        config, latent, frames_list = _gpu_case(name, smoke)
+        model = real_transformer(config, device, dtype)
+        weights = torch.cuda.memory_allocated() if device == "cuda" else None
+        rows = []
+        for frames in frames_list:
+            latent_frames = latent_frame_count(frames)
+            for label, block_tokens in BLOCKS:
+                planned = Measured(*plans[name, frames, label].result())
+                try:
+                    ran = measured_call(model, latent, latent_frames, spec["per_token_timestep"], block_tokens,
+                                        device, repeats)
+                except Exception as exc:  # noqa: BLE001 - recorded; the other rows still run
+                    ran = {"peak_bytes": None,
+                           "error": "out of memory" if isinstance(exc, torch.OutOfMemoryError)
+                           else f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:300]}"}
+                    logger.exception("%s, %d frames, %s failed", name, frames, label)
+                row = {"frames": frames, "latent_frames": latent_frames, "blocks": label,
+                       "planned_peak_mib": round(mib(planned.peak_bytes), 1),
+                       "tflop": round(planned.flops / 1e12, 2), **ran}
+                if ran.get("peak_bytes"):
+                    row["measured_peak_mib"] = round(mib(ran["peak_bytes"]), 1)
+                    row["reserved_peak_mib"] = round(mib(ran["reserved_bytes"]), 1)
+                    row["measured_over_planned"] = round(ran["peak_bytes"] / planned.peak_bytes, 3)
+                if ran.get("seconds_median"):
+                    row["tflop_per_s"] = round(planned.flops / 1e12 / ran["seconds_median"], 1)
+                rows.append(row)
+                logger.info("%s, %d frames, %s: planned %.0f MiB, measured %s MiB, %s s", name, frames, label,
+                            row["planned_peak_mib"], row.get("measured_peak_mib"), ran.get("seconds_median"))
+        for frames in frames_list:  # the whole clip's time over the frame-chunked one (item 4)
+            pair = {r["blocks"]: r for r in rows if r["frames"] == frames}
+            if all(p.get("seconds_median") for p in pair.values()):
+                pair["frame_chunked"]["time_over_whole_clip"] = round(
+                    pair["frame_chunked"]["seconds_median"] / pair["whole_clip"]["seconds_median"], 3)
+        models[name] = {"config": config, "latent": list(latent), "weights_gib": round((weights or 0) / 2**30, 2),
+                        "rows": rows}
+        del model
+        if device == "cuda":
+            torch.cuda.empty_cache()
+    pool.shutdown()
+    return {"what": "one conditional Wan transformer call (batch 1, 512 text tokens, timestep 500), wan preset on "
+                    "one process with the engine's GPU defaults: the planner's peak on meta tensors beside the "
+                    "peak and seconds of the same call run with random weights",
+            "how": "measured: torch.cuda.max_memory_allocated above the allocation before the call (weights and "
+                   "inputs excluded, as planned), first call; seconds: median of the timed calls after it",
+            "smoke": smoke, "dtype": str(dtype), "repeats": repeats, "models": models}
+
+
 def main() -> None:
-    argparse.ArgumentParser(description=__doc__.splitlines()[0]).parse_args()
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--gpu", action="store_true",
+                        help="plan and measure each call on the CUDA GPU (writes results/one_gpu_cuda.json)")
+    parser.add_argument("--smoke", action="store_true", help="with --gpu: the GPU section on CPU at a tiny size "
+                        "(checks the script; writes nothing)")
+    parser.add_argument("--repeats", type=int, default=2, help="with --gpu: timed calls after the first")
+    parser.add_argument("--only", nargs="*", default=None, help="with --gpu: models whose name contains one of these")
+    parser.add_argument("--commit", default=None, help="with --gpu, on a copy without git history: the commit "
+                        "the copy holds (recorded as commit and engine_commit)")
+    args = parser.parse_args()
     setup_logging()
+    if args.gpu:
+        import torch
+
+        if not args.smoke and not torch.cuda.is_available():
+            parser.error("--gpu needs a CUDA GPU (--smoke checks the script on CPU)")
+        result = gpu_section(args.smoke, args.repeats, args.only)
+        if args.smoke:
+            logger.info("smoke run, nothing written: %s", result["models"])
+            return
+        info = machine()
+        labels = None
+        if args.commit:
+            labels = {"commit": args.commit, "engine_commit": args.commit,
+                      "stale_note": f"measured on one {info.get('gpu')} with the engine of {args.commit[:7]}; "
+                                    "kept until a GPU re-runs benchmarks/one_gpu.py --gpu"}
+        write_result("one_gpu_cuda", {**result, "machine": info}, MEASURES, labels)
+        return
     import torch
 
     from video_infinity.families.wan.plan import meta_transformer
