@@ -101,10 +101,15 @@ RUNS: tuple[Run, ...] = (
     Run("dit_settings", ("benchmarks/dit_settings.py",), ("dit_settings.json",), 2900, group="extra",
         note="the DiT engine's settings on demo-wan, an issue of its own; in one process (the estimate: twice the 24 min of "
              "its run split over 2 one-thread processes, then --merge, as its docstring shows)"),
-    Run("gpu", ("benchmarks/gpu.py", "--repeats", "4", "--search-seconds", "120"), ("gpu.json",), 900, group="gpu",
-        note="one CUDA GPU (VideoCrafter2 size); gpu.json stays, labelled with its engine commit, until a GPU re-runs it"),
-    Run("gpu_wan", ("benchmarks/gpu_wan.py",), ("gpu_wan.json",), 900, group="gpu",
-        note="one CUDA GPU (Wan2.1-1.3B size); never run"),
+    Run("gpu", ("benchmarks/gpu.py", "--repeats", "3", "--warmup", "1", "--search-seconds", "45"), ("gpu.json",), 65,
+        group="gpu", note="one CUDA GPU (VideoCrafter2 size); 64 s on an H200 on 12-04; gpu.json stays, labelled with "
+                          "its engine commit, until a GPU re-runs it"),
+    Run("gpu_wan", ("benchmarks/gpu_wan.py", "--repeats", "3", "--warmup", "1", "--search-seconds", "50",
+                    "--max-latent-frames", "512"), ("gpu_wan.json",), 150, group="gpu",
+        note="one CUDA GPU (Wan2.1-1.3B size); about 2.5 min on an H200 on 12-04"),
+    Run("one_gpu_cuda", ("benchmarks/one_gpu.py", "--gpu"), ("one_gpu_cuda.json",), 300, group="gpu",
+        note="one CUDA GPU: each planned Wan call run at real size (1.3B and TI2V-5B, 81-1,025 frames); about "
+             "5 min on an H200 on 12-04"),
 )
 
 

@@ -242,7 +242,7 @@ def main() -> int:
                     args.steps, total, call, per_rank, communication)
     labels = None
     if args.commit and not args.cpu:
-        labels = {"commit": args.commit, "engine_commit": args.commit,
+        labels = {"commit": args.commit, "engine_commit": args.commit, "uncommitted_measures": [],
                   "stale_note": f"measured on one {info.get('gpu')} with the engine of {args.commit[:7]}; "
                                 "kept until a GPU re-runs benchmarks/gpu_wan.py"}
     write_result("gpu_wan_cpu" if args.cpu else "gpu_wan", result, MEASURES, labels)

@@ -448,7 +448,7 @@ def main() -> None:
         info = machine()
         labels = None
         if args.commit:
-            labels = {"commit": args.commit, "engine_commit": args.commit,
+            labels = {"commit": args.commit, "engine_commit": args.commit, "uncommitted_measures": [],
                       "stale_note": f"measured on one {info.get('gpu')} with the engine of {args.commit[:7]}; "
                                     "kept until a GPU re-runs benchmarks/one_gpu.py --gpu"}
         write_result("one_gpu_cuda", {**result, "machine": info}, MEASURES, labels)
