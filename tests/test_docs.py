@@ -87,6 +87,6 @@ def test_the_readme_is_an_overview_of_at_most_250_lines_whose_links_resolve():
     for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", readme):
         if "://" not in target:
             assert (ROOT / target).exists(), target
-    for said in ("No real pretrained weights of any family have been run here", "No GPU run of the current engine",
+    for said in ("No real pretrained weights of any family have been run here", "No whole generation, no multi-GPU run",
                  "Multi-node has never been run", "torchrun --standalone"):
         assert said in readme, said
