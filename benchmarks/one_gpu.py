@@ -366,6 +366,7 @@ def gpu_section(smoke: bool, repeats: int, only: list[str] | None) -> dict[str, 
     import torch
 
     from video_infinity.families.wan.vae import latent_frame_count
+    from video_infinity.memory import parameter_bytes
 
     device, dtype = ("cpu", torch.float32) if smoke else ("cuda", torch.bfloat16)
     names = [name for name in MODELS if not only or any(o in name for o in only)]
@@ -378,8 +379,12 @@ def gpu_section(smoke: bool, repeats: int, only: list[str] | None) -> dict[str, 
     for name in names:
         spec = MODELS[name]
         config, latent, frames_list = _gpu_case(name, smoke)
+        before = torch.cuda.memory_allocated() if device == "cuda" else 0
         model = real_transformer(config, device, dtype)
-        weights = torch.cuda.memory_allocated() if device == "cuda" else None
+        # Its parameters' bytes, and apart what building it added to the allocation: in the run of 12-04,
+        # which read the whole allocation, the second model's came out 2.7 GiB (the first model's size)
+        # over its parameters; not explained.
+        allocated = torch.cuda.memory_allocated() - before if device == "cuda" else None
         rows = []
         for frames in frames_list:
             latent_frames = latent_frame_count(frames)
@@ -410,7 +415,9 @@ def gpu_section(smoke: bool, repeats: int, only: list[str] | None) -> dict[str, 
             if all(p.get("seconds_median") for p in pair.values()):
                 pair["frame_chunked"]["time_over_whole_clip"] = round(
                     pair["frame_chunked"]["seconds_median"] / pair["whole_clip"]["seconds_median"], 3)
-        models[name] = {"config": config, "latent": list(latent), "weights_gib": round((weights or 0) / 2**30, 2),
+        models[name] = {"config": config, "latent": list(latent),
+                        "weights_gib": round(parameter_bytes(model) / 2**30, 2),
+                        "allocated_by_build_gib": None if allocated is None else round(allocated / 2**30, 2),
                         "rows": rows}
         del model
         if device == "cuda":
