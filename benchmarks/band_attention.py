@@ -1,0 +1,205 @@
+"""Wan's band attention on one GPU: the engine's one call per query frame against one-kernel candidates.
+
+Engine suggestion 6 (benchmarks/README.md): with a band window, ``WanEngineAttnProcessor`` attends one
+query latent frame at a time, and on one H200 the ``wan`` preset took 2.1x diffusers' time at 81 frames
+(``gpu_wan.json``). This script times one layer's self-attention at Wan2.1-1.3B's shape (12 heads of 128,
+1,560 tokens per latent frame), bf16, ``--frames`` latent frames, the preset's window (padding 8) and
+4 global frames, with the phase biases (10 on one group of keys, 0 on the other), for:
+
+  engine       ``engine.attention.dual_scope_attention`` as the processor calls it on the GPU path
+               (``chunk_size`` 1, ``split_invariant`` off): one fused call per query frame over its
+               window's keys and the global keys, the biases as a (1, keys) mask;
+  engine_flat  the same with equal biases (no mask: the flash kernel), to isolate the mask's cost;
+  stacked      query frames whose windows have the full length in groups of ``--group``, each group
+               one call over (group, heads, tokens, d) with its frames' keys gathered (the edge frames
+               as ``engine``), the same mask;
+  flex         one ``flex_attention`` call (compiled) over the clip's queries and the clip's keys
+               followed by the global frames' keys, a block mask (the band, and every global key) and a
+               ``score_mod`` adding the local or global bias by key index.
+
+Each candidate's output is compared with ``engine``'s (largest absolute difference over the largest
+value), then every variant is timed in interleaved rounds (CUDA synchronised; the median), and its
+TFLOP/s computed from the attention FLOPs it needs (4 x queries x keys each x head dim x heads).
+Needs a CUDA GPU; ``--smoke`` checks the script on CPU at a tiny shape (flex in eager mode; times
+meaningless) and writes nothing.
+
+    python benchmarks/band_attention.py [--frames 21 81] [--group 8] [--repeats 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import statistics
+import sys
+from typing import Any, Callable
+
+from _common import ENGINE_CORE, interleaved, machine, setup_logging, write_result
+
+logger = logging.getLogger("band_attention")
+MEASURES = ENGINE_CORE
+
+HEADS, HEAD_DIM, TOKENS = 12, 128, 1560
+"""Wan2.1-T2V-1.3B at 480x832: 12 heads of 128, 60x104 latents in patches of 2x2."""
+PADDING, TOP_K = 8, 4
+"""The ``wan`` preset's window (latent frames each side) and global frames."""
+LOCAL_BIAS, GLOBAL_BIAS = 0.0, 10.0
+"""A phase's biases (the preset's global phase: 10 on the global keys)."""
+
+
+def global_frames(total: int, top_k: int) -> list[int]:
+    """``top_k`` frames spread over the clip (the engine's fixed global frames are so spread)."""
+    return sorted({round((i + 0.5) * total / top_k - 0.5) for i in range(top_k)})
+
+
+def build(total: int, device: str, dtype: Any, heads: int, head_dim: int, tokens: int) -> dict[str, Any]:
+    import torch
+
+    generator = torch.Generator(device).manual_seed(0)
+
+    def randn(*shape: int) -> Any:
+        return torch.randn(*shape, device=device, generator=generator).to(dtype)
+
+    q, k, v = (randn(1, heads, total * tokens, head_dim) for _ in range(3))
+    chosen = global_frames(total, TOP_K)
+    rows = torch.cat([torch.arange(f * tokens, (f + 1) * tokens, device=device) for f in chosen])
+    return {"q": q, "k": k, "v": v, "globals": chosen, "k_global": k[..., rows, :].contiguous(),
+            "v_global": v[..., rows, :].contiguous(), "total": total, "tokens": tokens, "scale": head_dim**-0.5}
+
+
+def engine(case: dict[str, Any], local_bias: float = LOCAL_BIAS, global_bias: float = GLOBAL_BIAS) -> Any:
+    from video_infinity.engine.attention import dual_scope_attention
+
+    total = case["total"]
+    return dual_scope_attention(case["q"], case["k"], case["v"], case["k_global"], case["v_global"],
+                                query_frames=range(total), key_frames=range(total), total_frames=total,
+                                padding=PADDING, scale=case["scale"], local_bias=local_bias,
+                                global_bias=global_bias, chunk_size=1, split_invariant=False,
+                                tokens_per_frame=case["tokens"])
+
+
+def stacked(case: dict[str, Any], group: int) -> Any:
+    import torch
+    import torch.nn.functional as F
+
+    q, k, v, total, tokens = case["q"], case["k"], case["v"], case["total"], case["tokens"]
+    span = 2 * PADDING + 1
+    interior = range(PADDING, total - PADDING) if total >= span else range(0)
+    out = torch.empty_like(q)
+    num_global = case["k_global"].shape[-2]
+    mask = torch.cat([q.new_full((1, span * tokens), LOCAL_BIAS), q.new_full((1, num_global), GLOBAL_BIAS)], -1)
+    heads, dim = q.shape[1], q.shape[-1]
+    for start in range(interior.start, interior.stop, group):
+        frames = range(start, min(start + group, interior.stop))
+        n = len(frames)
+        # (n, heads, span*tokens, d): frame f's window starts at f - PADDING
+        local = torch.stack([k[0, :, (f - PADDING) * tokens : (f + PADDING + 1) * tokens] for f in frames])
+        local_v = torch.stack([v[0, :, (f - PADDING) * tokens : (f + PADDING + 1) * tokens] for f in frames])
+        keys = torch.cat([local, case["k_global"].expand(n, -1, -1, -1)], dim=-2)
+        values = torch.cat([local_v, case["v_global"].expand(n, -1, -1, -1)], dim=-2)
+        queries = q[0, :, frames.start * tokens : frames.stop * tokens].reshape(heads, n, tokens, dim).transpose(0, 1)
+        got = F.scaled_dot_product_attention(queries, keys, values, attn_mask=mask, scale=case["scale"])
+        out[0, :, frames.start * tokens : frames.stop * tokens] = got.transpose(0, 1).reshape(heads, n * tokens, dim)
+    edges = [f for f in range(total) if f not in interior]
+    if edges:  # the clip's first and last PADDING frames: shorter windows, as the engine computes them
+        edge_out = engine(case)
+        for f in edges:
+            out[..., f * tokens : (f + 1) * tokens, :] = edge_out[..., f * tokens : (f + 1) * tokens, :]
+    return out
+
+
+def flex_call(case: dict[str, Any], device: str) -> Callable[[], Any]:
+    """A function computing the band attention in one compiled ``flex_attention`` call."""
+    import torch
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    total, tokens = case["total"], case["tokens"]
+    clip = total * tokens
+    keys = torch.cat([case["k"], case["k_global"]], dim=-2)
+    values = torch.cat([case["v"], case["v_global"]], dim=-2)
+
+    def visible(b, h, q_idx, kv_idx):
+        return (kv_idx >= clip) | ((q_idx // tokens - kv_idx // tokens).abs() <= PADDING)
+
+    def bias(score, b, h, q_idx, kv_idx):
+        return score + torch.where(kv_idx >= clip, GLOBAL_BIAS, LOCAL_BIAS)
+
+    block_mask = create_block_mask(visible, None, None, clip, keys.shape[-2], device=device)
+    attend = flex_attention if device == "cpu" else torch.compile(flex_attention, dynamic=False)
+    return lambda: attend(case["q"], keys, values, score_mod=bias, block_mask=block_mask, scale=case["scale"])
+
+
+def attention_flops(total: int, tokens: int, heads: int, head_dim: int) -> int:
+    """4 x queries x keys each x head dim x heads: each query frame's window (clipped) plus the globals."""
+    keys = sum(min(total, f + PADDING + 1) - max(0, f - PADDING) + TOP_K for f in range(total)) * tokens
+    return 4 * tokens * keys * head_dim * heads
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--frames", type=int, nargs="+", default=[21, 81], help="latent frames of the clip")
+    parser.add_argument("--group", type=int, default=8, help="query frames per call of the stacked variant")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--smoke", action="store_true", help="check the script on CPU at a tiny shape; writes nothing")
+    parser.add_argument("--commit", default=None, help="on a copy of the tree whose git history is absent or stale: "
+                        "the commit the copy holds")
+    args = parser.parse_args()
+    import torch
+
+    if not args.smoke and not torch.cuda.is_available():
+        parser.error("needs a CUDA GPU (--smoke checks the script on CPU)")
+    setup_logging()
+    device, dtype = ("cpu", torch.float32) if args.smoke else ("cuda", torch.bfloat16)
+    heads, head_dim, tokens = (2, 16, 6) if args.smoke else (HEADS, HEAD_DIM, TOKENS)
+    frames_list = [20] if args.smoke else args.frames
+    rows = []
+    for total in frames_list:
+        case = build(total, device, dtype, heads, head_dim, tokens)
+        variants: dict[str, Callable[[], Any]] = {
+            "engine": lambda: engine(case),
+            "engine_flat": lambda: engine(case, 0.0, 0.0),
+            "stacked": lambda: stacked(case, args.group),
+            "flex": flex_call(case, device),
+        }
+        with torch.no_grad():
+            reference = engine(case).float()
+            scale = reference.abs().max().item()
+            difference = {name: (variants[name]().float() - reference).abs().max().item() / scale
+                          for name in ("stacked", "flex")}
+            times = interleaved(variants, 1 if args.smoke else args.repeats, warmup=1, device=device)
+        flops = attention_flops(total, tokens, heads, head_dim)
+        row = {"latent_frames": total, "globals": case["globals"], "tflop": round(flops / 1e12, 3),
+               "relative_difference_to_engine": {k: float(f"{d:.3g}") for k, d in difference.items()},
+               "seconds_median": {k: round(statistics.median(t), 5) for k, t in times.items()},
+               "seconds": {k: [round(x, 5) for x in t] for k, t in times.items()}}
+        row["tflop_per_s"] = {k: round(flops / 1e12 / s, 1) for k, s in row["seconds_median"].items()}
+        row["time_over_engine"] = {k: round(s / row["seconds_median"]["engine"], 3)
+                                   for k, s in row["seconds_median"].items()}
+        rows.append(row)
+        logger.info("%d latent frames (%.1f TFLOP): %s; differences %s", total, flops / 1e12,
+                    ", ".join(f"{k} {s * 1e3:.1f} ms ({row['tflop_per_s'][k]} TFLOP/s)"
+                              for k, s in row["seconds_median"].items()), row["relative_difference_to_engine"])
+        bad = {k: d for k, d in difference.items() if not d <= (1e-5 if args.smoke else 2e-2)}
+        if bad:
+            logger.error("candidates differ from the engine's result: %s", bad)
+            return 1
+    if args.smoke:
+        logger.info("smoke run: nothing written")
+        return 0
+    info = machine()
+    labels = None if not args.commit else {
+        "commit": args.commit, "engine_commit": args.commit, "uncommitted_measures": [],
+        "stale_note": f"measured on one {info.get('gpu')} with the engine of {args.commit[:7]}; kept until a GPU "
+                      "re-runs benchmarks/band_attention.py"}
+    write_result("band_attention", {
+        "what": "one layer's band self-attention at Wan2.1-1.3B's shape: the engine's per-query-frame calls against "
+                "one-kernel candidates",
+        "shape": {"heads": heads, "head_dim": head_dim, "tokens_per_latent_frame": tokens, "padding": PADDING,
+                  "top_k": TOP_K, "local_bias": LOCAL_BIAS, "global_bias": GLOBAL_BIAS, "dtype": str(dtype),
+                  "group": args.group},
+        "machine": info, "rows": rows}, MEASURES, labels)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
