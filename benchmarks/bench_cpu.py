@@ -110,6 +110,9 @@ RUNS: tuple[Run, ...] = (
     Run("one_gpu_cuda", ("benchmarks/one_gpu.py", "--gpu"), ("one_gpu_cuda.json",), 300, group="gpu",
         note="one CUDA GPU: each planned Wan call run at real size (1.3B and TI2V-5B, 81-1,025 frames); about "
              "5 min on an H200 on 12-04"),
+    Run("gpu_run", ("benchmarks/gpu_run.py", "--frames", "81", "321"), ("gpu_run.json",), 420, group="gpu",
+        note="one CUDA GPU: a whole Wan2.1-1.3B-size generation (random weights, UMT5-XXL included) through the CLI "
+             "against its plan; never run"),
     Run("band_attention", ("benchmarks/band_attention.py",), ("band_attention.json",), 120, group="gpu",
         note="one CUDA GPU: one layer's Wan band attention, the engine's per-frame calls against one-kernel "
              "candidates (engine suggestion 6); never run"),
