@@ -15,6 +15,11 @@ not a video: the figures are memory and time only.
 
 ``--smoke``: the same on CPU with every width of the configs cut (a check of the script; writes nothing).
 
+Needs PyAV where it runs (the CLI writes the MP4). The lent H200 machine has none, and its wheel
+(about 35 MB, FFmpeg inside), this tree (about 28 MB) and the wheels of diffusers and pydantic (about
+10 MB) come to about 73 MB, over the device's 64 MiB transfer: as is, it runs on a GPU machine with
+this package installed, not on that one.
+
     python benchmarks/gpu_run.py [--frames 81 321] [--steps 2] [--work DIR]
 """
 
@@ -81,9 +86,8 @@ def build_folder(folder: Path, smoke: bool) -> Path:
         torch.cuda.empty_cache()
     shutil.copytree(CONFIGS / "scheduler", folder / "scheduler", dirs_exist_ok=True)
     shutil.copytree(TOKENIZER, folder / "tokenizer", dirs_exist_ok=True)
-    index = json.loads((CONFIGS / "model_index.json").read_text())
-    index["tokenizer"] = ["transformers", "PreTrainedTokenizerFast"]  # the demo's word-level tokenizer
-    (folder / "model_index.json").write_text(json.dumps(index, indent=2))
+    # demo-wan's index: the same WanPipeline components, its tokenizer class the one saved beside it
+    shutil.copy(TOKENIZER.parent / "model_index.json", folder / "model_index.json")
     return folder
 
 
@@ -94,22 +98,15 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
 
 def one_run(folder: Path, out: Path, frames: int, steps: int, smoke: bool) -> dict[str, Any]:
     height, width = (32, 32) if smoke else (480, 832)
-    config = {
-        "dtype": "float32" if smoke else "bfloat16", "devices": ["cpu"] if smoke else [0], "seed": 0,
-        "base_path": str(out), "model": str(folder),
-        "pipe_configs": {"prompts": ["a red circle moving right"], "steps": steps, "guidance_scale": 5.0,
-                         "total_frames": frames, "height": height, "width": width, "file_name": f"run_{frames}",
-                         "scheduler": "model"},
-        "plugin_configs": "wan",
-    }
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / f"run_{frames}.config.json"
-    path.write_text(json.dumps(config))
-    planned = _cli("plan", "--config", str(path), "--json", *([] if smoke else ["--gpu-memory", "139GiB"]))
+    run = ["--model", str(folder), "--dtype", "float32" if smoke else "bfloat16", "--devices", "1" if smoke else "gpu:0",
+           "--seed", "0", "--base-path", str(out), "--prompt", "a red circle moving right", "--num-frames", str(frames),
+           "--num-inference-steps", str(steps), "--guidance-scale", "5", "--height", str(height), "--width", str(width),
+           "--file-name", f"run_{frames}", "--scheduler", "model", "--engine", "wan"]
+    planned = _cli("plan", *run, "--json", *([] if smoke else ["--gpu-memory", "139GiB"]))
     if planned.returncode:
         raise RuntimeError(f"plan failed: {planned.stderr.strip()[-2000:]}")
     plan = json.loads(planned.stdout)
-    done = _cli("generate", "--config", str(path), "--overwrite")
+    done = _cli("generate", *run, "--overwrite")
     if done.returncode:
         raise RuntimeError(f"generate failed: {done.stderr.strip()[-2000:]}")
     sidecar = json.loads((out / f"run_{frames}.json").read_text())
