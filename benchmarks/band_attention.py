@@ -35,6 +35,7 @@ import sys
 from typing import Any, Callable
 
 from _common import ENGINE_CORE, interleaved, machine, setup_logging, write_result
+from _gpu import copy_labels, parse_gpu_args
 
 logger = logging.getLogger("band_attention")
 MEASURES = ENGINE_CORE
@@ -140,14 +141,9 @@ def main() -> int:
     parser.add_argument("--frames", type=int, nargs="+", default=[21, 81], help="latent frames of the clip")
     parser.add_argument("--group", type=int, default=8, help="query frames per call of the stacked variant")
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--smoke", action="store_true", help="check the script on CPU at a tiny shape; writes nothing")
-    parser.add_argument("--commit", default=None, help="on a copy of the tree whose git history is absent or stale: "
-                        "the commit the copy holds")
-    args = parser.parse_args()
+    args = parse_gpu_args(parser)
     import torch
 
-    if not args.smoke and not torch.cuda.is_available():
-        parser.error("needs a CUDA GPU (--smoke checks the script on CPU)")
     setup_logging()
     device, dtype = ("cpu", torch.float32) if args.smoke else ("cuda", torch.bfloat16)
     heads, head_dim, tokens = (2, 16, 6) if args.smoke else (HEADS, HEAD_DIM, TOKENS)
@@ -187,10 +183,7 @@ def main() -> int:
         logger.info("smoke run: nothing written")
         return 0
     info = machine()
-    labels = None if not args.commit else {
-        "commit": args.commit, "engine_commit": args.commit, "uncommitted_measures": [],
-        "stale_note": f"measured on one {info.get('gpu')} with the engine of {args.commit[:7]}; kept until a GPU "
-                      "re-runs benchmarks/band_attention.py"}
+    labels = copy_labels(args.commit, info.get("gpu"), "band_attention.py")
     write_result("band_attention", {
         "what": "one layer's band self-attention at Wan2.1-1.3B's shape: the engine's per-query-frame calls against "
                 "one-kernel candidates",

@@ -40,6 +40,7 @@ from typing import Any
 
 from _common import (BENCH_UNET, ENGINE_DEFAULT, ENGINE_WHOLE_WINDOW, TEXT_TOKENS, UNET3D_ENGINE, VIDEOCRAFTER2_UNET,
                      PeakMemory, build_unet, largest_fitting, machine, mib, paired_ratio, setup_logging, write_result)
+from _gpu import add_commit_argument, copy_labels
 
 logger = logging.getLogger("gpu")
 MEASURES = UNET3D_ENGINE
@@ -144,8 +145,7 @@ def main() -> int:
                         help="assumed GB/s each GPU sends to its peers (PCIe 4.0 x16 peer-to-peer without NVLink: "
                              "about 12-25)")
     parser.add_argument("--smoke", action="store_true", help="check the script on CPU with a small UNet (not a benchmark)")
-    parser.add_argument("--commit", default=None, help="on a copy of the tree whose git history is absent or stale: "
-                        "the commit the copy holds (recorded as commit and engine_commit)")
+    add_commit_argument(parser)
     args = parser.parse_args()
     import torch
 
@@ -243,10 +243,7 @@ def main() -> int:
         "machine": info, "card": card, "smoke": args.smoke, "unet": unet_config, "fps_cond": True,
         "dtype": str(runner.dtype), "latent": runner.latent, "batch": 2, "parameters": runner.params,
         "rows": rows, "largest_clip": largest, "extrapolation": extrapolation, "paper": PAPER,
-    }, MEASURES, None if not args.commit else {
-        "commit": args.commit, "engine_commit": args.commit, "uncommitted_measures": [],
-        "stale_note": f"measured on one {card} with the engine of {args.commit[:7]}; kept until a GPU re-runs "
-                      "benchmarks/gpu.py"})
+    }, MEASURES, copy_labels(args.commit, card, "gpu.py"))
     return 0
 
 

@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from _common import PIPELINE, ROOT, WAN_ENGINE, machine, setup_logging, write_result
+from _gpu import copy_labels, parse_gpu_args
 
 logger = logging.getLogger("gpu_run")
 MEASURES = (*WAN_ENGINE, *PIPELINE, "src/video_infinity/plan.py", "src/video_infinity/run", "src/video_infinity/cli.py")
@@ -126,14 +127,7 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--work", type=Path, default=None, help="where the model folder and the videos go "
                         "(default: a temporary folder, removed)")
-    parser.add_argument("--smoke", action="store_true", help="check the script on CPU at a tiny size; writes nothing")
-    parser.add_argument("--commit", default=None, help="on a copy of the tree whose git history is absent or stale: "
-                        "the commit the copy holds")
-    args = parser.parse_args()
-    import torch
-
-    if not args.smoke and not torch.cuda.is_available():
-        parser.error("needs a CUDA GPU (--smoke checks the script on CPU)")
+    args = parse_gpu_args(parser)
     setup_logging()
     work = args.work or Path(tempfile.mkdtemp(prefix="gpu_run_"))
     try:
@@ -153,10 +147,7 @@ def main() -> int:
         logger.info("smoke run: nothing written")
         return 0
     info = machine()
-    labels = None if not args.commit else {
-        "commit": args.commit, "engine_commit": args.commit, "uncommitted_measures": [],
-        "stale_note": f"measured on one {info.get('gpu')} with the code of {args.commit[:7]}; kept until a GPU "
-                      "re-runs benchmarks/gpu_run.py"}
+    labels = copy_labels(args.commit, info.get("gpu"), "gpu_run.py")
     write_result("gpu_run", {
         "what": "a whole Wan2.1-1.3B-size generation (random weights) through video-infinity generate on one GPU: "
                 "the plan's rank-0 peak against the run's max_memory_allocated, and the run's seconds",

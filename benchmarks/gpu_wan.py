@@ -36,6 +36,7 @@ import time
 from typing import Any
 
 from _common import WAN_ENGINE, PeakMemory, largest_fitting, machine, mib, paired_ratio, setup_logging, write_result
+from _gpu import add_commit_argument, copy_labels
 
 logger = logging.getLogger("gpu_wan")
 MEASURES = WAN_ENGINE
@@ -160,8 +161,7 @@ def main() -> int:
     parser.add_argument("--target-frames", type=int, default=1025)
     parser.add_argument("--steps", type=int, default=50, help="denoising steps of the extrapolated run (Wan's default)")
     parser.add_argument("--link-gbytes", type=float, default=16.0, help="assumed GB/s each GPU sends to its peers")
-    parser.add_argument("--commit", default=None, help="on a copy without git history: the commit the copy holds "
-                        "(recorded as commit and engine_commit)")
+    add_commit_argument(parser)
     args = parser.parse_args()
     import torch
 
@@ -240,11 +240,7 @@ def main() -> int:
         logger.info("EXTRAPOLATION: %d frames on %d GPUs, %d steps: %.0f s of denoising (measured %.2f s per call at "
                     "%d latent frames + %.3f s assumed communication per call)", args.target_frames, args.target_gpus,
                     args.steps, total, call, per_rank, communication)
-    labels = None
-    if args.commit and not args.cpu:
-        labels = {"commit": args.commit, "engine_commit": args.commit, "uncommitted_measures": [],
-                  "stale_note": f"measured on one {info.get('gpu')} with the engine of {args.commit[:7]}; "
-                                "kept until a GPU re-runs benchmarks/gpu_wan.py"}
+    labels = None if args.cpu else copy_labels(args.commit, info.get("gpu"), "gpu_wan.py")
     write_result("gpu_wan_cpu" if args.cpu else "gpu_wan", result, MEASURES, labels)
     return 0
 

@@ -48,6 +48,7 @@ from contextlib import nullcontext
 from typing import Any, NamedTuple
 
 from _common import WAN_ENGINE, interleaved, machine, mib, setup_logging, write_result
+from _gpu import add_commit_argument, copy_labels
 
 logger = logging.getLogger("one_gpu")
 MEASURES = WAN_ENGINE
@@ -439,8 +440,7 @@ def main() -> None:
                         "(checks the script; writes nothing)")
     parser.add_argument("--repeats", type=int, default=2, help="with --gpu: timed calls after the first")
     parser.add_argument("--only", nargs="*", default=None, help="with --gpu: models whose name contains one of these")
-    parser.add_argument("--commit", default=None, help="with --gpu, on a copy without git history: the commit "
-                        "the copy holds (recorded as commit and engine_commit)")
+    add_commit_argument(parser)
     args = parser.parse_args()
     setup_logging()
     if args.gpu:
@@ -453,11 +453,7 @@ def main() -> None:
             logger.info("smoke run, nothing written: %s", result["models"])
             return
         info = machine()
-        labels = None
-        if args.commit:
-            labels = {"commit": args.commit, "engine_commit": args.commit, "uncommitted_measures": [],
-                      "stale_note": f"measured on one {info.get('gpu')} with the engine of {args.commit[:7]}; "
-                                    "kept until a GPU re-runs benchmarks/one_gpu.py --gpu"}
+        labels = copy_labels(args.commit, info.get("gpu"), "one_gpu.py --gpu")
         write_result("one_gpu_cuda", {**result, "machine": info}, MEASURES, labels)
         return
     import torch
