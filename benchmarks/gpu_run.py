@@ -5,7 +5,7 @@ checks the transformer call, this checks a whole run: prompt encoding (the UMT5-
 denoising steps and the VAE decode into the MP4, as ``video-infinity generate`` runs them on one GPU.
 
 It builds a ``WanPipeline`` folder with random weights from ``examples/model_configs/Wan2.1-T2V-1.3B``'s
-configs (bf16 transformer and text encoder, float32 VAE, as the hub's folders store them; the tokenizer
+configs (stored in bf16 but diffusers' float32 modules, the VAE in float32; a run loads them in its dtype; the tokenizer
 is the embedded ``demo-wan`` model's word-level one, since the real vocabulary cannot be downloaded
 here), then for each ``--frames``: ``video-infinity plan --json`` and ``video-infinity generate`` on one
 GPU (480x832, ``--steps`` steps, guidance 5, the ``wan`` preset, bf16, the engine's GPU defaults), and
