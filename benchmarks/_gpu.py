@@ -1,10 +1,22 @@
-"""What the GPU benchmarks share: the labels of a result measured on a copy of the tree (a lent device
-machine's), whose git history is absent or stale, so that the run's own git labels say nothing of it."""
+"""What the GPU benchmarks share: a model cast as diffusers loads it, and the labels of a result measured
+on a copy of the tree (a lent device machine's), whose git history is absent or stale, so that the run's
+own git labels say nothing of it."""
 
 from __future__ import annotations
 
 import argparse
 from typing import Any
+
+
+def cast_as_loaded(model: Any, dtype: Any) -> Any:
+    """``model``'s parameters in ``dtype`` but diffusers' float32 modules (``_keep_in_fp32_modules``), as
+    ``from_pretrained(torch_dtype=dtype)`` loads them (``model.to(dtype)`` would cast those too); ``model``."""
+    import torch
+
+    keep = set(getattr(model, "_keep_in_fp32_modules", None) or [])
+    for name, param in model.named_parameters():
+        param.data = param.data.to(torch.float32 if keep.intersection(name.split(".")) else dtype)
+    return model
 
 
 def add_commit_argument(parser: argparse.ArgumentParser) -> None:

@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from _common import PIPELINE, ROOT, WAN_ENGINE, machine, setup_logging, write_result
-from _gpu import copy_labels, parse_gpu_args
+from _gpu import cast_as_loaded, copy_labels, parse_gpu_args
 
 logger = logging.getLogger("gpu_run")
 MEASURES = (*WAN_ENGINE, *PIPELINE, "src/video_infinity/plan.py", "src/video_infinity/run", "src/video_infinity/cli.py")
@@ -69,10 +69,7 @@ def build_folder(folder: Path, smoke: bool) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     with torch.device(device):
         transformer = WanTransformer3DModel.from_config(_config("transformer", smoke))
-    keep = set(transformer._keep_in_fp32_modules or [])
-    for name, param in transformer.named_parameters():  # as diffusers keeps them (a plain .to() warns)
-        param.data = param.data.to(torch.float32 if set(name.split(".")) & keep else bf16)
-    transformer.save_pretrained(folder / "transformer")
+    cast_as_loaded(transformer, bf16).save_pretrained(folder / "transformer")
     del transformer
     text = _config("text_encoder", smoke)
     with torch.device(device):

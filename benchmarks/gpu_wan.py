@@ -36,7 +36,7 @@ import time
 from typing import Any
 
 from _common import WAN_ENGINE, PeakMemory, largest_fitting, machine, mib, paired_ratio, setup_logging, write_result
-from _gpu import add_commit_argument, copy_labels
+from _gpu import add_commit_argument, cast_as_loaded, copy_labels
 
 logger = logging.getLogger("gpu_wan")
 MEASURES = WAN_ENGINE
@@ -79,10 +79,7 @@ class Runner:
             self.model = WanTransformer3DModel(**self.config).eval().requires_grad_(False)
         if self.dtype != torch.float32:
             # As from_pretrained(torch_dtype=...) loads it: the modules diffusers keeps in float32 stay so.
-            keep = set(self.model._keep_in_fp32_modules)
-            for name, param in self.model.named_parameters():
-                if not keep.intersection(name.split(".")):
-                    param.data = param.data.to(self.dtype)
+            cast_as_loaded(self.model, self.dtype)
         self.text = torch.randn(1, text_tokens, self.config["text_dim"], device=self.device, dtype=self.dtype)
         self.timestep = torch.tensor([500.0], device=self.device)
         self.params = sum(p.numel() for p in self.model.parameters())

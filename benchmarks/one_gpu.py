@@ -48,7 +48,7 @@ from contextlib import nullcontext
 from typing import Any, NamedTuple
 
 from _common import WAN_ENGINE, interleaved, machine, mib, setup_logging, write_result
-from _gpu import add_commit_argument, copy_labels
+from _gpu import add_commit_argument, cast_as_loaded, copy_labels
 
 logger = logging.getLogger("one_gpu")
 MEASURES = WAN_ENGINE
@@ -85,17 +85,22 @@ LAUNCH_US = 5.0
 """Microseconds per torch operation added as the pessimistic case: a CUDA launch that this CPU run has not."""
 
 
+def wan_engine(block_tokens: Any):
+    """The ``wan`` preset, ``block_tokens`` over its default unless "default"."""
+    from video_infinity.presets import resolve_engine
+
+    engine = resolve_engine("wan")
+    return engine if block_tokens == "default" else engine.model_copy(update={"block_tokens": block_tokens})
+
+
 def call_measure(model, latent: tuple[int, int], latent_frames: int, per_token: bool, block_tokens: Any):
     """One conditional call's peak and FLOPs (the planner's step without guidance), ``block_tokens``
     over the preset's."""
     from video_infinity import ClipContext
     from video_infinity.families.wan.plan import step_measure
-    from video_infinity.presets import resolve_engine
 
-    engine = resolve_engine("wan")
-    if block_tokens != "default":
-        engine = engine.model_copy(update={"block_tokens": block_tokens})
-    return step_measure(model, engine, ClipContext(total_frames=latent_frames), latent, per_token, guidance=False)
+    return step_measure(model, wan_engine(block_tokens), ClipContext(total_frames=latent_frames), latent, per_token,
+                        guidance=False)
 
 
 def _count_ops(fn) -> int:
@@ -170,10 +175,7 @@ def proxy_transformer():
 
     torch.manual_seed(0)
     model = WanTransformer3DModel.from_config({**COMMON, **MODELS[HOST_MODEL]["config"], **PROXY})
-    keep = set(model._keep_in_fp32_modules or [])
-    for name, param in model.named_parameters():
-        param.data = param.data.to(torch.float32 if set(name.split(".")) & keep else torch.bfloat16)
-    return model.eval()
+    return cast_as_loaded(model, torch.bfloat16).eval()
 
 
 def host_section(flops: dict[int, int]) -> dict[str, Any]:
@@ -278,10 +280,7 @@ def real_transformer(config: dict[str, Any], device: str, dtype: Any):
     torch.manual_seed(0)
     with torch.device(device):
         model = WanTransformer3DModel.from_config(config)
-    keep = set(model._keep_in_fp32_modules or [])
-    for name, param in model.named_parameters():
-        param.data = param.data.to(torch.float32 if set(name.split(".")) & keep else dtype)
-    return model.eval().requires_grad_(False)
+    return cast_as_loaded(model, dtype).eval().requires_grad_(False)
 
 
 def measured_call(model, latent: tuple[int, int], latent_frames: int, per_token: bool, block_tokens: Any,
@@ -294,11 +293,8 @@ def measured_call(model, latent: tuple[int, int], latent_frames: int, per_token:
     import torch
 
     from video_infinity import ClipContext, parallelize
-    from video_infinity.presets import resolve_engine
 
-    engine = resolve_engine("wan")
-    if block_tokens != "default":
-        engine = engine.model_copy(update={"block_tokens": block_tokens})
+    engine = wan_engine(block_tokens)
     generator = torch.Generator(device).manual_seed(0)
     latents = torch.randn(1, model.config.in_channels, latent_frames, *latent, device=device, generator=generator)
     text = torch.randn(1, 512, model.config.text_dim, device=device, generator=generator).to(model.dtype)
