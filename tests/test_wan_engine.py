@@ -24,8 +24,10 @@ SETTINGS = {
     "dual_high_noise": DUAL,  # global-phase bias (t >= 800)
     "band_fused": {**BAND, "split_invariant": False},
     "dual_fused": {**DUAL, "split_invariant": False},
+    "band_flex": {"attn": {**BAND["attn"], "kernel": "flex"}, "split_invariant": False},
+    "dual_flex": {"attn": {**DUAL["attn"], "kernel": "flex"}, "split_invariant": False},
 }
-TIMESTEPS = {"dual_high_noise": 900.0, "dual_fused": 900.0}
+TIMESTEPS = {"dual_high_noise": 900.0, "dual_fused": 900.0, "dual_flex": 900.0}
 
 
 def _inputs(frames: int = FRAMES, seed: int = 1) -> dict:
@@ -70,6 +72,9 @@ def test_whole_window_equals_diffusers_and_band_equals_masked_diffusers(single):
     assert (single["band"] - single["plain"]).abs().max() > 1e-2
     assert (out["dual_high_noise"] - out["band"]).abs().max() > 1e-2
     torch.testing.assert_close(out["dual_fused"], out["dual_high_noise"], atol=1e-5, rtol=0)
+    # One FlexAttention call per chunk of query frames (torch's unfused reference on CPU).
+    torch.testing.assert_close(out["band_flex"], single["band"], atol=1e-5, rtol=0)
+    torch.testing.assert_close(out["dual_flex"], out["dual_high_noise"], atol=1e-5, rtol=0)
 
 
 @pytest.mark.unit
@@ -177,13 +182,16 @@ def test_loop_equals_the_middle_of_the_video_tiled():
     for name in ("window_in_ring", "ring_in_window"):  # the fused kernels use absolute angles: equal up to rounding
         total, settings = LOOP_CASES[name]
         inputs = _inputs(frames=total, seed=4)
-        fused = _run_loop(model, {**settings, "split_invariant": False}, inputs["x"], inputs["text"])
-        torch.testing.assert_close(fused, _run_loop(model, settings, inputs["x"], inputs["text"]), atol=1e-5, rtol=0)
+        exact = _run_loop(model, settings, inputs["x"], inputs["text"])
+        for kernel in ("sdpa", "flex"):
+            fused = {**settings, "split_invariant": False, "attn": {**settings["attn"], "kernel": kernel}}
+            torch.testing.assert_close(_run_loop(model, fused, inputs["x"], inputs["text"]), exact, atol=1e-5, rtol=0)
 
 
 CHUNKED = {"whole": WHOLE, "band": BAND, "dual": DUAL, "band_fused": {**BAND, "split_invariant": False},
            "dual_fused": {**DUAL, "split_invariant": False}, "loop": {**BAND, "loop": True},
-           "loop_fused": {**BAND, "loop": True, "split_invariant": False}}
+           "loop_fused": {**BAND, "loop": True, "split_invariant": False},
+           "dual_flex": SETTINGS["dual_flex"], "loop_flex": {**SETTINGS["band_flex"], "loop": True}}
 
 
 @pytest.mark.unit
@@ -207,7 +215,7 @@ def test_frame_chunks_equal_the_whole_clip(single, name, timesteps):
     whole = outputs.pop(None)
     assert whole.abs().max() > 0.1
     for block_tokens, out in outputs.items():
-        if "fused" in name or timesteps == "per_token":  # other row counts (timestep rows) round differently
+        if "fused" in name or "flex" in name or timesteps == "per_token":  # other row counts (timestep rows) round differently
             torch.testing.assert_close(out, whole, atol=1e-5, rtol=0, msg=f"block_tokens {block_tokens}")
         else:
             assert torch.equal(out, whole), f"block_tokens {block_tokens}: {(out - whole).abs().max():.3g}"

@@ -90,6 +90,16 @@ class AttentionConfig(_Strict):
     frame serves as a global frame over the run; the same on every rank. Unmeasured: its effect on
     quality awaits the benchmark."""
 
+    kernel: Literal["auto", "flex", "sdpa"] = "auto"
+    """DiTs (Wan) with a band window, where the engine computes with fused kernels (not
+    split-invariant): how a chunk of query latent frames attends its window and the global frames.
+    ``flex``: one FlexAttention call per chunk (a block mask of the band and global keys, the phase
+    biases as a score modification; compiled by ``torch.compile`` on CUDA, torch's unfused reference
+    elsewhere). ``sdpa``: one fused attention call per query latent frame (on a GPU, too small a call
+    to fill it). ``auto`` (default): ``flex`` on CUDA where Triton is installed, else ``sdpa``. The
+    same result up to float rounding. Split-invariant computing (CPU default) keeps its own
+    frame-aligned calls: ``flex`` is refused with ``split_invariant: true``."""
+
     def phase_biases(self, timestep: float) -> tuple[float, float]:
         """(local bias, global bias) to add to the logits at ``timestep``."""
         local_bias = global_bias = 0.0
@@ -196,6 +206,16 @@ class EngineConfig(_Strict):
     ``conv_layer.enabled``."""
 
     @model_validator(mode="after")
+    def _flex_is_fused(self) -> EngineConfig:
+        if self.attn.kernel == "flex" and self.split_invariant:
+            raise _FieldError(
+                "attn",
+                "kernel: flex is a fused kernel and split_invariant: true asks for frame-aligned calls "
+                "(bit-identical across ranks): set attn.kernel to auto or sdpa, or split_invariant to false",
+            )
+        return self
+
+    @model_validator(mode="after")
     def _loop_needs_conv_halos(self) -> EngineConfig:
         if self.loop and not self.conv_layer.enabled:
             raise _FieldError(
@@ -207,3 +227,14 @@ class EngineConfig(_Strict):
     def split_invariant_on(self, device_type: str) -> bool:
         """Whether the engine computes split-invariantly on a device of this type ("cpu", "cuda", ...)."""
         return self.split_invariant if self.split_invariant is not None else device_type == "cpu"
+
+    def flex_on(self, device_type: str) -> bool:
+        """Whether a DiT's band attention runs as one FlexAttention call per query chunk on a device
+        of this type (``attn.kernel``; never split-invariantly)."""
+        if self.split_invariant_on(device_type) or self.attn.kernel == "sdpa":
+            return False
+        if self.attn.kernel == "flex":
+            return True
+        from .engine.flex import flex_available
+
+        return flex_available(device_type)

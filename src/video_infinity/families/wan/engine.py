@@ -53,6 +53,7 @@ from ...engine.per_frame import (
     linear_per_block,
 )
 from ...engine.comm import max_over_ranks
+from ...engine.flex import band_attention
 from ...engine.common import TrackCall, scalar_timestep
 from ...engine.handle import ParallelHandle
 from .blocks import ChunkedBlock, chunked_forward
@@ -390,16 +391,15 @@ class WanDualScopeAttnProcessor(TemporalAttnProcessor):
                 laps = [u - u % total for u in context_frames]
                 if any(laps):
                     key = _rotate_temporal(key, self.rope, len(context_frames), laps)
-            out = dual_scope_attention(
-                heads_first(query),
-                heads_first(key),
-                heads_first(value),
-                heads_first(global_key),
-                heads_first(global_value),
-                query_frames=query_frames,
-                key_frames=context_frames,
-                **attend,
-            )
+            tensors = (heads_first(t) for t in (query, key, value, global_key, global_value))
+            if not whole_window and self.engine_config.flex_on(query.device.type):
+                # All the chunk's query frames in one kernel (one frame per call is too small a call).
+                out = band_attention(*tensors, query_frames=query_frames, key_frames=context_frames, total_frames=total,
+                                     left=left, right=right, scale=attend["scale"], local_bias=call.local_bias,
+                                     global_bias=call.global_bias, token_num_scale=config.token_num_scale, loop=loop,
+                                     tokens_per_frame=tokens)
+            else:
+                out = dual_scope_attention(*tensors, query_frames=query_frames, key_frames=context_frames, **attend)
         out = out.transpose(1, 2).flatten(2, 3).type_as(query)
         return self.output(attn, out, hidden_states)
 
