@@ -6,7 +6,6 @@ and its meta-device allocations and FLOPs (the planner's)."""
 from __future__ import annotations
 
 import math
-import warnings
 
 import pytest
 import torch

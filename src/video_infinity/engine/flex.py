@@ -48,7 +48,7 @@ def flex_available(device_type: str) -> bool:
     if device_type != "cuda":
         return False
     try:
-        from torch.nn.attention import flex_attention  # noqa: F401
+        import torch.nn.attention.flex_attention  # noqa: F401  (torch >= 2.5)
         from torch.utils._triton import has_triton
     except ImportError:
         return False
@@ -153,7 +153,7 @@ def band_attention(
         return _meta_attention(q, keys, values, [n * tokens + num_global for n in windows], tokens)
     device = q.device
     block_mask = band_block_mask(query_frames, span, num_global, tokens, left, right, device)
-    score_mod = None
+    score_mod: Callable[..., torch.Tensor] | None = None
     if token_num_scale or (num_global and local_bias != global_bias):
         local_tokens = torch.tensor(len(span) * tokens, device=device)
         factor_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32  # the kernel's score dtype
@@ -161,8 +161,10 @@ def band_attention(
         factor = torch.tensor([math.log(n * tokens + num_global) / math.log(16.0) if token_num_scale else 1.0
                                for n in windows], dtype=factor_dtype, device=device)
 
-        def score_mod(score, b, h, q_idx, kv_idx):
+        def scored(score, b, h, q_idx, kv_idx):
             return score * factor[q_idx // tokens] + biases[(kv_idx >= local_tokens).to(torch.int64)]
+
+        score_mod = scored
 
     return _kernel(device.type)(q, keys, values, score_mod=score_mod, block_mask=block_mask, scale=scale)
 
