@@ -48,11 +48,11 @@ def flex_available(device_type: str) -> bool:
     if device_type != "cuda":
         return False
     try:
-        import torch.nn.attention.flex_attention  # noqa: F401  (torch >= 2.5)
+        from torch.nn.attention.flex_attention import flex_attention
         from torch.utils._triton import has_triton
-    except ImportError:
+    except ImportError:  # torch < 2.5
         return False
-    return has_triton()
+    return callable(flex_attention) and has_triton()
 
 
 @functools.cache
