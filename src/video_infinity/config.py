@@ -93,11 +93,16 @@ class AttentionConfig(_Strict):
     kernel: Literal["auto", "flex", "sdpa"] = "auto"
     """DiTs (Wan) with a band window, where the engine computes with fused kernels (not
     split-invariant): how a chunk of query latent frames attends its window and the global frames.
-    ``flex``: one FlexAttention call per chunk (a block mask of the band and global keys, the phase
-    biases as a score modification; compiled by ``torch.compile`` on CUDA, torch's unfused reference
-    elsewhere). ``sdpa``: one fused attention call per query latent frame (on a GPU, too small a call
-    to fill it). ``auto`` (default): ``flex`` on CUDA where Triton is installed, else ``sdpa``. The
-    same result up to float rounding. Split-invariant computing (CPU default) keeps its own
+    ``sdpa``: one fused attention call per query latent frame. ``flex``: one FlexAttention call per
+    chunk (a block mask of the band and the global keys, the phase biases as a score modification),
+    compiled by ``torch.compile`` on CUDA (needs Triton; each new video length may compile again,
+    seconds), torch's unfused reference elsewhere (it holds the whole score matrix: for tests).
+    ``auto`` (default): ``sdpa``. Measured on one H200 at Wan2.1-1.3B size (``band_attention.json``,
+    ``gpu_wan.json``): one layer's band attention 1.34-1.39x faster with ``flex``, but a whole
+    frame-chunked call 1.06x slower (that version copied small tensors from the host in each call,
+    each copy waiting for the GPU; removed since, not yet run on a GPU): ``auto`` stays ``sdpa``
+    until a GPU measures ``flex`` faster.
+    The same result up to float rounding. Split-invariant computing (CPU default) keeps its own
     frame-aligned calls: ``flex`` is refused with ``split_invariant: true``."""
 
     def phase_biases(self, timestep: float) -> tuple[float, float]:
@@ -230,11 +235,5 @@ class EngineConfig(_Strict):
 
     def flex_on(self, device_type: str) -> bool:
         """Whether a DiT's band attention runs as one FlexAttention call per query chunk on a device
-        of this type (``attn.kernel``; never split-invariantly)."""
-        if self.split_invariant_on(device_type) or self.attn.kernel == "sdpa":
-            return False
-        if self.attn.kernel == "flex":
-            return True
-        from .engine.flex import flex_available
-
-        return flex_available(device_type)
+        of this type (``attn.kernel: flex``; never split-invariantly)."""
+        return self.attn.kernel == "flex" and not self.split_invariant_on(device_type)

@@ -41,18 +41,17 @@ __all__ = ["band_attention", "flex_available"]
 
 
 def flex_available(device_type: str) -> bool:
-    """Whether the compiled FlexAttention kernel can run on a device of this type: CUDA with Triton
-    (``attn.kernel: auto`` picks it there); the meta device mirrors the GPU path."""
-    if device_type == "meta":
-        return True
-    if device_type != "cuda":
-        return False
+    """Whether FlexAttention runs on a device of this type: CUDA needs Triton for the compiled
+    kernel; on other devices torch's unfused reference runs (slow, for tests)."""
     try:
         from torch.nn.attention.flex_attention import flex_attention
-        from torch.utils._triton import has_triton
     except ImportError:  # torch < 2.5
         return False
-    return callable(flex_attention) and has_triton()
+    if device_type != "cuda":
+        return callable(flex_attention)
+    from torch.utils._triton import has_triton
+
+    return has_triton()
 
 
 @functools.cache
@@ -103,16 +102,22 @@ def band_block_mask(query_frames: range, key_frames: range, num_global_tokens: i
     whole = ((q_last - q_first + 1) == BLOCK)[:, None] & ((k_last - k_first + 1) == BLOCK)
     full = whole & (all_band | ~has_local)
     partial = (some_band | has_global) & ~full
-    q0 = torch.tensor(query_frames.start, device=device)
-    k0 = torch.tensor(key_frames.start, device=device)
-    local_tokens = torch.tensor(num_local, device=device)
+    q0, k0, local_tokens = (_scalar(v, device) for v in (query_frames.start, key_frames.start, num_local))
 
     def visible(b, h, q_idx, kv_idx):
         distance = (k0 + kv_idx // tokens) - (q0 + q_idx // tokens)
         return (kv_idx >= local_tokens) | ((distance >= -left) & (distance <= right))
 
+    # compute_q_blocks=False: no backward pass, so no transposed (per key block) lists.
     return BlockMask.from_kv_blocks(*_block_lists(partial), *_block_lists(full), BLOCK_SIZE=BLOCK,
-                                    mask_mod=visible, seq_lengths=(num_q, num_kv))
+                                    mask_mod=visible, seq_lengths=(num_q, num_kv), compute_q_blocks=False)
+
+
+def _scalar(value: float | int, device: torch.device, dtype: torch.dtype = torch.int64) -> torch.Tensor:
+    """A 0-dim tensor on ``device`` made there (a fill kernel): ``torch.tensor(value, device=...)``
+    copies from the host and waits for every queued kernel, so the host could not run ahead of the
+    GPU (measured: the chunked calls lost their lead, ``band_attention.json`` vs ``gpu_wan.json``)."""
+    return torch.full((), value, dtype=dtype, device=device)
 
 
 def band_attention(
@@ -148,25 +153,33 @@ def band_attention(
     local = slice(at, at + len(span) * tokens)
     num_global = k_global.shape[-2]
     keys, values = (torch.cat([t[..., local, :], g], dim=-2) for t, g in ((k_local, k_global), (v_local, v_global)))
-    windows = [len(window(range(f, f + 1), left, right, total_frames, loop)) for f in query_frames]
     if q.device.type == "meta":
+        windows = [len(window(range(f, f + 1), left, right, total_frames, loop)) for f in query_frames]
         return _meta_attention(q, keys, values, [n * tokens + num_global for n in windows], tokens)
     device = q.device
     block_mask = band_block_mask(query_frames, span, num_global, tokens, left, right, device)
-    score_mod: Callable[..., torch.Tensor] | None = None
-    if token_num_scale or (num_global and local_bias != global_bias):
-        local_tokens = torch.tensor(len(span) * tokens, device=device)
-        factor_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32  # the kernel's score dtype
-        biases = torch.tensor([local_bias, global_bias], dtype=factor_dtype, device=device)
-        factor = torch.tensor([math.log(n * tokens + num_global) / math.log(16.0) if token_num_scale else 1.0
-                               for n in windows], dtype=factor_dtype, device=device)
+    biased = bool(num_global) and local_bias != global_bias
+    score_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32  # the kernel's score dtype
+    if biased:
+        local_tokens = _scalar(len(span) * tokens, device)
+        bias_local, bias_global = (_scalar(b, device, score_dtype) for b in (local_bias, global_bias))
+    if token_num_scale:
+        # log(keys seen) / log(16) per query frame: its window's (clipped) frames and the global keys,
+        # computed on the device (no copy from the host).
+        frames = torch.arange(query_frames.start, query_frames.stop, device=device)
+        seen = torch.full_like(frames, left + right + 1) if loop else \
+            torch.clamp(frames + right + 1, max=total_frames) - torch.clamp(frames - left, min=0)
+        factor = torch.log((seen * tokens + num_global).to(torch.float64)).div_(math.log(16.0)).to(score_dtype)
 
-        def scored(score, b, h, q_idx, kv_idx):
-            return score * factor[q_idx // tokens] + biases[(kv_idx >= local_tokens).to(torch.int64)]
+    def score_mod(score, b, h, q_idx, kv_idx):
+        if token_num_scale:
+            score = score * factor[q_idx // tokens]
+        if biased:
+            score = score + torch.where(kv_idx >= local_tokens, bias_global, bias_local)
+        return score
 
-        score_mod = scored
-
-    return _kernel(device.type)(q, keys, values, score_mod=score_mod, block_mask=block_mask, scale=scale)
+    return _kernel(device.type)(q, keys, values, score_mod=score_mod if token_num_scale or biased else None,
+                                block_mask=block_mask, scale=scale)
 
 
 def _meta_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, visible: list[int],

@@ -53,7 +53,7 @@ from ...engine.per_frame import (
     linear_per_block,
 )
 from ...engine.comm import max_over_ranks
-from ...engine.flex import band_attention
+from ...engine.flex import band_attention, flex_available
 from ...engine.common import TrackCall, scalar_timestep
 from ...engine.handle import ParallelHandle
 from .blocks import ChunkedBlock, chunked_forward
@@ -522,6 +522,10 @@ def parallelize(transformer: WanTransformer3DModel, config: EngineConfig, contex
             f"total_frames: {context.total_frames} latent frames exceed the transformer's rotary table "
             f"({ropes[0].max_seq_len}, rope_max_seq_len)"
         )
+    device = next(transformer.parameters()).device.type
+    if config.flex_on(device) and not flex_available(device):
+        raise ValueError(f"attn.kernel: flex needs torch >= 2.5 and, on CUDA, Triton (not found for {device}): "
+                         "set attn.kernel to sdpa or auto")
     state = DenoiseState()
     tokens = FrameMajorTokens(state)
     handle = ParallelHandle(transformer, config, context, state)
