@@ -1,8 +1,8 @@
 """Wan's band attention on one GPU: the engine's one call per query frame against one kernel per chunk.
 
-Engine suggestion 6 (benchmarks/README.md): with a band window, ``WanEngineAttnProcessor`` attended one
-query latent frame per fused call, and on one H200 the ``wan`` preset took 2.1x diffusers' time at 81
-frames (``gpu_wan.json``). This script times one layer's self-attention at Wan2.1-1.3B's shape (12 heads
+Engine suggestion 6 (benchmarks/README.md): with a band window, ``WanEngineAttnProcessor`` attends one
+query latent frame per fused call (``attn.kernel: sdpa``, what ``auto`` picks), and on one H200 the
+``wan`` preset took 2.1x diffusers' time at 81 frames (``gpu_wan.json``). This script times one layer's self-attention at Wan2.1-1.3B's shape (12 heads
 of 128, 1,560 tokens per latent frame), bf16, ``--frames`` latent frames, the preset's window (padding 8)
 and 4 global frames, with the phase biases (10 on one group of keys, 0 on the other), for:
 
@@ -13,9 +13,9 @@ and 4 global frames, with the phase biases (10 on one group of keys, 0 on the ot
   stacked      query frames whose windows have the full length in groups of ``--group``, each group
                one call over (group, heads, tokens, d) with its frames' keys gathered (the edge frames
                as ``engine_sdpa``), the same mask;
-  engine_flex  ``engine.flex.band_attention`` as the processor calls it with ``attn.kernel: flex`` (the
-               GPU default): one compiled FlexAttention call over the clip's queries, its keys and the
-               global keys, a block mask built from the frames, the biases as a score modification.
+  engine_flex  ``engine.flex.band_attention`` as the processor calls it with ``attn.kernel: flex``: one
+               compiled FlexAttention call over the clip's queries, its keys and the global keys, a
+               block mask built from the frames, the biases as a score modification.
 
 Each candidate's output is compared with ``engine_sdpa``'s (largest absolute difference over the largest
 value), then every variant is timed in interleaved rounds (CUDA synchronised; the median), and its
@@ -184,7 +184,7 @@ def main() -> int:
     labels = copy_labels(args.commit, info.get("gpu"), "band_attention.py")
     write_result("band_attention", {
         "what": "one layer's band self-attention at Wan2.1-1.3B's shape: the engine's per-query-frame calls "
-                "(attn.kernel sdpa) against one kernel per clip (attn.kernel flex, the GPU default) and a stacked "
+                "(attn.kernel sdpa) against one kernel per clip (attn.kernel flex) and a stacked "
                 "candidate",
         "shape": {"heads": heads, "head_dim": head_dim, "tokens_per_latent_frame": tokens, "padding": PADDING,
                   "top_k": TOP_K, "local_bias": LOCAL_BIAS, "global_bias": GLOBAL_BIAS, "dtype": str(dtype),
