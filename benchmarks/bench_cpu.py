@@ -114,8 +114,11 @@ RUNS: tuple[Run, ...] = (
         note="one CUDA GPU: a whole Wan2.1-1.3B-size generation (random weights, UMT5-XXL included) through the CLI "
              "against its plan; never run"),
     Run("band_attention", ("benchmarks/band_attention.py",), ("band_attention.json",), 120, group="gpu",
-        note="one CUDA GPU: one layer's Wan band attention, the engine's per-frame calls against one-kernel "
-             "candidates (engine suggestion 6); never run"),
+        note="one CUDA GPU: one layer's Wan band attention, the engine's per-frame calls against FlexAttention and "
+             "stacked frames (engine suggestion 6); 40 s on an H200 on 12-04 (--frames 21 81)"),
+    Run("gpu_profile", ("benchmarks/gpu_profile.py",), ("gpu_profile.json",), 90, group="gpu",
+        note="one CUDA GPU: one Wan2.1-1.3B-size call profiled kernel by kernel, diffusers against the engine's "
+             "variants (whole window chunked and unchunked, the wan preset per-frame and FlexAttention); never run"),
 )
 
 

@@ -136,3 +136,43 @@ def test_flex_is_a_fused_kernel_choice():
     assert not any(EngineConfig(split_invariant=False).flex_on(device) for device in ("cpu", "cuda", "meta"))
     with pytest.raises(ValueError, match="attn.kernel to auto or sdpa, or split_invariant to false"):
         EngineConfig.model_validate({"attn": {"kernel": "flex"}, "split_invariant": True})
+
+
+@pytest.mark.unit
+def test_the_planner_counts_a_flex_step_as_the_per_frame_step_plus_the_chunk_keys():
+    """``video-infinity plan`` with ``attn.kernel: flex`` (meta device, real 1.3B widths, two layers,
+    65 latent frames): the same FLOPs as the per-frame calls (FlexAttention skips the blocks outside
+    the band), and a peak that differs by what each path holds at once: one chunk's key span copied
+    beside the global keys against per-frame copies and outputs, well under the call's 10%."""
+    from video_infinity.context import ClipContext
+    from video_infinity.families.wan.plan import meta_transformer, step_measure
+    from video_infinity.presets import resolve_engine
+
+    model = meta_transformer(dict(attention_head_dim=128, num_layers=2, text_dim=4096, freq_dim=256,
+                                  patch_size=(1, 2, 2), cross_attn_norm=True, qk_norm="rms_norm_across_heads",
+                                  rope_max_seq_len=1024, num_attention_heads=12, ffn_dim=8960, in_channels=16,
+                                  out_channels=16), torch.bfloat16)
+    measured = {}
+    for kernel in ("sdpa", "flex"):
+        engine = resolve_engine("wan").model_copy(deep=True)
+        engine = EngineConfig.model_validate({**engine.model_dump(), "attn": {**engine.attn.model_dump(),
+                                                                               "kernel": kernel}})
+        measured[kernel] = step_measure(model, engine, ClipContext(total_frames=65), (60, 104), False,
+                                        guidance=False)
+    assert measured["flex"].flops == measured["sdpa"].flops
+    assert abs(measured["flex"].peak_bytes - measured["sdpa"].peak_bytes) < 0.1 * measured["sdpa"].peak_bytes
+
+
+@pytest.mark.unit
+def test_flex_without_its_kernel_is_refused_when_the_engine_is_attached(monkeypatch):
+    """A device where FlexAttention cannot run (CUDA without Triton; here faked for the CPU): one
+    line naming the field, at ``parallelize``, before any step."""
+    import video_infinity.families.wan.engine as wan_engine
+    from video_infinity import ClipContext, parallelize
+    from tiny_models import build_tiny_wan_transformer
+
+    monkeypatch.setattr(wan_engine, "flex_available", lambda device: False)
+    model = build_tiny_wan_transformer()
+    with pytest.raises(ValueError, match=r"^attn.kernel: flex needs .* set attn.kernel to sdpa or auto$"):
+        parallelize(model, {"attn": {"kernel": "flex"}, "split_invariant": False}, ClipContext(total_frames=5))
+    parallelize(model, {"attn": {"kernel": "sdpa"}, "split_invariant": False}, ClipContext(total_frames=5)).remove()

@@ -2,9 +2,10 @@
 
 A DiT's latent frame holds many tokens (1,560 at Wan2.1 480x832), so a band window over several
 query frames needs a (queries x keys) mask; without one the engine attends one query frame per fused
-call, and such a call is too small to fill a GPU (on one H200, 12 heads of 1,560 queries are about
-1.2 waves of the flash kernel's tiles: 195 TFLOP/s against 415 for diffusers' dense call,
-``benchmarks/results/gpu_wan.json``). FlexAttention (``torch.nn.attention.flex_attention``) runs
+call, too small a call to fill a GPU (12 heads of 1,560 queries are 156 tiles of 128 rows for an
+H200's 132 multiprocessors), and its phase biases, a per-key mask, keep torch off the flash kernel
+(one H200, ``benchmarks/results/band_attention.json``: about 170 TFLOP/s for one layer, against about
+415 for diffusers' whole dense call). FlexAttention (``torch.nn.attention.flex_attention``) runs
 the whole chunk in one kernel: a block mask, built here from the frames' ranges at block level
 (no (queries x keys) tensor is ever made), skips the key blocks outside every query's window and
 the tokens of partial blocks are masked in the kernel; the phase biases and ``token_num_scale`` are
@@ -115,8 +116,9 @@ def band_block_mask(query_frames: range, key_frames: range, num_global_tokens: i
 
 def _scalar(value: float | int, device: torch.device, dtype: torch.dtype = torch.int64) -> torch.Tensor:
     """A 0-dim tensor on ``device`` made there (a fill kernel): ``torch.tensor(value, device=...)``
-    copies from the host and waits for every queued kernel, so the host could not run ahead of the
-    GPU (measured: the chunked calls lost their lead, ``band_attention.json`` vs ``gpu_wan.json``)."""
+    copies from the host and waits for every queued kernel, so the host cannot run ahead of the GPU
+    (the suspected cause of FlexAttention's loss in the frame-chunked call at 6bae79b, ``gpu_wan.json``,
+    while it won per layer, ``band_attention.json``; not re-measured since)."""
     return torch.full((), value, dtype=dtype, device=device)
 
 
