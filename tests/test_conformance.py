@@ -6,7 +6,8 @@ a. with a window covering the whole video, the engine equals the family's own di
    given the same initial latents;
 b. the same seed gives the same video on 1, 2, 3 and 4 ranks (uneven clips), bit for bit, under the
    default environment, ``MKL_CBWR=COMPATIBLE`` and ``MKL_ENABLE_INSTRUCTIONS=AVX2``, and on 1 and 3
-   ranks with 2 threads per rank; decoded frames and the fused kernels agree too;
+   ranks with 2 threads per rank; decoded frames and the fused kernels agree too (Wan's also with
+   ``attn.kernel: flex``, its band attention in one FlexAttention call per chunk);
 c. where the family has loops: a seamless loop is roll-equivariant, on any number of ranks;
 d. a call checkpointed on W ranks and resumed on W' ranks gives the uninterrupted video, bit for bit;
 e. peak working memory grows linearly in frames.
@@ -157,6 +158,10 @@ def _family_worlds(rank: int, spec: FamilySpec, folder: Path, groups: dict, full
             ctx = ClipContext(rank=rank, world_size=world, total_frames=total, group=groups[world])
             if world == CHECK_WORLD:
                 results["fused"] = _video(fused, ctx, _call(spec))["latents"]
+                if spec.name == "wan":  # a DiT's band attention in one FlexAttention call per chunk, on uneven clips
+                    flex = VideoInfinityPipeline(pipe.family, engine={**spec.engine, "split_invariant": False, "attn": {
+                        **spec.engine["attn"], "kernel": "flex"}})
+                    results["flex"] = _video(flex, ctx, _call(spec))["latents"]
             if world == 1:  # not a test that cannot fail: the settings change the video
                 whole = VideoInfinityPipeline(pipe.family, engine=spec.whole_window)
                 results["whole_window"] = _video(whole, ctx, _call(spec))["latents"]
@@ -238,6 +243,8 @@ def test_decoded_frames_and_fused_kernels_agree_on_one_to_four_ranks(spec: Famil
     # The fused kernels (the GPU default): the same computation up to rounding, also across ranks.
     video = results[("video", 1, 1)]["latents"]
     torch.testing.assert_close(results["fused"], video, atol=1e-4, rtol=0)
+    if "flex" in results:
+        torch.testing.assert_close(results["flex"], video, atol=1e-4, rtol=0)
     # Not a test that cannot fail: the engine settings really change the video.
     assert (results["whole_window"] - video).abs().max() > 1e-3
 
