@@ -26,7 +26,7 @@ import time
 from typing import Any
 
 from _common import WAN_ENGINE, machine, setup_logging, write_result
-from _gpu import cast_as_loaded, copy_labels, parse_gpu_args
+from _gpu import copy_labels, parse_gpu_args
 
 logger = logging.getLogger("gpu_profile")
 MEASURES = WAN_ENGINE
@@ -89,31 +89,20 @@ def main() -> int:
     setup_logging()
     import importlib
 
-    import torch
-
     # The package before diffusers: on the lent machine (transformers 5.17) diffusers' Wan import failed
     # the other way round, as a diagnostic script found on 12-04.
     importlib.import_module("video_infinity")
-    from diffusers import WanTransformer3DModel
-    from gpu_wan import CPU_SMALL, WAN21_1_3B
+    from gpu_wan import Runner
+    from video_infinity.families.wan.vae import latent_frame_count
 
-    device, dtype = ("cpu", torch.float32) if args.smoke else ("cuda", torch.bfloat16)
-    config = CPU_SMALL if args.smoke else WAN21_1_3B
-    height, width = (64, 64) if args.smoke else (480, 832)
-    latent_frames = (args.frames - 1) // 4 + 1
-    torch.manual_seed(0)
-    with torch.device(device):
-        model = WanTransformer3DModel(**config).eval().requires_grad_(False)
-    cast_as_loaded(model, dtype)
-    generator = torch.Generator(device).manual_seed(1)
-    inputs = (torch.randn(1, config["in_channels"], latent_frames, height // 8, width // 8, device=device,
-                          generator=generator).to(dtype),
-              torch.tensor([500.0], device=device),
-              torch.randn(1, 512, config["text_dim"], device=device, generator=generator).to(dtype))
+    # gpu_wan.py's transformer and inputs (its small CPU layout for --smoke).
+    runner = Runner(args.smoke, *((64, 64) if args.smoke else (480, 832)), text_tokens=512)
+    model, device, latent_frames = runner.model, runner.device, latent_frame_count(args.frames)
+    inputs = (runner.sample(latent_frames), runner.timestep, runner.text)
     rows = {}
     for name, settings in variants().items():
         if args.smoke and name.endswith("flex"):
-            settings = {**settings, "split_invariant": False}  # flex is refused split-invariantly (CPU default)
+            settings = {**settings, "split_invariant": False}  # CPU's default, split-invariant, never uses flex
         rows[name] = profile(model, inputs, settings, 1 if args.smoke else args.warmup, args.top, device)
         row = rows[name]
         logger.info("%-30s wall %.3f s, kernels %.3f s (%d), uncovered %.3f s; top: %s", name, row["wall_seconds"],
@@ -126,8 +115,9 @@ def main() -> int:
     write_result("gpu_profile", {
         "what": "one Wan2.1-1.3B-size transformer call profiled kernel by kernel: diffusers against the engine's "
                 "whole window (chunked, unchunked) and the wan preset (attn.kernel sdpa, flex)",
-        "model": "Wan2.1-T2V-1.3B configuration, random weights", "config": config, "dtype": str(dtype),
-        "height": height, "width": width, "frames": args.frames, "latent_frames": latent_frames,
+        "model": "Wan2.1-T2V-1.3B configuration, random weights", "config": runner.config,
+        "dtype": str(runner.dtype), "height": runner.latent[0] * 8, "width": runner.latent[1] * 8,
+        "frames": args.frames, "latent_frames": latent_frames,
         "warmup": args.warmup, "machine": info, "variants": rows,
     }, MEASURES, copy_labels(args.commit, info.get("gpu"), "gpu_profile.py"))
     return 0

@@ -154,7 +154,7 @@ def test_the_planner_counts_a_flex_step_as_the_per_frame_step_plus_the_chunk_key
                                   out_channels=16), torch.bfloat16)
     measured = {}
     for kernel in ("sdpa", "flex"):
-        engine = resolve_engine("wan").model_copy(deep=True)
+        engine = resolve_engine("wan")
         engine = EngineConfig.model_validate({**engine.model_dump(), "attn": {**engine.attn.model_dump(),
                                                                                "kernel": kernel}})
         measured[kernel] = step_measure(model, engine, ClipContext(total_frames=65), (60, 104), False,
