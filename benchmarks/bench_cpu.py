@@ -96,7 +96,7 @@ RUNS: tuple[Run, ...] = (
          "--threads", "2", "--base-seed", "2000", "--json", "benchmarks/results/demo_wan_eval_seed2000.json"),
         ("demo_wan_eval_seed2000.json",), 105, group="extra",
         note="the same on seeds 2000-2047, a second draw of noise (88 s on 12-04)"),
-    Run("vae_steps", ("benchmarks/vae_steps.py",), ("vae_steps.json",), 15, group="extra",
+    Run("vae_steps", ("benchmarks/vae_steps.py",), ("vae_steps.json",), 35, group="extra",
         note="the demo-wan VAE's decoded motion steps on ground-truth clips, into a latent frame vs inside one"),
     Run("demo_runs", ("benchmarks/demo_runs.py",), ("demo_runs.json",), 70, group="extra",
         note="make demo and make demo-wan as a user runs them: wall time and the probe's report"),
