@@ -26,6 +26,8 @@ logger = logging.getLogger("bench.vae_steps")
 
 FRAMES = 33
 SIZE = 64
+MEASURES = ("src/video_infinity/demo/data.py", "src/video_infinity/demo/train_wan.py",
+            "src/video_infinity/demo/weights_wan", *PROBE)
 
 
 def median_steps(videos: np.ndarray) -> dict[str, float]:
@@ -70,8 +72,7 @@ def main() -> None:
     write_result("vae_steps", {"what": __doc__.splitlines()[0], "machine": info, "clips": len(specs),
                                "frames": FRAMES, "speed_px_per_frame": train_wan.SPEED, "seed": args.seed,
                                "results": result},
-                 ["src/video_infinity/demo/data.py", "src/video_infinity/demo/train_wan.py",
-                  "src/video_infinity/demo/weights_wan", *PROBE])
+                 MEASURES)
 
 
 if __name__ == "__main__":
