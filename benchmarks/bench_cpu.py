@@ -49,6 +49,10 @@ class Run:
     note: str = ""
 
 
+WAN_EVAL = ("-m", "video_infinity.demo.evaluate", "--model", "demo-wan", "--scheduler", "model", "--frames", "17",
+            "--threads", "2")
+"""The demo-wan evaluation both of its result files share (they differ in seeds and outputs)."""
+
 RUNS: tuple[Run, ...] = (
     Run("communication", ("benchmarks/communication.py",), ("communication.json", "communication.png"), 90,
         note="defaults: worlds 2, 3, 4 and 4 ranks of short clips in gloo processes; 81 s on 12-03"),
@@ -87,13 +91,11 @@ RUNS: tuple[Run, ...] = (
          "benchmarks/results/demo_direction_seed1000.json"), ("demo_direction_seed1000.json",), 500, group="extra",
         note="the demo model's prompt following, 48 prompts (498 s on 12-03)"),
     Run("demo_wan_eval",
-        ("-m", "video_infinity.demo.evaluate", "--model", "demo-wan", "--scheduler", "model", "--frames", "17",
-         "--threads", "2", "--json", "benchmarks/results/demo_wan_eval.json", "--sheet",
+        (*WAN_EVAL, "--json", "benchmarks/results/demo_wan_eval.json", "--sheet",
          "benchmarks/results/demo_wan_eval.png"), ("demo_wan_eval.json", "demo_wan_eval.png"), 105, group="extra",
         note="the demo-wan model's prompt following, 48 prompts (101 s on 12-03); re-made with each new demo-wan weights"),
     Run("demo_wan_eval_seed2000",
-        ("-m", "video_infinity.demo.evaluate", "--model", "demo-wan", "--scheduler", "model", "--frames", "17",
-         "--threads", "2", "--base-seed", "2000", "--json", "benchmarks/results/demo_wan_eval_seed2000.json"),
+        (*WAN_EVAL, "--base-seed", "2000", "--json", "benchmarks/results/demo_wan_eval_seed2000.json"),
         ("demo_wan_eval_seed2000.json",), 105, group="extra",
         note="the same on seeds 2000-2047, a second draw of noise (88 s on 12-04)"),
     Run("vae_steps", ("benchmarks/vae_steps.py",), ("vae_steps.json",), 35, group="extra",

@@ -24,22 +24,21 @@ from _common import PROBE, machine, setup_logging, write_result
 
 logger = logging.getLogger("bench.vae_steps")
 
-FRAMES = 33
-SIZE = 64
 MEASURES = ("src/video_infinity/demo/data.py", "src/video_infinity/demo/train_wan.py",
             "src/video_infinity/demo/weights_wan", *PROBE)
 
 
-def median_steps(videos: np.ndarray) -> dict[str, float]:
-    """Median object step (px) by the step's place: ``into_latent`` (frame 4k -> 4k + 1) and ``inside``
-    (the other three), over uint8 videos (N, frames, H, W, 3), and the median over all steps."""
-    from video_infinity.demo import probe
+def median_steps(videos: np.ndarray, compression: int) -> dict[str, float]:
+    """Median object step (px) by the step's place: ``into_latent`` (frame ck -> ck + 1, ``c`` the VAE's
+    temporal ``compression``) and ``inside`` (the others), over uint8 videos (N, frames, H, W, 3), and the
+    median over all steps."""
+    from video_infinity.demo import data, probe
 
     into, inside, every = [], [], []
     for video in videos:
-        step = np.linalg.norm(probe.steps(probe.track(video), SIZE, SIZE), axis=1)
+        step = np.linalg.norm(probe.steps(probe.track(video), data.SIZE, data.SIZE), axis=1)
         for i, s in enumerate(step):  # step i goes from frame i to frame i + 1
-            (into if i % 4 == 0 else inside).append(s)
+            (into if i % compression == 0 else inside).append(s)
             every.append(s)
     return {"into_latent": float(np.nanmedian(into)), "inside": float(np.nanmedian(inside)),
             "all": float(np.nanmedian(every)), "into_latent_over_all": float(np.nanmedian(into) / np.nanmedian(every))}
@@ -59,7 +58,7 @@ def main() -> None:
     vae = AutoencoderKLWan.from_pretrained(WAN_WEIGHTS_DIR / "vae").eval()
     rng = np.random.default_rng(args.seed)
     specs = [train_wan.random_spec(rng, [c]) for _ in range(args.clips_per_class) for c in data.all_classes()]
-    clips = np.stack([data.render(s, FRAMES, trail=data.TRAIL) for s in specs])
+    clips = np.stack([data.render(s, train_wan.CLIP_FRAMES, trail=data.TRAIL) for s in specs])
     decoded = []
     with torch.no_grad():
         for first in range(0, len(clips), 12):
@@ -67,10 +66,12 @@ def main() -> None:
             z = vae.encode(x).latent_dist.mode()
             y = vae.decode(z, return_dict=False)[0].clamp(-1, 1)
             decoded.append(((y + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 4, 1).numpy())
-    result = {"ground_truth": median_steps(clips), "decoded": median_steps(np.concatenate(decoded))}
+    compression = vae.config.scale_factor_temporal
+    result = {"ground_truth": median_steps(clips, compression),
+              "decoded": median_steps(np.concatenate(decoded), compression)}
     logger.info("median step (px) ground truth %s; decoded %s", result["ground_truth"], result["decoded"])
     write_result("vae_steps", {"what": __doc__.splitlines()[0], "machine": info, "clips": len(specs),
-                               "frames": FRAMES, "speed_px_per_frame": train_wan.SPEED, "seed": args.seed,
+                               "frames": train_wan.CLIP_FRAMES, "speed_px_per_frame": train_wan.SPEED, "seed": args.seed,
                                "results": result},
                  MEASURES)
 
