@@ -7,8 +7,9 @@ with the per-frame calls although its band attention is 1.34-1.39x faster per la
 activity, after ``--warmup`` untimed calls) and records, per variant: the wall time of the profiled
 call, the summed kernel time, the number of kernels, the wall time not covered by kernels (the GPU
 waiting for the host: launches, Python, host-device waits), and the ``--top`` kernels by time. The
-variants: diffusers; the engine with a whole-clip window (frame-chunked blocks, the default, and
-``block_tokens`` null); the ``wan`` preset with ``attn.kernel`` sdpa and flex.
+variants: diffusers; the engine with a whole-clip window (frame-chunked blocks at the default,
+``block_tokens: auto``, one chunk here; null; 16,384 tokens, the earlier default: three chunks); the
+``wan`` preset with ``attn.kernel`` sdpa and flex.
 
 The transformer is ``gpu_wan.py``'s (Wan2.1-T2V-1.3B's configuration, random weights, bf16, 480x832,
 81 frames, batch 1, 512 text tokens, timestep 500). Needs a CUDA GPU; ``--smoke`` checks the script on
@@ -39,6 +40,7 @@ def variants() -> dict[str, Any]:
     preset = PRESETS["wan"]
     return {"diffusers": None, "engine_whole_window": WHOLE_WINDOW,
             "engine_whole_window_unchunked": {**WHOLE_WINDOW, "block_tokens": None},
+            "engine_whole_window_16384_tokens": {**WHOLE_WINDOW, "block_tokens": 16384},
             "engine_wan_preset_sdpa": {**preset, "attn": {**preset["attn"], "kernel": "sdpa"}},
             "engine_wan_preset_flex": {**preset, "attn": {**preset["attn"], "kernel": "flex"}}}
 

@@ -10,9 +10,9 @@ branch), random text embeddings (512 x 4096), timestep 500. Measured side by sid
 rounds, medians and per-round ratios:
   1. seconds per transformer call and peak memory above the weights for plain diffusers, the engine
      with a window covering the whole video (target: <= 1.05x time, <= 1.10x memory) and the engine
-     with the ``wan`` preset (padding 8, top_k 4), its band attention as the GPU default runs it (one
-     fused call per query frame) and with ``attn.kernel: flex`` (one FlexAttention call per chunk of
-     query frames; on GPU only);
+     with the ``wan`` preset (padding 8, top_k 4), its band attention as the GPU default runs it
+     (``attn.kernel: auto``: one FlexAttention call per chunk of query frames) and with
+     ``attn.kernel: sdpa`` (one fused call per query frame; on GPU only);
   2. the largest number of latent frames one call holds with the ``wan`` preset (doubling, then
      bisecting; stops after ``--search-seconds``);
   3. one call at ceil(257 / 8) = 33 latent frames (1,025 frames on 8 GPUs).
@@ -58,8 +58,8 @@ def variants(cpu: bool) -> dict[str, Any]:
     from video_infinity.presets import PRESETS
 
     found: dict[str, Any] = {"diffusers": None, "engine_whole_window": WHOLE_WINDOW, "engine_wan_preset": PRESETS["wan"]}
-    if not cpu:  # the band window in one FlexAttention call per chunk of query frames
-        found["engine_wan_preset_flex"] = {**PRESETS["wan"], "attn": {**PRESETS["wan"]["attn"], "kernel": "flex"}}
+    if not cpu:  # the default (auto) is one FlexAttention call per chunk of query frames: the per-frame calls too
+        found["engine_wan_preset_sdpa"] = {**PRESETS["wan"], "attn": {**PRESETS["wan"]["attn"], "kernel": "sdpa"}}
     if cpu:  # on CPU the engine's default is the split-invariant computation; show the fused one too
         found["engine_whole_window_fused"] = {**WHOLE_WINDOW, "split_invariant": False}
         found["engine_wan_preset_fused"] = {**PRESETS["wan"], "split_invariant": False}

@@ -21,7 +21,7 @@ ran on N GPUs. One GPU: the call's own peak plus the weights, "computed on meta 
 Host time (issue 24 item 4, Wan2.1-1.3B only): what the engine's Python and torch's dispatcher cost
 per call, the part of a GPU run that CUDA's asynchronous launches hide as long as the host stays
 ahead of the GPU. Timed on this CPU, one torch thread, median of interleaved rounds, for the
-frame-chunked blocks (the default: 10 latent frames per chunk), one latent frame per chunk
+frame-chunked blocks (the default: 21 latent frames per chunk), one latent frame per chunk
 (``block_tokens`` 1,560), the whole clip (null) and diffusers without the engine. On meta tensors
 torch runs shape functions (many of them Python) where a GPU launches kernels, so their wall time is
 many times the host time of the same call on real tensors (``meta_calibration``: the real-size model
@@ -183,6 +183,7 @@ def host_section(flops: dict[int, int]) -> dict[str, Any]:
     frame-chunked blocks over the whole-clip ones against the GPU time assumed from ``flops``."""
     import torch
 
+    from video_infinity.families.wan.blocks import chunk_tokens
     from video_infinity.families.wan.plan import meta_transformer
     from video_infinity.families.wan.vae import latent_frame_count
     from video_infinity.presets import resolve_engine
@@ -190,7 +191,8 @@ def host_section(flops: dict[int, int]) -> dict[str, Any]:
     torch.set_num_threads(1)
     spec = MODELS[HOST_MODEL]
     real_tokens = spec["latent"][0] // 2 * spec["latent"][1] // 2
-    default_fpc = max(1, resolve_engine("wan").block_tokens // real_tokens)  # as blocks.frame_chunks
+    width = COMMON["attention_head_dim"] * spec["config"]["num_attention_heads"]
+    default_fpc = max(1, chunk_tokens(resolve_engine("wan").block_tokens, width) // real_tokens)  # as frame_chunks
     chunked = f"frame_chunked ({default_fpc} latent frames per chunk, default)"
     per_frame = "one latent frame per chunk (block_tokens 1560)"
     whole, plain = "whole_clip (block_tokens null)", "diffusers without the engine"

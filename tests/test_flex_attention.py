@@ -132,8 +132,14 @@ def test_flex_is_a_fused_kernel_choice():
     assert not EngineConfig.model_validate({"attn": {"kernel": "flex"}}).flex_on("cpu")  # split-invariant CPU default
     assert not EngineConfig.model_validate({"attn": {"kernel": "sdpa"}}).flex_on("meta")
     assert EngineConfig.model_validate({"attn": {"kernel": "flex"}}).flex_on("cuda")
-    # auto: the per-frame fused calls until a GPU measures the sync-free kernel faster (see the field's docs)
-    assert not any(EngineConfig(split_invariant=False).flex_on(device) for device in ("cpu", "cuda", "meta"))
+    # auto: FlexAttention where it is compiled (CUDA with Triton) and on meta tensors (the planner counts
+    # what a GPU runs); the per-frame fused calls on CPU (there flex is the unfused reference)
+    from video_infinity.engine.flex import flex_available
+
+    fused = EngineConfig(split_invariant=False)
+    assert fused.flex_on("meta") and not fused.flex_on("cpu")
+    assert fused.flex_on("cuda") == flex_available("cuda")
+    assert not EngineConfig().flex_on("cpu") and EngineConfig().flex_on("meta")
     with pytest.raises(ValueError, match="attn.kernel to auto or sdpa, or split_invariant to false"):
         EngineConfig.model_validate({"attn": {"kernel": "flex"}, "split_invariant": True})
 
@@ -176,3 +182,16 @@ def test_flex_without_its_kernel_is_refused_when_the_engine_is_attached(monkeypa
     with pytest.raises(ValueError, match=r"^attn.kernel: flex needs .* set attn.kernel to sdpa or auto$"):
         parallelize(model, {"attn": {"kernel": "flex"}, "split_invariant": False}, ClipContext(total_frames=5))
     parallelize(model, {"attn": {"kernel": "sdpa"}, "split_invariant": False}, ClipContext(total_frames=5)).remove()
+
+
+@pytest.mark.unit
+def test_auto_takes_the_per_frame_calls_on_cuda_without_triton(monkeypatch):
+    """``attn.kernel: auto`` (the default) on a CUDA device where FlexAttention cannot be compiled: the
+    per-frame fused calls, no error (only an explicit ``flex`` is refused)."""
+    import video_infinity.engine.flex as flex
+
+    monkeypatch.setattr(flex, "flex_available", lambda device: False)
+    assert not EngineConfig(split_invariant=False).flex_on("cuda")
+    monkeypatch.setattr(flex, "flex_available", lambda device: device == "cuda")
+    assert EngineConfig(split_invariant=False).flex_on("cuda")
+    assert EngineConfig.model_validate({"attn": {"kernel": "flex"}, "split_invariant": False}).flex_on("cuda")

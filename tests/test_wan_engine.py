@@ -221,6 +221,41 @@ def test_frame_chunks_equal_the_whole_clip(single, name, timesteps):
             assert torch.equal(out, whole), f"block_tokens {block_tokens}: {(out - whole).abs().max():.3g}"
 
 
+@pytest.mark.unit
+@pytest.mark.parametrize("frames", [0, 1, 5, 7, 21, 22, 81, 257])
+@pytest.mark.parametrize("most", [1, 2, 3, 10, 21, 40])
+def test_frame_chunks_are_few_and_even(frames, most):
+    """At most ``most`` frames a chunk, as few chunks as that allows, lengths within one frame of each
+    other, covering the frames once in order (21 frames of at most 10 are 7 + 7 + 7, not 10 + 10 + 1)."""
+    from video_infinity.families.wan.blocks import frame_chunks
+
+    tokens = 6
+    chunks = list(frame_chunks(frames, tokens, most * tokens + tokens - 1))
+    assert [f for chunk in chunks for f in chunk] == list(range(frames))
+    assert len(chunks) == -(-frames // most)
+    if chunks:
+        lengths = [len(chunk) for chunk in chunks]
+        assert max(lengths) <= most and max(lengths) - min(lengths) <= 1
+
+
+@pytest.mark.unit
+def test_block_tokens_auto_bounds_a_chunks_values_whatever_the_width():
+    """``block_tokens: auto`` (the default): 32,768 tokens at Wan2.1-1.3B's width 1,536, 16,384 at
+    Wan2.2-5B's 3,072; an integer is taken as it is; anything else is refused naming the field."""
+    from pydantic import ValidationError
+
+    from video_infinity.config import EngineConfig
+    from video_infinity.families.wan.blocks import BLOCK_VALUES, chunk_tokens
+
+    assert EngineConfig().block_tokens == "auto"
+    assert (chunk_tokens("auto", 1536), chunk_tokens("auto", 3072), chunk_tokens("auto", 5120)) == (32768, 16384, 9830)
+    assert chunk_tokens("auto", 2 * BLOCK_VALUES) == 1 and chunk_tokens(12, 1536) == 12
+    assert EngineConfig(block_tokens=12).block_tokens == 12 and EngineConfig(block_tokens=None).block_tokens is None
+    for bad in (0, "fast"):
+        with pytest.raises(ValidationError, match="block_tokens"):
+            EngineConfig(block_tokens=bad)
+
+
 # The real transformers' widths (diffusers configs of Wan2.1-T2V-1.3B and Wan2.2-TI2V-5B), two layers:
 # the memory that grows with the video is per layer (each block's keys and values are freed after it).
 REAL_SIZE = {

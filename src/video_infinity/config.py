@@ -8,9 +8,9 @@ The command line's run configuration is :mod:`video_infinity.run.config`.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field, model_validator
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
 class _FieldError(ValueError):
@@ -95,13 +95,12 @@ class AttentionConfig(_Strict):
     split-invariant): how a chunk of query latent frames attends its window and the global frames.
     ``sdpa``: one fused attention call per query latent frame. ``flex``: one FlexAttention call per
     chunk (a block mask of the band and the global keys, the phase biases as a score modification),
-    compiled by ``torch.compile`` on CUDA (needs Triton; each new video length may compile again,
-    seconds), torch's unfused reference elsewhere (it holds the whole score matrix: for tests).
-    ``auto`` (default): ``sdpa``. Measured on one H200 at Wan2.1-1.3B size (``band_attention.json``,
-    ``gpu_wan.json``): one layer's band attention 1.34-1.39x faster with ``flex``, but a whole
-    frame-chunked call 1.06x slower (that version copied small tensors from the host in each call,
-    each copy waiting for the GPU; removed since, not yet run on a GPU): ``auto`` stays ``sdpa``
-    until a GPU measures ``flex`` faster.
+    compiled by ``torch.compile`` on CUDA (needs Triton; the first call compiles for seconds, and a
+    new chunk length may compile again), torch's unfused reference elsewhere (it holds the whole
+    score matrix: for tests). ``auto`` (default): ``flex`` on CUDA where Triton is found, and on the
+    meta device (the planner counts what a GPU runs); ``sdpa`` elsewhere. Measured on one H200 at
+    Wan2.1-1.3B size, 81 frames (``gpu_wan.json``, ``band_attention.json``): a whole call with the
+    ``wan`` preset 1.23x faster with ``flex``, one layer's band attention 1.6-1.8x.
     The same result up to float rounding. Split-invariant computing (CPU default) keeps its own
     frame-aligned calls: ``flex`` is refused with ``split_invariant: true``."""
 
@@ -192,13 +191,19 @@ class EngineConfig(_Strict):
     keys a call does not hold), GroupNorm statistics in float64, fixed-size VAE decode chunks. False: torch's fused kernels, faster, the same up to rounding. Default (null): true on
     CPU, false on GPUs, whose kernels pick their algorithms by shape anyway."""
 
-    block_tokens: int | None = Field(default=16384, ge=1)
+    block_tokens: int | Literal["auto"] | None = "auto"
     """DiTs (Wan): a transformer block's token-wise work (norms, modulation, projections,
     cross-attention, feed-forward) and the output head run this many tokens at a time, in whole
     latent frames (at least one), with the clip's keys and values kept once per layer, so a call's
     working memory per latent frame is about 3x the hidden state whatever the video's length.
-    null: the whole clip at once (diffusers' own forward; several times the memory). The same
-    result up to float rounding; split-invariant: bit for bit."""
+    Chunks are as few as this allows and of even length. ``auto`` (default): chunks whose hidden
+    states hold at most 50,331,648 values (3 x 2^24), so the chunk's memory is the same whatever the
+    model's width: 32,768 tokens at width 1,536 (Wan2.1-1.3B; 21 latent frames at 480x832, an
+    81-frame clip in one chunk), 16,384 at 3,072 (Wan2.2-TI2V-5B), 9,830 at 5,120 (14B). Fewer chunks
+    are faster: each runs every kernel of a block again (on one H200 three chunks of 16,384 tokens cost
+    an 81-frame Wan2.1-1.3B call 10% of its time, ``gpu_profile.json``). null: the whole clip at once
+    (diffusers' own forward; several times the memory). The same result up to float rounding;
+    split-invariant: bit for bit."""
 
     loop: bool = False
     """Seamless loop: the frames are on a ring, the last frame's next frame is the first. Temporal
@@ -209,6 +214,20 @@ class EngineConfig(_Strict):
     exactly equivariant to rolling the video in time. On Wan (latent frames) a key across the wrap
     gets the rotary angle of its unwrapped position, so rotary distances are ring distances. Needs
     ``conv_layer.enabled``."""
+
+    @field_validator("block_tokens", mode="before")
+    @classmethod
+    def _block_tokens(cls, value: Any) -> Any:
+        # one message for the union's three kinds (pydantic would name each member type)
+        if value is None or value == "auto":
+            return value
+        try:
+            tokens = int(value) if not isinstance(value, (bool, float)) else None
+        except (TypeError, ValueError):
+            tokens = None
+        if tokens is None or tokens < 1:
+            raise ValueError(f"a number of tokens >= 1, auto or null, got {value!r}")
+        return tokens
 
     @model_validator(mode="after")
     def _flex_is_fused(self) -> EngineConfig:
@@ -236,4 +255,10 @@ class EngineConfig(_Strict):
     def flex_on(self, device_type: str) -> bool:
         """Whether a DiT's band attention runs as one FlexAttention call per query chunk on a device
         of this type (``attn.kernel: flex``; never split-invariantly)."""
-        return self.attn.kernel == "flex" and not self.split_invariant_on(device_type)
+        if self.split_invariant_on(device_type) or self.attn.kernel == "sdpa":
+            return False
+        if self.attn.kernel == "flex":
+            return True
+        from .engine.flex import flex_available  # torch, imported only when asked
+
+        return device_type in ("cuda", "meta") and flex_available(device_type)

@@ -35,14 +35,30 @@ from diffusers.models.transformers.transformer_wan import WanTransformer3DModel,
 
 from ...context import DenoiseState
 
-__all__ = ["BlockCall", "ChunkedBlock", "chunked_forward", "frame_chunks"]
+__all__ = ["BLOCK_VALUES", "BlockCall", "ChunkedBlock", "chunk_tokens", "chunked_forward", "frame_chunks"]
+
+BLOCK_VALUES = 3 * 2**24
+"""``block_tokens: auto``: a chunk's hidden states hold at most this many values (tokens x width)."""
+
+
+def chunk_tokens(block_tokens: int | str, width: int) -> int:
+    """The tokens of a chunk: ``block_tokens``, or for ``auto`` :data:`BLOCK_VALUES` over the model's
+    hidden width (32,768 tokens at Wan2.1-1.3B's 1,536)."""
+    return max(1, BLOCK_VALUES // width) if block_tokens == "auto" else int(block_tokens)
 
 
 def frame_chunks(frames: int, tokens_per_frame: int, block_tokens: int) -> Iterator[range]:
-    """Consecutive ranges of local latent frames, each at most ``block_tokens`` tokens (at least one frame)."""
-    step = max(1, block_tokens // tokens_per_frame)
-    for start in range(0, frames, step):
-        yield range(start, min(frames, start + step))
+    """Consecutive ranges of local latent frames, each at most ``block_tokens`` tokens (at least one
+    frame), as few as that allows and as even as possible: 21 frames of at most 10 are 7 + 7 + 7, not
+    10 + 10 + 1 (a one-frame chunk runs every kernel of a block for a sliver of the work)."""
+    most = max(1, block_tokens // tokens_per_frame)
+    count = -(-frames // most)
+    size, longer = divmod(frames, count) if frames else (0, 0)
+    start = 0
+    for index in range(count):
+        stop = start + size + (index < longer)
+        yield range(start, stop)
+        start = stop
 
 
 class _Modulation:

@@ -56,7 +56,7 @@ from ...engine.comm import max_over_ranks
 from ...engine.flex import band_attention, flex_available
 from ...engine.common import TrackCall, scalar_timestep
 from ...engine.handle import ParallelHandle
-from .blocks import ChunkedBlock, chunked_forward
+from .blocks import ChunkedBlock, chunk_tokens, chunked_forward
 
 logger = logging.getLogger(__name__)
 
@@ -84,7 +84,9 @@ class _TrackWanCall(TrackCall):
         if self.config.block_tokens is None or attention_kwargs:
             return self.fn_ref.original_forward(hidden_states, timestep, encoder_hidden_states,
                                                 encoder_hidden_states_image, return_dict, attention_kwargs)
-        return chunked_forward(module, self.state, self.config.block_tokens, hidden_states, timestep,
+        block_tokens = chunk_tokens(self.config.block_tokens,
+                                    module.config.num_attention_heads * module.config.attention_head_dim)
+        return chunked_forward(module, self.state, block_tokens, hidden_states, timestep,
                                encoder_hidden_states, encoder_hidden_states_image, return_dict)
 
     def call_timestep(self, timestep: torch.Tensor | float | int) -> float:
