@@ -116,9 +116,12 @@ RUNS: tuple[Run, ...] = (
     Run("gpu_wan", ("benchmarks/gpu_wan.py", "--repeats", "3", "--warmup", "1", "--search-seconds", "50",
                     "--max-latent-frames", "512"), ("gpu_wan.json",), 150, group="gpu",
         note="one CUDA GPU (Wan2.1-1.3B size); about 2.5 min on an H200 on 12-04"),
-    Run("one_gpu_cuda", ("benchmarks/one_gpu.py", "--gpu"), ("one_gpu_cuda.json",), 300, group="gpu",
-        note="one CUDA GPU: each planned Wan call run at real size (1.3B and TI2V-5B, 81-1,025 frames); about "
-             "5 min on an H200 on 12-04"),
+    Run("one_gpu_cuda", ("benchmarks/one_gpu.py", "--gpu", "--repeats", "1"), ("one_gpu_cuda.json",), 170, group="gpu",
+        note="one CUDA GPU: each planned Wan call run at real size (1.3B and TI2V-5B, 81-1,025 frames); 167 s on an "
+             "H200 on 12-04 (17:28); the second model's first peak reads low after the first: see one_gpu_cuda_5b"),
+    Run("one_gpu_cuda_5b", ("benchmarks/one_gpu.py", "--gpu", "--repeats", "1", "--only", "5B", "--name",
+                            "one_gpu_cuda_5b"), ("one_gpu_cuda_5b.json",), 100, group="gpu",
+        note="TI2V-5B alone in a fresh process (clean first-call peaks); 100 s on an H200 on 12-04"),
     Run("gpu_run", ("benchmarks/gpu_run.py", "--frames", "81", "321"), ("gpu_run.json",), 420, group="gpu",
         note="one CUDA GPU: a whole Wan2.1-1.3B-size generation (random weights, UMT5-XXL included) through the CLI "
              "against its plan; never run"),

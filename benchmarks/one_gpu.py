@@ -358,7 +358,11 @@ def gpu_section(smoke: bool, repeats: int, only: list[str] | None) -> dict[str, 
     """Issue 24 items 3 and 5 on a GPU: each model's call planned on meta tensors (the planner's
     :func:`call_measure`) and run with random weights, frame-chunked (default) and whole-clip blocks.
     The plans are counted in worker processes while the GPU runs (they need no GPU; the device's
-    time is what is short)."""
+    time is what is short). A model measured after another in the same process can read a low first
+    peak (TI2V-5B at 81 frames after 1.3B on one H200, 12-04: 794.5 MiB, against 1,128.6 alone in a
+    fresh process, planned 1,095): memory held from the earlier model (compiled kernels) is freed
+    during the call, below the baseline taken before it. Run one model per process (``--only``,
+    ``--name``) for clean peaks."""
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
@@ -438,6 +442,7 @@ def main() -> None:
                         "(checks the script; writes nothing)")
     parser.add_argument("--repeats", type=int, default=2, help="with --gpu: timed calls after the first")
     parser.add_argument("--only", nargs="*", default=None, help="with --gpu: models whose name contains one of these")
+    parser.add_argument("--name", default="one_gpu_cuda", help="with --gpu: the result file's name (results/NAME.json)")
     add_commit_argument(parser)
     args = parser.parse_args()
     setup_logging()
@@ -452,7 +457,7 @@ def main() -> None:
             return
         info = machine()
         labels = copy_labels(args.commit, info.get("gpu"), "one_gpu.py --gpu")
-        write_result("one_gpu_cuda", {**result, "machine": info}, MEASURES, labels)
+        write_result(args.name, {**result, "machine": info}, MEASURES, labels)
         return
     import torch
 

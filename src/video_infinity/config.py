@@ -100,7 +100,7 @@ class AttentionConfig(_Strict):
     score matrix: for tests). ``auto`` (default): ``flex`` on CUDA where Triton is found, and on the
     meta device (the planner counts what a GPU runs); ``sdpa`` elsewhere. Measured on one H200 at
     Wan2.1-1.3B size, 81 frames (``gpu_wan.json``, ``band_attention.json``): a whole call with the
-    ``wan`` preset 1.23x faster with ``flex``, one layer's band attention 1.6-1.8x.
+    ``wan`` preset 1.5x faster with ``flex`` (0.83 s against 1.26), one layer's band attention 1.6-1.8x.
     The same result up to float rounding. Split-invariant computing (CPU default) keeps its own
     frame-aligned calls: ``flex`` is refused with ``split_invariant: true``."""
 
@@ -200,8 +200,8 @@ class EngineConfig(_Strict):
     states hold at most 50,331,648 values (3 x 2^24), so the chunk's memory is the same whatever the
     model's width: 32,768 tokens at width 1,536 (Wan2.1-1.3B; 21 latent frames at 480x832, an
     81-frame clip in one chunk), 16,384 at 3,072 (Wan2.2-TI2V-5B), 9,830 at 5,120 (14B). Fewer chunks
-    are faster: each runs every kernel of a block again (on one H200 three chunks of 16,384 tokens cost
-    an 81-frame Wan2.1-1.3B call 10% of its time, ``gpu_profile.json``). null: the whole clip at once
+    are faster: each runs every kernel of a block again (one H200, an 81-frame Wan2.1-1.3B call,
+    ``gpu_profile.json``: 0.661 s in one chunk, 0.677 in three of 16,384 tokens, 0.630 with null). null: the whole clip at once
     (diffusers' own forward; several times the memory). The same result up to float rounding;
     split-invariant: bit for bit."""
 

@@ -117,8 +117,8 @@ def band_block_mask(query_frames: range, key_frames: range, num_global_tokens: i
 def _scalar(value: float | int, device: torch.device, dtype: torch.dtype = torch.int64) -> torch.Tensor:
     """A 0-dim tensor on ``device`` made there (a fill kernel): ``torch.tensor(value, device=...)``
     copies from the host and waits for every queued kernel, so the host cannot run ahead of the GPU
-    (the suspected cause of FlexAttention's loss in the frame-chunked call at 6bae79b, ``gpu_wan.json``,
-    while it won per layer, ``band_attention.json``; not re-measured since)."""
+    (why FlexAttention lost the frame-chunked call at 6bae79b while it won per layer; made on the
+    device, it won the call too: one H200 at 56d9a10, ``gpu_wan.json``)."""
     return torch.full((), value, dtype=dtype, device=device)
 
 
