@@ -9,7 +9,7 @@ the object's median step by the step's place in the latent frame: ``into_latent`
 4k + 1, which crosses from one latent frame into the next), and the three steps inside a latent
 frame. On the ground truth every step is the same, so what differs is the VAE's.
 
-    python benchmarks/vae_steps.py [--clips-per-class 1]
+    python benchmarks/vae_steps.py [--clips-per-class 1] [--vae CANDIDATE_FOLDER]
 """
 
 from __future__ import annotations
@@ -48,6 +48,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--clips-per-class", type=int, default=1)
     parser.add_argument("--seed", type=int, default=5)
+    parser.add_argument("--vae", default=None, help="another VAE folder to check (a candidate); then nothing is written")
     args = parser.parse_args()
     setup_logging()
     info = machine()
@@ -55,7 +56,7 @@ def main() -> None:
 
     from video_infinity.demo import WAN_WEIGHTS_DIR, data, train_wan
 
-    vae = AutoencoderKLWan.from_pretrained(WAN_WEIGHTS_DIR / "vae").eval()
+    vae = AutoencoderKLWan.from_pretrained(args.vae or WAN_WEIGHTS_DIR / "vae").eval()
     rng = np.random.default_rng(args.seed)
     specs = [train_wan.random_spec(rng, [c]) for _ in range(args.clips_per_class) for c in data.all_classes()]
     clips = np.stack([data.render(s, train_wan.CLIP_FRAMES, trail=data.TRAIL) for s in specs])
@@ -70,6 +71,8 @@ def main() -> None:
     result = {"ground_truth": median_steps(clips, compression),
               "decoded": median_steps(np.concatenate(decoded), compression)}
     logger.info("median step (px) ground truth %s; decoded %s", result["ground_truth"], result["decoded"])
+    if args.vae:
+        return
     write_result("vae_steps", {"what": __doc__.splitlines()[0], "machine": info, "clips": len(specs),
                                "frames": train_wan.CLIP_FRAMES, "speed_px_per_frame": train_wan.SPEED, "seed": args.seed,
                                "results": result},

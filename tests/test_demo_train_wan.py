@@ -63,6 +63,27 @@ def test_training_continues_from_an_exported_model(run, tmp_path):
     assert after["latents_std"] == before["latents_std"]
 
 
+def test_a_decoder_only_fine_tune_keeps_the_encoder_and_its_latent_statistics(run, tmp_path):
+    """--vae-decoder-only (with --vae-init): the decoder learns, the encoder and the latents' mean and
+    std stay exactly as they were, so latents encoded before (and a transformer trained on them) stay
+    valid. In-process: two steps on 5-frame clips."""
+    from diffusers import AutoencoderKLWan
+
+    init = run / "export" / "vae"
+    train_wan.train_vae(tmp_path, minutes=5, seed=3, batch=1, frames=5, scale_clips=2, max_steps=2, init=init,
+                        decoder_only=True)
+    before, after = (AutoencoderKLWan.from_pretrained(p) for p in (init, tmp_path / "vae"))
+    encoder = [n for n, _ in before.named_parameters() if n.startswith(("encoder.", "quant_conv."))]
+    decoder = [n for n, _ in before.named_parameters() if n.startswith(("decoder.", "post_quant_conv."))]
+    old, new = dict(before.named_parameters()), dict(after.named_parameters())
+    assert encoder and all(torch.equal(old[n], new[n]) for n in encoder)
+    assert any(not torch.equal(old[n], new[n]) for n in decoder)
+    for key in ("latents_mean", "latents_std"):
+        assert after.config[key] == before.config[key]
+    with pytest.raises(ValueError, match="decoder_only: needs init"):
+        train_wan.train_vae(tmp_path / "fresh", minutes=1, seed=0, max_steps=1, decoder_only=True)
+
+
 def test_training_latents_are_the_pipelines_scale(run):
     """The stored clips, denormalised as the pipeline does before decoding, are the VAE's encodings."""
     from diffusers import AutoencoderKLWan

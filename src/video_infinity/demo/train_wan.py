@@ -261,22 +261,31 @@ def _decode_unclamped(vae: Any, z: torch.Tensor) -> torch.Tensor:
 
 def train_vae(out: Path, minutes: float, seed: int, batch: int = 4, frames: int = 9, shape_weight: float = 10.0,
               scale_clips: int = 32, max_steps: int | None = None, lr: float = 5e-4, init: Path | None = None,
-              speed: float = SPEED) -> None:
+              speed: float = SPEED, decoder_only: bool = False) -> None:
     """Train the autoencoder deterministically (the posterior's mode is decoded): sampled latents, with
     the posterior's initial unit variance, drowned the encoder's signal and the decoder learned the
     background only (a grey frame tinted by the clip's colour after 268 steps). 9-frame clips: the
     decoder's causal caches hold other frames in the third latent frame than in the second, and one
-    trained on 5 frames only got the third one's colours wrong. ``init``: continue from that VAE folder."""
+    trained on 5 frames only got the third one's colours wrong. ``init``: continue from that VAE folder.
+    ``decoder_only`` (with ``init``): the encoder and its latent statistics stay as they are, so latents
+    encoded with ``init`` (and a transformer trained on them) stay valid; only the decoder learns."""
     from diffusers import AutoencoderKLWan
 
     path = out / "vae"
     if (path / "config.json").exists():
         logger.info("vae: %s exists, skipping", path)
         return
+    if decoder_only and init is None:
+        raise ValueError("decoder_only: needs init, the VAE whose encoder is kept")
     vae = new_vae(seed) if init is None else AutoencoderKLWan.from_pretrained(init)
     vae.train()
-    logger.info("vae: %.2f M parameters, training %.1f min", sum(p.numel() for p in vae.parameters()) / 1e6, minutes)
-    opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
+    if decoder_only:
+        vae.encoder.requires_grad_(False)
+        vae.quant_conv.requires_grad_(False)
+    trained = [p for p in vae.parameters() if p.requires_grad]
+    logger.info("vae: %.2f M parameters (%.2f M trained), training %.1f min",
+                sum(p.numel() for p in vae.parameters()) / 1e6, sum(p.numel() for p in trained) / 1e6, minutes)
+    opt = torch.optim.AdamW(trained, lr=lr, weight_decay=0.0)
     rng = np.random.default_rng(seed)
     torch.manual_seed(seed)
     start = time.perf_counter()
@@ -289,13 +298,15 @@ def train_vae(out: Path, minutes: float, seed: int, batch: int = 4, frames: int 
         x = video_tensor(clips)
         m = torch.from_numpy(masks)[:, None]  # (B, 1, F, H, W)
         weight = 1.0 + (shape_weight - 1.0) * F.max_pool3d(m, (1, 3, 3), 1, (0, 1, 1))
-        recon = _decode_unclamped(vae, vae.encode(x).latent_dist.mode())
+        with torch.set_grad_enabled(not decoder_only):
+            latents = vae.encode(x).latent_dist.mode()
+        recon = _decode_unclamped(vae, latents)
         err = (recon - x) ** 2
         loss = (weight * err).mean()
         shape_error = float((err.detach() * m).sum() / (3 * m.sum()))
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(trained, 1.0)
         opt.step()
         step += 1
         running = loss.item() if running is None else 0.95 * running + 0.05 * loss.item()
@@ -311,8 +322,9 @@ def train_vae(out: Path, minutes: float, seed: int, batch: int = 4, frames: int 
         latents = vae.encode(x).latent_dist.mode()
         mean, std = latents.mean(dim=(0, 2, 3, 4)), latents.std(dim=(0, 2, 3, 4))
         err = float((vae.decode(latents).sample - x).abs().mean() * 127.5)
-    vae.register_to_config(latents_mean=[round(float(v), 5) for v in mean],
-                           latents_std=[round(float(v), 5) for v in std])
+    if not decoder_only:  # else the encoder's latents are unchanged: keep the statistics they were normalised by
+        vae.register_to_config(latents_mean=[round(float(v), 5) for v in mean],
+                               latents_std=[round(float(v), 5) for v in std])
     logger.info("vae: %d steps, latent mean %s std %s, mean abs error %.2f / 255", step,
                 [round(float(v), 3) for v in mean], [round(float(v), 3) for v in std], err)
     tmp = out / ".vae.tmp"
@@ -637,6 +649,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--vae-scale-clips", type=int, default=32)
     parser.add_argument("--vae-init", type=Path, default=None, help="continue training this VAE folder")
     parser.add_argument("--vae-frames", type=int, default=9, help="frames per VAE training clip (1 + 4k)")
+    parser.add_argument("--vae-decoder-only", action="store_true",
+                        help="with --vae-init: train the decoder only (the encoder, its latents and their statistics "
+                             "stay valid, so a transformer trained on them does too)")
     parser.add_argument("--clips-per-class", type=int, default=24)
     parser.add_argument("--speed", type=float, default=SPEED,
                         help=f"pixels a frame the shapes move in the VAE's and the transformer's clips (default {SPEED:g})")
@@ -667,7 +682,7 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     if args.stage in ("all", "vae"):
         train_vae(args.out, args.vae_minutes, args.seed, scale_clips=args.vae_scale_clips, max_steps=args.vae_max_steps,
-                  init=args.vae_init, frames=args.vae_frames, speed=args.speed)
+                  init=args.vae_init, frames=args.vae_frames, speed=args.speed, decoder_only=args.vae_decoder_only)
     if args.stage in ("all", "latents"):
         encode_clips(args.out, args.clips_per_class, args.seed, speed=args.speed)
     if args.stage in ("all", "transformer"):
