@@ -201,9 +201,9 @@ class EngineConfig(_Strict):
     model's width: 32,768 tokens at width 1,536 (Wan2.1-1.3B; 21 latent frames at 480x832, an
     81-frame clip in one chunk), 16,384 at 3,072 (Wan2.2-TI2V-5B), 9,830 at 5,120 (14B). Fewer chunks
     are faster: each runs every kernel of a block again (one H200, an 81-frame Wan2.1-1.3B call,
-    ``gpu_profile.json``: 0.661 s in one chunk, 0.677 in three of 16,384 tokens, 0.630 with null). null: the whole clip at once
-    (diffusers' own forward; several times the memory). The same result up to float rounding;
-    split-invariant: bit for bit."""
+    ``gpu_profile.json``: 0.661 s in one chunk, 0.677 in three of 16,384 tokens, 0.630 with null).
+    null: the whole clip at once (diffusers' own forward; several times the memory). The same result
+    up to float rounding; split-invariant: bit for bit."""
 
     loop: bool = False
     """Seamless loop: the frames are on a ring, the last frame's next frame is the first. Temporal
