@@ -82,6 +82,9 @@ def test_a_decoder_only_fine_tune_keeps_the_encoder_and_its_latent_statistics(ru
         assert after.config[key] == before.config[key]
     with pytest.raises(ValueError, match="decoder_only: needs init"):
         train_wan.train_vae(tmp_path / "fresh", minutes=1, seed=0, max_steps=1, decoder_only=True)
+    with pytest.raises(SystemExit) as refused:  # the command line: one line, before any training
+        train_wan.main(["--out", str(tmp_path / "cli"), "--vae-decoder-only"])
+    assert refused.value.code == 2 and not (tmp_path / "cli").exists()
 
 
 def test_training_latents_are_the_pipelines_scale(run):

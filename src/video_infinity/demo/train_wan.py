@@ -675,6 +675,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--export", type=Path, default=None, help="write the EMA model as a WanPipeline folder here")
     args = parser.parse_args(argv)
+    if args.vae_decoder_only and args.vae_init is None:
+        parser.error("--vae-decoder-only: needs --vae-init FOLDER, the VAE whose encoder is kept")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     torch.set_num_threads(args.threads)
     torch.set_flush_denormal(True)
